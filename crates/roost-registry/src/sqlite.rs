@@ -1,0 +1,409 @@
+//! The embedded registry: one SQLite file, versioned migrations run on open.
+//!
+//! Writers (the CLI, `roost apply`) and the node may be different processes; WAL mode
+//! lets the node read while a writer commits, and `PRAGMA data_version` tells the node's
+//! watcher cheaply that another connection committed something.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::{FsChecks, Registry, Site, SiteSpec, ValidationError};
+
+/// Schema steps, applied in order; `PRAGMA user_version` records how many ran.
+/// Append only: a released step is never edited.
+const MIGRATIONS: &[&str] = &[
+    // 1: sites and their host names.
+    "CREATE TABLE sites (
+        name TEXT PRIMARY KEY NOT NULL,
+        entry TEXT NOT NULL,
+        interpreter TEXT NOT NULL,
+        directory TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        processes_max INTEGER NOT NULL,
+        processes_min INTEGER NOT NULL,
+        threads INTEGER NOT NULL,
+        idle_timeout_ms INTEGER NOT NULL,
+        queue_max INTEGER NOT NULL,
+        queue_timeout_ms INTEGER NOT NULL,
+        request_timeout_ms INTEGER NOT NULL,
+        max_requests INTEGER NOT NULL,
+        body_max INTEGER NOT NULL,
+        memory_max INTEGER NOT NULL,
+        memory_worker_soft INTEGER,
+        pids_max INTEGER NOT NULL,
+        cpu_weight INTEGER NOT NULL,
+        updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    );
+    CREATE TABLE hosts (
+        host TEXT PRIMARY KEY NOT NULL,
+        site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+        position INTEGER NOT NULL
+    );
+    CREATE INDEX hosts_by_site ON hosts(site);",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the registry {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the registry folder {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registry schema version {found} is newer than this roost supports ({supported}); upgrade roost")]
+    NewerSchema { found: i64, supported: usize },
+    #[error("migrating the registry to schema version {version} failed")]
+    Migrate {
+        version: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("registry query failed")]
+    Query(#[from] rusqlite::Error),
+    #[error("a site named {0:?} already exists")]
+    SiteExists(String),
+    #[error("no site named {0:?}")]
+    SiteNotFound(String),
+    #[error("host {host} already belongs to site {owner:?}")]
+    HostTaken { host: String, owner: String },
+}
+
+/// Sites read from the database; rows that no longer validate are reported, not fatal.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub registry: Registry,
+    pub rejected: Vec<ValidationError>,
+}
+
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the registry file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(open_err)?;
+        let mut store = SqliteStore {
+            conn,
+            path: path.to_owned(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let current: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current as usize > MIGRATIONS.len() {
+            return Err(StoreError::NewerSchema {
+                found: current,
+                supported: MIGRATIONS.len(),
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let version = i + 1;
+            let step = |conn: &mut Connection| -> rusqlite::Result<()> {
+                let tx = conn.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", version as i64)?;
+                tx.commit()
+            };
+            step(&mut self.conn).map_err(|source| StoreError::Migrate { version, source })?;
+        }
+        Ok(())
+    }
+
+    /// A number that changes whenever another connection commits to the file.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Every site, validated without file system checks.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let mut specs = self.read_specs(None)?;
+        let mut loaded = Loaded::default();
+        let mut sites = Vec::with_capacity(specs.len());
+        for spec in specs.drain(..) {
+            match spec.validate(FsChecks::Skip) {
+                Ok(site) => sites.push(site),
+                Err(e) => loaded.rejected.push(e),
+            }
+        }
+        loaded.registry = Registry::from_sites(sites);
+        Ok(loaded)
+    }
+
+    /// One site as stored, before validation (so `site show` works on a broken row).
+    pub fn get(&self, name: &str) -> Result<Option<SiteSpec>, StoreError> {
+        Ok(self.read_specs(Some(name))?.pop())
+    }
+
+    /// Adds a new site; its name and hosts must be free.
+    pub fn add(&mut self, site: &Site) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        if exists(&tx, &site.name)? {
+            return Err(StoreError::SiteExists(site.name.clone()));
+        }
+        write_site(&tx, site)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a stored site with `site` (same name), hosts included.
+    pub fn replace(&mut self, site: &Site) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        if !exists(&tx, &site.name)? {
+            return Err(StoreError::SiteNotFound(site.name.clone()));
+        }
+        tx.execute("DELETE FROM hosts WHERE site = ?1", [&site.name])?;
+        tx.execute("DELETE FROM sites WHERE name = ?1", [&site.name])?;
+        write_site(&tx, site)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM hosts WHERE site = ?1", [name])?;
+        if tx.execute("DELETE FROM sites WHERE name = ?1", [name])? == 0 {
+            return Err(StoreError::SiteNotFound(name.to_owned()));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn read_specs(&self, only: Option<&str>) -> Result<Vec<SiteSpec>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
+                    threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
+                    max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight
+             FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+        )?;
+        let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
+        let rows = stmt.query_map([only], |r| {
+            let env_text: String = r.get(4)?;
+            Ok(SiteSpec {
+                name: r.get(0)?,
+                hosts: Vec::new(),
+                entry: Some(r.get(1)?),
+                interpreter: Some(r.get(2)?),
+                directory: Some(r.get(3)?),
+                // A corrupt env column becomes an env entry that fails validation
+                // with the reason, instead of an error for the whole registry.
+                env: serde_json::from_str(&env_text)
+                    .unwrap_or_else(|e| [(format!("<unreadable env: {e}>"), String::new())].into()),
+                processes_max: Some(r.get(5)?),
+                processes_min: Some(r.get(6)?),
+                threads: Some(r.get(7)?),
+                idle_timeout: ms(r.get(8)?),
+                queue_max: Some(r.get(9)?),
+                queue_timeout: ms(r.get(10)?),
+                request_timeout: ms(r.get(11)?),
+                max_requests: Some(r.get::<_, i64>(12)?.max(0) as u64),
+                body_max: Some(r.get::<_, i64>(13)?.max(0) as u64),
+                memory_max: Some(r.get::<_, i64>(14)?.max(0) as u64),
+                memory_worker_soft: Some(r.get::<_, Option<i64>>(15)?.unwrap_or(0).max(0) as u64),
+                pids_max: Some(r.get(16)?),
+                cpu_weight: Some(r.get(17)?),
+            })
+        })?;
+        let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
+        let mut hosts = self.conn.prepare_cached(
+            "SELECT site, host FROM hosts WHERE ?1 IS NULL OR site = ?1 ORDER BY site, position",
+        )?;
+        let mut rows = hosts.query([only])?;
+        while let Some(row) = rows.next()? {
+            let (site, host): (String, String) = (row.get(0)?, row.get(1)?);
+            if let Ok(i) = specs.binary_search_by(|s| s.name.as_str().cmp(&site)) {
+                specs[i].hosts.push(host);
+            }
+        }
+        Ok(specs)
+    }
+}
+
+fn exists(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_row("SELECT 1 FROM sites WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
+    let p = &site.pool;
+    let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+    let env = serde_json::to_string(&site.env).expect("a map of strings always serialises");
+    tx.execute(
+        "INSERT INTO sites (name, entry, interpreter, directory, env, processes_max,
+            processes_min, threads, idle_timeout_ms, queue_max, queue_timeout_ms,
+            request_timeout_ms, max_requests, body_max, memory_max, memory_worker_soft,
+            pids_max, cpu_weight)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        params![
+            site.name,
+            site.entry.to_text(),
+            site.interpreter.display().to_string(),
+            site.directory.display().to_string(),
+            env,
+            p.processes_max,
+            p.processes_min,
+            p.threads,
+            ms(p.idle_timeout),
+            p.queue_max,
+            ms(p.queue_timeout),
+            ms(p.request_timeout),
+            p.max_requests as i64,
+            p.body_max as i64,
+            p.memory_max as i64,
+            p.memory_worker_soft.map(|v| v as i64),
+            p.pids_max,
+            p.cpu_weight,
+        ],
+    )?;
+    for (position, host) in site.hosts.iter().enumerate() {
+        let host = host.to_string();
+        let owner: Option<String> = tx
+            .query_row("SELECT site FROM hosts WHERE host = ?1", [&host], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(owner) = owner {
+            return Err(StoreError::HostTaken { host, owner });
+        }
+        tx.execute(
+            "INSERT INTO hosts (host, site, position) VALUES (?1, ?2, ?3)",
+            params![host, site.name, position as i64],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(dir: &Path, name: &str, hosts: &[&str]) -> Site {
+        let entry = dir.join(format!("{name}.py"));
+        std::fs::write(&entry, "").unwrap();
+        SiteSpec {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            entry: Some(entry.display().to_string()),
+            interpreter: Some("/bin/sh".into()),
+            env: [("GREETING".into(), "hi".into())].into(),
+            memory_worker_soft: Some(100 << 20),
+            ..SiteSpec::default()
+        }
+        .validate(FsChecks::Full)
+        .unwrap()
+    }
+
+    #[test]
+    fn sites_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/registry.db");
+        let a = site(dir.path(), "a", &["a.test", "*.a.test"]);
+        SqliteStore::open(&path).unwrap().add(&a).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.rejected.is_empty());
+        assert_eq!(*loaded.registry.sites["a"], a);
+    }
+
+    #[test]
+    fn conflicting_writes_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        let before = store.load().unwrap().registry;
+
+        let err = store
+            .add(&site(dir.path(), "b", &["b.test", "a.test"]))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::HostTaken { ref owner, .. } if owner == "a"),
+            "{err}"
+        );
+        let err = store
+            .add(&site(dir.path(), "a", &["other.test"]))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::SiteExists(_)), "{err}");
+        let err = store
+            .replace(&site(dir.path(), "zzz", &["z.test"]))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::SiteNotFound(_)), "{err}");
+        assert!(matches!(
+            store.remove("zzz"),
+            Err(StoreError::SiteNotFound(_))
+        ));
+
+        assert_eq!(store.load().unwrap().registry, before);
+    }
+
+    #[test]
+    fn replace_moves_hosts_and_data_version_sees_other_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let watcher = SqliteStore::open(&path).unwrap();
+        let mut writer = SqliteStore::open(&path).unwrap();
+        let v0 = watcher.data_version().unwrap();
+        writer.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        let v1 = watcher.data_version().unwrap();
+        assert_ne!(v0, v1);
+        writer
+            .replace(&site(dir.path(), "a", &["new.test"]))
+            .unwrap();
+        writer.add(&site(dir.path(), "b", &["a.test"])).unwrap();
+        let loaded = watcher.load().unwrap().registry;
+        assert_eq!(loaded.sites["a"].hosts[0].to_string(), "new.test");
+        writer.remove("a").unwrap();
+        assert_eq!(watcher.load().unwrap().registry.sites.len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_row_is_rejected_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        store.add(&site(dir.path(), "b", &["b.test"])).unwrap();
+        store
+            .conn
+            .execute("UPDATE sites SET threads = 0 WHERE name = 'b'", [])
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.registry.sites.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(loaded.rejected[0].field, "threads");
+    }
+}
