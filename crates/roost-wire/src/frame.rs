@@ -34,6 +34,7 @@ pub enum Kind {
     ResponseBody = 0x12,
     ResponseEnd = 0x13,
     Fatal = 0x14,
+    ResponseAbort = 0x15,
 }
 
 impl Kind {
@@ -48,6 +49,7 @@ impl Kind {
             0x12 => Kind::ResponseBody,
             0x13 => Kind::ResponseEnd,
             0x14 => Kind::Fatal,
+            0x15 => Kind::ResponseAbort,
             _ => return None,
         })
     }
@@ -57,7 +59,7 @@ impl Kind {
         match self {
             Kind::RequestHead => MAX_REQUEST_HEAD,
             Kind::RequestBody | Kind::ResponseBody => MAX_BODY_CHUNK,
-            Kind::RequestEnd | Kind::RequestAbort | Kind::ResponseEnd => 0,
+            Kind::RequestEnd | Kind::RequestAbort | Kind::ResponseEnd | Kind::ResponseAbort => 0,
             Kind::Ready => READY_LEN,
             Kind::ResponseHead => MAX_RESPONSE_HEAD,
             Kind::Fatal => MAX_FATAL,
@@ -93,6 +95,9 @@ pub enum Frame {
     ResponseHead(Bytes),
     ResponseBody(Bytes),
     ResponseEnd,
+    /// The app failed after the head was sent; the client must see a broken response,
+    /// not a short one. The slot stays usable.
+    ResponseAbort,
     /// The worker cannot serve (the app failed to import); UTF-8 text.
     Fatal(Bytes),
 }
@@ -108,6 +113,7 @@ impl Frame {
             Frame::ResponseHead(_) => Kind::ResponseHead,
             Frame::ResponseBody(_) => Kind::ResponseBody,
             Frame::ResponseEnd => Kind::ResponseEnd,
+            Frame::ResponseAbort => Kind::ResponseAbort,
             Frame::Fatal(_) => Kind::Fatal,
         }
     }
@@ -173,6 +179,7 @@ fn decode(buf: &mut BytesMut, from_worker: bool) -> Result<Option<Frame>, WireEr
         Kind::ResponseHead => Frame::ResponseHead(payload),
         Kind::ResponseBody => Frame::ResponseBody(payload),
         Kind::ResponseEnd => Frame::ResponseEnd,
+        Kind::ResponseAbort => Frame::ResponseAbort,
         Kind::Fatal => Frame::Fatal(payload),
     }))
 }
@@ -201,7 +208,7 @@ pub fn encode(buf: &mut BytesMut, frame: &Frame) {
             encode_header(buf, frame.kind(), p.len());
             buf.put_slice(p);
         }
-        Frame::RequestEnd | Frame::RequestAbort | Frame::ResponseEnd => {
+        Frame::RequestEnd | Frame::RequestAbort | Frame::ResponseEnd | Frame::ResponseAbort => {
             encode_header(buf, frame.kind(), 0)
         }
         Frame::Ready(r) => {
@@ -245,6 +252,7 @@ mod tests {
         roundtrip(Frame::ResponseHead(p.clone()));
         roundtrip(Frame::ResponseBody(p.clone()));
         roundtrip(Frame::ResponseEnd);
+        roundtrip(Frame::ResponseAbort);
         roundtrip(Frame::Fatal(p));
     }
 

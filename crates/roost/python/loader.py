@@ -1,0 +1,489 @@
+"""roost loader: runs one site's WSGI application inside its own interpreter.
+
+The node starts this file (embedded in the roost binary) with the site's python, with
+one connected Unix stream socket per slot on file descriptors 3, 4, ... and the site's
+error log as stdout and stderr. Each slot serves one request at a time over the frame
+protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
+
+Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
+"""
+
+import os
+import struct
+import sys
+import time
+
+FRAME = struct.Struct(">BI")
+HEADER_LEN = FRAME.size
+PROTOCOL_VERSION = 1
+
+# node -> worker
+REQUEST_HEAD, REQUEST_BODY, REQUEST_END, REQUEST_ABORT = 0x01, 0x02, 0x03, 0x04
+# worker -> node
+READY, RESPONSE_HEAD, RESPONSE_BODY, RESPONSE_END, FATAL, RESPONSE_ABORT = (
+    0x10, 0x11, 0x12, 0x13, 0x14, 0x15)
+
+MAX_CHUNK = 1 << 20
+MAX_REQUEST_HEAD = 1 << 20
+MAX_FATAL = 64 << 10
+FIRST_SLOT_FD = 3
+
+END_FRAME = FRAME.pack(RESPONSE_END, 0)
+ABORT_FRAME = FRAME.pack(RESPONSE_ABORT, 0)
+ERROR_BODY = b"Internal Server Error\n"
+
+
+def log(message):
+    """One line in the site's error log, in the style of Apache's."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.stderr.write("[%s] [roost-loader] [pid %d] %s\n" % (stamp, os.getpid(), message))
+    sys.stderr.flush()
+
+
+class ProtocolError(Exception):
+    """The node sent something this loader does not understand: the slot is closed."""
+
+
+class ClientAbort(OSError):
+    """The request body will never be complete (the client went away)."""
+
+
+def frame(kind, payload=b""):
+    return FRAME.pack(kind, len(payload)) + payload
+
+
+def body_frames(data):
+    """RESPONSE_BODY frames for data of any size."""
+    if len(data) <= MAX_CHUNK:
+        return FRAME.pack(RESPONSE_BODY, len(data)) + data
+    view = memoryview(data)
+    return b"".join(
+        FRAME.pack(RESPONSE_BODY, len(view[i:i + MAX_CHUNK])) + view[i:i + MAX_CHUNK]
+        for i in range(0, len(data), MAX_CHUNK))
+
+
+def encode_head(status, headers):
+    fields = [status]
+    for name, value in headers:
+        fields.append(name)
+        fields.append(value)
+    return "\0".join(fields).encode("latin-1")
+
+
+ERROR_HEAD = encode_head("500 Internal Server Error", [
+    ("Content-Type", "text/plain; charset=utf-8"),
+    ("Content-Length", str(len(ERROR_BODY)))])
+ERROR_RESPONSE = frame(RESPONSE_HEAD, ERROR_HEAD) + body_frames(ERROR_BODY) + END_FRAME
+
+
+class Input(object):
+    """wsgi.input: the request body, read frame by frame from the slot as the app asks.
+
+    Memory stays bounded by one frame (1 MiB) whatever the body's size.
+    """
+
+    __slots__ = ("_rfile", "_buf", "_pos", "done", "aborted")
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+        self._buf = b""
+        self._pos = 0
+        self.done = False
+        self.aborted = False
+
+    def _fill(self):
+        """Reads the next body frame into the buffer; False at the end of the body."""
+        if self.done:
+            if self.aborted:
+                raise ClientAbort("the request body was aborted by the client")
+            return False
+        kind, payload = read_frame(self._rfile)
+        if kind == REQUEST_BODY:
+            self._buf, self._pos = payload, 0
+            return True
+        self.done = True
+        if kind == REQUEST_END:
+            return False
+        if kind == REQUEST_ABORT:
+            self.aborted = True
+            raise ClientAbort("the request body was aborted by the client")
+        raise ProtocolError("frame 0x%02x inside a request body" % kind)
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            parts = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
+            while self._fill():
+                parts.append(self._buf)
+            self._buf = b""
+            return b"".join(parts)
+        parts = []
+        while size > 0:
+            available = len(self._buf) - self._pos
+            if available == 0:
+                if not self._fill():
+                    break
+                continue
+            take = min(size, available)
+            parts.append(self._buf[self._pos:self._pos + take])
+            self._pos += take
+            size -= take
+        return b"".join(parts)
+
+    def readline(self, size=-1):
+        parts = []
+        limit = size if size is not None and size >= 0 else None
+        while limit is None or limit > 0:
+            if self._pos >= len(self._buf):
+                if not self._fill():
+                    break
+                continue
+            end = self._buf.find(b"\n", self._pos)
+            stop = len(self._buf) if end < 0 else end + 1
+            if limit is not None:
+                stop = min(stop, self._pos + limit)
+                limit -= stop - self._pos
+            parts.append(self._buf[self._pos:stop])
+            self._pos = stop
+            if parts[-1].endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+    def readlines(self, hint=None):
+        lines, total = [], 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    next = __next__
+
+    def drain(self):
+        """Skips what the app did not read, so the slot is clean for the next request."""
+        try:
+            while not self.done:
+                self._fill()
+        except ClientAbort:
+            pass
+
+
+class FileWrapper(object):
+    """wsgi.file_wrapper; the loader sends regular files with os.sendfile."""
+
+    def __init__(self, filelike, blksize=8192):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+    next = __next__
+
+
+def read_exact(rfile, n):
+    data = rfile.read(n)
+    if len(data) != n:
+        raise EOFError("the node closed the slot")
+    return data
+
+
+def read_frame(rfile):
+    kind, length = FRAME.unpack(read_exact(rfile, HEADER_LEN))
+    limit = MAX_REQUEST_HEAD if kind == REQUEST_HEAD else MAX_CHUNK
+    if length > limit:
+        raise ProtocolError("frame 0x%02x of %d bytes is over the limit" % (kind, length))
+    return kind, (read_exact(rfile, length) if length else b"")
+
+
+def check_header_text(what, text):
+    if type(text) is not str:
+        raise TypeError("%s must be a str, not %s" % (what, type(text).__name__))
+    for bad in ("\0", "\r", "\n"):
+        if bad in text:
+            raise ValueError("%s %r contains a control character" % (what, text))
+
+
+class Exchange(object):
+    """One request on one slot: the state start_response and write() share."""
+
+    __slots__ = ("sock", "status", "headers", "head_sent", "remaining", "head_only")
+
+    def __init__(self, sock, head_only):
+        self.sock = sock
+        self.status = None
+        self.headers = None
+        self.head_sent = False
+        self.remaining = None  # bytes still allowed by Content-Length
+        self.head_only = head_only
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response was already called without exc_info")
+        check_header_text("status", status)
+        if len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+            raise ValueError("status %r is not like '200 OK'" % status)
+        if type(headers) is not list:
+            raise TypeError("headers must be a list, not %s" % type(headers).__name__)
+        remaining = None
+        for item in headers:
+            if type(item) is not tuple or len(item) != 2:
+                raise TypeError("each header must be a (name, value) tuple, got %r" % (item,))
+            name, value = item
+            check_header_text("header name", name)
+            check_header_text("header value", value)
+            if name.lower() == "content-length":
+                try:
+                    remaining = int(value)
+                except ValueError:
+                    raise ValueError("Content-Length %r is not a number" % value)
+        self.status = status
+        self.headers = headers
+        self.remaining = remaining
+        return self.write
+
+    def head_frame(self):
+        if self.status is None:
+            raise AssertionError("the application returned without calling start_response")
+        self.head_sent = True
+        head = encode_head(self.status, self.headers)
+        return FRAME.pack(RESPONSE_HEAD, len(head)) + head
+
+    def clip(self, data):
+        """Enforces a declared Content-Length: no byte beyond it is sent."""
+        if self.remaining is None:
+            return data
+        if len(data) > self.remaining:
+            log("application sent more than its Content-Length of bytes; the excess was dropped")
+            data = data[:self.remaining]
+        self.remaining -= len(data)
+        return data
+
+    def write(self, data):
+        """The write() callable of start_response (legacy, unbuffered)."""
+        if type(data) is not bytes:
+            raise TypeError("write() takes bytes, not %s" % type(data).__name__)
+        out = b"" if self.head_sent else self.head_frame()
+        data = self.clip(data)
+        if data and not self.head_only:
+            out += body_frames(data)
+        if out:
+            self.sock.sendall(out)
+
+    def send_file(self, wrapper):
+        """Streams a regular file with sendfile; False if the file-like is not one."""
+        try:
+            fd = wrapper.filelike.fileno()
+            offset = wrapper.filelike.tell()
+            size = os.fstat(fd).st_size
+        except (AttributeError, OSError, ValueError):
+            return False
+        import stat
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        left = max(size - offset, 0)
+        if self.remaining is not None:
+            left = min(left, self.remaining)
+            self.remaining -= left
+        self.sock.sendall(self.head_frame())
+        if self.head_only:
+            return True
+        out = self.sock.fileno()
+        while left > 0:
+            chunk = min(left, MAX_CHUNK)
+            self.sock.sendall(FRAME.pack(RESPONSE_BODY, chunk))
+            sent_chunk = 0
+            while sent_chunk < chunk:
+                sent = os.sendfile(out, fd, offset, chunk - sent_chunk)
+                if sent == 0:
+                    raise OSError("file %r shrank while being sent" % wrapper.filelike)
+                offset += sent
+                sent_chunk += sent
+            left -= chunk
+        return True
+
+
+class Worker(object):
+    def __init__(self, app, base_environ):
+        self.app = app
+        self.base = base_environ
+
+    def serve(self, sock):
+        """Serves requests on one slot until the node closes it."""
+        rfile = sock.makefile("rb", 65536)
+        try:
+            while True:
+                try:
+                    kind, payload = read_frame(rfile)
+                except EOFError:
+                    return
+                if kind != REQUEST_HEAD:
+                    raise ProtocolError("expected a request head, got frame 0x%02x" % kind)
+                self.handle(sock, rfile, payload)
+        except (ProtocolError, OSError) as exc:
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError, EOFError)):
+                log("slot closed: %s" % exc)
+        finally:
+            rfile.close()
+            sock.close()
+
+    def handle(self, sock, rfile, payload):
+        parts = payload.decode("latin-1").split("\0")
+        environ = dict(zip(parts[0::2], parts[1::2]))
+        environ.update(self.base)
+        body = Input(rfile)
+        environ["wsgi.input"] = body
+        ex = Exchange(sock, environ["REQUEST_METHOD"] == "HEAD")
+        try:
+            self.run_app(ex, environ)
+        finally:
+            body.drain()
+
+    def run_app(self, ex, environ):
+        result = None
+        try:
+            result = self.app(environ, ex.start_response)
+            if type(result) is list and not ex.head_sent:
+                # The common case: the whole response in one write.
+                data = b"".join(result)
+                head = ex.head_frame()
+                data = ex.clip(data)
+                if ex.head_only or not data:
+                    ex.sock.sendall(head + END_FRAME)
+                else:
+                    ex.sock.sendall(head + body_frames(data) + END_FRAME)
+                return
+            if isinstance(result, FileWrapper) and ex.send_file(result):
+                ex.sock.sendall(END_FRAME)
+                return
+            for data in result:
+                if type(data) is not bytes:
+                    raise TypeError("the application yielded %s, not bytes" % type(data).__name__)
+                if not data:
+                    continue
+                data = ex.clip(data)
+                out = b"" if ex.head_sent else ex.head_frame()
+                if ex.head_only:
+                    ex.sock.sendall(out)
+                    break
+                ex.sock.sendall(out + body_frames(data) if data else out)
+            ex.sock.sendall((b"" if ex.head_sent else ex.head_frame()) + END_FRAME)
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except ClientAbort:
+            if not ex.head_sent:
+                ex.sock.sendall(ERROR_RESPONSE)
+            else:
+                ex.sock.sendall(ABORT_FRAME)
+        except Exception:
+            import traceback
+            log("error in the application on %s %s:\n%s" % (
+                environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                traceback.format_exc().rstrip()))
+            ex.sock.sendall(ABORT_FRAME if ex.head_sent else ERROR_RESPONSE)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    import traceback
+                    log("error in the application's close():\n%s" % traceback.format_exc().rstrip())
+
+
+def load_app(kind, target, directory):
+    sys.path[0] = directory  # replaces the loader's own folder
+    if kind == "file":
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_roost_wsgi_app", target)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_roost_wsgi_app"] = module
+        spec.loader.exec_module(module)
+        name = "application"
+    else:
+        import importlib
+        module_name, _, name = target.partition(":")
+        module = importlib.import_module(module_name)
+    app = getattr(module, name, None)
+    if app is None:
+        raise LookupError("%s defines no %r" % (target, name))
+    if not callable(app):
+        raise TypeError("%s:%s is not callable" % (target, name))
+    return app
+
+
+def main(argv):
+    if len(argv) != 6 or argv[1] != "worker" or argv[3] not in ("file", "module"):
+        sys.stderr.write(__doc__)
+        return 2
+    slots, kind, target, directory = int(argv[2]), argv[3], argv[4], argv[5]
+    import socket
+    socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
+    started = time.perf_counter()
+    try:
+        os.chdir(directory)
+        app = load_app(kind, target, directory)
+    except BaseException:
+        import traceback
+        text = "cannot load the application %s:\n%s" % (target, traceback.format_exc().rstrip())
+        log(text)
+        report = text.encode("utf-8", "replace")[-MAX_FATAL:]
+        try:
+            socks[0].sendall(frame(FATAL, report))
+        except OSError:
+            pass
+        return 1
+    import_micros = int((time.perf_counter() - started) * 1e6)
+    base = {
+        "wsgi.version": (1, 0),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": slots > 1,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "wsgi.input_terminated": True,
+    }
+    worker = Worker(app, base)
+    ready = frame(READY, struct.pack(">HIQ", PROTOCOL_VERSION, os.getpid(), import_micros))
+    for sock in socks:
+        sock.sendall(ready)
+    if slots == 1:
+        worker.serve(socks[0])
+    else:
+        import threading
+        threads = [threading.Thread(target=worker.serve, args=(s,), daemon=True) for s in socks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

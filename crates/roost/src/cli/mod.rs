@@ -1,0 +1,234 @@
+//! The `roost` command line: `serve`, `site add|set|rm|list|show`, and `demo`.
+//!
+//! Commands print plain sentences for people and JSON with `--json`. The registry
+//! is written directly; a running node sees the change within its poll interval.
+
+mod demo;
+mod site;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use roost_registry::{parse_bytes, parse_duration};
+
+use crate::server::NodeConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "roost",
+    version,
+    about = "Hosts many Python WSGI sites, each in its own processes, started on demand."
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// The registry: sqlite:PATH (or a plain path). Default: /var/lib/roost/registry.db
+    /// as root, else $XDG_DATA_HOME/roost/registry.db (~/.local/share/roost/).
+    #[arg(
+        long,
+        global = true,
+        env = "ROOST_REGISTRY",
+        value_name = "sqlite:PATH"
+    )]
+    pub registry: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: serve every site of the registry until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Add, change, remove and inspect sites.
+    #[command(subcommand)]
+    Site(site::SiteCommand),
+    /// Run a node with three bundled example sites on a registry of its own.
+    Demo(demo::DemoArgs),
+}
+
+impl Command {
+    /// Long-running commands log at info by default; one-shot ones only warnings.
+    pub fn is_server(&self) -> bool {
+        matches!(self, Command::Serve(_) | Command::Demo(_))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; repeat for several.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: Vec<SocketAddr>,
+    /// Folder of the per-site log folders. Default: /var/log/roost as root, else
+    /// the data folder's logs/.
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// Folder for the node's runtime files (the loader). Default: /run/roost as root,
+    /// else the data folder's run/.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// A proxy (address or CIDR) whose X-Forwarded-For/-Proto headers are believed;
+    /// repeat for several.
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<String>,
+    /// Longest time a client may take to send its request headers.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers); beyond: 431.
+    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_header_size: u64,
+    /// Most header fields in a request; beyond: 431.
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+    /// How long a stopping worker may take before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+}
+
+pub fn init_tracing(verbose: u8, server: bool) {
+    let level = match (verbose, server) {
+        (0, false) => "warn",
+        (0, true) => "info",
+        (1, _) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let registry = registry_path(cli.registry.as_deref())?;
+    match cli.command {
+        Command::Serve(args) => serve(registry, args).map(|()| ExitCode::SUCCESS),
+        Command::Site(command) => site::run(&registry, command),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Where roost keeps its files when not run as root.
+fn data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("roost"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --registry")?;
+    Ok(PathBuf::from(home).join(".local/share/roost"))
+}
+
+fn registry_path(given: Option<&str>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(text) if text.starts_with("postgres:") || text.starts_with("postgresql:") => {
+            bail!("PostgreSQL registries are not supported by this build yet; use sqlite:PATH")
+        }
+        Some(text) => {
+            let path = text.strip_prefix("sqlite:").unwrap_or(text);
+            if path.is_empty() {
+                bail!("--registry sqlite: needs a file path");
+            }
+            Ok(absolute(PathBuf::from(path))?)
+        }
+        None if is_root() => Ok(PathBuf::from("/var/lib/roost/registry.db")),
+        None => Ok(data_dir()?.join("registry.db")),
+    }
+}
+
+fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    Ok(std::env::current_dir()
+        .context("cannot read the current directory")?
+        .join(path))
+}
+
+fn serve(registry: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    let (log_dir, run_dir) = match (is_root(), &args.log_dir, &args.run_dir) {
+        (_, Some(l), Some(r)) => (absolute(l.clone())?, absolute(r.clone())?),
+        (true, l, r) => (
+            l.clone().unwrap_or_else(|| "/var/log/roost".into()),
+            r.clone().unwrap_or_else(|| "/run/roost".into()),
+        ),
+        (false, l, r) => {
+            let data = data_dir()?;
+            (
+                l.clone().unwrap_or_else(|| data.join("logs")),
+                r.clone().unwrap_or_else(|| data.join("run")),
+            )
+        }
+    };
+    let mut config = NodeConfig::new(registry, log_dir, run_dir);
+    config.front.header_read_timeout = args.header_timeout;
+    config.front.max_header_bytes = args.max_header_size as usize;
+    config.front.max_headers = args.max_headers;
+    config.stop_grace = args.stop_grace;
+    for text in &args.trusted_proxy {
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .with_context(|| format!("--trusted-proxy {text:?} is not an address or CIDR"))?;
+        config.front.trusted_proxies.push(net);
+    }
+    run_node(config, &args.listen)
+}
+
+/// Binds the listeners, runs the node until SIGINT/SIGTERM.
+fn run_node(config: NodeConfig, listen: &[SocketAddr]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        if !is_root() {
+            tracing::info!(
+                uid = nix::unistd::geteuid().as_raw(),
+                "not running as root: every site's workers run as this user"
+            );
+        }
+        let mut listeners = Vec::new();
+        for addr in listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            listeners.push(listener);
+        }
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down (again to force)");
+            let _ = stop.send(true);
+            wait_for_signal().await;
+            std::process::exit(130);
+        });
+        crate::server::run(config, listeners, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The response body type of the front, and the access log line written when a body
+//! has been sent (or abandoned).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::exchange::WorkerBody;
+use crate::logs::{AccessRecord, SiteLogs};
+
+/// Why a response body ended early; hyper then aborts the connection so the client
+/// sees a broken response rather than a short one that looks complete.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the application failed while sending the response")]
+    AppAborted,
+    #[error("the worker closed its slot mid-response")]
+    WorkerGone,
+    #[error("the worker broke the protocol mid-response")]
+    Protocol,
+    #[error("the response overran the site's request_timeout")]
+    Timeout,
+}
+
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Worker(Box<WorkerBody>),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: Bytes) -> ResponseBody {
+        ResponseBody::Full(Some(bytes).filter(|b| !b.is_empty()))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Worker(body) => body.poll_data(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(bytes) => bytes.is_none(),
+            ResponseBody::Worker(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ResponseBody::Worker(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// What the access log needs, captured when the request arrives.
+pub struct PendingAccess {
+    pub logs: Arc<SiteLogs>,
+    pub peer: String,
+    pub method: String,
+    pub target: String,
+    pub version: &'static str,
+    pub referer: Option<String>,
+    pub user_agent: Option<String>,
+    pub start: SystemTime,
+    pub began: Instant,
+}
+
+impl PendingAccess {
+    pub fn finish(self, status: u16, bytes: u64) {
+        let line = AccessRecord {
+            peer: &self.peer,
+            start: self.start,
+            method: &self.method,
+            target: &self.target,
+            version: self.version,
+            status,
+            bytes,
+            referer: self.referer.as_deref(),
+            user_agent: self.user_agent.as_deref(),
+            duration: self.began.elapsed(),
+        }
+        .line();
+        self.logs.access(line);
+    }
+}

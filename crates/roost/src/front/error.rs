@@ -1,0 +1,93 @@
+//! Everything that can go wrong on the request path, who is to blame, and the one
+//! function that maps it to a status and a page. Pages say what happened in general
+//! terms and never leak paths, tracebacks or internal names.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+use crate::pool::CheckoutError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    /// The client sent something invalid.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("no site is served at host {0:?}")]
+    UnknownHost(String),
+    #[error("request body larger than the site's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error(transparent)]
+    Checkout(#[from] CheckoutError),
+    /// The worker died or closed its slot during the request.
+    #[error("the worker closed the connection before answering")]
+    WorkerGone,
+    /// The worker sent something that is not the protocol (it has been killed).
+    #[error("the worker broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the request took longer than the site's request_timeout")]
+    Timeout,
+}
+
+impl FrontError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FrontError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            FrontError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            FrontError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            FrontError::Checkout(CheckoutError::AppFailing { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            FrontError::Checkout(CheckoutError::Draining(_)) => StatusCode::NOT_FOUND,
+            FrontError::Checkout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FrontError::WorkerGone | FrontError::Protocol(_) => StatusCode::BAD_GATEWAY,
+            FrontError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn explanation(&self) -> &'static str {
+        match self {
+            FrontError::BadRequest(_) => "The request is not valid HTTP.",
+            FrontError::UnknownHost(_) | FrontError::Checkout(CheckoutError::Draining(_)) => {
+                "No site is served at this address."
+            }
+            FrontError::BodyTooLarge { .. } => "The request body is larger than this site accepts.",
+            FrontError::Checkout(CheckoutError::AppFailing { .. }) => {
+                "The application failed to start. Its owner can find the reason in the site's error log."
+            }
+            FrontError::Checkout(_) => "The site is busy. Please try again shortly.",
+            FrontError::WorkerGone | FrontError::Protocol(_) => {
+                "The application did not answer correctly."
+            }
+            FrontError::Timeout => "The application took too long to answer.",
+        }
+    }
+
+    /// The page sent to the client.
+    pub fn response(&self) -> Response<ResponseBody> {
+        let status = self.status();
+        let body = format!(
+            "{} {}\n\n{}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.explanation()
+        );
+        let mut response = Response::new(ResponseBody::full(body.into()));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let FrontError::Checkout(
+            CheckoutError::QueueFull { .. } | CheckoutError::QueueTimeout { .. },
+        ) = self
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let FrontError::BadRequest(_) | FrontError::BodyTooLarge { .. } = self {
+            // The rest of the connection may hold an unread body: do not reuse it.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

@@ -1,0 +1,482 @@
+//! One request on one slot: send the head and stream the body to the worker, read the
+//! response back, and leave the slot clean for the next request, whatever happens.
+//!
+//! The slot is clean once both directions reached a frame boundary with an end frame:
+//! the response's RESPONSE_END/RESPONSE_ABORT, and our REQUEST_END/REQUEST_ABORT.
+//! When the client goes away early the [`Exchange`] is dropped unfinished and a
+//! salvage task finishes both directions in the background (until the request's
+//! deadline; then the worker is killed), so a disconnecting client costs no worker.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http_body::Frame as BodyFrame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use roost_wire::{encode_header, Frame, Kind, ResponseHead, MAX_BODY_CHUNK};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout_at, Instant, Sleep};
+
+use super::body::{BodyError, PendingAccess, ResponseBody};
+use super::FrontError;
+use crate::pool::{Lease, PoolHandle};
+use crate::route::Route;
+use crate::worker::{ConnError, FrameReader, SlotConn};
+
+/// Headers that describe one hop; a WSGI app must not send them (PEP 3333) and the
+/// front drops them so they cannot confuse hyper's own framing.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+enum Writer {
+    Idle(OwnedWriteHalf),
+    /// A task streams the request body; dropping `stop` makes it end with ABORT.
+    Pumping {
+        task: JoinHandle<Option<OwnedWriteHalf>>,
+        stop: oneshot::Sender<()>,
+    },
+    Gone,
+}
+
+#[derive(PartialEq, Eq)]
+enum State {
+    /// Mid-exchange: dropping it now salvages the slot.
+    Open,
+    /// Both directions ended cleanly, or the slot is beyond saving.
+    Closed,
+}
+
+pub struct Exchange {
+    lease: Option<Lease>,
+    pool: PoolHandle,
+    reader: Option<FrameReader>,
+    writer: Writer,
+    deadline: Instant,
+    state: State,
+}
+
+impl Exchange {
+    fn worker(&self) -> u64 {
+        self.lease.as_ref().map_or(0, |l| l.worker)
+    }
+
+    /// The worker misbehaved or overran: SIGKILL, and the slot is lost with it.
+    fn kill(&mut self, reason: String) {
+        self.pool.kill(self.worker(), reason);
+        self.state = State::Closed;
+    }
+
+    /// The slot is unusable (the worker closed it); the lease goes back empty.
+    fn lose(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// The response ended cleanly: finish our direction and return the slot.
+    fn finish(&mut self) {
+        self.state = State::Closed;
+        let (Some(mut lease), Some(reader)) = (self.lease.take(), self.reader.take()) else {
+            return;
+        };
+        match std::mem::replace(&mut self.writer, Writer::Gone) {
+            Writer::Idle(writer) => {
+                if let Some(conn) = SlotConn::join(reader, writer) {
+                    lease.put_back(conn);
+                }
+            }
+            Writer::Pumping { task, stop } => {
+                drop(stop);
+                tokio::spawn(async move {
+                    if let Ok(Some(writer)) = task.await {
+                        if let Some(conn) = SlotConn::join(reader, writer) {
+                            lease.put_back(conn);
+                        }
+                    }
+                });
+            }
+            Writer::Gone => {}
+        }
+    }
+
+    fn check_frame(&mut self, frame: Result<Frame, ConnError>) -> Result<Frame, FrontError> {
+        match frame {
+            Ok(f) => Ok(f),
+            Err(ConnError::Closed) => {
+                self.lose();
+                Err(FrontError::WorkerGone)
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                self.kill(why.clone());
+                Err(FrontError::Protocol(why))
+            }
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.state != State::Open {
+            return;
+        }
+        let (Some(lease), Some(reader)) = (self.lease.take(), self.reader.take()) else {
+            return;
+        };
+        let writer = std::mem::replace(&mut self.writer, Writer::Gone);
+        let (pool, deadline) = (self.pool.clone(), self.deadline);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(salvage(lease, pool, reader, writer, deadline));
+        }
+    }
+}
+
+/// Finishes an abandoned exchange: discard the rest of the response, end the request
+/// body, and return the slot; past the deadline the worker is killed instead.
+async fn salvage(
+    mut lease: Lease,
+    pool: PoolHandle,
+    mut reader: FrameReader,
+    writer: Writer,
+    deadline: Instant,
+) {
+    let writer = match writer {
+        Writer::Idle(w) => WriterOutcome::Ready(w),
+        Writer::Pumping { task, stop } => {
+            drop(stop);
+            WriterOutcome::Task(task)
+        }
+        Writer::Gone => return,
+    };
+    let drained = timeout_at(deadline, async {
+        loop {
+            match reader.next_frame().await {
+                Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
+                Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
+                Ok(other) => return Err(format!("unexpected {:?} frame", other.kind())),
+                Err(ConnError::Closed) => return Err(String::new()),
+                Err(e) => return Err(crate::error_chain(&e)),
+            }
+        }
+    })
+    .await;
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) if why.is_empty() => return,
+        Ok(Err(why)) => return pool.kill(lease.worker, why),
+        Err(_) => {
+            return pool.kill(
+                lease.worker,
+                "request_timeout passed after the client left".into(),
+            )
+        }
+    }
+    let writer = match writer {
+        WriterOutcome::Ready(w) => Some(w),
+        WriterOutcome::Task(task) => task.await.ok().flatten(),
+    };
+    if let Some(conn) = writer.and_then(|w| SlotConn::join(reader, w)) {
+        lease.put_back(conn);
+    }
+}
+
+enum WriterOutcome {
+    Ready(OwnedWriteHalf),
+    Task(JoinHandle<Option<OwnedWriteHalf>>),
+}
+
+/// Sends one request to the site's worker and returns its response.
+pub async fn forward(
+    route: &Route,
+    head: Bytes,
+    body: Incoming,
+    access: &mut Option<PendingAccess>,
+) -> Result<Response<ResponseBody>, FrontError> {
+    let site = &route.site;
+    let mut lease = route.pool.checkout(site).await?;
+    let deadline = Instant::now() + site.pool.request_timeout;
+    let (reader, mut writer) = lease.take().split();
+    let pool = lease.pool();
+    let mut ex = Exchange {
+        lease: Some(lease),
+        pool,
+        reader: Some(reader),
+        writer: Writer::Gone,
+        deadline,
+        state: State::Open,
+    };
+
+    let mut out = BytesMut::with_capacity(head.len() + 16);
+    encode_header(&mut out, Kind::RequestHead, head.len());
+    out.extend_from_slice(&head);
+    let empty = http_body::Body::is_end_stream(&body);
+    if empty {
+        encode_header(&mut out, Kind::RequestEnd, 0);
+    }
+    if timeout_at(deadline, writer.write_all(&out))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        ex.lose();
+        return Err(FrontError::WorkerGone);
+    }
+    let mut too_large = None;
+    if empty {
+        ex.writer = Writer::Idle(writer);
+    } else {
+        let (stop, stop_rx) = oneshot::channel();
+        let (over, over_rx) = oneshot::channel();
+        let task = tokio::spawn(pump_request_body(
+            writer,
+            body,
+            site.pool.body_max,
+            deadline,
+            stop_rx,
+            over,
+        ));
+        ex.writer = Writer::Pumping { task, stop };
+        too_large = Some(over_rx);
+    }
+
+    let reader = ex.reader.as_mut().expect("set above");
+    let frame = tokio::select! {
+        frame = timeout_at(deadline, reader.next_frame()) => frame,
+        Ok(()) = async { too_large.as_mut().expect("guarded").await }, if too_large.is_some() => {
+            return Err(FrontError::BodyTooLarge { limit: site.pool.body_max });
+        }
+    };
+    let Ok(frame) = frame else {
+        ex.kill("it overran request_timeout".into());
+        return Err(FrontError::Timeout);
+    };
+    let payload = match ex.check_frame(frame)? {
+        Frame::ResponseHead(payload) => payload,
+        other => {
+            let why = format!("sent {:?} where a response head belongs", other.kind());
+            ex.kill(why.clone());
+            return Err(FrontError::Protocol(why));
+        }
+    };
+    let mut response = match response_head(&payload) {
+        Ok(r) => r,
+        Err(why) => {
+            ex.kill(why.clone());
+            return Err(FrontError::Protocol(why));
+        }
+    };
+
+    // Fast path: the whole response is already buffered (the usual small page).
+    let mut chunks = VecDeque::new();
+    let reader = ex.reader.as_mut().expect("set above");
+    let next = loop {
+        match reader.buffered() {
+            Ok(Some(Frame::ResponseBody(b))) => chunks.push_back(b),
+            Ok(Some(Frame::ResponseEnd)) => {
+                ex.finish();
+                let body = if chunks.len() <= 1 {
+                    chunks.pop_front().unwrap_or_default()
+                } else {
+                    chunks.iter().flatten().copied().collect::<Vec<u8>>().into()
+                };
+                *response.body_mut() = ResponseBody::full(body);
+                return Ok(response);
+            }
+            Ok(None) => break None,
+            // An abort or a violation: the streaming body reports it in order.
+            other => break Some(other.map(|f| f.expect("matched above"))),
+        }
+    };
+    Ok(stream(ex, response, chunks, next, access))
+}
+
+fn stream(
+    ex: Exchange,
+    mut response: Response<ResponseBody>,
+    pending: VecDeque<Bytes>,
+    next: Option<Result<Frame, ConnError>>,
+    access: &mut Option<PendingAccess>,
+) -> Response<ResponseBody> {
+    let sleep = Box::pin(tokio::time::sleep_until(ex.deadline));
+    let body = WorkerBody {
+        status: response.status().as_u16(),
+        ex,
+        pending,
+        next,
+        sleep,
+        sent: 0,
+        access: access.take(),
+    };
+    *response.body_mut() = ResponseBody::Worker(Box::new(body));
+    response
+}
+
+fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
+    let head = ResponseHead::parse(payload).map_err(|e| e.to_string())?;
+    let mut response = Response::new(ResponseBody::Full(None));
+    *response.status_mut() = StatusCode::from_u16(head.status).map_err(|e| e.to_string())?;
+    let headers = response.headers_mut();
+    for (name, value) in head.headers {
+        let name = HeaderName::from_bytes(name).map_err(|e| e.to_string())?;
+        if HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(value).map_err(|e| e.to_string())?;
+        headers.append(name, value);
+    }
+    Ok(response)
+}
+
+/// Streams the client's body to the worker as frames, bounded by the site's limit.
+/// Returns the write half for reuse, or `None` if the slot can no longer be trusted.
+async fn pump_request_body(
+    mut writer: OwnedWriteHalf,
+    mut body: Incoming,
+    limit: u64,
+    deadline: Instant,
+    mut stop: oneshot::Receiver<()>,
+    too_large: oneshot::Sender<()>,
+) -> Option<OwnedWriteHalf> {
+    let mut total: u64 = 0;
+    let mut too_large = Some(too_large);
+    let mut header = BytesMut::with_capacity(5);
+    let end = loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut stop => break Kind::RequestAbort,
+            frame = body.frame() => frame,
+        };
+        let data = match frame {
+            None => break Kind::RequestEnd,
+            Some(Err(_)) => break Kind::RequestAbort,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue, // trailers are not passed on
+            },
+        };
+        total += data.len() as u64;
+        if total > limit {
+            if let Some(tx) = too_large.take() {
+                let _ = tx.send(());
+            }
+            break Kind::RequestAbort;
+        }
+        for chunk in data.chunks(MAX_BODY_CHUNK) {
+            header.clear();
+            encode_header(&mut header, Kind::RequestBody, chunk.len());
+            let write = async {
+                writer.write_all(&header).await?;
+                writer.write_all(chunk).await
+            };
+            if !matches!(timeout_at(deadline, write).await, Ok(Ok(()))) {
+                return None;
+            }
+        }
+    };
+    header.clear();
+    encode_header(&mut header, end, 0);
+    match timeout_at(deadline, writer.write_all(&header)).await {
+        Ok(Ok(())) => Some(writer),
+        _ => None,
+    }
+}
+
+/// A response body streamed from the worker as the client reads it.
+pub struct WorkerBody {
+    ex: Exchange,
+    status: u16,
+    /// Chunks read with the head, sent before anything else.
+    pending: VecDeque<Bytes>,
+    /// What was read with the head after the pending chunks.
+    next: Option<Result<Frame, ConnError>>,
+    sleep: Pin<Box<Sleep>>,
+    sent: u64,
+    access: Option<PendingAccess>,
+}
+
+impl WorkerBody {
+    pub fn poll_data(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
+        while let Some(chunk) = self.pending.pop_front() {
+            if !chunk.is_empty() {
+                self.sent += chunk.len() as u64;
+                return Poll::Ready(Some(Ok(BodyFrame::data(chunk))));
+            }
+        }
+        if self.ex.state != State::Open {
+            return Poll::Ready(None);
+        }
+        let frame = match self.next.take() {
+            Some(frame) => frame,
+            None => {
+                if self.sleep.as_mut().poll(cx).is_ready() {
+                    self.ex
+                        .kill("it overran request_timeout while streaming".into());
+                    self.log();
+                    return Poll::Ready(Some(Err(BodyError::Timeout)));
+                }
+                let reader = self
+                    .ex
+                    .reader
+                    .as_mut()
+                    .expect("open exchanges have a reader");
+                ready!(reader.poll_frame(cx))
+            }
+        };
+        let result = match frame {
+            Ok(Frame::ResponseBody(data)) => {
+                self.sent += data.len() as u64;
+                return Poll::Ready(Some(Ok(BodyFrame::data(data))));
+            }
+            Ok(Frame::ResponseEnd) => {
+                self.ex.finish();
+                None
+            }
+            Ok(Frame::ResponseAbort) => {
+                self.ex.finish();
+                Some(Err(BodyError::AppAborted))
+            }
+            Ok(other) => {
+                self.ex
+                    .kill(format!("sent {:?} inside a response body", other.kind()));
+                Some(Err(BodyError::Protocol))
+            }
+            Err(ConnError::Closed) => {
+                self.ex.lose();
+                Some(Err(BodyError::WorkerGone))
+            }
+            Err(e) => {
+                self.ex.kill(crate::error_chain(&e));
+                Some(Err(BodyError::Protocol))
+            }
+        };
+        self.log();
+        Poll::Ready(result)
+    }
+
+    fn log(&mut self) {
+        if let Some(access) = self.access.take() {
+            access.finish(self.status, self.sent);
+        }
+    }
+}
+
+impl Drop for WorkerBody {
+    fn drop(&mut self) {
+        self.log();
+    }
+}

@@ -1,0 +1,250 @@
+//! The front: the node's HTTP side. It accepts connections, lets hyper parse HTTP/1.1
+//! and HTTP/2 (cleartext), enforces the limits, routes by Host and hands each request
+//! to its site's pool. It owns HTTP: workers never see raw HTTP.
+//!
+//! ```text
+//! accept ─► hyper (limits: header size/count → 431, header read timeout, bad HTTP → 400)
+//!        ─► handle: Host → route table → 404 | body limit → 413 | environ → exchange
+//! ```
+
+mod body;
+mod environ;
+mod error;
+mod exchange;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{header, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use ipnet::IpNet;
+use roost_registry::normalize_request_host;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use body::ResponseBody;
+pub use error::FrontError;
+
+use body::PendingAccess;
+use environ::ConnInfo;
+
+use crate::route::Routes;
+
+/// The front's settings (see `docs/configure.md`).
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// Peers whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Longest time a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Most bytes of request line and headers (HTTP/1: read buffer; HTTP/2: header list).
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// How long in-flight requests may take to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for FrontConfig {
+    fn default() -> Self {
+        FrontConfig {
+            trusted_proxies: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+struct Front {
+    routes: Routes,
+    config: FrontConfig,
+}
+
+/// Serves one listener until `shutdown` turns true, then lets open requests finish
+/// (up to the grace period).
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    config: FrontConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "listener has no local address");
+            return;
+        }
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .max_headers(config.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_bytes as u32)
+        .max_concurrent_streams(256);
+    let grace = config.shutdown_grace;
+    let front = Arc::new(Front { routes, config });
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::stopping(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(ConnInfo { peer, local });
+        let front = front.clone();
+        let service = service_fn(move |req| {
+            let front = front.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(front.handle(req, &conn).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!(%local, "listener closed; finishing open requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "requests still open after the shutdown grace period"
+        );
+    }
+}
+
+/// The listener's address as the tests and the start line print it.
+pub fn describe(addr: &SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+impl Front {
+    async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
+        let host = match request_host(&req) {
+            Ok(h) => h,
+            Err(e) => return e.response(),
+        };
+        let Some(route) = self.routes.load().lookup(&host).cloned() else {
+            return FrontError::UnknownHost(host).response();
+        };
+        let began = Instant::now();
+        let (parts, body) = req.into_parts();
+        let client = environ::client(&parts, conn, &self.config.trusted_proxies);
+        let header_text = |name| {
+            parts
+                .headers
+                .get(name)
+                .map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let mut access = Some(PendingAccess {
+            logs: route.logs.clone(),
+            peer: client.addr.to_string(),
+            method: parts.method.to_string(),
+            target: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            version: environ::protocol(parts.version),
+            referer: header_text(header::REFERER),
+            user_agent: header_text(header::USER_AGENT),
+            start: SystemTime::now(),
+            began,
+        });
+        let result = async {
+            let declared = content_length(&parts)?;
+            if declared.is_some_and(|n| n > route.site.pool.body_max) {
+                return Err(FrontError::BodyTooLarge {
+                    limit: route.site.pool.body_max,
+                });
+            }
+            let head = environ::build(&parts, &host, conn, &client)?;
+            exchange::forward(&route, head, body, &mut access).await
+        }
+        .await;
+        let response = result.unwrap_or_else(|e| {
+            match e.status().as_u16() {
+                500.. => {
+                    tracing::error!(site = %route.site.name, %host, error = %e, "request failed")
+                }
+                _ => tracing::debug!(site = %route.site.name, %host, error = %e, "request refused"),
+            }
+            e.response()
+        });
+        if let Some(access) = access {
+            let bytes = http_body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0);
+            access.finish(response.status().as_u16(), bytes);
+        }
+        response
+    }
+}
+
+/// The request's host, normalised; a missing or malformed one is a client error.
+fn request_host(req: &Request<Incoming>) -> Result<String, FrontError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let raw = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => {
+            return Err(FrontError::BadRequest("more than one Host header".into()))
+        }
+        (Some(h), None) => h
+            .to_str()
+            .map_err(|_| FrontError::BadRequest("the Host header is not ASCII".into()))?,
+        (None, _) => req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .ok_or_else(|| FrontError::BadRequest("the request has no Host header".into()))?,
+    };
+    normalize_request_host(raw).map_err(|e| FrontError::BadRequest(e.to_string()))
+}
+
+/// The declared body length; several different values are a smuggling attempt.
+fn content_length(parts: &http::request::Parts) -> Result<Option<u64>, FrontError> {
+    let mut found = None;
+    for value in parts.headers.get_all(header::CONTENT_LENGTH) {
+        let n: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| FrontError::BadRequest("invalid Content-Length".into()))?;
+        if found.is_some_and(|f| f != n) {
+            return Err(FrontError::BadRequest(
+                "conflicting Content-Length headers".into(),
+            ));
+        }
+        found = Some(n);
+    }
+    Ok(found)
+}

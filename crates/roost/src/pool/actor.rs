@@ -1,0 +1,485 @@
+//! The pool actor: the only owner of one site's workers, idle slots and queue.
+//!
+//! Worker states, as the pool sees them:
+//!
+//! ```text
+//! Starting ──Ready──► Running ──idle_timeout / max_requests / lost slot /──► Retiring ──► (gone)
+//!     │                  │       site changed / entry file touched             ▲ busy slots come
+//!     └─StartFailed──► (gone, the site backs off before the next attempt)       │ back, then Stop
+//!                        └──Kill (timeout, protocol violation) ─────────────────┘
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use roost_registry::{Entry, Site};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{CheckoutError, Lease, PoolControl, PoolHandle};
+use crate::logs::SiteLogs;
+use crate::spawn::Spawn;
+use crate::worker::{self, SlotConn, WorkerEvent, WorkerHandle, WorkerId, WorkerTiming};
+
+/// Worker ids are unique in the node, across pools.
+static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How often a pool with workers looks at idle time and the entry file.
+const TICK: Duration = Duration::from_millis(250);
+/// First and longest wait before retrying a site whose workers fail to start.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a pool needs from the node.
+#[derive(Clone)]
+pub struct PoolContext {
+    pub spawner: Arc<dyn Spawn>,
+    pub logs: Arc<SiteLogs>,
+    /// How long a worker whose slots are closed may take to exit before SIGKILL.
+    pub stop_grace: Duration,
+}
+
+type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Running,
+    Retiring,
+}
+
+struct WorkerEntry {
+    handle: WorkerHandle,
+    state: State,
+    pid: u32,
+    idle: Vec<SlotConn>,
+    busy: u32,
+    served: u64,
+    last_used: Instant,
+}
+
+/// The site cannot start workers; requests fail fast until `retry_at`.
+struct Failure {
+    attempts: u32,
+    retry_at: Instant,
+}
+
+struct Pool {
+    site: Arc<Site>,
+    ctx: PoolContext,
+    /// Given to leases and worker tasks so they can report back.
+    tx: mpsc::UnboundedSender<PoolControl>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    waiters: VecDeque<Reply>,
+    failure: Option<Failure>,
+    /// Modification time of the entry file when the current workers were started.
+    entry_mtime: Option<SystemTime>,
+    draining: bool,
+}
+
+/// Starts the actor of `site`; the task ends after a drain, once its workers exited.
+pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let span = tracing::info_span!("pool", site = %site.name);
+    let pool = Pool {
+        entry_mtime: entry_mtime(&site),
+        site,
+        ctx,
+        tx: tx.clone(),
+        workers: BTreeMap::new(),
+        waiters: VecDeque::new(),
+        failure: None,
+        draining: false,
+    };
+    let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
+    (PoolHandle { tx }, task)
+}
+
+impl Pool {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<PoolControl>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.spawn_as_needed();
+        loop {
+            let ticking = !self.workers.is_empty() || self.failure.is_some();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = tick.tick(), if ticking => self.on_tick(),
+            }
+            if self.draining && self.waiters.is_empty() {
+                let busy = self
+                    .workers
+                    .values()
+                    .any(|w| w.busy > 0 || w.state == State::Starting);
+                if !busy {
+                    self.retire_all("the site was removed");
+                }
+                if self.workers.is_empty() {
+                    break;
+                }
+            }
+        }
+        tracing::info!("pool stopped");
+    }
+
+    fn handle(&mut self, msg: PoolControl) {
+        match msg {
+            PoolControl::Checkout(reply) => self.checkout(reply),
+            PoolControl::Checkin { worker, conn } => self.checkin(worker, conn),
+            PoolControl::Kill { worker, reason } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    tracing::error!(pid = w.pid, %reason, "killing worker");
+                    self.ctx
+                        .logs
+                        .error(&format!("killing worker pid {}: {reason}", w.pid));
+                    w.handle.kill();
+                    w.state = State::Retiring;
+                    w.idle.clear();
+                }
+            }
+            PoolControl::Worker(event) => self.worker_event(event),
+            PoolControl::Reconfigure(site) => {
+                tracing::info!("site changed: recycling its workers");
+                self.site = site;
+                self.failure = None;
+                self.entry_mtime = entry_mtime(&self.site);
+                self.retire_all("the site changed");
+                self.spawn_as_needed();
+            }
+            PoolControl::Drain => {
+                tracing::info!(waiting = self.waiters.len(), "draining");
+                self.draining = true;
+            }
+        }
+    }
+
+    fn checkout(&mut self, reply: Reply) {
+        if let Some(retry_in) = self.failing() {
+            let _ = reply.send(Err(CheckoutError::AppFailing {
+                site: self.site.name.clone(),
+                retry_in,
+            }));
+            return;
+        }
+        if let Some(lease) = self.take_idle_slot() {
+            // If the requester gave up meanwhile, the returned lease checks itself in.
+            let _ = reply.send(Ok(lease));
+            return;
+        }
+        self.waiters.retain(|w| !w.is_closed());
+        if self.waiters.len() >= self.site.pool.queue_max as usize {
+            let _ = reply.send(Err(CheckoutError::QueueFull {
+                site: self.site.name.clone(),
+                max: self.site.pool.queue_max,
+            }));
+            return;
+        }
+        self.waiters.push_back(reply);
+        self.spawn_as_needed();
+    }
+
+    /// Time left before the next start attempt, if the site is failing.
+    fn failing(&mut self) -> Option<Duration> {
+        let f = self.failure.as_ref()?;
+        if self.entry_changed() {
+            tracing::info!("entry file changed: retrying at once");
+            self.failure = None;
+            self.entry_mtime = entry_mtime(&self.site);
+            return None;
+        }
+        let now = Instant::now();
+        (now < f.retry_at).then(|| f.retry_at - now)
+    }
+
+    /// An idle slot of the most recently used running worker, so that the others
+    /// stay idle long enough to be reaped.
+    fn take_idle_slot(&mut self) -> Option<Lease> {
+        let (id, w) = self
+            .workers
+            .iter_mut()
+            .filter(|(_, w)| w.state == State::Running && !w.idle.is_empty())
+            .max_by_key(|(_, w)| w.last_used)?;
+        let conn = w.idle.pop()?;
+        w.busy += 1;
+        w.last_used = Instant::now();
+        let id = *id;
+        Some(self.lease(id, conn))
+    }
+
+    fn lease(&self, worker: WorkerId, conn: SlotConn) -> Lease {
+        Lease {
+            worker,
+            conn: Some(conn),
+            pool: self.tx.clone(),
+        }
+    }
+
+    fn checkin(&mut self, id: WorkerId, conn: Option<SlotConn>) {
+        let max_requests = self.site.pool.max_requests;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return; // the worker is gone; its slot with it
+        };
+        w.busy = w.busy.saturating_sub(1);
+        w.served += 1;
+        w.last_used = Instant::now();
+        match conn {
+            None => {
+                tracing::debug!(pid = w.pid, "slot lost mid-exchange; retiring the worker");
+                self.retire(id, "a request on it ended mid-exchange");
+            }
+            Some(c) if c.has_stray_bytes() => {
+                self.handle(PoolControl::Kill {
+                    worker: id,
+                    reason: "it sent bytes after the end of a response".into(),
+                });
+            }
+            Some(_) if w.state != State::Running => {}
+            Some(_) if max_requests > 0 && w.served >= max_requests => {
+                self.retire(id, "it served max_requests");
+            }
+            Some(c) => self.give_slot(id, c),
+        }
+        self.stop_if_done(id);
+        self.spawn_as_needed();
+    }
+
+    /// Hands a free slot to the first live waiter, or keeps it idle.
+    fn give_slot(&mut self, id: WorkerId, conn: SlotConn) {
+        while let Some(reply) = self.waiters.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            let w = self
+                .workers
+                .get_mut(&id)
+                .expect("give_slot is called for live workers");
+            w.busy += 1;
+            w.last_used = Instant::now();
+            let _ = reply.send(Ok(self.lease(id, conn)));
+            return;
+        }
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.idle.push(conn);
+        }
+    }
+
+    fn worker_event(&mut self, event: WorkerEvent) {
+        match event {
+            WorkerEvent::Ready {
+                id,
+                pid,
+                slots,
+                import_time,
+            } => {
+                let Some(w) = self.workers.get_mut(&id) else {
+                    return;
+                };
+                w.pid = pid;
+                self.failure = None;
+                if w.state == State::Retiring {
+                    drop(slots);
+                    self.stop_if_done(id);
+                    return;
+                }
+                w.state = State::Running;
+                w.last_used = Instant::now();
+                tracing::debug!(pid, ?import_time, "worker joined the pool");
+                for conn in slots {
+                    self.give_slot(id, conn);
+                }
+            }
+            WorkerEvent::StartFailed { id, error } => {
+                self.workers.remove(&id);
+                if matches!(error, worker::StartError::Stopped) {
+                    return;
+                }
+                let attempts = self.failure.as_ref().map_or(0, |f| f.attempts) + 1;
+                let backoff = BACKOFF_FIRST
+                    .saturating_mul(1 << (attempts - 1).min(5))
+                    .min(BACKOFF_MAX);
+                tracing::error!(error = %crate::error_chain(&error), attempts, ?backoff, "worker failed to start");
+                self.failure = Some(Failure {
+                    attempts,
+                    retry_at: Instant::now() + backoff,
+                });
+                self.entry_mtime = entry_mtime(&self.site);
+                if !self.workers.values().any(|w| w.state == State::Running) {
+                    for reply in self.waiters.drain(..) {
+                        let _ = reply.send(Err(CheckoutError::AppFailing {
+                            site: self.site.name.clone(),
+                            retry_in: backoff,
+                        }));
+                    }
+                }
+            }
+            WorkerEvent::Exited { id, status } => {
+                let Some(w) = self.workers.remove(&id) else {
+                    return;
+                };
+                if w.state == State::Running {
+                    let what = status.map_or("an unknown status".into(), |s| s.to_string());
+                    tracing::error!(pid = w.pid, status = %what, "worker died");
+                    self.ctx
+                        .logs
+                        .error(&format!("worker pid {} died: {what}", w.pid));
+                } else {
+                    tracing::info!(pid = w.pid, "worker stopped");
+                }
+                self.spawn_as_needed();
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.entry_changed() && !self.workers.is_empty() {
+            tracing::info!("entry file changed: recycling workers");
+            self.ctx
+                .logs
+                .error("entry file changed: reloading the application");
+            self.entry_mtime = entry_mtime(&self.site);
+            self.retire_all("its entry file changed");
+        }
+        let now = Instant::now();
+        let idle_timeout = self.site.pool.idle_timeout;
+        let mut active = self.active_workers();
+        let idle: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.state == State::Running && w.busy == 0)
+            .filter(|(_, w)| now.duration_since(w.last_used) >= idle_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if active <= self.site.pool.processes_min as usize {
+                break;
+            }
+            self.retire(id, "it was idle");
+            active -= 1;
+        }
+        self.spawn_as_needed();
+    }
+
+    fn active_workers(&self) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.state != State::Retiring)
+            .count()
+    }
+
+    /// Starts workers for the queue and for processes.min, within processes.max; while
+    /// the site is failing, one attempt at a time after the backoff.
+    fn spawn_as_needed(&mut self) {
+        if let Some(f) = &self.failure {
+            let starting = self.workers.values().any(|w| w.state == State::Starting);
+            if Instant::now() < f.retry_at || starting || self.waiters.is_empty() {
+                return;
+            }
+        }
+        let threads = self.site.pool.threads as usize;
+        let starting = self
+            .workers
+            .values()
+            .filter(|w| w.state == State::Starting)
+            .count();
+        let uncovered = self.waiters.len().saturating_sub(starting * threads);
+        let active = self.active_workers();
+        let floor = if self.draining {
+            0
+        } else {
+            self.site.pool.processes_min as usize
+        };
+        let want = (active + uncovered.div_ceil(threads)).max(floor);
+        let mut to_start = want
+            .min(self.site.pool.processes_max as usize)
+            .saturating_sub(active);
+        if self.failure.is_some() {
+            to_start = to_start.min(1);
+        }
+        for _ in 0..to_start {
+            self.start_worker();
+        }
+    }
+
+    fn start_worker(&mut self) {
+        let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
+        let timing = WorkerTiming {
+            startup_timeout: self.site.pool.request_timeout.max(Duration::from_secs(10)),
+            stop_grace: self.ctx.stop_grace,
+        };
+        let handle = worker::start(
+            id,
+            self.site.clone(),
+            self.ctx.spawner.clone(),
+            self.ctx.logs.clone(),
+            timing,
+            self.tx.clone(),
+            PoolControl::Worker,
+        );
+        self.workers.insert(
+            id,
+            WorkerEntry {
+                handle,
+                state: State::Starting,
+                pid: 0,
+                idle: Vec::new(),
+                busy: 0,
+                served: 0,
+                last_used: Instant::now(),
+            },
+        );
+    }
+
+    fn retire(&mut self, id: WorkerId, why: &str) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            if w.state != State::Retiring {
+                tracing::info!(pid = w.pid, why, "retiring worker");
+            }
+            w.state = State::Retiring;
+            w.idle.clear(); // closing our ends tells the loader to finish
+        }
+        self.stop_if_done(id);
+    }
+
+    fn retire_all(&mut self, why: &str) {
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.retire(id, why);
+        }
+    }
+
+    /// A retiring worker with nothing in flight gets the order to stop.
+    fn stop_if_done(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get(&id) {
+            if w.state == State::Retiring && w.busy == 0 && w.pid != 0 {
+                w.handle.stop();
+            }
+        }
+    }
+
+    fn entry_changed(&self) -> bool {
+        entry_mtime(&self.site) != self.entry_mtime
+    }
+}
+
+/// The file whose modification reloads the site: the WSGI file, or the module's file.
+fn entry_mtime(site: &Site) -> Option<SystemTime> {
+    let path = match &site.entry {
+        Entry::File(p) => p.clone(),
+        Entry::Module { module, .. } => {
+            let rel: std::path::PathBuf = module.split('.').collect();
+            let file = site.directory.join(&rel).with_extension("py");
+            if file.exists() {
+                file
+            } else {
+                site.directory.join(rel).join("__init__.py")
+            }
+        }
+    };
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}

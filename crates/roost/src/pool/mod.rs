@@ -1,0 +1,136 @@
+//! The pool of one site: its workers, their slots, and the queue of requests waiting.
+//!
+//! One actor task per site owns all of the pool's state ([`actor`]); the front talks
+//! to it through a cheap, cloneable [`PoolHandle`]. A request checks out a [`Lease`]
+//! on one slot, uses the slot's socket directly (the actor is not on the data path),
+//! and the lease goes back to the actor when dropped.
+
+mod actor;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_registry::Site;
+use tokio::sync::{mpsc, oneshot};
+
+pub use actor::{spawn_pool, PoolContext};
+
+use crate::worker::{SlotConn, WorkerEvent, WorkerId};
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("the queue of site {site:?} is full ({max} waiting)")]
+    QueueFull { site: String, max: u32 },
+    #[error("no slot of site {site:?} became free within {waited:?}")]
+    QueueTimeout { site: String, waited: Duration },
+    #[error("the application of site {site:?} cannot start; retrying in {retry_in:?}")]
+    AppFailing { site: String, retry_in: Duration },
+    #[error("site {0:?} is being removed")]
+    Draining(String),
+}
+
+/// One message per [`PoolHandle`] method, plus what worker tasks report.
+#[derive(Debug)]
+pub enum PoolControl {
+    Checkout(oneshot::Sender<Result<Lease, CheckoutError>>),
+    /// A lease came back: `conn` is `None` when the slot is unusable.
+    Checkin {
+        worker: WorkerId,
+        conn: Option<SlotConn>,
+    },
+    /// The worker broke the protocol or overran its request: SIGKILL it.
+    Kill {
+        worker: WorkerId,
+        reason: String,
+    },
+    Worker(WorkerEvent),
+    Reconfigure(Arc<Site>),
+    /// The site was removed: finish what is queued and in flight, then stop.
+    Drain,
+}
+
+/// The cheap side of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolHandle {
+    tx: mpsc::UnboundedSender<PoolControl>,
+}
+
+impl PoolHandle {
+    /// Waits for a slot, at most `queue_timeout`.
+    pub async fn checkout(&self, site: &Site) -> Result<Lease, CheckoutError> {
+        let (reply, rx) = oneshot::channel();
+        let draining = || CheckoutError::Draining(site.name.clone());
+        self.tx
+            .send(PoolControl::Checkout(reply))
+            .map_err(|_| draining())?;
+        match tokio::time::timeout(site.pool.queue_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(draining()),
+            Err(_) => Err(CheckoutError::QueueTimeout {
+                site: site.name.clone(),
+                waited: site.pool.queue_timeout,
+            }),
+        }
+    }
+
+    pub fn kill(&self, worker: WorkerId, reason: String) {
+        let _ = self.tx.send(PoolControl::Kill { worker, reason });
+    }
+
+    pub fn reconfigure(&self, site: Arc<Site>) {
+        let _ = self.tx.send(PoolControl::Reconfigure(site));
+    }
+
+    pub fn drain(&self) {
+        let _ = self.tx.send(PoolControl::Drain);
+    }
+}
+
+/// One slot of one worker, lent to one request.
+///
+/// Dropping the lease returns the slot: [`Lease::put_back`] first when it is clean
+/// (the exchange ended on a frame boundary), otherwise it is counted as lost and
+/// the worker retires.
+#[derive(Debug)]
+pub struct Lease {
+    pub worker: WorkerId,
+    conn: Option<SlotConn>,
+    pool: mpsc::UnboundedSender<PoolControl>,
+}
+
+impl Lease {
+    /// The slot's socket; the lease then holds nothing until [`put_back`](Self::put_back).
+    pub fn take(&mut self) -> SlotConn {
+        self.conn
+            .take()
+            .expect("a lease is taken once per exchange")
+    }
+
+    pub fn put_back(&mut self, conn: SlotConn) {
+        self.conn = Some(conn);
+    }
+
+    pub fn pool(&self) -> PoolHandle {
+        PoolHandle {
+            tx: self.pool.clone(),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.pool.send(PoolControl::Checkin {
+            worker: self.worker,
+            conn: self.conn.take(),
+        });
+    }
+}
+
+#[cfg(test)]
+impl PoolHandle {
+    /// A handle whose actor is the test holding `tx`'s receiver.
+    pub fn detached(tx: mpsc::UnboundedSender<PoolControl>) -> PoolHandle {
+        PoolHandle { tx }
+    }
+}

@@ -1,0 +1,158 @@
+//! The composition root: `run` wires the registry watcher, the sites and their pools,
+//! and the front, and takes them down in order on shutdown.
+//!
+//! Phases, each logged: boot → serving → draining → stopped.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_registry::{Loaded, SqliteStore, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::front::{self, FrontConfig};
+use crate::registry_watch;
+use crate::sites::Sites;
+use crate::spawn::PlainSpawner;
+
+/// The loader, shipped inside the binary.
+pub const LOADER_SOURCE: &str = include_str!("../python/loader.py");
+
+/// Everything a node needs besides its listeners (see `docs/configure.md`).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The SQLite registry file.
+    pub registry: PathBuf,
+    /// Parent of every site's log folder.
+    pub log_dir: PathBuf,
+    /// Where the node writes the loader for workers to run.
+    pub run_dir: PathBuf,
+    pub front: FrontConfig,
+    /// How long a worker whose slots are closed may take to exit before SIGKILL.
+    pub stop_grace: Duration,
+    /// How often the registry is checked for changes.
+    pub registry_poll: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(registry: PathBuf, log_dir: PathBuf, run_dir: PathBuf) -> NodeConfig {
+        NodeConfig {
+            registry,
+            log_dir,
+            run_dir,
+            front: FrontConfig::default(),
+            stop_grace: Duration::from_secs(10),
+            registry_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Registry(#[from] StoreError),
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the registry watcher")]
+    Watcher(#[source] std::io::Error),
+}
+
+/// Serves until `shutdown` turns true; returns once every worker has exited.
+pub async fn run(
+    config: NodeConfig,
+    listeners: Vec<TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    tracing::info!(registry = %config.registry.display(), "boot");
+    drop(SqliteStore::open(&config.registry)?); // migrations, and a clear error early
+    let loader = write_loader(&config.run_dir)?;
+    let prepare = |path: &Path| {
+        std::fs::create_dir_all(path).map_err(|source| ServerError::Prepare {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    prepare(&config.log_dir)?;
+    let spawner = Arc::new(PlainSpawner::new(loader, worker_base_env()));
+    let mut sites = Sites::new(spawner, config.log_dir.clone(), config.stop_grace);
+    let mut updates = registry_watch::spawn(config.registry.clone(), config.registry_poll)
+        .map_err(ServerError::Watcher)?;
+    if let Some(loaded) = updates.recv().await {
+        apply(&mut sites, loaded);
+    }
+
+    let mut fronts = JoinSet::new();
+    for listener in listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(listen = %front::describe(&addr), "listening");
+        }
+        fronts.spawn(front::serve(
+            listener,
+            sites.routes(),
+            config.front.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!("serving");
+    loop {
+        tokio::select! {
+            update = updates.recv() => match update {
+                Some(loaded) => apply(&mut sites, loaded),
+                None => {
+                    tracing::error!("the registry watcher stopped; live changes are off until restart");
+                    break;
+                }
+            },
+            _ = crate::stopping(&mut shutdown) => break,
+        }
+    }
+    crate::stopping(&mut shutdown).await;
+    tracing::info!("draining");
+    while fronts.join_next().await.is_some() {}
+    sites.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn apply(sites: &mut Sites, loaded: Loaded) {
+    for rejected in &loaded.rejected {
+        tracing::error!(error = %rejected, "a site in the registry is invalid and is not served");
+    }
+    sites.apply(loaded.registry);
+}
+
+/// Writes the loader where every site user can read it (and nobody else can change it).
+fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ServerError::Prepare { path, source }
+    };
+    std::fs::create_dir_all(run_dir).map_err(err(run_dir))?;
+    let path = run_dir.join("loader.py");
+    let tmp = run_dir.join(format!(".loader.py.{}", std::process::id()));
+    std::fs::write(&tmp, LOADER_SOURCE).map_err(err(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(err(&path))?;
+    Ok(path)
+}
+
+/// The environment every worker starts from; nothing else of the node's leaks in.
+fn worker_base_env() -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ];
+    for key in ["HOME", "USER", "LOGNAME"] {
+        if let Ok(value) = std::env::var(key) {
+            env.push((key.to_owned(), value));
+        }
+    }
+    env
+}

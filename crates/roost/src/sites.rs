@@ -1,0 +1,131 @@
+//! The node's set of live sites: one pool per site, and the route table built from them.
+//!
+//! Each registry change arrives as a new snapshot; [`Sites::apply`] computes the diff,
+//! starts pools for added sites, reconfigures changed ones, drains removed ones, and
+//! publishes a new route table in one atomic swap.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use roost_registry::{diff, Change, Registry, Site};
+use tokio::task::JoinHandle;
+
+use crate::logs::SiteLogs;
+use crate::pool::{self, PoolContext, PoolHandle};
+use crate::route::{Route, RouteTable, Routes};
+use crate::spawn::Spawn;
+
+pub struct Sites {
+    registry: Registry,
+    live: HashMap<String, LiveSite>,
+    routes: Routes,
+    spawner: Arc<dyn Spawn>,
+    log_dir: PathBuf,
+    stop_grace: Duration,
+    /// Pools of removed sites that are still draining; awaited at shutdown.
+    draining: Vec<JoinHandle<()>>,
+}
+
+struct LiveSite {
+    route: Arc<Route>,
+    task: JoinHandle<()>,
+}
+
+impl Sites {
+    pub fn new(spawner: Arc<dyn Spawn>, log_dir: PathBuf, stop_grace: Duration) -> Sites {
+        Sites {
+            registry: Registry::default(),
+            live: HashMap::new(),
+            routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
+            spawner,
+            log_dir,
+            stop_grace,
+            draining: Vec::new(),
+        }
+    }
+
+    pub fn routes(&self) -> Routes {
+        self.routes.clone()
+    }
+
+    /// Makes `next` the served set of sites.
+    pub fn apply(&mut self, next: Registry) {
+        let changes = diff(&self.registry, &next);
+        if changes.is_empty() {
+            return;
+        }
+        for change in &changes {
+            match change {
+                Change::Added(site) => {
+                    tracing::info!(site = %site.name, hosts = ?site.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "site added");
+                    match self.start(site.clone()) {
+                        Ok(live) => {
+                            self.live.insert(site.name.clone(), live);
+                        }
+                        Err(e) => {
+                            tracing::error!(site = %site.name, error = %e, "cannot open the site's log folder; the site is not served")
+                        }
+                    }
+                }
+                Change::Changed(site) => {
+                    tracing::info!(site = %site.name, "site changed");
+                    if let Some(live) = self.live.get_mut(&site.name) {
+                        live.route.pool.reconfigure(site.clone());
+                        live.route = Arc::new(Route {
+                            site: site.clone(),
+                            pool: live.route.pool.clone(),
+                            logs: live.route.logs.clone(),
+                        });
+                    } else if let Ok(live) = self.start(site.clone()) {
+                        self.live.insert(site.name.clone(), live);
+                    }
+                }
+                Change::Removed(name) => {
+                    tracing::info!(site = %name, "site removed; draining");
+                    if let Some(live) = self.live.remove(name) {
+                        live.route.pool.drain();
+                        self.draining.push(live.task);
+                    }
+                }
+            }
+        }
+        self.draining.retain(|t| !t.is_finished());
+        self.registry = next;
+        self.routes.store(Arc::new(RouteTable::new(
+            self.live.values().map(|l| l.route.clone()),
+        )));
+    }
+
+    fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
+        let logs = SiteLogs::open(&self.log_dir, &site.name)?;
+        let ctx = PoolContext {
+            spawner: self.spawner.clone(),
+            logs: logs.clone(),
+            stop_grace: self.stop_grace,
+        };
+        let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx);
+        Ok(LiveSite {
+            route: Arc::new(Route { site, pool, logs }),
+            task,
+        })
+    }
+
+    /// Drains every site and waits for their workers to exit.
+    pub async fn shutdown(mut self) {
+        self.routes.store(Arc::new(RouteTable::default()));
+        for live in self.live.values() {
+            live.route.pool.drain();
+        }
+        let tasks = self
+            .live
+            .drain()
+            .map(|(_, l)| l.task)
+            .chain(self.draining.drain(..));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! One slot's socket, read as frames with a deadline on every wait.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use roost_wire::{decode_from_worker, Frame, WireError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio_util::io::poll_read_buf;
+
+/// Why reading a frame from a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("worker closed its slot")]
+    Closed,
+    #[error("worker broke the protocol")]
+    Protocol(#[from] WireError),
+    #[error("reading from the worker failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// The node's end of one slot, idle between requests.
+#[derive(Debug)]
+pub struct SlotConn {
+    stream: UnixStream,
+    /// Bytes read past the last frame of the previous exchange; a well-behaved worker
+    /// leaves none, so a non-empty buffer at check-in ends the worker.
+    buf: BytesMut,
+}
+
+impl SlotConn {
+    pub fn new(stream: UnixStream) -> SlotConn {
+        SlotConn {
+            stream,
+            buf: BytesMut::with_capacity(8 << 10),
+        }
+    }
+
+    pub fn split(self) -> (FrameReader, OwnedWriteHalf) {
+        let (read, write) = self.stream.into_split();
+        (
+            FrameReader {
+                half: read,
+                buf: self.buf,
+            },
+            write,
+        )
+    }
+
+    pub fn join(reader: FrameReader, writer: OwnedWriteHalf) -> Option<SlotConn> {
+        let stream = reader.half.reunite(writer).ok()?;
+        Some(SlotConn {
+            stream,
+            buf: reader.buf,
+        })
+    }
+
+    /// True if the worker sent bytes nobody asked for.
+    pub fn has_stray_bytes(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {
+        loop {
+            if let Some(frame) = decode_from_worker(&mut self.buf)? {
+                return Ok(frame);
+            }
+            let n = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+    }
+}
+
+/// The read side of a slot during an exchange.
+#[derive(Debug)]
+pub struct FrameReader {
+    half: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// A frame already in the buffer, without waiting.
+    pub fn buffered(&mut self) -> Result<Option<Frame>, ConnError> {
+        Ok(decode_from_worker(&mut self.buf)?)
+    }
+
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ConnError>> {
+        loop {
+            if let Some(frame) = decode_from_worker(&mut self.buf)? {
+                return Poll::Ready(Ok(frame));
+            }
+            match poll_read_buf(Pin::new(&mut self.half), cx, &mut self.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(ConnError::Closed)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    pub async fn next_frame(&mut self) -> Result<Frame, ConnError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+}

@@ -1,0 +1,241 @@
+//! One worker process: its start-up handshake, its life, its stop.
+//!
+//! A worker task owns the `Child` (so only it can signal or reap the pid, which can
+//! then never be reused under it) and reports to its pool:
+//!
+//! ```text
+//! Starting ──READY on every slot──► Ready (slots handed to the pool)
+//!    │ FATAL / exit / timeout            │
+//!    ▼                                   ▼
+//! StartFailed                     Running ──Stop──► grace ──► SIGKILL ──► Exited
+//!                                        └──Kill──────────────► SIGKILL ──► Exited
+//! ```
+
+mod conn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use roost_registry::Site;
+use roost_wire::{Frame, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
+
+pub use conn::{ConnError, FrameReader, SlotConn};
+
+use crate::logs::SiteLogs;
+use crate::spawn::{Spawn, SpawnRequest};
+
+/// Identifies a worker within the node for its whole life (pids get reused).
+pub type WorkerId = u64;
+
+/// What a pool can ask of a worker task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerControl {
+    /// All slots are closed; the loader exits on its own. SIGKILL after the grace period.
+    Stop,
+    /// At once, with SIGKILL to the whole process group (timeout, protocol violation).
+    Kill,
+}
+
+/// The cheap side of a worker task.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::UnboundedSender<WorkerControl>,
+}
+
+impl WorkerHandle {
+    pub fn stop(&self) {
+        let _ = self.tx.send(WorkerControl::Stop);
+    }
+
+    pub fn kill(&self) {
+        let _ = self.tx.send(WorkerControl::Kill);
+    }
+}
+
+/// Why a worker never became ready.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the site's error log")]
+    ErrorLog(#[source] std::io::Error),
+    #[error(transparent)]
+    Spawn(#[from] crate::spawn::SpawnError),
+    #[error("the application failed to load (traceback in the error log)")]
+    AppFailed,
+    #[error("the worker exited during start-up ({0})")]
+    Exited(std::process::ExitStatus),
+    #[error("the worker did not become ready within {0:?}")]
+    Timeout(Duration),
+    #[error("the worker speaks protocol version {0}, this node {PROTOCOL_VERSION}")]
+    Version(u16),
+    #[error("the worker broke the start-up handshake")]
+    Handshake(#[source] ConnError),
+    #[error("stopped during start-up")]
+    Stopped,
+}
+
+/// What a worker task tells its pool.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    Ready {
+        id: WorkerId,
+        pid: u32,
+        slots: Vec<SlotConn>,
+        import_time: Duration,
+    },
+    StartFailed {
+        id: WorkerId,
+        error: StartError,
+    },
+    Exited {
+        id: WorkerId,
+        status: Option<std::process::ExitStatus>,
+    },
+}
+
+/// Timing a worker task needs.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerTiming {
+    pub startup_timeout: Duration,
+    pub stop_grace: Duration,
+}
+
+/// Starts a worker task; events go to `events`, wrapped by `wrap`.
+pub fn start<E: Send + 'static>(
+    id: WorkerId,
+    site: Arc<Site>,
+    spawner: Arc<dyn Spawn>,
+    logs: Arc<SiteLogs>,
+    timing: WorkerTiming,
+    events: mpsc::UnboundedSender<E>,
+    wrap: fn(WorkerEvent) -> E,
+) -> WorkerHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let span = tracing::info_span!("worker", site = %site.name, id);
+    tokio::spawn(tracing::Instrument::instrument(
+        run(id, site, spawner, logs, timing, rx, move |e| {
+            let _ = events.send(wrap(e));
+        }),
+        span,
+    ));
+    WorkerHandle { tx }
+}
+
+async fn run(
+    id: WorkerId,
+    site: Arc<Site>,
+    spawner: Arc<dyn Spawn>,
+    logs: Arc<SiteLogs>,
+    timing: WorkerTiming,
+    mut control: mpsc::UnboundedReceiver<WorkerControl>,
+    report: impl Fn(WorkerEvent),
+) {
+    let spawned = logs
+        .error_log_file()
+        .map_err(StartError::ErrorLog)
+        .and_then(|error_log| {
+            Ok(spawner.spawn(SpawnRequest {
+                site: &site,
+                slots: site.pool.threads,
+                error_log,
+            })?)
+        });
+    let mut spawned = match spawned {
+        Ok(s) => s,
+        Err(error) => {
+            logs.error(&format!(
+                "cannot start a worker: {}",
+                crate::error_chain(&error)
+            ));
+            return report(WorkerEvent::StartFailed { id, error });
+        }
+    };
+    let pid = spawned.pid;
+    tracing::debug!(pid, "worker spawned");
+    let deadline = Instant::now() + timing.startup_timeout;
+    let mut slots: Vec<SlotConn> = spawned.slots.drain(..).map(SlotConn::new).collect();
+    let handshake = async {
+        let mut import = 0;
+        for slot in &mut slots {
+            match slot.read_frame().await {
+                Ok(Frame::Ready(r)) if r.version != PROTOCOL_VERSION => {
+                    return Err(StartError::Version(r.version))
+                }
+                Ok(Frame::Ready(r)) => import = r.import_micros,
+                Ok(Frame::Fatal(_)) => return Err(StartError::AppFailed),
+                Ok(_) => {
+                    return Err(StartError::Handshake(ConnError::Protocol(
+                        roost_wire::WireError::UnknownKind(0),
+                    )))
+                }
+                Err(e) => return Err(StartError::Handshake(e)),
+            }
+        }
+        Ok(Duration::from_micros(import))
+    };
+    let outcome = tokio::select! {
+        r = timeout_at(deadline, handshake) => r.unwrap_or(Err(StartError::Timeout(timing.startup_timeout))),
+        _ = control.recv() => Err(StartError::Stopped),
+    };
+    let child = &mut spawned.child;
+    match outcome {
+        Ok(import_time) => {
+            tracing::info!(
+                pid,
+                import_ms = import_time.as_secs_f64() * 1e3,
+                "worker ready"
+            );
+            report(WorkerEvent::Ready {
+                id,
+                pid,
+                slots,
+                import_time,
+            });
+        }
+        Err(mut error) => {
+            drop(slots);
+            kill_group(pid);
+            let status = child.wait().await.ok();
+            if let (StartError::Handshake(ConnError::Closed), Some(s)) = (&error, status) {
+                error = StartError::Exited(s);
+            }
+            if !matches!(error, StartError::AppFailed | StartError::Stopped) {
+                logs.error(&format!(
+                    "worker pid {pid} failed to start: {}",
+                    crate::error_chain(&error)
+                ));
+            }
+            return report(WorkerEvent::StartFailed { id, error });
+        }
+    }
+
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.ok(),
+            order = control.recv() => match order {
+                Some(WorkerControl::Kill) => kill_group(pid),
+                Some(WorkerControl::Stop) | None => {
+                    match tokio::time::timeout(timing.stop_grace, child.wait()).await {
+                        Ok(status) => break status.ok(),
+                        Err(_) => {
+                            tracing::warn!(pid, grace = ?timing.stop_grace, "worker did not exit after its slots closed; killing it");
+                            kill_group(pid);
+                        }
+                    }
+                }
+            },
+        }
+    };
+    tracing::debug!(pid, ?status, "worker exited");
+    report(WorkerEvent::Exited { id, status });
+}
+
+/// SIGKILL to the worker's process group (the loader and anything it forked).
+fn kill_group(pid: u32) {
+    if pid > 0 {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
