@@ -231,6 +231,8 @@ fn request_host(req: &Request<Incoming>) -> Result<String, FrontError> {
 }
 
 /// The declared body length; several different values are a smuggling attempt.
+/// (A length beside Transfer-Encoding never gets here: hyper drops the length, frames
+/// the body by the encoding and closes the connection after it, as RFC 9112 §6.3 says.)
 fn content_length(parts: &http::request::Parts) -> Result<Option<u64>, FrontError> {
     let mut found = None;
     for value in parts.headers.get_all(header::CONTENT_LENGTH) {

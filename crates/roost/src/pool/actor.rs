@@ -59,6 +59,8 @@ struct WorkerEntry {
     busy: u32,
     served: u64,
     last_used: Instant,
+    /// The pool ordered SIGKILL: its death is expected, not news.
+    killed: bool,
 }
 
 /// The site cannot start workers; requests fail fast until `retry_at`.
@@ -139,6 +141,7 @@ impl Pool {
                         .logs
                         .error(&format!("killing worker pid {}: {reason}", w.pid));
                     w.handle.kill();
+                    w.killed = true;
                     w.state = State::Retiring;
                     w.idle.clear();
                 }
@@ -322,14 +325,15 @@ impl Pool {
                 let Some(w) = self.workers.remove(&id) else {
                     return;
                 };
-                if w.state == State::Running {
+                let clean = status.is_some_and(|s| s.success());
+                if clean || w.killed {
+                    tracing::info!(pid = w.pid, "worker stopped");
+                } else {
                     let what = status.map_or("an unknown status".into(), |s| s.to_string());
                     tracing::error!(pid = w.pid, status = %what, "worker died");
                     self.ctx
                         .logs
                         .error(&format!("worker pid {} died: {what}", w.pid));
-                } else {
-                    tracing::info!(pid = w.pid, "worker stopped");
                 }
                 self.spawn_as_needed();
             }
@@ -431,6 +435,7 @@ impl Pool {
                 busy: 0,
                 served: 0,
                 last_used: Instant::now(),
+                killed: false,
             },
         );
     }

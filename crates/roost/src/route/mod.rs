@@ -138,7 +138,8 @@ mod tests {
             } else {
                 "wild"
             };
-            prop_assert_eq!(site_of(&t, &host).as_deref(), Some(expected));
+            let found = site_of(&t, &host);
+            prop_assert_eq!(found.as_deref(), Some(expected));
         }
     }
 }

@@ -1,0 +1,15 @@
+//! The end-to-end suite: one test binary, real node, real Python, real sockets.
+//! `docs/testing.md` lists the categories.
+
+#[path = "harness/mod.rs"]
+mod harness;
+
+mod e2e {
+    pub mod cli;
+    pub mod limits;
+    pub mod live;
+    pub mod pep3333;
+    pub mod pool;
+    pub mod routing;
+    pub mod streams;
+}

@@ -1,0 +1,341 @@
+//! The `roost` binary: site commands, refused writes that change nothing, and the demo.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::harness::{fixture, get, python};
+
+fn roost(registry: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", registry.display()))
+        .args(args)
+        .output()
+        .expect("run roost")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "roost failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn site_commands_and_every_kind_of_bad_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("r.db");
+    let app = fixture("tester.py");
+    let app = app.to_str().unwrap();
+    let py = python();
+
+    let out = ok(&roost(
+        &registry,
+        &[
+            "site",
+            "add",
+            "blog",
+            "--host",
+            "blog.test",
+            "--host",
+            "*.blog.test",
+            "--entry",
+            app,
+            "--env",
+            "A=1",
+        ],
+    ));
+    assert!(out.contains("added site blog"), "{out}");
+    ok(&roost(
+        &registry,
+        &[
+            "site",
+            "add",
+            "shop",
+            "--host",
+            "shop.test",
+            "--entry",
+            app,
+            "--interpreter",
+            &py,
+            "--threads",
+            "2",
+            "--idle-timeout",
+            "5m",
+            "--body-max",
+            "20MiB",
+        ],
+    ));
+    let before = ok(&roost(&registry, &["site", "list", "--json"]));
+    let listed: serde_json::Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[1]["threads"], 2);
+    assert_eq!(listed[1]["idle_timeout_ms"], 300_000);
+    assert_eq!(listed[1]["body_max"], 20 << 20);
+    let text = ok(&roost(&registry, &["site", "show", "blog"]));
+    assert!(
+        text.contains("*.blog.test") && text.contains("A=1"),
+        "{text}"
+    );
+
+    let missing_dir = dir.path().join("nope");
+    let bad: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["site", "add", "blog", "--host", "x.test", "--entry", app],
+            "already exists",
+        ),
+        (
+            vec!["site", "add", "dup", "--host", "blog.test", "--entry", app],
+            "already belongs to site \"blog\"",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "dup",
+                "--host",
+                "*.blog.test",
+                "--entry",
+                app,
+            ],
+            "already belongs",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "nofile",
+                "--host",
+                "n.test",
+                "--entry",
+                "/nope/app.py",
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "nopy",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--interpreter",
+                "/nope/python3",
+            ],
+            "interpreter",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "venv",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--interpreter",
+                missing_dir.to_str().unwrap(),
+            ],
+            "interpreter",
+        ),
+        (
+            vec![
+                "site", "add", "Bad Name", "--host", "n.test", "--entry", app,
+            ],
+            "not a site name",
+        ),
+        (
+            vec![
+                "site", "add", "badhost", "--host", "a b.test", "--entry", app,
+            ],
+            "invalid label",
+        ),
+        (
+            vec!["site", "add", "port", "--host", "a.test:80", "--entry", app],
+            "port",
+        ),
+        (
+            vec!["site", "add", "nohost", "--entry", app],
+            "at least one host",
+        ),
+        (vec!["site", "add", "noentry", "--host", "n.test"], "entry"),
+        (
+            vec![
+                "site",
+                "add",
+                "zero",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--threads",
+                "0",
+            ],
+            "threads",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "min",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--processes-min",
+                "9",
+            ],
+            "processes.min",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "dur",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--idle-timeout",
+                "soon",
+            ],
+            "not a duration",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "size",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--body-max",
+                "lots",
+            ],
+            "not a size",
+        ),
+        (
+            vec![
+                "site", "add", "env", "--host", "n.test", "--entry", app, "--env", "NOEQUALS",
+            ],
+            "KEY=VALUE",
+        ),
+        (
+            vec!["site", "set", "blog", "--host", "shop.test"],
+            "already belongs to site \"shop\"",
+        ),
+        (
+            vec!["site", "set", "blog", "--cpu-weight", "0"],
+            "cpu.weight",
+        ),
+        (
+            vec!["site", "set", "ghost", "--threads", "2"],
+            "no site named",
+        ),
+        (vec!["site", "rm", "ghost"], "no site named"),
+    ];
+    for (args, reason) in bad {
+        let out = roost(&registry, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains(reason),
+            "{args:?}: {stderr:?} does not say {reason:?}"
+        );
+    }
+    assert_eq!(
+        ok(&roost(&registry, &["site", "list", "--json"])),
+        before,
+        "a refused write changed the registry"
+    );
+
+    ok(&roost(
+        &registry,
+        &["site", "set", "blog", "--threads", "3", "--unset-env", "A"],
+    ));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&roost(&registry, &["site", "show", "blog", "--json"]))).unwrap();
+    assert_eq!(shown["threads"], 3);
+    assert_eq!(shown["env"], serde_json::json!({}));
+    assert_eq!(
+        shown["hosts"],
+        serde_json::json!(["blog.test", "*.blog.test"])
+    );
+    ok(&roost(&registry, &["site", "rm", "shop"]));
+    assert!(!ok(&roost(&registry, &["site", "list"])).contains("shop"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_its_three_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args([
+            "demo",
+            "--listen",
+            &addr.to_string(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::harness::eventually(
+        "the demo to answer",
+        std::time::Duration::from_secs(20),
+        &mut || async {
+            get(addr, "hello.localhost", "/")
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert!(get(addr, "hello.localhost", "/")
+        .await
+        .unwrap()
+        .text()
+        .starts_with("Hello from roost!"));
+    let echo = crate::harness::http::post(addr, "echo.localhost", "/", "message=hi%20there")
+        .await
+        .unwrap();
+    assert!(
+        echo.text().contains("<b>message</b>: hi there"),
+        "{}",
+        echo.text()
+    );
+    let stream = get(addr, "stream.localhost", "/?chunks=3").await.unwrap();
+    assert_eq!(stream.body.len(), 3 * 64 * 1024);
+    assert_eq!(
+        get(addr, "nothing.localhost", "/").await.unwrap().status,
+        404
+    );
+    // SIGTERM stops it cleanly.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(child.stdout.as_mut().unwrap(), &mut out)
+        .await
+        .unwrap();
+    assert!(out.contains("curl -H 'Host: hello.localhost'"), "{out}");
+}

@@ -1,0 +1,126 @@
+//! Sites added, changed and removed while the node runs and another site is under load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_registry::{FsChecks, SiteSpec};
+
+use crate::harness::{alive, get, Node};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_add_change_remove_without_a_failed_request_elsewhere() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("steady", &["steady.test"], &app)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, "steady.test", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("steady failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+
+    // Add: served shortly after the write, no restart.
+    let spec = node.spec("fresh", &["fresh.test"], &app);
+    let written = tokio::time::Instant::now();
+    node.store()
+        .add(&spec.clone().validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.eventually("the new site", || async {
+        get(node.addr, "fresh.test", "/pid")
+            .await
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    eprintln!(
+        "new site served {:?} after the registry write",
+        written.elapsed()
+    );
+    let old_pid: u32 = get(node.addr, "fresh.test", "/pid")
+        .await
+        .unwrap()
+        .text()
+        .parse()
+        .unwrap();
+
+    // Change: a request in flight finishes on the old worker; new ones see the change.
+    let addr = node.addr;
+    let in_flight =
+        tokio::spawn(async move { get(addr, "fresh.test", "/sleep?s=1").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let changed = SiteSpec {
+        env: [("GREETING".into(), "changed".into())].into(),
+        ..spec.clone()
+    };
+    node.store()
+        .replace(&changed.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.eventually("the change to take effect", || async {
+        get(node.addr, "fresh.test", "/osenv?key=GREETING")
+            .await
+            .map(|r| r.text() == "changed")
+            .unwrap_or(false)
+    })
+    .await;
+    let r = in_flight.await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the in-flight request was cut by the change: {}",
+        r.text()
+    );
+    node.eventually("the old worker to retire", || async { !alive(old_pid) })
+        .await;
+    let new_pid: u32 = get(node.addr, "fresh.test", "/pid")
+        .await
+        .unwrap()
+        .text()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, old_pid);
+
+    // Remove: in-flight work drains, then 404.
+    let in_flight =
+        tokio::spawn(async move { get(addr, "fresh.test", "/sleep?s=1").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.store().remove("fresh").unwrap();
+    node.eventually("the removed site to answer 404", || async {
+        get(node.addr, "fresh.test", "/pid")
+            .await
+            .map(|r| r.status == 404)
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(
+        in_flight.await.unwrap().status,
+        200,
+        "removal cut a request in flight"
+    );
+    node.eventually("the removed site's workers to exit", || async {
+        !alive(new_pid)
+    })
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("steady site: {ok} ok, {failed} failed during the changes");
+    assert!(ok > 50, "the load did not run ({ok} requests)");
+    assert_eq!(failed, 0);
+    node.stop().await;
+}

@@ -1,0 +1,106 @@
+//! PEP 3333 through wsgiref.validate: any violation by roost or the app raises inside
+//! the validator and shows as a 500 and a traceback in the error log.
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::Request;
+use http_body_util::{Full, StreamBody};
+use hyper::body::Frame;
+
+use crate::harness::{get, send, Node};
+
+const BODY: &str = "line one\nline two\nthird line without newline";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_shape_passes_the_wsgiref_validator() {
+    let node = Node::start().await;
+    let app = node.app("pep3333.py");
+    node.add(node.spec("pep", &["pep.test"], &app)).await;
+
+    let joined = |sep: &str| BODY.split_inclusive('\n').collect::<Vec<_>>().join(sep);
+    for (mode, expected_body) in [
+        ("sized", BODY.to_owned()),
+        ("readline", joined("|")),
+        ("readlines", joined("|")),
+        ("iterate", joined("|")),
+    ] {
+        for style in ["write", "generator", "file", "list"] {
+            let uri = format!("/{style}?read={mode}");
+            // A Content-Length body.
+            let r = send(
+                node.addr,
+                Request::post(&uri)
+                    .header("Host", "pep.test")
+                    .body(Full::new(Bytes::from(BODY)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 200, "{uri}: {}", r.text());
+            assert!(r.text().ends_with(&expected_body), "{uri}: {:?}", r.text());
+            // A chunked body, in pieces that split lines.
+            let pieces: Vec<Result<Frame<Bytes>, std::io::Error>> = BODY
+                .as_bytes()
+                .chunks(5)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            let r = send(
+                node.addr,
+                Request::post(&uri)
+                    .header("Host", "pep.test")
+                    .body(StreamBody::new(stream::iter(pieces)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 200, "chunked {uri}: {}", r.text());
+            assert!(
+                r.text().ends_with(&expected_body),
+                "chunked {uri}: {:?}",
+                r.text()
+            );
+        }
+    }
+
+    // Query strings, encoded paths, HEAD, exc_info.
+    let r = get(node.addr, "pep.test", "/list/caf%C3%A9?a=1&b=%20")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // PATH_INFO holds the decoded bytes as latin-1; the app sends them back as bytes.
+    assert!(
+        r.text().starts_with("GET  /list/caf\u{e9} a=1&b=%20 http"),
+        "{}",
+        r.text()
+    );
+    let head = send(
+        node.addr,
+        Request::head("/list")
+            .header("Host", "pep.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert!(head.headers.contains_key("content-length"));
+    let r = get(node.addr, "pep.test", "/exc-info").await.unwrap();
+    assert_eq!(r.status, 500);
+    assert_eq!(r.text(), "recovered with exc_info\n");
+
+    let errors = node.log("pep", "error.log");
+    assert!(
+        errors.contains("pep3333 handled"),
+        "wsgi.errors did not reach the error log"
+    );
+    for bad in [
+        "Traceback",
+        "AssertionError",
+        "Warning",
+        "Exception ignored",
+    ] {
+        assert!(!errors.contains(bad), "validator complained:\n{errors}");
+    }
+    node.stop().await;
+}

@@ -1,0 +1,282 @@
+//! Pool behaviour with real workers: spawn on demand, idle exit, processes.min, the
+//! bounded queue, request timeouts, crashes, import failures, recycling.
+
+use std::time::Duration;
+
+use crate::harness::{alive, get, Node};
+
+fn pid_of(r: &crate::harness::Resp) -> u32 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text().trim().parse().expect("a pid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_on_demand_and_really_exits_when_idle() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("idle", &["idle.test"], &app);
+    spec.idle_timeout = Some(Duration::from_millis(800));
+    node.add(spec).await;
+    // The routing probe of add() started a worker; let it go idle first.
+    node.eventually("the probe's worker to exit", || async {
+        node.worker_pids().is_empty()
+    })
+    .await;
+
+    let pid = pid_of(&get(node.addr, "idle.test", "/pid").await.unwrap());
+    assert!(alive(pid));
+    assert_eq!(node.worker_pids(), vec![pid]);
+    node.eventually("the idle worker to exit", || async { !alive(pid) })
+        .await;
+    assert!(node.worker_pids().is_empty());
+    // And the next request gets a new one.
+    let again = pid_of(&get(node.addr, "idle.test", "/pid").await.unwrap());
+    assert_ne!(again, pid);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_min_are_kept_warm_without_requests() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("warm", &["warm.test"], &app);
+    spec.processes_min = Some(2);
+    spec.idle_timeout = Some(Duration::from_millis(300));
+    node.add(spec).await;
+    node.eventually("two warm workers", || async {
+        node.worker_pids().len() == 2
+    })
+    .await;
+    // Well past the idle timeout, both are still there.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = node.worker_pids();
+    assert_eq!(pids.len(), 2);
+    node.stop().await;
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived the node");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("busy", &["busy.test"], &app);
+    spec.processes_max = Some(1);
+    spec.queue_max = Some(1);
+    node.add(spec).await;
+
+    let addr = node.addr;
+    let slow =
+        || tokio::spawn(async move { get(addr, "busy.test", "/sleep?s=1.5").await.unwrap() });
+    let first = slow();
+    tokio::time::sleep(Duration::from_millis(300)).await; // first holds the only slot
+    let second = slow(); // waits in the queue
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = get(addr, "busy.test", "/pid").await.unwrap(); // queue full
+    assert_eq!(third.status, 503, "{}", third.text());
+    assert_eq!(third.headers["retry-after"], "1");
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_timeout_answers_503() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("slowq", &["slowq.test"], &app);
+    spec.processes_max = Some(1);
+    spec.queue_timeout = Some(Duration::from_millis(300));
+    node.add(spec).await;
+    let addr = node.addr;
+    let first = tokio::spawn(async move { get(addr, "slowq.test", "/sleep?s=1.5").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waited = get(addr, "slowq.test", "/pid").await.unwrap();
+    assert_eq!(waited.status, 503);
+    assert_eq!(first.await.unwrap().status, 200);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_answers_504_and_kills_the_hung_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("hang", &["hang.test"], &app);
+    spec.request_timeout = Some(Duration::from_secs(1));
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    let pid = pid_of(&get(node.addr, "hang.test", "/pid").await.unwrap());
+    let r = get(node.addr, "hang.test", "/sleep?s=30").await.unwrap();
+    assert_eq!(r.status, 504);
+    node.eventually("the hung worker to be killed", || async { !alive(pid) })
+        .await;
+    let next = pid_of(&get(node.addr, "hang.test", "/pid").await.unwrap());
+    assert_ne!(next, pid);
+    node.eventually("the kill to be in the error log", || async {
+        node.log("hang", "error.log").contains("request_timeout")
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_request_gives_502_and_the_next_request_a_fresh_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("crash", &["crash.test"], &app)).await;
+    let pid = pid_of(&get(node.addr, "crash.test", "/pid").await.unwrap());
+    let r = get(node.addr, "crash.test", "/exit").await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains("Traceback"));
+    let next = get(node.addr, "crash.test", "/pid").await.unwrap();
+    let next_pid = pid_of(&next);
+    // processes.max is 4: the next request may reach another live worker, never the dead one.
+    assert!(!alive(pid) || next_pid != pid);
+    node.eventually("the death to be logged", || async {
+        node.log("crash", "error.log").contains("died")
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("errs", &["errs.test"], &app)).await;
+    let pid = pid_of(&get(node.addr, "errs.test", "/pid").await.unwrap());
+    let r = get(node.addr, "errs.test", "/error").await.unwrap();
+    assert_eq!(r.status, 500);
+    assert!(
+        !r.text().contains("RuntimeError"),
+        "the page leaked the error"
+    );
+    assert!(node
+        .log("errs", "error.log")
+        .contains("RuntimeError: tester asked for an error"));
+    // A failure after the head was sent breaks the response instead of faking success.
+    let late = get(node.addr, "errs.test", "/late-error").await;
+    assert!(
+        late.is_err(),
+        "a half-sent response looked complete: {late:?}"
+    );
+    // wsgi.errors lands in the error log; the worker survived all of it.
+    assert_eq!(
+        get(node.addr, "errs.test", "/stderr").await.unwrap().status,
+        200
+    );
+    assert!(node
+        .log("errs", "error.log")
+        .contains("tester wrote to wsgi.errors"));
+    assert_eq!(
+        pid_of(&get(node.addr, "errs.test", "/pid").await.unwrap()),
+        pid
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_error_answers_500_at_once_then_recovers_when_the_file_is_fixed() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let good = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(&app, format!("import no_such_module_xyz\n{good}")).unwrap();
+    let site = node
+        .spec("broken", &["broken.test"], &app)
+        .validate(roost_registry::FsChecks::Full)
+        .unwrap();
+    node.store().add(&site).unwrap();
+    node.eventually("the broken site to answer 500", || async {
+        get(node.addr, "broken.test", "/pid")
+            .await
+            .map(|r| r.status == 500)
+            .unwrap_or(false)
+    })
+    .await;
+    // While failing, requests are answered at once, without a spawn per request.
+    let started = tokio::time::Instant::now();
+    for _ in 0..20 {
+        let r = get(node.addr, "broken.test", "/pid").await.unwrap();
+        assert_eq!(r.status, 500);
+        assert!(r.text().contains("failed to start"), "{}", r.text());
+        assert!(
+            !r.text().contains("no_such_module"),
+            "the page leaked the traceback"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let log = node.log("broken", "error.log");
+    assert!(
+        log.contains("ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+        "{log}"
+    );
+    let attempts = log.matches("cannot load the application").count();
+    assert!(
+        attempts <= 3,
+        "{attempts} import attempts in a few seconds: a spawn storm"
+    );
+
+    std::fs::write(&app, good).unwrap();
+    node.eventually("the fixed site to answer 200", || async {
+        get(node.addr, "broken.test", "/pid")
+            .await
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_recycles_a_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("recycle", &["recycle.test"], &app);
+    spec.max_requests = Some(3);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    node.eventually("a fresh worker", || async {
+        get(node.addr, "recycle.test", "/pid").await.is_ok() && node.worker_pids().len() == 1
+    })
+    .await;
+    let mut pids = Vec::new();
+    for _ in 0..7 {
+        pids.push(pid_of(
+            &get(node.addr, "recycle.test", "/pid").await.unwrap(),
+        ));
+    }
+    let distinct: std::collections::BTreeSet<_> = pids.iter().collect();
+    assert!(distinct.len() >= 2, "no recycling in {pids:?}");
+    for w in pids.windows(4) {
+        assert!(
+            !(w[0] == w[1] && w[1] == w[2] && w[2] == w[3]),
+            "a worker served 4 in a row: {pids:?}"
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touching_the_entry_file_reloads_the_site() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("touch", &["touch.test"], &app);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    let pid = pid_of(&get(node.addr, "touch.test", "/pid").await.unwrap());
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&app)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    node.eventually("the old worker to be recycled", || async { !alive(pid) })
+        .await;
+    assert_ne!(
+        pid_of(&get(node.addr, "touch.test", "/pid").await.unwrap()),
+        pid
+    );
+    node.stop().await;
+}

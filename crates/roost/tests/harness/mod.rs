@@ -1,0 +1,220 @@
+//! The e2e harness: a real node in-process (port 0, a temp folder, an SQLite registry),
+//! real Python workers, real HTTP over real sockets. Everything is cleaned up on drop.
+
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use roost::server::{run, NodeConfig};
+use roost_registry::{FsChecks, Site, SiteSpec, SqliteStore};
+use tempfile::TempDir;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use self::http::{get, raw, send, Resp};
+
+/// A running node and its folder.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub registry: PathBuf,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The python3 the tests run sites with: the first on PATH.
+pub fn python() -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("python3"))
+        .find(|p| p.is_file())
+        .expect("python3 must be on PATH for the e2e tests")
+        .display()
+        .to_string()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/apps")
+        .join(name)
+}
+
+impl Node {
+    pub async fn start() -> Node {
+        Node::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> Node {
+        // Node logs go to the test's output; RUST_LOG=debug shows more.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry = dir.path().join("registry.db");
+        SqliteStore::open(&registry).expect("registry");
+        let mut config = NodeConfig::new(
+            registry.clone(),
+            dir.path().join("logs"),
+            dir.path().join("run"),
+        );
+        config.stop_grace = Duration::from_secs(2);
+        config.registry_poll = Duration::from_millis(100);
+        config.front.shutdown_grace = Duration::from_secs(5);
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            run(config, vec![listener], shutdown)
+                .await
+                .expect("node failed");
+        });
+        Node {
+            addr,
+            dir,
+            registry,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Copies a fixture app into the node's folder (tests may then edit it).
+    pub fn app(&self, fixture_name: &str) -> PathBuf {
+        let apps = self.dir.path().join("apps");
+        std::fs::create_dir_all(&apps).unwrap();
+        let path = apps.join(fixture_name);
+        std::fs::copy(fixture(fixture_name), &path).expect("copy fixture");
+        path
+    }
+
+    pub fn spec(&self, name: &str, hosts: &[&str], entry: &Path) -> SiteSpec {
+        SiteSpec {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            entry: Some(entry.display().to_string()),
+            interpreter: Some(python()),
+            ..SiteSpec::default()
+        }
+    }
+
+    /// Adds a site and waits until the node serves it.
+    pub async fn add(&self, spec: SiteSpec) -> Site {
+        let site = spec.validate(FsChecks::Full).expect("valid site");
+        self.store().add(&site).expect("add site");
+        let host = site.hosts[0].to_string().replace("*.", "probe.");
+        self.eventually(&format!("{} to be served", site.name), || async {
+            let served = get(self.addr, &host, "/__probe_route__")
+                .await
+                .is_ok_and(|r| r.status != 404);
+            served
+                && self
+                    .log(&site.name, "access.log")
+                    .contains("__probe_route__")
+        })
+        .await;
+        site
+    }
+
+    pub fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.registry).expect("registry")
+    }
+
+    /// Waits until `check` holds, up to 15 seconds.
+    pub async fn eventually<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        eventually(what, Duration::from_secs(15), &mut check).await
+    }
+
+    /// Pids of this node's workers (processes running this node's loader).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let loader = self.dir.path().join("run/loader.py").display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let is_ours = cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == loader.as_bytes());
+            let zombie = std::fs::read_to_string(entry.path().join("stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
+            if is_ours && !zombie {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    pub fn log(&self, site: &str, which: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(site).join(which))
+            .unwrap_or_default()
+    }
+
+    /// Stops the node and waits until it has finished.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("node did not stop within 30 s")
+                .expect("node task panicked");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, check: &mut F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// True while a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM")
+}
