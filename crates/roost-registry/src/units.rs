@@ -43,7 +43,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// Formats bytes with the largest binary unit that keeps the number whole.
 pub fn format_bytes(n: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }

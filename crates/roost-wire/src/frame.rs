@@ -66,7 +66,7 @@ impl Kind {
         }
     }
 
-    fn from_worker(self) -> bool {
+    fn is_from_worker(self) -> bool {
         (self as u8) >= 0x10
     }
 }
@@ -149,7 +149,7 @@ fn decode(buf: &mut BytesMut, from_worker: bool) -> Result<Option<Frame>, WireEr
         return Ok(None);
     }
     let kind = Kind::from_byte(buf[0]).ok_or(WireError::UnknownKind(buf[0]))?;
-    if kind.from_worker() != from_worker {
+    if kind.is_from_worker() != from_worker {
         return Err(WireError::WrongDirection { kind });
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
@@ -228,7 +228,7 @@ mod tests {
     fn roundtrip(frame: Frame) {
         let mut buf = BytesMut::new();
         encode(&mut buf, &frame);
-        let decoded = if frame.kind().from_worker() {
+        let decoded = if frame.kind().is_from_worker() {
             decode_from_worker(&mut buf)
         } else {
             decode_from_node(&mut buf)

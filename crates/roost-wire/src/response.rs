@@ -35,7 +35,7 @@ impl<'a> ResponseHead<'a> {
         let status_line = fields.next().unwrap_or_default();
         let status = parse_status(status_line)?;
         let rest: Vec<&[u8]> = fields.collect();
-        if rest.len() % 2 != 0 {
+        if !rest.len().is_multiple_of(2) {
             return Err(ResponseHeadError::OddFields);
         }
         if rest.len() / 2 > MAX_RESPONSE_HEADERS {

@@ -181,6 +181,19 @@ pub fn clf_time(t: SystemTime) -> String {
 }
 
 #[cfg(test)]
+impl SiteLogs {
+    /// Logs that write nothing, for tests of other modules.
+    pub fn detached(dir: &Path) -> Arc<SiteLogs> {
+        let (tx, _) = mpsc::channel(1);
+        Arc::new(SiteLogs {
+            dir: dir.to_owned(),
+            access: tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -211,18 +224,5 @@ mod tests {
             record.line(),
             "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a\\\"b\\x0ac HTTP/1.1\" 200 5 \"-\" \"curl/8\" 1234\n"
         );
-    }
-}
-
-#[cfg(test)]
-impl SiteLogs {
-    /// Logs that write nothing, for tests of other modules.
-    pub fn detached(dir: &Path) -> Arc<SiteLogs> {
-        let (tx, _) = mpsc::channel(1);
-        Arc::new(SiteLogs {
-            dir: dir.to_owned(),
-            access: tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        })
     }
 }
