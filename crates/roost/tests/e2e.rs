@@ -6,6 +6,8 @@ mod harness;
 
 mod e2e {
     pub mod cli;
+    pub mod http;
+    pub mod interpreters;
     pub mod limits;
     pub mod live;
     pub mod pep3333;

@@ -1,0 +1,100 @@
+//! HTTP features of the front: HTTP/2 over cleartext, slow clients, trusted proxies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{get, Node};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("h2", &["h2.test"], &app)).await;
+    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let response = sender
+            .send_request(
+                Request::get("http://h2.test/environ")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let env: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(env["SERVER_PROTOCOL"], "HTTP/2");
+        assert_eq!(env["HTTP_HOST"], "h2.test");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_with_its_headers_is_cut_off() {
+    let node = Node::start_with(|c| c.front.header_read_timeout = Duration::from_millis(500)).await;
+    let mut slow = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x.test\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the node kept a half-sent request open");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
+    let node =
+        Node::start_with(|c| c.front.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await;
+    let app = node.app("tester.py");
+    node.add(node.spec("xff", &["xff.test"], &app)).await;
+    let r = crate::harness::send(
+        node.addr,
+        Request::get("/environ")
+            .header("Host", "xff.test")
+            .header("X-Forwarded-For", "198.51.100.7, 127.0.0.1")
+            .header("X-Forwarded-Proto", "https")
+            .body(Empty::<Bytes>::new())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(env["REMOTE_ADDR"], "198.51.100.7");
+    assert_eq!(env["wsgi.url_scheme"], "https");
+    assert_eq!(env["HTTPS"], "on");
+    node.stop().await;
+
+    let untrusting = Node::start().await;
+    let app = untrusting.app("tester.py");
+    untrusting
+        .add(untrusting.spec("xff", &["xff.test"], &app))
+        .await;
+    let r = crate::harness::send(
+        untrusting.addr,
+        Request::get("/environ")
+            .header("Host", "xff.test")
+            .header("X-Forwarded-For", "198.51.100.7")
+            .header("X-Forwarded-Proto", "https")
+            .body(Empty::<Bytes>::new())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let env: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(env["REMOTE_ADDR"], "127.0.0.1");
+    assert_eq!(env["wsgi.url_scheme"], "http");
+    let _ = get(untrusting.addr, "xff.test", "/").await;
+    untrusting.stop().await;
+}
