@@ -10,6 +10,7 @@
 //! from the database, which another program may have written.
 
 mod host;
+mod owner;
 mod site;
 mod snapshot;
 mod spec;
@@ -17,6 +18,7 @@ mod sqlite;
 mod units;
 
 pub use host::{normalize_request_host, HostError, HostPattern};
+pub use owner::{check_code_files, resolve, Identity, OwnerError, DEFAULT_MIN_UID};
 pub use site::{Entry, PoolSettings, Site};
 pub use snapshot::{diff, Change, Registry};
 pub use spec::{FsChecks, SiteSpec, ValidationError};

@@ -22,6 +22,10 @@ pub struct Site {
     pub directory: PathBuf,
     /// Extra environment variables for the site's workers.
     pub env: BTreeMap<String, String>,
+    /// The Unix user (name or uid) the workers run as; required when the node is root.
+    pub user: Option<String>,
+    /// The group (name or gid); default: the user's primary group.
+    pub group: Option<String>,
     pub pool: PoolSettings,
 }
 
@@ -107,5 +111,28 @@ impl Site {
     /// Slots the pool may have at once.
     pub fn max_slots(&self) -> u32 {
         self.pool.processes_max * self.pool.threads
+    }
+
+    /// The file that holds the app's code: the WSGI file, or the module's file.
+    pub fn code_file(&self) -> PathBuf {
+        match &self.entry {
+            Entry::File(p) => p.clone(),
+            Entry::Module { module, .. } => {
+                let rel: PathBuf = module.split('.').collect();
+                let file = self.directory.join(&rel).with_extension("py");
+                if file.exists() {
+                    file
+                } else {
+                    self.directory.join(rel).join("__init__.py")
+                }
+            }
+        }
+    }
+
+    /// What the suEXEC checks look at: the code file and its folder.
+    pub fn code_paths(&self) -> Vec<PathBuf> {
+        let file = self.code_file();
+        let folder = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        vec![file, folder]
     }
 }

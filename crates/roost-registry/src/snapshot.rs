@@ -79,6 +79,8 @@ mod tests {
             interpreter: "/usr/bin/python3".into(),
             directory: "/srv".into(),
             env: Default::default(),
+            user: None,
+            group: None,
             pool: PoolSettings {
                 threads,
                 ..PoolSettings::default()

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Entry, HostPattern, PoolSettings, Site};
+use crate::{
+    check_code_files, resolve, Entry, HostPattern, OwnerError, PoolSettings, Site, DEFAULT_MIN_UID,
+};
 
 /// A site description whose every field may be missing; unset fields take defaults.
 ///
@@ -23,6 +25,8 @@ pub struct SiteSpec {
     pub directory: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
     pub processes_max: Option<u32>,
     pub processes_min: Option<u32>,
     pub threads: Option<u32>,
@@ -69,6 +73,8 @@ impl SiteSpec {
             interpreter: Some(site.interpreter.display().to_string()),
             directory: Some(site.directory.display().to_string()),
             env: site.env.clone(),
+            user: site.user.clone(),
+            group: site.group.clone(),
             processes_max: Some(p.processes_max),
             processes_min: Some(p.processes_min),
             threads: Some(p.threads),
@@ -122,8 +128,13 @@ impl SiteSpec {
         self
     }
 
-    /// Checks every field and builds the typed [`Site`].
+    /// Checks every field and builds the typed [`Site`], with the default `min_uid`.
     pub fn validate(&self, fs: FsChecks) -> Result<Site, ValidationError> {
+        self.validate_for(fs, DEFAULT_MIN_UID)
+    }
+
+    /// As [`validate`](Self::validate), with the node's lowest allowed uid.
+    pub fn validate_for(&self, fs: FsChecks, min_uid: u32) -> Result<Site, ValidationError> {
         let err = |field: &'static str, problem: String| ValidationError {
             site: self.name.clone(),
             field,
@@ -188,12 +199,25 @@ impl SiteSpec {
         }
 
         let pool = self.pool_settings().map_err(|(f, p)| err(f, p))?;
-
-        if fs == FsChecks::Full {
-            check_files(&entry, &directory, &interpreter, &python).map_err(|(f, p)| err(f, p))?;
+        for (field, value) in [("user", &self.user), ("group", &self.group)] {
+            if let Some(v) = value {
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    return Err(err(
+                        field,
+                        format!("{v:?} is not a user or group name or number"),
+                    ));
+                }
+            }
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return Err(err("group", "a group needs a user".into()));
         }
 
-        Ok(Site {
+        let site = Site {
             name: self.name.clone(),
             hosts,
             entry,
@@ -201,8 +225,40 @@ impl SiteSpec {
             interpreter,
             directory,
             env,
+            user: self.user.clone(),
+            group: self.group.clone(),
             pool,
-        })
+        };
+        if fs == FsChecks::Full {
+            check_files(
+                &site.entry,
+                &site.directory,
+                &site.interpreter,
+                &site.python,
+            )
+            .map_err(|(f, p)| err(f, p))?;
+            let uid = match &site.user {
+                Some(user) => {
+                    resolve(user, site.group.as_deref(), min_uid)
+                        .map_err(|e| {
+                            err(
+                                if matches!(e, OwnerError::NoSuchGroup(_)) {
+                                    "group"
+                                } else {
+                                    "user"
+                                },
+                                e.to_string(),
+                            )
+                        })?
+                        .uid
+                }
+                None => nix::unistd::geteuid().as_raw(),
+            };
+            let paths = site.code_paths();
+            let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            check_code_files(&paths, uid).map_err(|e| err("entry", e.to_string()))?;
+        }
+        Ok(site)
     }
 
     fn pool_settings(&self) -> Result<PoolSettings, (&'static str, String)> {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::{FsChecks, Registry, Site, SiteSpec, ValidationError};
 
@@ -42,6 +42,9 @@ const MIGRATIONS: &[&str] = &[
         position INTEGER NOT NULL
     );
     CREATE INDEX hosts_by_site ON hosts(site);",
+    // 2: the Unix user and group a site runs as.
+    "ALTER TABLE sites ADD COLUMN run_user TEXT;
+     ALTER TABLE sites ADD COLUMN run_group TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,10 @@ pub enum StoreError {
     #[error("host {host} already belongs to site {owner:?}")]
     HostTaken { host: String, owner: String },
 }
+
+// Writes use BEGIN IMMEDIATE: they read before they write, and a deferred transaction
+// that must upgrade its read lock fails at once (SQLITE_BUSY) when another process
+// committed meanwhile, instead of waiting out the busy timeout.
 
 /// Sites read from the database; rows that no longer validate are reported, not fatal.
 #[derive(Debug, Default)]
@@ -172,7 +179,9 @@ impl SqliteStore {
 
     /// Adds a new site; its name and hosts must be free.
     pub fn add(&mut self, site: &Site) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         if exists(&tx, &site.name)? {
             return Err(StoreError::SiteExists(site.name.clone()));
         }
@@ -183,7 +192,9 @@ impl SqliteStore {
 
     /// Replaces a stored site with `site` (same name), hosts included.
     pub fn replace(&mut self, site: &Site) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         if !exists(&tx, &site.name)? {
             return Err(StoreError::SiteNotFound(site.name.clone()));
         }
@@ -195,7 +206,9 @@ impl SqliteStore {
     }
 
     pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM hosts WHERE site = ?1", [name])?;
         if tx.execute("DELETE FROM sites WHERE name = ?1", [name])? == 0 {
             return Err(StoreError::SiteNotFound(name.to_owned()));
@@ -208,7 +221,8 @@ impl SqliteStore {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
                     threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
-                    max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight
+                    max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
+                    run_user, run_group
              FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
         )?;
         let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
@@ -237,6 +251,8 @@ impl SqliteStore {
                 memory_worker_soft: Some(r.get::<_, Option<i64>>(15)?.unwrap_or(0).max(0) as u64),
                 pids_max: Some(r.get(16)?),
                 cpu_weight: Some(r.get(17)?),
+                user: r.get(18)?,
+                group: r.get(19)?,
             })
         })?;
         let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
@@ -269,8 +285,9 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
         "INSERT INTO sites (name, entry, interpreter, directory, env, processes_max,
             processes_min, threads, idle_timeout_ms, queue_max, queue_timeout_ms,
             request_timeout_ms, max_requests, body_max, memory_max, memory_worker_soft,
-            pids_max, cpu_weight)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            pids_max, cpu_weight, run_user, run_group)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19, ?20)",
         params![
             site.name,
             site.entry.to_text(),
@@ -290,6 +307,8 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
             p.memory_worker_soft.map(|v| v as i64),
             p.pids_max,
             p.cpu_weight,
+            site.user,
+            site.group,
         ],
     )?;
     for (position, host) in site.hosts.iter().enumerate() {

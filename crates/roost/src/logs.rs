@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,10 +26,12 @@ pub struct SiteLogs {
 }
 
 impl SiteLogs {
-    /// Creates `root/<site>/` and starts the access log writer.
+    /// Creates `root/<site>/` (mode 0750: the site's group may read, other tenants
+    /// not) and starts the access log writer.
     pub fn open(root: &Path, site: &str) -> std::io::Result<Arc<SiteLogs>> {
         let dir = root.join(site);
         std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
         let file = append(&dir.join("access.log"))?;
         let (tx, rx) = mpsc::channel(ACCESS_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -47,6 +50,24 @@ impl SiteLogs {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Lets the site's group read its logs: the folder and files stay owned by the
+    /// node (a tenant cannot swap them for links) with the site's gid as group.
+    pub fn grant(&self, gid: u32) {
+        let paths = [
+            self.dir.clone(),
+            self.dir.join("access.log"),
+            self.dir.join("error.log"),
+        ];
+        for path in paths {
+            let same = std::fs::symlink_metadata(&path).is_ok_and(|m| m.gid() == gid);
+            if !same {
+                if let Err(e) = std::os::unix::fs::lchown(&path, None, Some(gid)) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
+                }
+            }
+        }
     }
 
     /// The error log for a worker's stdout and stderr.
@@ -72,8 +93,14 @@ impl SiteLogs {
     }
 }
 
+/// Opens a log for append; never follows a symbolic link, new files get mode 0640.
 fn append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
 }
 
 async fn write_access(

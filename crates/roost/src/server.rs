@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::front::{self, FrontConfig};
 use crate::registry_watch;
 use crate::sites::Sites;
-use crate::spawn::PlainSpawner;
+use crate::spawn::{Cgroups, PlainSpawner, SpawnConfig};
 
 /// The loader, shipped inside the binary.
 pub const LOADER_SOURCE: &str = include_str!("../python/loader.py");
@@ -35,6 +35,13 @@ pub struct NodeConfig {
     pub stop_grace: Duration,
     /// How often the registry is checked for changes.
     pub registry_poll: Duration,
+    /// Lowest uid a site may run as (when the node is root).
+    pub min_uid: u32,
+    /// Use cgroups where the host has them (tests of other things may turn it off).
+    pub cgroups: bool,
+    /// This node's cgroup folder name in each hierarchy; two nodes on one machine need
+    /// different names.
+    pub cgroup_name: String,
 }
 
 impl NodeConfig {
@@ -46,6 +53,9 @@ impl NodeConfig {
             front: FrontConfig::default(),
             stop_grace: Duration::from_secs(10),
             registry_poll: Duration::from_millis(200),
+            min_uid: roost_registry::DEFAULT_MIN_UID,
+            cgroups: true,
+            cgroup_name: "roost".to_owned(),
         }
     }
 }
@@ -80,8 +90,39 @@ pub async fn run(
         })
     };
     prepare(&config.log_dir)?;
-    let spawner = Arc::new(PlainSpawner::new(loader, worker_base_env()));
-    let mut sites = Sites::new(spawner, config.log_dir.clone(), config.stop_grace);
+    let as_root = nix::unistd::geteuid().is_root();
+    if as_root {
+        tracing::info!(
+            min_uid = config.min_uid,
+            "running as root: each site's workers run as the site's user"
+        );
+    } else {
+        tracing::info!(
+            uid = nix::unistd::geteuid().as_raw(),
+            "not running as root: every site's workers run as this user"
+        );
+    }
+    let cgroups = Arc::new(if config.cgroups {
+        Cgroups::detect(&config.cgroup_name)
+    } else {
+        Cgroups::none()
+    });
+    cgroups.sweep();
+    tracing::info!(enforced = %cgroups.describe(), "resource limits");
+    let spawner = Arc::new(PlainSpawner::new(SpawnConfig {
+        loader,
+        tmp_root: config.run_dir.join("tmp"),
+        as_root,
+        min_uid: config.min_uid,
+        base_env: worker_base_env(),
+    }));
+    let mut sites = Sites::new(
+        spawner,
+        cgroups.clone(),
+        as_root,
+        config.log_dir.clone(),
+        config.stop_grace,
+    );
     let mut updates = registry_watch::spawn(config.registry.clone(), config.registry_poll)
         .map_err(ServerError::Watcher)?;
     if let Some(loaded) = updates.recv().await {
@@ -117,6 +158,7 @@ pub async fn run(
     tracing::info!("draining");
     while fronts.join_next().await.is_some() {}
     sites.shutdown().await;
+    cgroups.remove_bases();
     tracing::info!("stopped");
     Ok(())
 }
@@ -135,6 +177,9 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
         move |source| ServerError::Prepare { path, source }
     };
     std::fs::create_dir_all(run_dir).map_err(err(run_dir))?;
+    // Workers of every site user read the loader from here.
+    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(err(run_dir))?;
     let path = run_dir.join("loader.py");
     let tmp = run_dir.join(format!(".loader.py.{}", std::process::id()));
     std::fs::write(&tmp, LOADER_SOURCE).map_err(err(&tmp))?;
@@ -143,16 +188,11 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
     Ok(path)
 }
 
-/// The environment every worker starts from; nothing else of the node's leaks in.
+/// The environment every worker starts from (the spawner adds HOME, USER, LOGNAME
+/// and TMPDIR); nothing else of the node's leaks in.
 fn worker_base_env() -> Vec<(String, String)> {
-    let mut env = vec![
+    vec![
         ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
-    ];
-    for key in ["HOME", "USER", "LOGNAME"] {
-        if let Ok(value) = std::env::var(key) {
-            env.push((key.to_owned(), value));
-        }
-    }
-    env
+    ]
 }

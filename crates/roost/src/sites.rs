@@ -16,13 +16,17 @@ use tokio::task::JoinHandle;
 use crate::logs::SiteLogs;
 use crate::pool::{self, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
-use crate::spawn::Spawn;
+use crate::spawn::cgroup::Controller;
+use crate::spawn::{Cgroups, Spawn};
 
 pub struct Sites {
     registry: Registry,
     live: HashMap<String, LiveSite>,
     routes: Routes,
     spawner: Arc<dyn Spawn>,
+    cgroups: Arc<Cgroups>,
+    /// The node is not root: a site's user is recorded but not switched to.
+    users_enforced: bool,
     log_dir: PathBuf,
     stop_grace: Duration,
     /// Pools of removed sites that are still draining; awaited at shutdown.
@@ -35,12 +39,20 @@ struct LiveSite {
 }
 
 impl Sites {
-    pub fn new(spawner: Arc<dyn Spawn>, log_dir: PathBuf, stop_grace: Duration) -> Sites {
+    pub fn new(
+        spawner: Arc<dyn Spawn>,
+        cgroups: Arc<Cgroups>,
+        users_enforced: bool,
+        log_dir: PathBuf,
+        stop_grace: Duration,
+    ) -> Sites {
         Sites {
             registry: Registry::default(),
             live: HashMap::new(),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::default())),
             spawner,
+            cgroups,
+            users_enforced,
             log_dir,
             stop_grace,
             draining: Vec::new(),
@@ -101,10 +113,27 @@ impl Sites {
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
         let logs = SiteLogs::open(&self.log_dir, &site.name)?;
+        if let (Some(user), false) = (&site.user, self.users_enforced) {
+            tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
+        }
+        let cgroup = match self.cgroups.site(&site.name) {
+            Ok(cgroup) => {
+                if let Err(e) = cgroup.apply(&site.pool) {
+                    tracing::error!(site = %site.name, error = %crate::error_chain(&e), "cannot set the site's cgroup limits");
+                }
+                cgroup
+            }
+            Err(e) => {
+                // Fail safe: a site whose limits cannot be set is not started.
+                return Err(std::io::Error::other(crate::error_chain(&e)));
+            }
+        };
         let ctx = PoolContext {
             spawner: self.spawner.clone(),
             logs: logs.clone(),
+            cgroup: Arc::new(cgroup),
             stop_grace: self.stop_grace,
+            poll_memory: !self.cgroups.has(Controller::Memory),
         };
         let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx);
         Ok(LiveSite {

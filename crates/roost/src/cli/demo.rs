@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::Context;
 use roost_registry::{FsChecks, SiteSpec, SqliteStore};
 
@@ -35,9 +37,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let apps = dir.join("apps");
     std::fs::create_dir_all(&apps).with_context(|| format!("cannot create {}", apps.display()))?;
+    // As root the demo sites run as `nobody`, who must reach the apps and the loader.
+    for d in [&dir, &apps] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot open up {}", d.display()))?;
+    }
+    let user = is_root().then(|| "nobody".to_owned());
     let registry = dir.join("registry.db");
     let mut store = SqliteStore::open(&registry)?;
-    let python = super::site::find_interpreter("python3")?;
+    let python = super::site::default_interpreter()?;
     for (name, file, source) in APPS {
         let path = apps.join(file);
         std::fs::write(&path, source)
@@ -47,6 +55,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             hosts: vec![format!("{name}.localhost")],
             entry: Some(path.display().to_string()),
             interpreter: Some(python.clone()),
+            user: user.clone(),
             idle_timeout: Some(std::time::Duration::from_secs(30)),
             ..SiteSpec::default()
         }
@@ -67,6 +76,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("  curl -i -H 'Host: nothing.localhost' {url}/     # unknown host: 404");
     println!();
     println!("Workers start on the first request and exit after 30 s idle.");
+    if is_root() {
+        println!("Running as root: the demo sites run as the user nobody.");
+    }
     println!(
         "Logs: {}/<site>/. Change sites live from another terminal, e.g.:",
         dir.join("logs").display()
@@ -77,7 +89,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!("Stop with Ctrl-C.");
     println!();
-    let config = NodeConfig::new(registry, dir.join("logs"), dir.join("run"));
+    let mut config = NodeConfig::new(registry, dir.join("logs"), dir.join("run"));
+    config.cgroup_name = "roost-demo".to_owned();
     run_node(config, &[args.listen])?;
     Ok(ExitCode::SUCCESS)
 }

@@ -38,6 +38,10 @@ pub struct Cli {
     )]
     pub registry: Option<String>,
 
+    /// Lowest uid a site may run as; site writes and the node both check it.
+    #[arg(long, global = true, env = "ROOST_MIN_UID", default_value_t = roost_registry::DEFAULT_MIN_UID)]
+    pub min_uid: u32,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -48,7 +52,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Add, change, remove and inspect sites.
     #[command(subcommand)]
-    Site(site::SiteCommand),
+    Site(Box<site::SiteCommand>),
     /// Run a node with three bundled example sites on a registry of its own.
     Demo(demo::DemoArgs),
 }
@@ -89,6 +93,10 @@ pub struct ServeArgs {
     /// How long a stopping worker may take before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
+    /// This node's folder in each cgroup hierarchy; nodes sharing a machine need
+    /// different names.
+    #[arg(long, default_value = "roost")]
+    pub cgroup_name: String,
 }
 
 pub fn init_tracing(verbose: u8, server: bool) {
@@ -109,8 +117,8 @@ pub fn init_tracing(verbose: u8, server: bool) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = registry_path(cli.registry.as_deref())?;
     match cli.command {
-        Command::Serve(args) => serve(registry, args).map(|()| ExitCode::SUCCESS),
-        Command::Site(command) => site::run(&registry, command),
+        Command::Serve(args) => serve(registry, cli.min_uid, args).map(|()| ExitCode::SUCCESS),
+        Command::Site(command) => site::run(&registry, cli.min_uid, *command),
         Command::Demo(args) => demo::run(args),
     }
 }
@@ -155,7 +163,7 @@ fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
         .join(path))
 }
 
-fn serve(registry: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()> {
     let (log_dir, run_dir) = match (is_root(), &args.log_dir, &args.run_dir) {
         (_, Some(l), Some(r)) => (absolute(l.clone())?, absolute(r.clone())?),
         (true, l, r) => (
@@ -175,6 +183,8 @@ fn serve(registry: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.front.max_header_bytes = args.max_header_size as usize;
     config.front.max_headers = args.max_headers;
     config.stop_grace = args.stop_grace;
+    config.min_uid = min_uid;
+    config.cgroup_name = args.cgroup_name.clone();
     for text in &args.trusted_proxy {
         let net = text
             .parse::<ipnet::IpNet>()
@@ -192,12 +202,6 @@ fn run_node(config: NodeConfig, listen: &[SocketAddr]) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        if !is_root() {
-            tracing::info!(
-                uid = nix::unistd::geteuid().as_raw(),
-                "not running as root: every site's workers run as this user"
-            );
-        }
         let mut listeners = Vec::new();
         for addr in listen {
             let listener = tokio::net::TcpListener::bind(addr)

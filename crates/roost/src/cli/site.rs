@@ -68,6 +68,12 @@ pub struct SiteFlags {
     /// An environment variable for the workers; repeat for several.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// The Unix user (name or uid) the site's workers run as; required as root.
+    #[arg(long)]
+    user: Option<String>,
+    /// The group (name or gid) [default: the user's primary group].
+    #[arg(long)]
+    group: Option<String>,
     /// Most workers at once [default: 4].
     #[arg(long)]
     processes_max: Option<u32>,
@@ -144,6 +150,8 @@ impl SiteFlags {
                 .transpose()?
                 .map(|d| d.display().to_string()),
             env,
+            user: self.user.clone(),
+            group: self.group.clone(),
             processes_max: self.processes_max,
             processes_min: self.processes_min,
             threads: self.threads,
@@ -165,6 +173,16 @@ fn looks_like_path(entry: &str) -> bool {
     entry.contains('/') || entry.ends_with(".py") || entry.ends_with(".wsgi")
 }
 
+/// python3 for a new site: as root the system's /usr/bin/python3 (site users must be
+/// able to run it; root's PATH may point into /root), else python3 on PATH.
+pub(super) fn default_interpreter() -> anyhow::Result<String> {
+    let system = Path::new("/usr/bin/python3");
+    if super::is_root() && system.exists() {
+        return Ok(system.display().to_string());
+    }
+    find_interpreter("python3")
+}
+
 /// A name without '/' is looked up on PATH, as a shell would.
 pub(super) fn find_interpreter(given: &str) -> anyhow::Result<String> {
     if given.contains('/') {
@@ -178,20 +196,23 @@ pub(super) fn find_interpreter(given: &str) -> anyhow::Result<String> {
         .with_context(|| format!("interpreter {given:?} is not on PATH"))
 }
 
-pub fn run(registry: &Path, command: SiteCommand) -> anyhow::Result<ExitCode> {
+pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Result<ExitCode> {
     let mut store = SqliteStore::open(registry)?;
     match command {
         SiteCommand::Add { name, flags } => {
             let mut spec = flags.to_spec(&name)?;
             if spec.interpreter.is_none() {
-                spec.interpreter = Some(find_interpreter("python3")?);
+                spec.interpreter = Some(default_interpreter()?);
             }
             if spec.directory.is_none()
                 && spec.entry.as_deref().is_some_and(|e| !looks_like_path(e))
             {
                 spec.directory = Some(absolute(".".into())?.display().to_string());
             }
-            let site = spec.validate(FsChecks::Full)?;
+            if spec.user.is_none() && super::is_root() {
+                bail!("site {name:?}: user: required when adding sites as root (--user NAME); roost never runs sites as root");
+            }
+            let site = spec.validate_for(FsChecks::Full, min_uid)?;
             store.add(&site)?;
             println!("added site {} ({})", site.name, hosts_text(&site));
         }
@@ -207,7 +228,7 @@ pub fn run(registry: &Path, command: SiteCommand) -> anyhow::Result<ExitCode> {
             for key in unset_env {
                 patch.env.insert(key, String::new());
             }
-            let site = stored.merged(patch).validate(FsChecks::Full)?;
+            let site = stored.merged(patch).validate_for(FsChecks::Full, min_uid)?;
             store.replace(&site)?;
             println!(
                 "changed site {}; running nodes recycle its workers",
@@ -286,6 +307,8 @@ fn site_json(site: &Site) -> serde_json::Value {
         "python": site.python,
         "directory": site.directory,
         "env": site.env,
+        "user": site.user,
+        "group": site.group,
         "processes_max": p.processes_max,
         "processes_min": p.processes_min,
         "threads": p.threads,
@@ -320,6 +343,18 @@ fn site_text(site: &Site) -> String {
         ("interpreter", site.interpreter.display().to_string()),
         ("directory", site.directory.display().to_string()),
         ("env", env),
+        (
+            "user",
+            site.user
+                .clone()
+                .unwrap_or_else(|| "- (the node's user)".into()),
+        ),
+        (
+            "group",
+            site.group
+                .clone()
+                .unwrap_or_else(|| "- (the user's primary group)".into()),
+        ),
         ("processes.max", p.processes_max.to_string()),
         ("processes.min", p.processes_min.to_string()),
         ("threads", p.threads.to_string()),

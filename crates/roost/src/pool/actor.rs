@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use roost_registry::{Entry, Site};
+use roost_registry::Site;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{CheckoutError, Lease, PoolControl, PoolHandle};
 use crate::logs::SiteLogs;
-use crate::spawn::Spawn;
-use crate::worker::{self, SlotConn, WorkerEvent, WorkerHandle, WorkerId, WorkerTiming};
+use crate::spawn::{SiteCgroup, Spawn};
+use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
 
 /// Worker ids are unique in the node, across pools.
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
@@ -38,8 +38,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct PoolContext {
     pub spawner: Arc<dyn Spawn>,
     pub logs: Arc<SiteLogs>,
+    /// The site's cgroup; limits are rewritten when the site changes, and the cgroup is
+    /// removed when the pool ends.
+    pub cgroup: Arc<SiteCgroup>,
     /// How long a worker whose slots are closed may take to exit before SIGKILL.
     pub stop_grace: Duration,
+    /// No memory cgroup: enforce memory.max by summing the workers' RSS every tick.
+    pub poll_memory: bool,
 }
 
 type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
@@ -127,6 +132,7 @@ impl Pool {
                 }
             }
         }
+        self.ctx.cgroup.remove();
         tracing::info!("pool stopped");
     }
 
@@ -149,6 +155,9 @@ impl Pool {
             PoolControl::Worker(event) => self.worker_event(event),
             PoolControl::Reconfigure(site) => {
                 tracing::info!("site changed: recycling its workers");
+                if let Err(e) = self.ctx.cgroup.apply(&site.pool) {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot update the site's cgroup limits");
+                }
                 self.site = site;
                 self.failure = None;
                 self.entry_mtime = entry_mtime(&self.site);
@@ -225,6 +234,11 @@ impl Pool {
 
     fn checkin(&mut self, id: WorkerId, conn: Option<SlotConn>) {
         let max_requests = self.site.pool.max_requests;
+        let over_soft = conn.is_some()
+            && self
+                .workers
+                .get(&id)
+                .is_some_and(|w| self.over_soft_limit(w.pid));
         let Some(w) = self.workers.get_mut(&id) else {
             return; // the worker is gone; its slot with it
         };
@@ -245,6 +259,9 @@ impl Pool {
             Some(_) if w.state != State::Running => {}
             Some(_) if max_requests > 0 && w.served >= max_requests => {
                 self.retire(id, "it served max_requests");
+            }
+            Some(_) if over_soft => {
+                self.retire(id, "its memory is above memory.worker_soft");
             }
             Some(c) => self.give_slot(id, c),
         }
@@ -340,7 +357,41 @@ impl Pool {
         }
     }
 
+    fn over_soft_limit(&self, pid: u32) -> bool {
+        self.site
+            .pool
+            .memory_worker_soft
+            .is_some_and(|soft| rss_bytes(pid).is_some_and(|rss| rss > soft))
+    }
+
+    /// Without a memory cgroup: the site's total RSS over memory.max kills its largest
+    /// worker, as the cgroup's OOM killer would.
+    fn enforce_memory_by_polling(&mut self) {
+        let sizes: Vec<(WorkerId, u32, u64)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.pid != 0 && !w.killed)
+            .filter_map(|(id, w)| Some((*id, w.pid, rss_bytes(w.pid)?)))
+            .collect();
+        let total: u64 = sizes.iter().map(|(_, _, rss)| rss).sum();
+        if total <= self.site.pool.memory_max {
+            return;
+        }
+        if let Some((id, pid, rss)) = sizes.into_iter().max_by_key(|(_, _, rss)| *rss) {
+            self.handle(PoolControl::Kill {
+                worker: id,
+                reason: format!(
+                    "the site uses {total} bytes, over memory.max ({}); pid {pid} had {rss}",
+                    self.site.pool.memory_max
+                ),
+            });
+        }
+    }
+
     fn on_tick(&mut self) {
+        if self.ctx.poll_memory {
+            self.enforce_memory_by_polling();
+        }
         if self.entry_changed() && !self.workers.is_empty() {
             tracing::info!("entry file changed: recycling workers");
             self.ctx
@@ -412,16 +463,17 @@ impl Pool {
 
     fn start_worker(&mut self) {
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
-        let timing = WorkerTiming {
+        let ctx = WorkerContext {
+            spawner: self.ctx.spawner.clone(),
+            logs: self.ctx.logs.clone(),
+            cgroup: self.ctx.cgroup.clone(),
             startup_timeout: self.site.pool.request_timeout.max(Duration::from_secs(10)),
             stop_grace: self.ctx.stop_grace,
         };
         let handle = worker::start(
             id,
             self.site.clone(),
-            self.ctx.spawner.clone(),
-            self.ctx.logs.clone(),
-            timing,
+            ctx,
             self.tx.clone(),
             PoolControl::Worker,
         );
@@ -472,19 +524,23 @@ impl Pool {
     }
 }
 
-/// The file whose modification reloads the site: the WSGI file, or the module's file.
+/// When the file holding the app's code last changed (it reloads the site).
 fn entry_mtime(site: &Site) -> Option<SystemTime> {
-    let path = match &site.entry {
-        Entry::File(p) => p.clone(),
-        Entry::Module { module, .. } => {
-            let rel: std::path::PathBuf = module.split('.').collect();
-            let file = site.directory.join(&rel).with_extension("py");
-            if file.exists() {
-                file
-            } else {
-                site.directory.join(rel).join("__init__.py")
-            }
-        }
-    };
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    std::fs::metadata(site.code_file())
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+/// Resident memory of a process, from /proc/<pid>/statm.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |n| n as u64)
 }

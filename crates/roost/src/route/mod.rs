@@ -88,6 +88,8 @@ mod tests {
             interpreter: "/usr/bin/python3".into(),
             directory: "/srv".into(),
             env: Default::default(),
+            user: None,
+            group: None,
             pool: PoolSettings::default(),
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

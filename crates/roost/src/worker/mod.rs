@@ -26,7 +26,7 @@ use tokio::time::{timeout_at, Instant};
 pub use conn::{ConnError, FrameReader, SlotConn};
 
 use crate::logs::SiteLogs;
-use crate::spawn::{Spawn, SpawnRequest};
+use crate::spawn::{SiteCgroup, Spawn, SpawnRequest};
 
 /// Identifies a worker within the node for its whole life (pids get reused).
 pub type WorkerId = u64;
@@ -96,9 +96,12 @@ pub enum WorkerEvent {
     },
 }
 
-/// Timing a worker task needs.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkerTiming {
+/// What a worker task needs besides its site: shared by all workers of a pool.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub spawner: Arc<dyn Spawn>,
+    pub logs: Arc<SiteLogs>,
+    pub cgroup: Arc<SiteCgroup>,
     pub startup_timeout: Duration,
     pub stop_grace: Duration,
 }
@@ -107,16 +110,14 @@ pub struct WorkerTiming {
 pub fn start<E: Send + 'static>(
     id: WorkerId,
     site: Arc<Site>,
-    spawner: Arc<dyn Spawn>,
-    logs: Arc<SiteLogs>,
-    timing: WorkerTiming,
+    ctx: WorkerContext,
     events: mpsc::UnboundedSender<E>,
     wrap: fn(WorkerEvent) -> E,
 ) -> WorkerHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!("worker", site = %site.name, id);
     tokio::spawn(tracing::Instrument::instrument(
-        run(id, site, spawner, logs, timing, rx, move |e| {
+        run(id, site, ctx, rx, move |e| {
             let _ = events.send(wrap(e));
         }),
         span,
@@ -127,20 +128,21 @@ pub fn start<E: Send + 'static>(
 async fn run(
     id: WorkerId,
     site: Arc<Site>,
-    spawner: Arc<dyn Spawn>,
-    logs: Arc<SiteLogs>,
-    timing: WorkerTiming,
+    ctx: WorkerContext,
     mut control: mpsc::UnboundedReceiver<WorkerControl>,
     report: impl Fn(WorkerEvent),
 ) {
+    let logs = &ctx.logs;
     let spawned = logs
         .error_log_file()
         .map_err(StartError::ErrorLog)
         .and_then(|error_log| {
-            Ok(spawner.spawn(SpawnRequest {
+            Ok(ctx.spawner.spawn(SpawnRequest {
                 site: &site,
                 slots: site.pool.threads,
                 error_log,
+                logs,
+                cgroup: &ctx.cgroup,
             })?)
         });
     let mut spawned = match spawned {
@@ -155,7 +157,7 @@ async fn run(
     };
     let pid = spawned.pid;
     tracing::debug!(pid, "worker spawned");
-    let deadline = Instant::now() + timing.startup_timeout;
+    let deadline = Instant::now() + ctx.startup_timeout;
     let mut slots: Vec<SlotConn> = spawned.slots.drain(..).map(SlotConn::new).collect();
     let handshake = async {
         let mut import = 0;
@@ -177,7 +179,7 @@ async fn run(
         Ok(Duration::from_micros(import))
     };
     let outcome = tokio::select! {
-        r = timeout_at(deadline, handshake) => r.unwrap_or(Err(StartError::Timeout(timing.startup_timeout))),
+        r = timeout_at(deadline, handshake) => r.unwrap_or(Err(StartError::Timeout(ctx.startup_timeout))),
         _ = control.recv() => Err(StartError::Stopped),
     };
     let child = &mut spawned.child;
@@ -218,10 +220,10 @@ async fn run(
             order = control.recv() => match order {
                 Some(WorkerControl::Kill) => kill_group(pid),
                 Some(WorkerControl::Stop) | None => {
-                    match tokio::time::timeout(timing.stop_grace, child.wait()).await {
+                    match tokio::time::timeout(ctx.stop_grace, child.wait()).await {
                         Ok(status) => break status.ok(),
                         Err(_) => {
-                            tracing::warn!(pid, grace = ?timing.stop_grace, "worker did not exit after its slots closed; killing it");
+                            tracing::warn!(pid, grace = ?ctx.stop_grace, "worker did not exit after its slots closed; killing it");
                             kill_group(pid);
                         }
                     }

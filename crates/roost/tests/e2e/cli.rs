@@ -45,6 +45,8 @@ fn site_commands_and_every_kind_of_bad_write() {
             app,
             "--env",
             "A=1",
+            "--user",
+            "nobody",
         ],
     ));
     assert!(out.contains("added site blog"), "{out}");
@@ -66,6 +68,8 @@ fn site_commands_and_every_kind_of_bad_write() {
             "5m",
             "--body-max",
             "20MiB",
+            "--user",
+            "nobody",
         ],
     ));
     let before = ok(&roost(&registry, &["site", "list", "--json"]));
@@ -81,7 +85,63 @@ fn site_commands_and_every_kind_of_bad_write() {
     );
 
     let missing_dir = dir.path().join("nope");
-    let bad: Vec<(Vec<&str>, &str)> = vec![
+    let writable = dir.path().join("writable.py");
+    std::fs::copy(fixture("tester.py"), &writable).unwrap();
+    std::fs::set_permissions(
+        &writable,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let writable = writable.to_str().unwrap();
+    let mut bad: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "site", "add", "asroot", "--host", "n.test", "--entry", app, "--user", "root",
+            ],
+            "never run as root",
+        ),
+        (
+            vec![
+                "site", "add", "lowuid", "--host", "n.test", "--entry", app, "--user", "daemon",
+            ],
+            "below the minimum",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "nouser",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--user",
+                "no-such-user-xyz",
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "site",
+                "add",
+                "nogroup",
+                "--host",
+                "n.test",
+                "--entry",
+                app,
+                "--user",
+                "nobody",
+                "--group",
+                "no-such-group-xyz",
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "site", "add", "ww", "--host", "n.test", "--entry", writable, "--user", "nobody",
+            ],
+            "writable by others",
+        ),
         (
             vec!["site", "add", "blog", "--host", "x.test", "--entry", app],
             "already exists",
@@ -239,7 +299,19 @@ fn site_commands_and_every_kind_of_bad_write() {
         ),
         (vec!["site", "rm", "ghost"], "no site named"),
     ];
-    for (args, reason) in bad {
+    if crate::harness::is_root() {
+        bad.push((
+            vec![
+                "site", "add", "rootless", "--host", "n.test", "--entry", app,
+            ],
+            "required when adding sites as root",
+        ));
+    }
+    for (mut args, reason) in bad {
+        // Every add names a user (as root one is required) unless that is the point.
+        if args[1] == "add" && !args.contains(&"--user") && args[2] != "rootless" {
+            args.extend(["--user", "nobody"]);
+        }
         let out = roost(&registry, &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");

@@ -52,6 +52,7 @@ async fn a_virtualenv_site_with_a_module_entry() {
         entry: Some("proj.wsgi:app".into()),
         interpreter: Some(venv.display().to_string()),
         directory: Some(root.display().to_string()),
+        user: node.user.as_ref().map(|u| u.name.clone()),
         ..SiteSpec::default()
     })
     .await;

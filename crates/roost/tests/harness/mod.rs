@@ -4,6 +4,7 @@
 pub mod http;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
@@ -21,12 +22,22 @@ pub struct Node {
     pub addr: SocketAddr,
     pub dir: TempDir,
     pub registry: PathBuf,
+    /// As root, sites run as this user, made for this node and removed with it.
+    pub user: Option<TestUser>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
 
-/// The python3 the tests run sites with: the first on PATH.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The python3 the tests run sites with: as root the system's (site users must be
+/// able to run it; a python under /root is out of their reach), else the first on PATH.
 pub fn python() -> String {
+    if is_root() && Path::new("/usr/bin/python3").exists() {
+        return "/usr/bin/python3".into();
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join("python3"))
@@ -57,6 +68,9 @@ impl Node {
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
+        // Site users must reach the loader and the apps below it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let user = is_root().then(TestUser::create);
         let registry = dir.path().join("registry.db");
         SqliteStore::open(&registry).expect("registry");
         let mut config = NodeConfig::new(
@@ -67,6 +81,10 @@ impl Node {
         config.stop_grace = Duration::from_secs(2);
         config.registry_poll = Duration::from_millis(100);
         config.front.shutdown_grace = Duration::from_secs(5);
+        // Tests run nodes side by side: each gets cgroup folders of its own.
+        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.cgroup_name = format!("roost-e2e-{}-{n}", std::process::id());
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -82,6 +100,7 @@ impl Node {
             addr,
             dir,
             registry,
+            user,
             stop,
             task: Some(task),
         }
@@ -91,6 +110,7 @@ impl Node {
     pub fn app(&self, fixture_name: &str) -> PathBuf {
         let apps = self.dir.path().join("apps");
         std::fs::create_dir_all(&apps).unwrap();
+        std::fs::set_permissions(&apps, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = apps.join(fixture_name);
         std::fs::copy(fixture(fixture_name), &path).expect("copy fixture");
         path
@@ -102,6 +122,7 @@ impl Node {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             entry: Some(entry.display().to_string()),
             interpreter: Some(python()),
+            user: self.user.as_ref().map(|u| u.name.clone()),
             ..SiteSpec::default()
         }
     }
@@ -182,6 +203,68 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A Unix user made for one test with useradd, removed with userdel on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl TestUser {
+    pub fn create() -> TestUser {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rst{}x{n}", std::process::id());
+        let status = with_user_db_lock(|| {
+            std::process::Command::new("useradd")
+                .args([
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--key",
+                    "UID_MIN=2000",
+                ])
+                .arg(&name)
+                .status()
+        })
+        .expect("run useradd (the root tests need the passwd package)");
+        assert!(status.success(), "useradd {name} failed");
+        let uid = nix::unistd::User::from_name(&name)
+            .unwrap()
+            .expect("the new user")
+            .uid
+            .as_raw();
+        TestUser { name, uid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // Anything still running as the user (a test that failed early) goes first.
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-u"])
+            .arg(self.uid.to_string())
+            .status();
+        let _ = with_user_db_lock(|| {
+            std::process::Command::new("userdel")
+                .arg("--force")
+                .arg(&self.name)
+                .status()
+        });
+    }
+}
+
+/// useradd and userdel refuse to run while another holds /etc/passwd: tests in
+/// parallel processes take turns through a lock file.
+fn with_user_db_lock<T>(f: impl FnOnce() -> T) -> T {
+    let lock = std::fs::File::create("/run/lock/roost-e2e-users.lock")
+        .or_else(|_| std::fs::File::create(std::env::temp_dir().join("roost-e2e-users.lock")))
+        .expect("user lock file");
+    let guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let out = f();
+    drop(guard);
+    out
 }
 
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, check: &mut F)

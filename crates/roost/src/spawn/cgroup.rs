@@ -1,0 +1,440 @@
+//! Per-site cgroups: memory, process count and CPU share, on cgroup v2 or v1.
+//!
+//! At start the node finds, for each controller it wants, where it is mounted and which
+//! cgroup the node itself is in (a v2 controller is used when the v2 hierarchy has it,
+//! else the v1 mount). Each site gets `<node's cgroup>/roost/<site>` in every usable
+//! hierarchy; the limits are written there, and a new worker joins before it runs any
+//! Python (the child writes "0" to `cgroup.procs` descriptors opened by the node).
+//!
+//! On v2 the "no internal processes" rule forbids enabling controllers for children
+//! of a cgroup that holds processes, so the node first moves itself into a leaf
+//! `<its cgroup>/node` (unless it already is at the root).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use roost_registry::PoolSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    Memory,
+    Pids,
+    Cpu,
+}
+
+impl Controller {
+    const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// Where one controller's site cgroups live.
+#[derive(Debug, Clone)]
+struct Placement {
+    controller: Controller,
+    version: Version,
+    /// `<mount>/<node's cgroup>/roost`; site cgroups are its children.
+    base: PathBuf,
+}
+
+/// The cgroup controllers this node can use, found once at start.
+#[derive(Debug, Clone, Default)]
+pub struct Cgroups {
+    placements: Vec<Placement>,
+    /// Why a wanted controller is not usable, for the start line.
+    missing: Vec<(Controller, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}")]
+pub struct CgroupError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A mounted cgroup hierarchy, from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    point: PathBuf,
+    /// The cgroup path that is the mount's root (not "/" inside some containers).
+    root: String,
+    version: Version,
+    controllers: Vec<String>,
+}
+
+impl Cgroups {
+    /// Looks at this host's hierarchies and prepares `roost` cgroups where possible.
+    /// Never fails: what cannot be used is recorded and reported by [`describe`].
+    ///
+    /// `name` is this node's folder in each hierarchy (`roost` by default); nodes that
+    /// share a machine need different names, since each sweeps its own.
+    pub fn detect(name: &str) -> Cgroups {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mounts = parse_mountinfo(&mountinfo);
+        let mut cgroups = Cgroups::default();
+        let v2 = mounts.iter().find(|m| m.version == Version::V2);
+        let v2_own = own_path(&own, None);
+        let mut v2_base = None;
+        for controller in Controller::ALL {
+            let ctl = controller.name();
+            let on_v2 = v2.filter(|m| m.controllers.iter().any(|c| c == ctl));
+            let placed = if let (Some(m), Some(path)) = (on_v2, &v2_own) {
+                let base = match &v2_base {
+                    Some(b) => Ok(b),
+                    None => prepare_v2(m, path, name).map(|b| &*v2_base.insert(b)),
+                };
+                base.map(|b| (Version::V2, b.clone()))
+            } else if let Some(m) = mounts
+                .iter()
+                .find(|m| m.version == Version::V1 && m.controllers.iter().any(|c| c == ctl))
+            {
+                let path = own_path(&own, Some(ctl)).unwrap_or_else(|| "/".into());
+                prepare_v1(m, &path, name).map(|b| (Version::V1, b))
+            } else {
+                Err(format!("no {ctl} controller is mounted"))
+            };
+            match placed {
+                Ok((version, base)) => cgroups.placements.push(Placement {
+                    controller,
+                    version,
+                    base,
+                }),
+                Err(why) => cgroups.missing.push((controller, why)),
+            }
+        }
+        cgroups
+    }
+
+    /// No controller at all (tests of other modules, or a host without cgroups).
+    pub fn none() -> Cgroups {
+        Cgroups::default()
+    }
+
+    pub fn has(&self, controller: Controller) -> bool {
+        self.placements.iter().any(|p| p.controller == controller)
+    }
+
+    /// One line for the node's start message: what is enforced, and how.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .placements
+            .iter()
+            .map(|p| {
+                let v = match p.version {
+                    Version::V1 => "v1",
+                    Version::V2 => "v2",
+                };
+                let what = match (p.controller, p.version) {
+                    (Controller::Memory, _) => "memory.max",
+                    (Controller::Pids, _) => "pids.max",
+                    (Controller::Cpu, Version::V1) => "cpu.weight as cpu.shares",
+                    (Controller::Cpu, Version::V2) => "cpu.weight",
+                };
+                format!("{what} (cgroup {v}, {})", p.base.display())
+            })
+            .collect();
+        for (controller, why) in &self.missing {
+            let fallback = match controller {
+                Controller::Memory => "memory.max enforced by polling worker RSS",
+                Controller::Pids => "pids.max not enforced",
+                Controller::Cpu => "cpu.weight not enforced",
+            };
+            parts.push(format!("{fallback} ({why})"));
+        }
+        parts.join("; ")
+    }
+
+    /// The cgroup of one site in every usable hierarchy (created if needed).
+    pub fn site(&self, site: &str) -> Result<SiteCgroup, CgroupError> {
+        let mut dirs = Vec::new();
+        for p in &self.placements {
+            let dir = p.base.join(site);
+            if !dir.is_dir() {
+                std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+            }
+            dirs.push((p.controller, p.version, dir));
+        }
+        Ok(SiteCgroup { dirs })
+    }
+
+    /// Removes this node's folders at shutdown (their site cgroups are gone by then).
+    pub fn remove_bases(&self) {
+        for p in &self.placements {
+            let _ = std::fs::remove_dir(&p.base);
+        }
+    }
+
+    /// Kills what a previous node left in roost's cgroups (workers whose children
+    /// outlived them) and removes those cgroups.
+    pub fn sweep(&self) {
+        for p in &self.placements {
+            let Ok(entries) = std::fs::read_dir(&p.base) else {
+                continue;
+            };
+            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+                let dir = entry.path();
+                if dir.file_name().is_some_and(|n| n == "node") {
+                    continue;
+                }
+                let killed = kill_all(&dir);
+                if killed > 0 {
+                    tracing::warn!(cgroup = %dir.display(), killed, "killed processes left by a previous node");
+                }
+                let _ = remove_when_empty(&dir);
+            }
+        }
+    }
+}
+
+/// One site's cgroup directories, one per usable controller hierarchy.
+#[derive(Debug, Clone, Default)]
+pub struct SiteCgroup {
+    dirs: Vec<(Controller, Version, PathBuf)>,
+}
+
+impl SiteCgroup {
+    /// Writes the site's limits; called when the site is added or changed.
+    pub fn apply(&self, limits: &PoolSettings) -> Result<(), CgroupError> {
+        for (controller, version, dir) in &self.dirs {
+            match (controller, version) {
+                (Controller::Memory, Version::V2) => {
+                    write(dir, "memory.max", &limits.memory_max.to_string())?;
+                    // Swap would let a site run past its cap, only slower.
+                    let _ = write(dir, "memory.swap.max", "0");
+                }
+                (Controller::Memory, Version::V1) => {
+                    let memsw = dir.join("memory.memsw.limit_in_bytes").exists();
+                    if memsw {
+                        // memsw must stay >= the limit at every step: lift it first.
+                        write(dir, "memory.memsw.limit_in_bytes", "-1")?;
+                    }
+                    write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string())?;
+                    if memsw {
+                        write(
+                            dir,
+                            "memory.memsw.limit_in_bytes",
+                            &limits.memory_max.to_string(),
+                        )?;
+                    }
+                }
+                (Controller::Pids, _) => write(dir, "pids.max", &limits.pids_max.to_string())?,
+                (Controller::Cpu, Version::V2) => {
+                    write(dir, "cpu.weight", &limits.cpu_weight.to_string())?
+                }
+                (Controller::Cpu, Version::V1) => {
+                    // cpu.weight 100 is the default share, as cpu.shares 1024 is.
+                    let shares = (u64::from(limits.cpu_weight) * 1024 / 100).max(2);
+                    write(dir, "cpu.shares", &shares.to_string())?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `cgroup.procs` of every directory, opened for the child to write "0" into.
+    pub fn open_procs(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        let mut seen: Vec<&Path> = Vec::new();
+        let mut fds = Vec::new();
+        for (_, _, dir) in &self.dirs {
+            if seen.contains(&dir.as_path()) {
+                continue; // v2: one directory for all controllers
+            }
+            seen.push(dir);
+            let path = dir.join("cgroup.procs");
+            let file: File = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            fds.push(OwnedFd::from(file));
+        }
+        Ok(fds)
+    }
+
+    /// Kills anything left and removes the directories (the site was removed).
+    pub fn remove(&self) {
+        for (_, _, dir) in &self.dirs {
+            kill_all(dir);
+            if let Err(e) = remove_when_empty(dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a site's cgroup");
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(io_err(&path))
+}
+
+/// SIGKILL to every process in a cgroup; returns how many there were.
+fn kill_all(dir: &Path) -> usize {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let mut n = 0;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// rmdir, retrying briefly while killed processes finish dying.
+fn remove_when_empty(dir: &Path) -> std::io::Result<()> {
+    let mut last = Ok(());
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => last = Err(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    last
+}
+
+fn prepare_v1(mount: &Mount, own: &str, name: &str) -> Result<PathBuf, String> {
+    let dir = cgroup_dir(mount, own);
+    let base = dir.join(name);
+    std::fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    Ok(base)
+}
+
+fn prepare_v2(mount: &Mount, own: &str, name: &str) -> Result<PathBuf, String> {
+    let dir = cgroup_dir(mount, own);
+    let fail = |what: &str, path: &Path, e: std::io::Error| {
+        format!("cannot {what} {}: {e}", path.display())
+    };
+    let wanted = ["memory", "pids", "cpu"];
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enable: String = wanted
+        .iter()
+        .filter(|c| available.split_whitespace().any(|a| a == **c))
+        .map(|c| format!("+{c} "))
+        .collect();
+    if own != "/" {
+        // Leave the node's cgroup free of processes so it may have controllers.
+        let leaf = dir.join("node");
+        std::fs::create_dir_all(&leaf).map_err(|e| fail("create", &leaf, e))?;
+        std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| fail("move the node into", &leaf, e))?;
+    }
+    std::fs::write(dir.join("cgroup.subtree_control"), enable.trim())
+        .map_err(|e| fail("enable controllers in", &dir, e))?;
+    let base = dir.join(name);
+    std::fs::create_dir_all(&base).map_err(|e| fail("create", &base, e))?;
+    std::fs::write(base.join("cgroup.subtree_control"), enable.trim())
+        .map_err(|e| fail("enable controllers in", &base, e))?;
+    Ok(base)
+}
+
+/// The directory of cgroup `own` inside `mount`.
+fn cgroup_dir(mount: &Mount, own: &str) -> PathBuf {
+    let relative = own
+        .strip_prefix(mount.root.as_str())
+        .unwrap_or(own)
+        .trim_start_matches('/');
+    let dir = mount.point.join(relative);
+    if dir.is_dir() {
+        dir
+    } else {
+        mount.point.clone()
+    }
+}
+
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            let (root, point) = (*left.get(3)?, *left.get(4)?);
+            let fstype = *right.first()?;
+            let options = right.get(2).copied().unwrap_or("");
+            let (version, controllers) = match fstype {
+                "cgroup2" => {
+                    let ctl = std::fs::read_to_string(Path::new(point).join("cgroup.controllers"))
+                        .unwrap_or_default();
+                    (
+                        Version::V2,
+                        ctl.split_whitespace().map(str::to_owned).collect(),
+                    )
+                }
+                "cgroup" => (Version::V1, options.split(',').map(str::to_owned).collect()),
+                _ => return None,
+            };
+            Some(Mount {
+                point: PathBuf::from(point),
+                root: root.to_owned(),
+                version,
+                controllers,
+            })
+        })
+        .collect()
+}
+
+/// The node's cgroup path for a v1 controller, or (None) in the v2 hierarchy.
+fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> Option<String> {
+    proc_self_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let matches = match controller {
+            None => id == "0" && controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
+        };
+        matches.then(|| path.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_and_own_cgroup_are_parsed() {
+        let info = "34 25 0:29 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+                    35 25 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                    22 1 0:21 / /proc rw - proc proc rw\n";
+        let mounts = parse_mountinfo(info);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].point, Path::new("/sys/fs/cgroup/memory"));
+        assert!(mounts[1].controllers.contains(&"cpu".to_owned()));
+        let own = "9:name=systemd:/\n4:memory:/box/7\n1:cpu,cpuacct:/\n0::/user.slice\n";
+        assert_eq!(own_path(own, Some("memory")).as_deref(), Some("/box/7"));
+        assert_eq!(own_path(own, Some("cpu")).as_deref(), Some("/"));
+        assert_eq!(own_path(own, None).as_deref(), Some("/user.slice"));
+        assert_eq!(own_path(own, Some("pids")), None);
+    }
+}

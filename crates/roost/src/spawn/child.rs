@@ -1,0 +1,114 @@
+//! What a new worker does between fork and exec, in the order the design requires:
+//! join the site's cgroup, set rlimits, setsid, tie its life to the node, drop
+//! privileges (irreversibly, checked), chdir, and put its slot sockets on fds 3, 4, …
+//!
+//! Everything here runs in the forked child of a multi-threaded process: only
+//! async-signal-safe system calls, no allocation, no locks. A failing step writes its
+//! name to stderr (the site's error log) and fails the spawn with its errno.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::Signal;
+use nix::unistd::{dup2, getppid, Gid, Pid, Uid};
+
+/// The first descriptor of slot sockets in the worker; the loader expects 3, 4, …
+pub const FIRST_SLOT_FD: RawFd = 3;
+/// Open files a worker may have.
+pub const WORKER_NOFILE: u64 = 4096;
+
+/// Everything the child needs, prepared (and allocated) by the parent before fork.
+pub struct ChildPlan {
+    pub cgroup_procs: Vec<OwnedFd>,
+    pub slots: Vec<RawFd>,
+    pub parent: Pid,
+    /// `None` when the node is not root: the worker keeps the node's user.
+    pub drop_to: Option<(Uid, Gid)>,
+    pub workdir: CString,
+}
+
+impl ChildPlan {
+    /// Runs in the child. Each step names itself on failure.
+    pub fn run(&self) -> std::io::Result<()> {
+        step(b"join the site's cgroup\n", || {
+            for fd in &self.cgroup_procs {
+                nix::unistd::write(fd.as_fd(), b"0")?;
+            }
+            Ok(())
+        })?;
+        step(b"set rlimits\n", || {
+            setrlimit(Resource::RLIMIT_NOFILE, WORKER_NOFILE, WORKER_NOFILE)?;
+            setrlimit(Resource::RLIMIT_CORE, 0, 0)
+        })?;
+        step(b"setsid\n", || nix::unistd::setsid().map(drop))?;
+        step(b"set the parent-death signal\n", || self.tie_to_parent())?;
+        if let Some((uid, gid)) = self.drop_to {
+            step(b"drop privileges\n", || drop_privileges(uid, gid))?;
+            // Changing credentials clears the parent-death signal: set it again.
+            step(b"set the parent-death signal after the drop\n", || {
+                self.tie_to_parent()
+            })?;
+        }
+        step(b"chdir to the site's directory\n", || {
+            nix::unistd::chdir(self.workdir.as_c_str())
+        })?;
+        step(b"place the slot sockets\n", || place_slots(&self.slots))?;
+        Ok(())
+    }
+
+    fn tie_to_parent(&self) -> nix::Result<()> {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+        if getppid() != self.parent {
+            // The node died before the signal was armed: nobody would stop us.
+            return Err(nix::Error::ESRCH);
+        }
+        Ok(())
+    }
+}
+
+fn step(name: &'static [u8], f: impl FnOnce() -> nix::Result<()>) -> std::io::Result<()> {
+    f().map_err(|errno| {
+        // SAFETY: fd 2 is the worker's stderr, set up by std before pre_exec runs.
+        let stderr = unsafe { BorrowedFd::borrow_raw(2) };
+        let _ = nix::unistd::write(stderr, b"roost: worker setup failed: cannot ");
+        let _ = nix::unistd::write(stderr, name);
+        std::io::Error::from(errno)
+    })
+}
+
+/// setgroups([]), setgid, setuid; then proves it cannot be undone.
+fn drop_privileges(uid: Uid, gid: Gid) -> nix::Result<()> {
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setgid(gid)?;
+    nix::unistd::setuid(uid)?;
+    let dropped = nix::unistd::getuid() == uid
+        && nix::unistd::geteuid() == uid
+        && nix::unistd::getgid() == gid
+        && nix::unistd::getegid() == gid;
+    if !dropped || nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(nix::Error::EPERM);
+    }
+    Ok(())
+}
+
+fn place_slots(fds: &[RawFd]) -> nix::Result<()> {
+    // Move every socket above the target range first, so that placing slot i on
+    // fd 3+i never overwrites a socket still to be placed.
+    let above = FIRST_SLOT_FD + fds.len() as RawFd;
+    let mut high = [0 as RawFd; 256];
+    for (i, fd) in fds.iter().enumerate() {
+        high[i] = fcntl(*fd, FcntlArg::F_DUPFD_CLOEXEC(above))?;
+    }
+    for (i, fd) in high[..fds.len()].iter().enumerate() {
+        // dup2 clears close-on-exec on the new descriptor: exactly these survive exec.
+        dup2(*fd, FIRST_SLOT_FD + i as RawFd)?;
+    }
+    Ok(())
+}
+
+/// Raw descriptors of sockets the parent keeps open until the spawn returns.
+pub fn raw_fds<T: AsRawFd>(items: &[T]) -> Vec<RawFd> {
+    items.iter().map(AsRawFd::as_raw_fd).collect()
+}
