@@ -14,4 +14,5 @@ mod e2e {
     pub mod pool;
     pub mod routing;
     pub mod streams;
+    pub mod tenants;
 }

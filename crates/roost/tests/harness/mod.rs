@@ -24,6 +24,8 @@ pub struct Node {
     pub registry: PathBuf,
     /// As root, sites run as this user, made for this node and removed with it.
     pub user: Option<TestUser>,
+    /// This node's folder name in the cgroup hierarchies.
+    pub cgroup_name: String,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -85,6 +87,7 @@ impl Node {
         static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         config.cgroup_name = format!("roost-e2e-{}-{n}", std::process::id());
+        let cgroup_name = config.cgroup_name.clone();
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -101,6 +104,7 @@ impl Node {
             dir,
             registry,
             user,
+            cgroup_name,
             stop,
             task: Some(task),
         }
@@ -160,26 +164,7 @@ impl Node {
 
     /// Pids of this node's workers (processes running this node's loader).
     pub fn worker_pids(&self) -> Vec<u32> {
-        let loader = self.dir.path().join("run/loader.py").display().to_string();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let is_ours = cmdline
-                .split(|b| *b == 0)
-                .any(|arg| arg == loader.as_bytes());
-            let zombie = std::fs::read_to_string(entry.path().join("stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-            if is_ours && !zombie {
-                pids.push(pid);
-            }
-        }
-        pids
+        pids_running(&self.dir.path().join("run/loader.py").display().to_string())
     }
 
     pub fn log(&self, site: &str, which: &str) -> String {
@@ -265,6 +250,29 @@ fn with_user_db_lock<T>(f: impl FnOnce() -> T) -> T {
     let out = f();
     drop(guard);
     out
+}
+
+/// Pids of live processes with `arg` on their command line (a node's loader path).
+pub fn pids_running(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let is_ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == needle.as_bytes());
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if is_ours && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, check: &mut F)

@@ -1,0 +1,360 @@
+//! Hostile tenants, as root: each site runs as its own Unix user inside its own cgroup,
+//! and one site can neither reach another nor take the node down. These tests need
+//! root (users, cgroups); CI runs them with `--run-ignored all`, and without root they
+//! fail with a clear message rather than pass.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_registry::{FsChecks, SiteSpec};
+
+use crate::harness::{alive, get, is_root, python, Node, TestUser};
+
+fn need_root() {
+    assert!(
+        is_root(),
+        "this test needs root (it creates Unix users and cgroups); run the suite as root, as CI does"
+    );
+}
+
+/// A site folder owned by `user` holding the tenant fixture, and the site's spec.
+fn tenant_site(node: &Node, name: &str, user: &TestUser) -> SiteSpec {
+    let dir = node.dir.path().join("sites").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(
+        dir.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = dir.join("app.py");
+    std::fs::copy(crate::harness::fixture("tenant.py"), &app).unwrap();
+    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.uid)).unwrap();
+    std::os::unix::fs::chown(&app, Some(user.uid), None).unwrap();
+    SiteSpec {
+        name: name.into(),
+        hosts: vec![format!("{name}.test")],
+        entry: Some(app.display().to_string()),
+        interpreter: Some(python()),
+        user: Some(user.name.clone()),
+        ..SiteSpec::default()
+    }
+}
+
+async fn text(node: &Node, host: &str, path: &str) -> String {
+    let r = get(node.addr, host, path).await.unwrap();
+    assert_eq!(r.status, 200, "{host}{path}: {}", r.text());
+    r.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates Unix users and per-site cgroups"]
+async fn tenants_cannot_reach_each_other() {
+    need_root();
+    let node = Node::start().await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    node.add(tenant_site(&node, "alice", &alice)).await;
+    node.add(tenant_site(&node, "bob", &bob)).await;
+    let secret = node.dir.path().join("sites/bob/secret.txt");
+    std::fs::write(&secret, "bob's secret").unwrap();
+    std::os::unix::fs::chown(&secret, Some(bob.uid), Some(bob.uid)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let who: serde_json::Value =
+        serde_json::from_str(&text(&node, "alice.test", "/whoami").await).unwrap();
+    assert_eq!(who["uid"], alice.uid);
+    assert_eq!(who["euid"], alice.uid);
+    assert_eq!(
+        who["groups"],
+        serde_json::json!([]),
+        "supplementary groups were kept"
+    );
+    assert_eq!(who["sid"], who["pid"], "the worker is not a session leader");
+    assert_eq!(who["tmp_owner"], alice.uid);
+    assert_eq!(who["tmp_mode"], 0o700);
+    let env: Vec<String> = serde_json::from_value(who["env"].clone()).unwrap();
+    for key in &env {
+        assert!(
+            ["HOME", "LANG", "LOGNAME", "PATH", "TMPDIR", "USER", "LC_CTYPE"]
+                .contains(&key.as_str()),
+            "the node's environment leaked into the worker: {key}"
+        );
+    }
+
+    // Bob's files, logs, processes and sockets are out of Alice's reach.
+    let bob_pid = text(&node, "bob.test", "/pid").await;
+    let bob_log = node.dir.path().join("logs/bob/error.log");
+    let own_log = node.dir.path().join("logs/alice/access.log");
+    for (what, path, expect) in [
+        (
+            "bob's file",
+            format!("/read?path={}", secret.display()),
+            "denied",
+        ),
+        (
+            "bob's error log",
+            format!("/read?path={}", bob_log.display()),
+            "denied",
+        ),
+        ("bob's worker", format!("/kill?pid={bob_pid}"), "denied"),
+        (
+            "bob's slot socket",
+            format!("/open?path=/proc/{bob_pid}/fd/3"),
+            "denied",
+        ),
+        (
+            "her own log",
+            format!("/read?path={}", own_log.display()),
+            "ok",
+        ),
+    ] {
+        let answer = text(&node, "alice.test", &path).await;
+        assert!(answer.starts_with(expect), "alice and {what}: {answer}");
+    }
+    assert!(alive(bob_pid.parse().unwrap()));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users"]
+async fn root_low_uids_and_writable_code_are_refused_before_any_spawn() {
+    need_root();
+    let node = Node::start().await;
+    let tenant = TestUser::create();
+    let mut cases = Vec::new();
+    for (name, user, expect) in [
+        ("asroot", "root", "never run as root"),
+        ("lowuid", "daemon", "below the minimum"),
+    ] {
+        let mut spec = tenant_site(&node, name, &tenant);
+        spec.user = Some(user.into());
+        // Written past the CLI's checks, as a hostile or careless registry writer could.
+        node.store()
+            .add(&spec.validate(FsChecks::Skip).unwrap())
+            .unwrap();
+        cases.push((name, expect));
+    }
+    let spec = tenant_site(&node, "writable", &tenant);
+    node.store()
+        .add(&spec.clone().validate(FsChecks::Full).unwrap())
+        .unwrap();
+    std::fs::set_permissions(
+        spec.entry.as_deref().unwrap(),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    cases.push(("writable", "writable by others"));
+
+    for (name, expect) in cases {
+        let host = format!("{name}.test");
+        node.eventually(&format!("{name} to be refused"), || async {
+            get(node.addr, &host, "/whoami")
+                .await
+                .is_ok_and(|r| r.status == 500)
+        })
+        .await;
+        node.eventually(&format!("{name}'s refusal in its error log"), || async {
+            node.log(name, "error.log").contains(expect)
+        })
+        .await;
+    }
+    assert!(node.worker_pids().is_empty(), "a refused site got a worker");
+    node.stop().await;
+}
+
+/// Four clients hammer `steady.test` until the returned flag is set.
+fn load(
+    node: &Node,
+    host: &'static str,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr, host, "/pid").await {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    (stop, ok, failed, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site memory cgroups"]
+async fn a_memory_hog_dies_alone_in_its_cgroup() {
+    need_root();
+    let node = Node::start().await;
+    let (hog_user, calm_user) = (TestUser::create(), TestUser::create());
+    let mut hog = tenant_site(&node, "hog", &hog_user);
+    hog.memory_max = Some(64 << 20);
+    node.add(hog).await;
+    node.add(tenant_site(&node, "steady", &calm_user)).await;
+    let (stop, ok, failed, tasks) = load(&node, "steady.test");
+
+    let r = get(node.addr, "hog.test", "/hog?mib=128").await.unwrap();
+    assert_eq!(
+        r.status,
+        502,
+        "a hog twice its limit was not killed: {}",
+        r.text()
+    );
+    // The site serves again on the next request.
+    text(&node, "hog.test", "/pid").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("neighbour during the OOM kill: {ok} ok, {failed} failed");
+    assert!(ok > 10);
+    assert_eq!(failed, 0, "the neighbour noticed the hog");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site pids cgroups"]
+async fn a_fork_bomb_stops_at_pids_max() {
+    need_root();
+    let node = Node::start().await;
+    let (bomber, calm_user) = (TestUser::create(), TestUser::create());
+    let mut bomb = tenant_site(&node, "bomb", &bomber);
+    bomb.pids_max = Some(16);
+    node.add(bomb).await;
+    node.add(tenant_site(&node, "steady", &calm_user)).await;
+    let (stop, ok, failed, tasks) = load(&node, "steady.test");
+
+    let children: u32 = text(&node, "bomb.test", "/forkbomb")
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("the fork bomb got {children} children");
+    assert!(children < 16, "{children} forks with pids.max 16");
+    // The bomb's children live on for a while: the neighbour keeps answering meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "the neighbour noticed the fork bomb"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site cgroups"]
+async fn a_removed_site_loses_its_cgroups() {
+    need_root();
+    let node = Node::start().await;
+    let user = TestUser::create();
+    node.add(tenant_site(&node, "gone", &user)).await;
+    text(&node, "gone.test", "/pid").await;
+    let dirs: Vec<PathBuf> = site_cgroup_dirs(&node.cgroup_name, "gone");
+    assert!(!dirs.is_empty(), "the site has no cgroup at all");
+    node.store().remove("gone").unwrap();
+    node.eventually("the site's cgroups to be removed", || async {
+        dirs.iter().all(|d| !d.exists())
+    })
+    .await;
+    node.stop().await;
+}
+
+/// Every directory named `<node>/<site>` in the cgroup hierarchies.
+fn site_cgroup_dirs(node: &str, site: &str) -> Vec<PathBuf> {
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-type", "d", "-path"])
+        .arg(format!("*/{node}/{site}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: runs sites as another user"]
+fn sigkill_of_the_node_leaves_no_worker_behind() {
+    need_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let user = TestUser::create();
+    let registry = dir.path().join("r.db");
+    let app = dir.path().join("app.py");
+    std::fs::copy(crate::harness::fixture("tenant.py"), &app).unwrap();
+    let mut store = roost_registry::SqliteStore::open(&registry).unwrap();
+    let spec = SiteSpec {
+        name: "orphan".into(),
+        hosts: vec!["orphan.test".into()],
+        entry: Some(app.display().to_string()),
+        interpreter: Some(python()),
+        user: Some(user.name.clone()),
+        processes_min: Some(3),
+        ..SiteSpec::default()
+    };
+    store.add(&spec.validate(FsChecks::Full).unwrap()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", registry.display()))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cgroup-name",
+        ])
+        .arg(format!("roost-e2e-orphan-{}", std::process::id()))
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let loader = dir.path().join("run/loader.py").display().to_string();
+    let workers = || crate::harness::pids_running(&loader);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while workers().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes.min workers never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pids = workers();
+    node.kill().unwrap(); // SIGKILL: no cleanup code of the node runs
+    node.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers {pids:?} outlived the node"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
