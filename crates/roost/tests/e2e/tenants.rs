@@ -314,6 +314,7 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
         ..SiteSpec::default()
     };
     store.add(&spec.validate(FsChecks::Full).unwrap()).unwrap();
+    let cgroup_name = format!("roost-e2e-orphan-{}", std::process::id());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -328,7 +329,7 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
             &format!("127.0.0.1:{port}"),
             "--cgroup-name",
         ])
-        .arg(format!("roost-e2e-orphan-{}", std::process::id()))
+        .arg(&cgroup_name)
         .arg("--log-dir")
         .arg(dir.path().join("logs"))
         .arg("--run-dir")
@@ -356,5 +357,10 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
             "workers {pids:?} outlived the node"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // The killed node could not remove its cgroups; the next node would sweep them.
+    for dir in site_cgroup_dirs(&cgroup_name, "orphan") {
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(dir.parent().unwrap());
     }
 }
