@@ -6,6 +6,7 @@ error log as stdout and stderr. Each slot serves one request at a time over the 
 protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
+       loader.py zygote [MODULE,MODULE,...]   (python >= 3.9; docs/protocol.md)
 """
 
 import os
@@ -418,7 +419,10 @@ class Worker(object):
 
 
 def load_app(kind, target, directory):
-    sys.path[0] = directory  # replaces the loader's own folder
+    # The site's folder comes first; the loader's own folder is not the site's business.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if p not in (here, "")]
+    sys.path.insert(0, directory)
     if kind == "file":
         import importlib.util
         spec = importlib.util.spec_from_file_location("_roost_wsgi_app", target)
@@ -438,13 +442,8 @@ def load_app(kind, target, directory):
     return app
 
 
-def main(argv):
-    if len(argv) != 6 or argv[1] != "worker" or argv[3] not in ("file", "module"):
-        sys.stderr.write(__doc__)
-        return 2
-    slots, kind, target, directory = int(argv[2]), argv[3], argv[4], argv[5]
-    import socket
-    socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
+def run_worker(socks, kind, target, directory):
+    """Imports the app, announces READY on every slot, serves until the slots close."""
     started = time.perf_counter()
     try:
         os.chdir(directory)
@@ -463,7 +462,7 @@ def main(argv):
     base = {
         "wsgi.version": (1, 0),
         "wsgi.errors": sys.stderr,
-        "wsgi.multithread": slots > 1,
+        "wsgi.multithread": len(socks) > 1,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
@@ -473,7 +472,7 @@ def main(argv):
     ready = frame(READY, struct.pack(">HIQ", PROTOCOL_VERSION, os.getpid(), import_micros))
     for sock in socks:
         sock.sendall(ready)
-    if slots == 1:
+    if len(socks) == 1:
         worker.serve(socks[0])
     else:
         import threading
@@ -483,6 +482,247 @@ def main(argv):
         for t in threads:
             t.join()
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Zygote mode: a warm, preloaded process (root when the node is root) that forks workers.
+# It never imports or runs tenant code: each child becomes the site's user first.
+
+ZYGOTE_CONTROL_FD = 3
+# node -> zygote
+Z_SPAWN = 0x20
+# zygote -> node
+Z_READY, Z_SPAWNED, Z_SPAWN_FAILED, Z_EXITED = 0x21, 0x22, 0x23, 0x24
+
+# What a WSGI app commonly needs from the standard library; imported once, shared
+# copy-on-write by every worker forked afterwards.
+STDLIB_PRELOAD = (
+    "base64", "binascii", "calendar", "cgi", "collections", "contextlib", "copy", "datetime",
+    "decimal", "email.message", "email.parser", "email.utils", "functools", "hashlib", "hmac",
+    "html", "http", "http.client", "http.cookies", "importlib.util", "inspect", "io", "json",
+    "locale", "logging", "mimetypes", "pathlib", "pickle", "random", "re", "secrets", "shutil",
+    "socket", "sqlite3", "string", "tempfile", "threading", "traceback", "typing",
+    "urllib.parse", "uuid", "warnings", "wsgiref.headers", "wsgiref.util", "zlib",
+)
+
+
+def pairs_encode(items):
+    return "\0".join("%s\0%s" % kv for kv in items).encode("utf-8", "surrogateescape")
+
+
+def pairs_decode(payload):
+    parts = payload.decode("utf-8", "surrogateescape").split("\0")
+    return list(zip(parts[0::2], parts[1::2]))
+
+
+def preload(modules):
+    import importlib
+    failed = []
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                failed.append("%s (%s)" % (name, exc.__class__.__name__))
+    return failed
+
+
+def prctl_pdeathsig():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    import signal as _signal
+    if libc.prctl(PR_SET_PDEATHSIG, int(_signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def name_process(name):
+    """What ps and top show for a forked worker (its command line is the zygote's)."""
+    try:
+        import ctypes
+        PR_SET_NAME = 15
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except Exception:
+        pass
+
+
+def become_worker(request, fds, zygote_pid):
+    """In the forked child: the tenant steps of docs/security.md, then the app.
+
+    Never returns: the process exits with the worker's status.
+    """
+    import resource
+    import signal as _signal
+    step = "start"
+    try:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
+        fields = dict(request)
+        n_cgroup, n_slots = int(fields["cgroups"]), int(fields["slots"])
+        log_fd, cgroup_fds, slot_fds = fds[0], fds[1:1 + n_cgroup], fds[1 + n_cgroup:]
+        if len(slot_fds) != n_slots:
+            raise ValueError("expected %d slot sockets, got %d" % (n_slots, len(slot_fds)))
+        # Nothing of the zygote may reach tenant code: above all not its control socket.
+        keep = set(fds)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        step = "join the site's cgroup"
+        for fd in cgroup_fds:
+            os.write(fd, b"0")
+            os.close(fd)
+        step = "set rlimits"
+        nofile = int(fields["nofile"])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        step = "setsid"
+        os.setsid()
+        step = "set the parent-death signal"
+        prctl_pdeathsig()
+        if os.getppid() != zygote_pid:
+            raise OSError("the zygote exited during spawn")
+        if "uid" in fields:
+            step = "drop privileges"
+            uid, gid = int(fields["uid"]), int(fields["gid"])
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (uid, uid, gid, gid):
+                raise OSError("credentials did not change as asked")
+            try:
+                os.setuid(0)
+            except OSError:
+                pass
+            else:
+                raise OSError("privileges could be regained")
+            step = "set the parent-death signal after the drop"
+            prctl_pdeathsig()
+            if os.getppid() != zygote_pid:
+                raise OSError("the zygote exited during spawn")
+        step = "chdir to the site's directory"
+        os.chdir(fields["directory"])
+        step = "set the environment"
+        os.environ.clear()
+        for key, value in request:
+            if key.startswith("env."):
+                os.environ[key[4:]] = value
+        venv = fields.get("venv")
+        if venv:
+            step = "activate the virtualenv"
+            import site
+            import sysconfig
+            # Debian patches the default scheme to /usr/local; a venv has its own.
+            scheme = "venv" if "venv" in sysconfig.get_scheme_names() else "posix_prefix"
+            purelib = sysconfig.get_path("purelib", scheme, vars={"base": venv, "platbase": venv})
+            site.addsitedir(purelib)
+            sys.prefix = sys.exec_prefix = venv
+        import socket
+        socks = [socket.socket(fileno=fd) for fd in slot_fds]
+        name_process(b"roost-worker")
+        step = "run the application"
+        code = run_worker(socks, fields["kind"], fields["target"], fields["directory"])
+    except BaseException:
+        import traceback
+        try:
+            os.write(2, ("roost: worker setup failed: cannot %s\n%s" % (
+                step, traceback.format_exc())).encode("utf-8", "replace"))
+        except OSError:
+            pass
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def zygote_main(preload_extra):
+    import signal as _signal
+    import socket
+    ctl = socket.socket(fileno=ZYGOTE_CONTROL_FD)
+    started = time.perf_counter()
+    failed = preload(STDLIB_PRELOAD + tuple(m for m in preload_extra if m))
+    if failed:
+        log("zygote could not preload: %s" % ", ".join(failed))
+    me = os.getpid()
+    ctl.send(bytes([Z_READY]) + pairs_encode([
+        ("pid", me), ("preload_us", int((time.perf_counter() - started) * 1e6)),
+        ("python", sys.version.split()[0])]))
+
+    def reap(signum, frame_):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                ctl.send(bytes([Z_EXITED]) + pairs_encode([("pid", pid), ("status", status)]))
+            except OSError:
+                pass
+
+    _signal.signal(_signal.SIGCHLD, reap)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
+        except InterruptedError:
+            continue
+        if not msg:
+            return 0  # the node closed the control socket
+        request, req_id = None, "?"
+        try:
+            if msg[0] != Z_SPAWN:
+                raise ValueError("unknown zygote message 0x%02x" % msg[0])
+            request = pairs_decode(msg[1:])
+            req_id = dict(request).get("id", "?")
+            # Exits are reported only after SPAWNED, so the node knows the pid first.
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                become_worker(request, fds, me)
+            pidfd = os.pidfd_open(pid)
+            try:
+                socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(
+                    [("id", req_id), ("pid", pid)])], [pidfd])
+            finally:
+                os.close(pidfd)
+        except Exception as exc:
+            try:
+                ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
+                    [("id", req_id), ("error", "%s: %s" % (exc.__class__.__name__, exc))]))
+            except OSError:
+                return 1
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[1] == "zygote":
+        return zygote_main(argv[2].split(",") if len(argv) > 2 else [])
+    if len(argv) != 6 or argv[1] != "worker" or argv[3] not in ("file", "module"):
+        sys.stderr.write(__doc__)
+        return 2
+    slots, kind, target, directory = int(argv[2]), argv[3], argv[4], argv[5]
+    import socket
+    socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
+    return run_worker(socks, kind, target, directory)
 
 
 if __name__ == "__main__":

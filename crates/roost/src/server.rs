@@ -16,7 +16,16 @@ use tokio::task::JoinSet;
 use crate::front::{self, FrontConfig};
 use crate::registry_watch;
 use crate::sites::Sites;
-use crate::spawn::{Cgroups, PlainSpawner, SpawnConfig};
+use crate::spawn::{Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
+
+/// How workers are started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnMode {
+    /// Forked from a warm zygote per interpreter (falls back to plain where one cannot run).
+    Zygote,
+    /// A fresh interpreter per worker.
+    Plain,
+}
 
 /// The loader, shipped inside the binary.
 pub const LOADER_SOURCE: &str = include_str!("../python/loader.py");
@@ -42,6 +51,9 @@ pub struct NodeConfig {
     /// This node's cgroup folder name in each hierarchy; two nodes on one machine need
     /// different names.
     pub cgroup_name: String,
+    pub spawn: SpawnMode,
+    /// Modules every zygote imports besides the usual standard library ones.
+    pub preload: Vec<String>,
 }
 
 impl NodeConfig {
@@ -56,6 +68,8 @@ impl NodeConfig {
             min_uid: roost_registry::DEFAULT_MIN_UID,
             cgroups: true,
             cgroup_name: "roost".to_owned(),
+            spawn: SpawnMode::Zygote,
+            preload: Vec::new(),
         }
     }
 }
@@ -109,13 +123,19 @@ pub async fn run(
     });
     cgroups.sweep();
     tracing::info!(enforced = %cgroups.describe(), "resource limits");
-    let spawner = Arc::new(PlainSpawner::new(SpawnConfig {
+    let spawn_config = SpawnConfig {
         loader,
         tmp_root: config.run_dir.join("tmp"),
         as_root,
         min_uid: config.min_uid,
         base_env: worker_base_env(),
-    }));
+        preload: config.preload.clone(),
+    };
+    let spawner: Arc<dyn Spawn> = match config.spawn {
+        SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),
+        SpawnMode::Plain => Arc::new(PlainSpawner::new(spawn_config)),
+    };
+    tracing::info!(mode = ?config.spawn, "spawning workers");
     let mut sites = Sites::new(
         spawner,
         cgroups.clone(),

@@ -13,6 +13,7 @@ mod e2e {
     pub mod pep3333;
     pub mod pool;
     pub mod routing;
+    pub mod spawn;
     pub mod streams;
     pub mod tenants;
 }

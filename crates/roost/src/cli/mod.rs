@@ -97,6 +97,20 @@ pub struct ServeArgs {
     /// different names.
     #[arg(long, default_value = "roost")]
     pub cgroup_name: String,
+    /// How workers start: forked from a warm, preloaded zygote per interpreter, or a
+    /// fresh interpreter each.
+    #[arg(long, value_enum, default_value = "zygote")]
+    pub spawn: SpawnArg,
+    /// Modules the zygotes import besides the usual standard library ones
+    /// (comma-separated), e.g. flask,django; a missing one is logged and skipped.
+    #[arg(long, value_delimiter = ',')]
+    pub preload: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SpawnArg {
+    Zygote,
+    Plain,
 }
 
 pub fn init_tracing(verbose: u8, server: bool) {
@@ -186,6 +200,11 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.stop_grace = args.stop_grace;
     config.min_uid = min_uid;
     config.cgroup_name = args.cgroup_name.clone();
+    config.spawn = match args.spawn {
+        SpawnArg::Zygote => crate::server::SpawnMode::Zygote,
+        SpawnArg::Plain => crate::server::SpawnMode::Plain,
+    };
+    config.preload = args.preload.clone();
     for text in &args.trusted_proxy {
         let net = text
             .parse::<ipnet::IpNet>()

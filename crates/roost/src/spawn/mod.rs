@@ -1,24 +1,37 @@
 //! Starting worker processes: the only place in roost with `unsafe` code.
 //!
 //! The pool asks a [`Spawn`] implementation for a worker with N slots and gets back the
-//! process and the node's ends of its slot sockets. Today [`PlainSpawner`] starts the
-//! loader with the site's interpreter; the zygote will implement the same trait.
-//! [`cgroup`] places each site's workers in its own cgroup; [`child`] is what runs
-//! between fork and exec.
+//! process and the node's ends of its slot sockets:
+//! - [`ZygoteSpawner`] (the default) asks a warm, preloaded zygote per interpreter to
+//!   fork the worker, passing the sockets with SCM_RIGHTS;
+//! - [`PlainSpawner`] forks and execs the site's python (the fallback, and for
+//!   interpreters older than 3.9).
+//!
+//! Both run the same checks first ([`prepare`]) and the same steps in the child (in
+//! Rust in [`child`], in Python in the loader's `become_worker`); [`cgroup`] places each
+//! site's workers in its own cgroup.
 
 #![allow(unsafe_code)]
 
 pub mod cgroup;
 mod child;
 mod plain;
+mod prepare;
+mod process;
+mod zygote;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use roost_registry::{OwnerError, Site};
 use tokio::net::UnixStream;
 
 pub use cgroup::{Cgroups, SiteCgroup};
-pub use plain::{PlainSpawner, SpawnConfig};
+pub use plain::PlainSpawner;
+pub use prepare::SpawnConfig;
+pub use process::WorkerProcess;
+pub use zygote::ZygoteSpawner;
 
 use crate::logs::SiteLogs;
 
@@ -34,8 +47,7 @@ pub struct SpawnRequest<'a> {
 
 /// A started worker: not yet ready (the loader still imports the app).
 pub struct SpawnedWorker {
-    pub child: tokio::process::Child,
-    pub pid: u32,
+    pub process: WorkerProcess,
     /// The node's end of each slot, in slot order.
     pub slots: Vec<UnixStream>,
 }
@@ -64,9 +76,16 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the zygote for {python} is not available: {reason}")]
+    Zygote { python: PathBuf, reason: String },
+    #[error("the zygote could not fork the worker: {0}")]
+    Fork(String),
 }
 
-/// Starts workers. Implementations must make every child die with the node.
+pub type SpawnFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SpawnedWorker, SpawnError>> + Send + 'a>>;
+
+/// Starts workers. Implementations must make every worker die with the node.
 pub trait Spawn: Send + Sync + 'static {
-    fn spawn(&self, request: SpawnRequest<'_>) -> Result<SpawnedWorker, SpawnError>;
+    fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a>;
 }

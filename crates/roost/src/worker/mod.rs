@@ -16,8 +16,6 @@ mod conn;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use roost_registry::Site;
 use roost_wire::{Frame, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -133,18 +131,19 @@ async fn run(
     report: impl Fn(WorkerEvent),
 ) {
     let logs = &ctx.logs;
-    let spawned = logs
-        .error_log_file()
-        .map_err(StartError::ErrorLog)
-        .and_then(|error_log| {
-            Ok(ctx.spawner.spawn(SpawnRequest {
+    let spawned = match logs.error_log_file() {
+        Ok(error_log) => {
+            let request = SpawnRequest {
                 site: &site,
                 slots: site.pool.threads,
                 error_log,
                 logs,
                 cgroup: &ctx.cgroup,
-            })?)
-        });
+            };
+            ctx.spawner.spawn(request).await.map_err(StartError::from)
+        }
+        Err(e) => Err(StartError::ErrorLog(e)),
+    };
     let mut spawned = match spawned {
         Ok(s) => s,
         Err(error) => {
@@ -155,7 +154,7 @@ async fn run(
             return report(WorkerEvent::StartFailed { id, error });
         }
     };
-    let pid = spawned.pid;
+    let pid = spawned.process.pid();
     tracing::debug!(pid, "worker spawned");
     let deadline = Instant::now() + ctx.startup_timeout;
     let mut slots: Vec<SlotConn> = spawned.slots.drain(..).map(SlotConn::new).collect();
@@ -182,7 +181,7 @@ async fn run(
         r = timeout_at(deadline, handshake) => r.unwrap_or(Err(StartError::Timeout(ctx.startup_timeout))),
         _ = control.recv() => Err(StartError::Stopped),
     };
-    let child = &mut spawned.child;
+    let process = &mut spawned.process;
     match outcome {
         Ok(import_time) => {
             tracing::info!(
@@ -199,8 +198,8 @@ async fn run(
         }
         Err(mut error) => {
             drop(slots);
-            kill_group(pid);
-            let status = child.wait().await.ok();
+            process.kill_group();
+            let status = process.wait().await;
             if let (StartError::Handshake(ConnError::Closed), Some(s)) = (&error, status) {
                 error = StartError::Exited(s);
             }
@@ -216,15 +215,15 @@ async fn run(
 
     let status = loop {
         tokio::select! {
-            status = child.wait() => break status.ok(),
+            status = process.wait() => break status,
             order = control.recv() => match order {
-                Some(WorkerControl::Kill) => kill_group(pid),
+                Some(WorkerControl::Kill) => process.kill_group(),
                 Some(WorkerControl::Stop) | None => {
-                    match tokio::time::timeout(ctx.stop_grace, child.wait()).await {
-                        Ok(status) => break status.ok(),
+                    match tokio::time::timeout(ctx.stop_grace, process.wait()).await {
+                        Ok(status) => break status,
                         Err(_) => {
                             tracing::warn!(pid, grace = ?ctx.stop_grace, "worker did not exit after its slots closed; killing it");
-                            kill_group(pid);
+                            process.kill_group();
                         }
                     }
                 }
@@ -233,11 +232,4 @@ async fn run(
     };
     tracing::debug!(pid, ?status, "worker exited");
     report(WorkerEvent::Exited { id, status });
-}
-
-/// SIGKILL to the worker's process group (the loader and anything it forked).
-fn kill_group(pid: u32) {
-    if pid > 0 {
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
 }

@@ -57,7 +57,13 @@ async fn a_virtualenv_site_with_a_module_entry() {
     })
     .await;
     let r = get(node.addr, "venv.test", "/").await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "{}\n{}",
+        r.text(),
+        node.log("venv", "error.log")
+    );
     assert_eq!(
         r.text(),
         format!("imported from the venv|{}", venv.display())

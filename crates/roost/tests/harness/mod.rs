@@ -252,7 +252,7 @@ fn with_user_db_lock<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Pids of live processes with `arg` on their command line (a node's loader path).
+/// Pids of live workers with `needle` (a node's loader path) on their command line.
 pub fn pids_running(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -262,9 +262,12 @@ pub fn pids_running(needle: &str) -> Vec<u32> {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let is_ours = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == needle.as_bytes());
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        // A zygote has the loader on its command line too, but is no worker; the
+        // workers it forks keep its command line and name themselves.
+        let zygote = args.contains(&&b"zygote"[..]) && comm.trim() != "roost-worker";
+        let is_ours = !zygote && args.contains(&needle.as_bytes());
         let zombie = std::fs::read_to_string(entry.path().join("stat"))
             .map(|s| s.contains(") Z "))
             .unwrap_or(true);

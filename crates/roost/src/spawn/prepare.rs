@@ -1,0 +1,107 @@
+//! What every spawn does before any process exists: resolve and check the site's
+//! owner, check its code files, prepare its private TMPDIR and its log permissions, and
+//! build its clean environment.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use roost_registry::{check_code_files, resolve, Identity};
+
+use super::{SpawnError, SpawnRequest};
+
+/// How this node starts workers.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    /// The loader, written by the node at start-up where every site user can read it.
+    pub loader: PathBuf,
+    /// Parent of each site's private temporary folder (TMPDIR).
+    pub tmp_root: PathBuf,
+    /// True when the node can and must switch users (it runs as root).
+    pub as_root: bool,
+    /// Lowest uid a site may run as.
+    pub min_uid: u32,
+    /// Variables every worker gets before the site's own (PATH, LANG).
+    pub base_env: Vec<(String, String)>,
+    /// Modules every zygote imports besides the standard library's usual ones.
+    pub preload: Vec<String>,
+}
+
+/// The outcome of the checks: who the worker runs as, and its environment.
+pub struct Prepared {
+    pub identity: Option<Identity>,
+    pub env: Vec<(String, String)>,
+}
+
+pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepared, SpawnError> {
+    let site = request.site;
+    // Users and files change after `site add`: check again now.
+    let identity = if config.as_root {
+        let user = site.user.as_deref().ok_or(SpawnError::NoUser)?;
+        Some(resolve(user, site.group.as_deref(), config.min_uid).map_err(SpawnError::Owner)?)
+    } else {
+        None
+    };
+    let uid = identity
+        .as_ref()
+        .map_or_else(|| nix::unistd::geteuid().as_raw(), |i| i.uid);
+    let paths = site.code_paths();
+    let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    check_code_files(&paths, uid).map_err(SpawnError::UnsafeCode)?;
+    let tmp = private_tmp(&config.tmp_root, &site.name, identity.as_ref())?;
+    if let Some(id) = &identity {
+        request.logs.grant(id.gid);
+    }
+
+    let mut env = config.base_env.clone();
+    env.push(("TMPDIR".into(), tmp.display().to_string()));
+    match &identity {
+        Some(id) => {
+            env.push(("HOME".into(), id.home.display().to_string()));
+            env.push(("USER".into(), id.name.clone()));
+            env.push(("LOGNAME".into(), id.name.clone()));
+        }
+        None => {
+            for key in ["HOME", "USER", "LOGNAME"] {
+                if let Ok(value) = std::env::var(key) {
+                    env.push((key.into(), value));
+                }
+            }
+        }
+    }
+    if site.interpreter.is_dir() {
+        env.push(("VIRTUAL_ENV".into(), site.interpreter.display().to_string()));
+    }
+    env.extend(site.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(Prepared { identity, env })
+}
+
+/// `<tmp_root>/<site>`, owned by the site user, mode 0700.
+fn private_tmp(
+    tmp_root: &Path,
+    site: &str,
+    identity: Option<&Identity>,
+) -> Result<PathBuf, SpawnError> {
+    let path = tmp_root.join(site);
+    let fail = |source| SpawnError::TmpDir {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(tmp_root).map_err(fail)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
+            return Err(fail(std::io::Error::other(
+                "exists and is not a plain folder",
+            )));
+        }
+        Ok(_) => {}
+        Err(_) => std::fs::create_dir(&path).map_err(fail)?,
+    }
+    if let Some(id) = identity {
+        let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
+        if meta.uid() != id.uid || meta.gid() != id.gid {
+            std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
+        }
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    Ok(path)
+}

@@ -1,0 +1,98 @@
+//! The two ways to start workers: forked from a warm zygote (the default) and plain
+//! spawn, and what happens when a zygote dies.
+
+use roost::server::SpawnMode;
+
+use crate::harness::{alive, get, pids_running, Node};
+
+fn pid_of(r: &crate::harness::Resp) -> u32 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text().trim().parse().expect("a pid")
+}
+
+/// The zygote processes of a node: the loader in zygote mode, not renamed as a worker.
+fn zygotes(node: &Node) -> Vec<u32> {
+    let loader = node.dir.path().join("run/loader.py").display().to_string();
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&loader.as_bytes()) && args.contains(&&b"zygote"[..])
+        })
+        .collect();
+    let workers = pids_running(&loader);
+    all.into_iter()
+        .filter(|p| !workers.contains(p) && alive(*p))
+        .collect()
+}
+
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_forked_by_the_zygote_which_restarts_when_killed() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("z", &["z.test"], &app)).await;
+    let worker = pid_of(&get(node.addr, "z.test", "/pid").await.unwrap());
+    let zygote = zygotes(&node);
+    assert_eq!(zygote.len(), 1, "expected one zygote, found {zygote:?}");
+    assert_eq!(
+        parent_of(worker),
+        zygote[0],
+        "the worker is not the zygote's child"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{worker}/comm"))
+            .unwrap()
+            .trim(),
+        "roost-worker"
+    );
+
+    // Kill the zygote: its workers die with it, and the next request brings both back.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zygote[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    node.eventually("the zygote's worker to die with it", || async {
+        !alive(worker)
+    })
+    .await;
+    node.eventually("a new worker from a new zygote", || async {
+        get(node.addr, "z.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let next = pid_of(&get(node.addr, "z.test", "/pid").await.unwrap());
+    assert_ne!(next, worker);
+    let again = zygotes(&node);
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0], zygote[0]);
+    assert_eq!(parent_of(next), again[0]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_spawn_serves_crashes_and_recovers() {
+    let node = Node::start_with(|c| c.spawn = SpawnMode::Plain).await;
+    let app = node.app("tester.py");
+    node.add(node.spec("p", &["p.test"], &app)).await;
+    let worker = pid_of(&get(node.addr, "p.test", "/pid").await.unwrap());
+    assert_eq!(
+        parent_of(worker),
+        std::process::id(),
+        "a plain worker is the node's child"
+    );
+    assert!(zygotes(&node).is_empty(), "plain spawn started a zygote");
+    assert_eq!(get(node.addr, "p.test", "/exit").await.unwrap().status, 502);
+    pid_of(&get(node.addr, "p.test", "/pid").await.unwrap());
+    node.stop().await;
+}
