@@ -503,6 +503,9 @@ STDLIB_PRELOAD = (
     "locale", "logging", "mimetypes", "pathlib", "pickle", "random", "re", "secrets", "shutil",
     "socket", "sqlite3", "string", "tempfile", "threading", "traceback", "typing",
     "urllib.parse", "uuid", "warnings", "wsgiref.headers", "wsgiref.util", "zlib",
+    # What become_worker itself needs: loading a C extension in every child costs
+    # milliseconds (dlopen), so the zygote loads them once.
+    "ctypes", "resource", "signal", "site", "sysconfig",
 )
 
 
@@ -528,12 +531,22 @@ def preload(modules):
     return failed
 
 
+_LIBC = []
+
+
+def libc():
+    """The C library through ctypes, opened once (in the zygote, before any fork)."""
+    if not _LIBC:
+        import ctypes
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
 def prctl_pdeathsig():
     import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
     import signal as _signal
-    if libc.prctl(PR_SET_PDEATHSIG, int(_signal.SIGKILL), 0, 0, 0) != 0:
+    PR_SET_PDEATHSIG = 1
+    if libc().prctl(PR_SET_PDEATHSIG, int(_signal.SIGKILL), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
@@ -542,7 +555,7 @@ def name_process(name):
     try:
         import ctypes
         PR_SET_NAME = 15
-        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+        libc().prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
     except Exception:
         pass
 
@@ -652,6 +665,12 @@ def zygote_main(preload_extra):
     failed = preload(STDLIB_PRELOAD + tuple(m for m in preload_extra if m))
     if failed:
         log("zygote could not preload: %s" % ", ".join(failed))
+    libc()
+    # Move everything preloaded out of the collector's reach: a collection in a child
+    # would touch (and so copy) every page the zygote shares with it.
+    import gc
+    gc.collect()
+    gc.freeze()
     me = os.getpid()
     ctl.send(bytes([Z_READY]) + pairs_encode([
         ("pid", me), ("preload_us", int((time.perf_counter() - started) * 1e6)),
@@ -691,7 +710,12 @@ def zygote_main(preload_extra):
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                become_worker(request, fds, me)
+                # The child must never fall back into this loop: it would be a second
+                # zygote, with root's rights, on the node's control socket.
+                try:
+                    become_worker(request, fds, me)
+                finally:
+                    os._exit(1)
             pidfd = os.pidfd_open(pid)
             try:
                 socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(

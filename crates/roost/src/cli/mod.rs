@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// (comma-separated), e.g. flask,django; a missing one is logged and skipped.
     #[arg(long, value_delimiter = ',')]
     pub preload: Vec<String>,
+    /// Do not use cgroups, even where the host has them (memory.max then falls back to
+    /// RSS polling; pids.max and cpu.weight are not enforced). For benchmarks, or hosts
+    /// whose limits are managed elsewhere.
+    #[arg(long)]
+    pub no_cgroups: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -205,6 +210,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
         SpawnArg::Plain => crate::server::SpawnMode::Plain,
     };
     config.preload = args.preload.clone();
+    config.cgroups = !args.no_cgroups;
     for text in &args.trusted_proxy {
         let net = text
             .parse::<ipnet::IpNet>()

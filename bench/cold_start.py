@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Cold start: time from a request to its complete response for a site with no live
+worker, for a hello app and a Flask app, under each way roost starts workers:
+
+  plain    a fresh interpreter per worker (--spawn plain)
+  zygote   forked from the stdlib-preloaded zygote (the default)
+  preload  forked from a zygote that preloaded flask (--preload flask)
+
+Each cold start waits until the site's previous worker has exited (idle_timeout
+100ms), then times one request over a fresh connection. Run as root (sites run as
+`nobody`), with a release build and python3-flask installed:
+
+  cargo build --release && apt-get install -y python3-flask
+  python3 bench/cold_start.py [--runs 30] [--json]
+"""
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOST = os.path.join(ROOT, "target", "release", "roost")
+APPS = {"hello": "hello.py", "flask": "flask_app.py"}
+MODES = {
+    "plain": ["--spawn", "plain"],
+    "zygote": ["--spawn", "zygote"],
+    "preload": ["--spawn", "zygote", "--preload", "flask"],
+}
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def site_workers(directory):
+    """Pids of processes whose working directory is the site's folder."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink("/proc/%s/cwd" % name) == directory:
+                    pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def request(port, host):
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/", headers={"Host": host})
+    response = conn.getresponse()
+    body = response.read()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError("%s answered %d: %r" % (host, response.status, body[:200]))
+    return elapsed
+
+
+def wait_until(check, limit=20.0):
+    deadline = time.time() + limit
+    while not check():
+        if time.time() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.01)
+
+
+def run_mode(mode, runs, work):
+    registry = "sqlite:" + os.path.join(work, mode + ".db")
+    dirs = {}
+    for site, app in APPS.items():
+        d = os.path.join(work, "apps", site)
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755)
+        shutil.copy(os.path.join(ROOT, "bench", "apps", app), d)
+        dirs[site] = d
+        subprocess.run([ROOST, "--registry", registry, "site", "add", site,
+                        "--host", site + ".bench", "--entry", os.path.join(d, app),
+                        "--user", "nobody", "--idle-timeout", "100ms"],
+                       check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    node = subprocess.Popen(
+        [ROOST, "--registry", registry, "serve", "--listen", "127.0.0.1:%d" % port,
+         "--cgroup-name", "roost-bench-cold", "--log-dir", os.path.join(work, "logs-" + mode),
+         "--run-dir", os.path.join(work, "run-" + mode)] + MODES[mode],
+        stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(port))
+        results = {}
+        for site, d in dirs.items():
+            host = site + ".bench"
+            request(port, host)  # the zygote's own start is not a site's cold start
+            times = []
+            for _ in range(runs):
+                wait_until(lambda: not site_workers(d))
+                times.append(request(port, host))
+            warm = [request(port, host) for _ in range(runs)]
+            results[site] = {"cold": times, "warm": warm}
+        return results
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+
+
+def _answers(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def summary(samples):
+    ms = sorted(t * 1000 for t in samples)
+    q = statistics.quantiles(ms, n=10)
+    return {"p50": statistics.median(ms), "p10": q[0], "p90": q[-1], "min": ms[0], "max": ms[-1],
+            "n": len(ms)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the sites run as nobody")
+    if not os.path.exists(ROOST):
+        sys.exit("build first: cargo build --release")
+    work = tempfile.mkdtemp()
+    os.chmod(work, 0o755)
+    report = {}
+    try:
+        for mode in args.modes.split(","):
+            print("measuring %s ..." % mode, file=sys.stderr, flush=True)
+            raw = run_mode(mode, args.runs, work)
+            report[mode] = {site: {k: summary(v) for k, v in r.items()} for site, r in raw.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print("%-8s %-6s %-5s %8s %8s %8s %8s" % ("mode", "app", "start", "p50 ms", "p10", "p90", "max"))
+    for mode, sites in report.items():
+        for site, kinds in sites.items():
+            for kind, s in kinds.items():
+                print("%-8s %-6s %-5s %8.2f %8.2f %8.2f %8.2f" % (
+                    mode, site, kind, s["p50"], s["p10"], s["p90"], s["max"]))
+
+
+if __name__ == "__main__":
+    main()
