@@ -5,6 +5,7 @@ worker, for a hello app and a Flask app, under each way roost starts workers:
   plain    a fresh interpreter per worker (--spawn plain)
   zygote   forked from the stdlib-preloaded zygote (the default)
   preload  forked from a zygote that preloaded flask (--preload flask)
+  *-nocg   the same with --no-cgroups, to show what joining the cgroups costs
 
 Each cold start waits until the site's previous worker has exited (idle_timeout
 100ms), then times one request over a fresh connection. Run as root (sites run as
@@ -32,6 +33,10 @@ MODES = {
     "plain": ["--spawn", "plain"],
     "zygote": ["--spawn", "zygote"],
     "preload": ["--spawn", "zygote", "--preload", "flask"],
+    # The same without cgroups: on a cgroup v1 host, moving a new process into its
+    # site's cgroups costs the kernel an RCU grace period (several ms) per cold start.
+    "zygote-nocg": ["--spawn", "zygote", "--no-cgroups"],
+    "preload-nocg": ["--spawn", "zygote", "--preload", "flask", "--no-cgroups"],
 }
 
 
@@ -152,11 +157,11 @@ def main():
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print("%-8s %-6s %-5s %8s %8s %8s %8s" % ("mode", "app", "start", "p50 ms", "p10", "p90", "max"))
+    print("%-12s %-6s %-5s %8s %8s %8s %8s" % ("mode", "app", "start", "p50 ms", "p10", "p90", "max"))
     for mode, sites in report.items():
         for site, kinds in sites.items():
             for kind, s in kinds.items():
-                print("%-8s %-6s %-5s %8.2f %8.2f %8.2f %8.2f" % (
+                print("%-12s %-6s %-5s %8.2f %8.2f %8.2f %8.2f" % (
                     mode, site, kind, s["p50"], s["p10"], s["p90"], s["max"]))
 
 
