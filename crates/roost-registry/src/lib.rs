@@ -11,6 +11,7 @@
 
 mod host;
 mod owner;
+mod runtime;
 mod site;
 mod snapshot;
 mod spec;
@@ -19,6 +20,7 @@ mod units;
 
 pub use host::{normalize_request_host, HostError, HostPattern};
 pub use owner::{check_code_files, resolve, Identity, OwnerError, DEFAULT_MIN_UID};
+pub use runtime::{site_packages, version_conflicts, Runtime};
 pub use site::{Entry, PoolSettings, Site};
 pub use snapshot::{diff, Change, Registry};
 pub use spec::{FsChecks, SiteSpec, ValidationError};

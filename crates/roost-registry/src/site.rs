@@ -26,6 +26,9 @@ pub struct Site {
     pub user: Option<String>,
     /// The group (name or gid); default: the user's primary group.
     pub group: Option<String>,
+    /// The runtime whose zygote forks this site's workers, resolved from its name by
+    /// the store; `None`: the site's own interpreter with the standard preloads.
+    pub runtime: Option<std::sync::Arc<crate::Runtime>>,
     pub pool: PoolSettings,
 }
 

@@ -81,6 +81,7 @@ mod tests {
             env: Default::default(),
             user: None,
             group: None,
+            runtime: None,
             pool: PoolSettings {
                 threads,
                 ..PoolSettings::default()

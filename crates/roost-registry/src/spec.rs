@@ -27,6 +27,8 @@ pub struct SiteSpec {
     pub env: BTreeMap<String, String>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// A runtime's name.
+    pub runtime: Option<String>,
     pub processes_max: Option<u32>,
     pub processes_min: Option<u32>,
     pub threads: Option<u32>,
@@ -75,6 +77,7 @@ impl SiteSpec {
             env: site.env.clone(),
             user: site.user.clone(),
             group: site.group.clone(),
+            runtime: site.runtime.as_ref().map(|r| r.name.clone()),
             processes_max: Some(p.processes_max),
             processes_min: Some(p.processes_min),
             threads: Some(p.threads),
@@ -101,6 +104,9 @@ impl SiteSpec {
             entry,
             interpreter,
             directory,
+            user,
+            group,
+            runtime,
             processes_max,
             processes_min,
             threads,
@@ -213,6 +219,9 @@ impl SiteSpec {
                 }
             }
         }
+        if let Some(runtime) = &self.runtime {
+            check_name(runtime).map_err(|p| err("runtime", p))?;
+        }
         if self.group.is_some() && self.user.is_none() {
             return Err(err("group", "a group needs a user".into()));
         }
@@ -227,6 +236,7 @@ impl SiteSpec {
             env,
             user: self.user.clone(),
             group: self.group.clone(),
+            runtime: None,
             pool,
         };
         if fs == FsChecks::Full {
@@ -319,7 +329,7 @@ impl SiteSpec {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.as_bytes()[0].is_ascii_alphanumeric()

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::{FsChecks, Registry, Site, SiteSpec, ValidationError};
+use std::sync::Arc;
+
+use crate::{FsChecks, Registry, Runtime, Site, SiteSpec, ValidationError};
 
 /// Schema steps, applied in order; `PRAGMA user_version` records how many ran.
 /// Append only: a released step is never edited.
@@ -45,6 +47,14 @@ const MIGRATIONS: &[&str] = &[
     // 2: the Unix user and group a site runs as.
     "ALTER TABLE sites ADD COLUMN run_user TEXT;
      ALTER TABLE sites ADD COLUMN run_group TEXT;",
+    // 3: runtimes, and the runtime a site names.
+    "CREATE TABLE runtimes (
+        name TEXT PRIMARY KEY NOT NULL,
+        python TEXT NOT NULL,
+        venv TEXT,
+        preload TEXT NOT NULL DEFAULT '[]'
+     );
+     ALTER TABLE sites ADD COLUMN runtime TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +87,12 @@ pub enum StoreError {
     SiteNotFound(String),
     #[error("host {host} already belongs to site {owner:?}")]
     HostTaken { host: String, owner: String },
+    #[error("no runtime named {0:?}; see `roost runtime list`")]
+    NoSuchRuntime(String),
+    #[error("a runtime named {0:?} already exists")]
+    RuntimeExists(String),
+    #[error("runtime {name:?} is used by sites {sites:?}; move them first")]
+    RuntimeInUse { name: String, sites: Vec<String> },
 }
 
 // Writes use BEGIN IMMEDIATE: they read before they write, and a deferred transaction
@@ -157,14 +173,38 @@ impl SqliteStore {
             .pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
-    /// Every site, validated without file system checks.
+    /// Every site, validated without file system checks, with its runtime attached.
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let mut specs = self.read_specs(None)?;
         let mut loaded = Loaded::default();
+        let runtimes: std::collections::BTreeMap<String, Arc<Runtime>> = self
+            .runtimes()?
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(r) => Some((r.name.clone(), Arc::new(r))),
+                Err(e) => {
+                    loaded.rejected.push(e);
+                    None
+                }
+            })
+            .collect();
         let mut sites = Vec::with_capacity(specs.len());
         for spec in specs.drain(..) {
             match spec.validate(FsChecks::Skip) {
-                Ok(site) => sites.push(site),
+                Ok(mut site) => match &spec.runtime {
+                    None => sites.push(site),
+                    Some(name) => match runtimes.get(name) {
+                        Some(rt) => {
+                            site.runtime = Some(rt.clone());
+                            sites.push(site);
+                        }
+                        None => loaded.rejected.push(ValidationError {
+                            site: spec.name.clone(),
+                            field: "runtime",
+                            problem: format!("runtime {name:?} does not exist (or is invalid)"),
+                        }),
+                    },
+                },
                 Err(e) => loaded.rejected.push(e),
             }
         }
@@ -205,6 +245,103 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Every runtime, each validated without file system checks.
+    pub fn runtimes(&self) -> Result<Vec<Result<Runtime, ValidationError>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, python, venv, preload FROM runtimes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, python, venv, preload) = row?;
+            let preload: Vec<String> = serde_json::from_str(&preload)
+                .unwrap_or_else(|_| vec!["<unreadable preload list>".into()]);
+            out.push(Runtime::validate(
+                &name,
+                &python,
+                venv.as_deref(),
+                &preload,
+                FsChecks::Skip,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Attaches the runtime a spec names to its validated site (writes need it).
+    pub fn attach_runtime(&self, spec: &SiteSpec, site: &mut Site) -> Result<(), StoreError> {
+        site.runtime = match &spec.runtime {
+            None => None,
+            Some(name) => {
+                let found = self
+                    .runtimes()?
+                    .into_iter()
+                    .flatten()
+                    .find(|r| &r.name == name)
+                    .ok_or_else(|| StoreError::NoSuchRuntime(name.clone()))?;
+                Some(Arc::new(found))
+            }
+        };
+        Ok(())
+    }
+
+    pub fn add_runtime(&mut self, runtime: &Runtime) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM runtimes WHERE name = ?1",
+                [&runtime.name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if exists {
+            return Err(StoreError::RuntimeExists(runtime.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO runtimes (name, python, venv, preload) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                runtime.name,
+                runtime.python.display().to_string(),
+                runtime.venv.as_ref().map(|v| v.display().to_string()),
+                serde_json::to_string(&runtime.preload).expect("strings serialise"),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a runtime no site uses.
+    pub fn remove_runtime(&mut self, name: &str) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let users: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT name FROM sites WHERE runtime = ?1 ORDER BY name")?;
+            let rows = stmt.query_map([name], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !users.is_empty() {
+            return Err(StoreError::RuntimeInUse {
+                name: name.to_owned(),
+                sites: users,
+            });
+        }
+        if tx.execute("DELETE FROM runtimes WHERE name = ?1", [name])? == 0 {
+            return Err(StoreError::NoSuchRuntime(name.to_owned()));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn remove(&mut self, name: &str) -> Result<(), StoreError> {
         let tx = self
             .conn
@@ -222,7 +359,7 @@ impl SqliteStore {
             "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
                     threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
                     max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
-                    run_user, run_group
+                    run_user, run_group, runtime
              FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
         )?;
         let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
@@ -253,6 +390,7 @@ impl SqliteStore {
                 cpu_weight: Some(r.get(17)?),
                 user: r.get(18)?,
                 group: r.get(19)?,
+                runtime: r.get(20)?,
             })
         })?;
         let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
@@ -278,6 +416,17 @@ fn exists(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
 }
 
 fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
+    if let Some(rt) = &site.runtime {
+        let known = tx
+            .query_row("SELECT 1 FROM runtimes WHERE name = ?1", [&rt.name], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some();
+        if !known {
+            return Err(StoreError::NoSuchRuntime(rt.name.clone()));
+        }
+    }
     let p = &site.pool;
     let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
     let env = serde_json::to_string(&site.env).expect("a map of strings always serialises");
@@ -285,9 +434,9 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
         "INSERT INTO sites (name, entry, interpreter, directory, env, processes_max,
             processes_min, threads, idle_timeout_ms, queue_max, queue_timeout_ms,
             request_timeout_ms, max_requests, body_max, memory_max, memory_worker_soft,
-            pids_max, cpu_weight, run_user, run_group)
+            pids_max, cpu_weight, run_user, run_group, runtime)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20)",
+                 ?19, ?20, ?21)",
         params![
             site.name,
             site.entry.to_text(),
@@ -309,6 +458,7 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
             p.cpu_weight,
             site.user,
             site.group,
+            site.runtime.as_ref().map(|r| r.name.clone()),
         ],
     )?;
     for (position, host) in site.hosts.iter().enumerate() {
@@ -409,6 +559,76 @@ mod tests {
         assert_eq!(loaded.sites["a"].hosts[0].to_string(), "new.test");
         writer.remove("a").unwrap();
         assert_eq!(watcher.load().unwrap().registry.sites.len(), 1);
+    }
+
+    #[test]
+    fn runtimes_attach_to_sites_and_cannot_vanish_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let rt =
+            Runtime::validate("web", "/bin/sh", None, &["json".into()], FsChecks::Full).unwrap();
+        store.add_runtime(&rt).unwrap();
+        assert!(matches!(
+            store.add_runtime(&rt),
+            Err(StoreError::RuntimeExists(_))
+        ));
+        let mut site = site(dir.path(), "a", &["a.test"]);
+        let mut spec = SiteSpec::from_site(&site);
+        spec.runtime = Some("nope".into());
+        assert!(matches!(
+            store.attach_runtime(&spec, &mut site),
+            Err(StoreError::NoSuchRuntime(_))
+        ));
+        spec.runtime = Some("web".into());
+        store.attach_runtime(&spec, &mut site).unwrap();
+        store.add(&site).unwrap();
+        let loaded = store.load().unwrap().registry;
+        assert_eq!(loaded.sites["a"].runtime.as_deref(), Some(&rt));
+        assert!(matches!(
+            store.remove_runtime("web"),
+            Err(StoreError::RuntimeInUse { .. })
+        ));
+        store.remove("a").unwrap();
+        store.remove_runtime("web").unwrap();
+        assert!(store.runtimes().unwrap().is_empty());
+    }
+
+    /// A registry written by schema version 1 opens, migrates and keeps its sites.
+    #[test]
+    fn an_old_registry_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let entry = dir.path().join("app.py");
+        std::fs::write(&entry, "").unwrap();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO sites (name, entry, interpreter, directory, env, processes_max,
+                    processes_min, threads, idle_timeout_ms, queue_max, queue_timeout_ms,
+                    request_timeout_ms, max_requests, body_max, memory_max, memory_worker_soft,
+                    pids_max, cpu_weight)
+                 VALUES ('old', ?1, '/bin/sh', ?2, '{}', 4, 0, 1, 60000, 100, 30000, 60000, 0,
+                    10485760, 536870912, NULL, 64, 100)",
+                params![
+                    entry.display().to_string(),
+                    dir.path().display().to_string()
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO hosts (host, site, position) VALUES ('old.test', 'old', 0)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+        let old = &loaded.registry.sites["old"];
+        assert_eq!(old.hosts[0].to_string(), "old.test");
+        assert_eq!((old.user.as_deref(), old.runtime.as_deref()), (None, None));
     }
 
     #[test]

@@ -635,7 +635,10 @@ def become_worker(request, fds, zygote_pid):
             # Debian patches the default scheme to /usr/local; a venv has its own.
             scheme = "venv" if "venv" in sysconfig.get_scheme_names() else "posix_prefix"
             purelib = sysconfig.get_path("purelib", scheme, vars={"base": venv, "platbase": venv})
+            # Layered above the runtime's packages: the site's own versions win.
+            before = list(sys.path)
             site.addsitedir(purelib)
+            sys.path[:] = [p for p in sys.path if p not in before] + before
             sys.prefix = sys.exec_prefix = venv
         import socket
         socks = [socket.socket(fileno=fd) for fd in slot_fds]

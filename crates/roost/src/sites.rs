@@ -113,6 +113,11 @@ impl Sites {
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
         let logs = SiteLogs::open(&self.log_dir, &site.name)?;
+        if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
+            for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
+                logs.error(&format!("warning: {conflict}"));
+            }
+        }
         if let (Some(user), false) = (&site.user, self.users_enforced) {
             tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
         }

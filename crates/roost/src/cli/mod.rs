@@ -4,6 +4,7 @@
 //! is written directly; a running node sees the change within its poll interval.
 
 mod demo;
+mod runtime;
 mod site;
 
 use std::net::SocketAddr;
@@ -53,6 +54,9 @@ pub enum Command {
     /// Add, change, remove and inspect sites.
     #[command(subcommand)]
     Site(Box<site::SiteCommand>),
+    /// Add, remove and list runtimes (interpreters with preloaded shared packages).
+    #[command(subcommand)]
+    Runtime(runtime::RuntimeCommand),
     /// Run a node with three bundled example sites on a registry of its own.
     Demo(demo::DemoArgs),
 }
@@ -139,6 +143,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(registry, cli.min_uid, args).map(|()| ExitCode::SUCCESS),
         Command::Site(command) => site::run(&registry, cli.min_uid, *command),
+        Command::Runtime(command) => runtime::run(&registry, command),
         Command::Demo(args) => demo::run(args),
     }
 }

@@ -74,6 +74,10 @@ pub struct SiteFlags {
     /// The group (name or gid) [default: the user's primary group].
     #[arg(long)]
     group: Option<String>,
+    /// A runtime (see `roost runtime`) whose zygote forks the workers; the site's own
+    /// virtualenv, if any, is layered above its packages.
+    #[arg(long)]
+    runtime: Option<String>,
     /// Most workers at once [default: 4].
     #[arg(long)]
     processes_max: Option<u32>,
@@ -152,6 +156,7 @@ impl SiteFlags {
             env,
             user: self.user.clone(),
             group: self.group.clone(),
+            runtime: self.runtime.clone(),
             processes_max: self.processes_max,
             processes_min: self.processes_min,
             threads: self.threads,
@@ -212,7 +217,9 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
             if spec.user.is_none() && super::is_root() {
                 bail!("site {name:?}: user: required when adding sites as root (--user NAME); roost never runs sites as root");
             }
-            let site = spec.validate_for(FsChecks::Full, min_uid)?;
+            let mut site = spec.validate_for(FsChecks::Full, min_uid)?;
+            store.attach_runtime(&spec, &mut site)?;
+            warn_conflicts(&site);
             store.add(&site)?;
             println!("added site {} ({})", site.name, hosts_text(&site));
         }
@@ -228,7 +235,10 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
             for key in unset_env {
                 patch.env.insert(key, String::new());
             }
-            let site = stored.merged(patch).validate_for(FsChecks::Full, min_uid)?;
+            let merged = stored.merged(patch);
+            let mut site = merged.validate_for(FsChecks::Full, min_uid)?;
+            store.attach_runtime(&merged, &mut site)?;
+            warn_conflicts(&site);
             store.replace(&site)?;
             println!(
                 "changed site {}; running nodes recycle its workers",
@@ -278,7 +288,8 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
             let spec = store
                 .get(&name)?
                 .with_context(|| format!("no site named {name:?}"))?;
-            let site = spec.validate(FsChecks::Skip)?;
+            let mut site = spec.validate(FsChecks::Skip)?;
+            store.attach_runtime(&spec, &mut site)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&site_json(&site))?);
             } else {
@@ -287,6 +298,15 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says when the site's virtualenv and its runtime disagree on a preloaded package.
+fn warn_conflicts(site: &Site) {
+    if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
+        for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
+            eprintln!("warning: site {}: {conflict}", site.name);
+        }
+    }
 }
 
 fn hosts_text(site: &Site) -> String {
@@ -309,6 +329,7 @@ fn site_json(site: &Site) -> serde_json::Value {
         "env": site.env,
         "user": site.user,
         "group": site.group,
+        "runtime": site.runtime.as_ref().map(|r| r.name.clone()),
         "processes_max": p.processes_max,
         "processes_min": p.processes_min,
         "threads": p.threads,
@@ -354,6 +375,12 @@ fn site_text(site: &Site) -> String {
             site.group
                 .clone()
                 .unwrap_or_else(|| "- (the user's primary group)".into()),
+        ),
+        (
+            "runtime",
+            site.runtime
+                .as_ref()
+                .map_or_else(|| "- (its own interpreter)".into(), |r| r.name.clone()),
         ),
         ("processes.max", p.processes_max.to_string()),
         ("processes.min", p.processes_min.to_string()),

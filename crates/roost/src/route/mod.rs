@@ -90,6 +90,7 @@ mod tests {
             env: Default::default(),
             user: None,
             group: None,
+            runtime: None,
             pool: PoolSettings::default(),
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

@@ -32,7 +32,13 @@ impl PlainSpawner {
         let (node_ends, worker_ends) = slot_pairs(request.slots)?;
         let (kind, target) = entry_args(&site.entry);
 
-        let mut cmd = std::process::Command::new(&site.python);
+        // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
+        // ahead of the runtime's packages.
+        let python = site
+            .runtime
+            .as_ref()
+            .map_or_else(|| site.python.clone(), |r| r.executable());
+        let mut cmd = std::process::Command::new(&python);
         cmd.arg(&self.config.loader)
             .arg("worker")
             .arg(request.slots.to_string())
@@ -41,6 +47,7 @@ impl PlainSpawner {
             .arg(&site.directory)
             .env_clear()
             .envs(prepared.env.iter().map(|(k, v)| (k, v)))
+            .envs(site_venv_path(site))
             .stdin(Stdio::null())
             .stdout(request.error_log.try_clone().map_err(exec_err)?)
             .stderr(request.error_log);
@@ -112,6 +119,16 @@ pub(super) fn into_tokio(
         .map(tokio::net::UnixStream::from_std)
         .collect::<Result<Vec<_>, _>>()
         .map_err(SpawnError::SocketPair)
+}
+
+/// PYTHONPATH for a site with both a runtime and a virtualenv of its own.
+fn site_venv_path(site: &roost_registry::Site) -> Option<(&'static str, String)> {
+    if site.runtime.is_none() || !site.interpreter.is_dir() {
+        return None;
+    }
+    let dirs = roost_registry::site_packages(&site.interpreter);
+    let joined = std::env::join_paths(dirs).ok()?;
+    Some(("PYTHONPATH", joined.to_string_lossy().into_owned()))
 }
 
 /// The loader's entry arguments: `file PATH` or `module MODULE:CALLABLE`.

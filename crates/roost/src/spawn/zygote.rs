@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -52,8 +52,40 @@ const FORK_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ZygoteSpawner {
     config: SpawnConfig,
     plain: PlainSpawner,
-    /// Interpreter (real path) → its zygote's actor, or why it has none.
-    zygotes: Mutex<HashMap<PathBuf, Runtime>>,
+    /// One zygote per runtime → its actor, or why it has none.
+    zygotes: Mutex<HashMap<ZygoteKey, Runtime>>,
+}
+
+/// What makes two sites share a zygote: the interpreter it runs and what it preloads.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ZygoteKey {
+    python: PathBuf,
+    preload: Vec<String>,
+}
+
+impl ZygoteKey {
+    fn of(site: &roost_registry::Site) -> Result<ZygoteKey, SpawnError> {
+        if let Some(runtime) = &site.runtime {
+            // A named runtime: its own python (its venv's, so its packages are seen).
+            return Ok(ZygoteKey {
+                python: runtime.executable(),
+                preload: runtime.preload.clone(),
+            });
+        }
+        // A virtualenv's python is a link to its base interpreter: one zygote serves
+        // every site on that interpreter; the venv is layered in the child.
+        let python = site
+            .python
+            .canonicalize()
+            .map_err(|source| SpawnError::Exec {
+                python: site.python.clone(),
+                source,
+            })?;
+        Ok(ZygoteKey {
+            python,
+            preload: Vec::new(),
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -84,15 +116,18 @@ impl ZygoteSpawner {
         }
     }
 
-    fn runtime(&self, python: &Path) -> Runtime {
+    fn runtime(&self, key: &ZygoteKey) -> Runtime {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
         zygotes
-            .entry(python.to_owned())
+            .entry(key.clone())
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
+                let python = key.python.clone();
+                let mut config = self.config.clone();
+                config.preload.extend(key.preload.iter().cloned());
                 let actor = ZygoteActor {
-                    python: python.to_owned(),
-                    config: self.config.clone(),
+                    python: python.clone(),
+                    config,
                 };
                 let span = tracing::info_span!("zygote", python = %python.display());
                 tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
@@ -101,21 +136,22 @@ impl ZygoteSpawner {
             .clone()
     }
 
-    fn mark_plain(&self, python: &Path) {
+    fn mark_plain(&self, key: &ZygoteKey) {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
-        zygotes.insert(python.to_owned(), Runtime::Plain);
+        zygotes.insert(key.clone(), Runtime::Plain);
     }
 
     async fn fork(
         &self,
         request: SpawnRequest<'_>,
-        python: PathBuf,
+        key: ZygoteKey,
     ) -> Result<SpawnedWorker, SpawnError> {
+        let python = key.python.clone();
         let zygote_err = |reason: String| SpawnError::Zygote {
             python: python.clone(),
             reason,
         };
-        let tx = match self.runtime(&python) {
+        let tx = match self.runtime(&key) {
             Runtime::Plain => return self.plain.spawn_now(request),
             Runtime::Zygote(tx) => tx,
         };
@@ -126,7 +162,7 @@ impl ZygoteSpawner {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => {
                 tracing::warn!(python = %python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
-                self.mark_plain(&python);
+                self.mark_plain(&key);
                 return self.plain.spawn_now(request);
             }
             Err(_) => return Err(zygote_err("its actor stopped".into())),
@@ -191,17 +227,8 @@ impl ZygoteSpawner {
 impl Spawn for ZygoteSpawner {
     fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a> {
         Box::pin(async move {
-            // A virtualenv's python is a link to its base interpreter: one zygote serves
-            // every site on that interpreter; the venv is layered in the child.
-            let python = request
-                .site
-                .python
-                .canonicalize()
-                .map_err(|source| SpawnError::Exec {
-                    python: request.site.python.clone(),
-                    source,
-                })?;
-            self.fork(request, python).await
+            let key = ZygoteKey::of(request.site)?;
+            self.fork(request, key).await
         })
     }
 }

@@ -338,6 +338,34 @@ fn site_commands_and_every_kind_of_bad_write() {
         shown["hosts"],
         serde_json::json!(["blog.test", "*.blog.test"])
     );
+    // Runtimes: added, named by a site, not removable while used.
+    ok(&roost(
+        &registry,
+        &[
+            "runtime",
+            "add",
+            "web",
+            "--python",
+            &py,
+            "--preload",
+            "json,email.utils",
+        ],
+    ));
+    let runtimes: serde_json::Value =
+        serde_json::from_str(&ok(&roost(&registry, &["runtime", "list", "--json"]))).unwrap();
+    assert_eq!(
+        runtimes[0]["preload"],
+        serde_json::json!(["json", "email.utils"])
+    );
+    let refused = roost(&registry, &["site", "set", "blog", "--runtime", "nope"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no runtime named \"nope\""));
+    ok(&roost(
+        &registry,
+        &["site", "set", "blog", "--runtime", "web"],
+    ));
+    assert!(ok(&roost(&registry, &["site", "show", "blog"])).contains("web"));
+    let refused = roost(&registry, &["runtime", "rm", "web"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is used by sites [\"blog\"]"));
     ok(&roost(&registry, &["site", "rm", "shop"]));
     assert!(!ok(&roost(&registry, &["site", "list"])).contains("shop"));
 }

@@ -70,3 +70,110 @@ async fn a_virtualenv_site_with_a_module_entry() {
     );
     node.stop().await;
 }
+
+/// A virtualenv made with `python -m venv --without-pip`, with `modules` (name, source)
+/// and their dist-info folders (name, version) in its site-packages.
+fn venv_with(
+    root: &std::path::Path,
+    modules: &[(&str, &str)],
+    dists: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let made = Command::new(python())
+        .args(["-m", "venv", "--without-pip"])
+        .arg(root)
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "cannot create a virtualenv (is python3-venv installed?)"
+    );
+    let purelib = roost_registry::site_packages(root)
+        .pop()
+        .expect("site-packages");
+    for (name, source) in modules {
+        std::fs::write(purelib.join(format!("{name}.py")), source).unwrap();
+    }
+    for (name, version) in dists {
+        std::fs::create_dir_all(purelib.join(format!("{name}-{version}.dist-info"))).unwrap();
+    }
+    root.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
+    let node = Node::start().await;
+    let root = node.dir.path().join("rt");
+    let runtime_venv = venv_with(
+        &root.join("runtime-venv"),
+        &[("sharedpkg", "WHERE = 'runtime'\n")],
+        &[("sharedpkg", "1.0")],
+    );
+    let site_venv = venv_with(
+        &root.join("site-venv"),
+        &[
+            ("sharedpkg", "WHERE = 'site'\n"),
+            ("siteonly", "WHERE = 'site venv'\n"),
+        ],
+        &[("sharedpkg", "2.0")],
+    );
+    let runtime = roost_registry::Runtime::validate(
+        "shared",
+        &python(),
+        Some(runtime_venv.to_str().unwrap()),
+        &["sharedpkg".into()],
+        roost_registry::FsChecks::Full,
+    )
+    .unwrap();
+    node.store().add_runtime(&runtime).unwrap();
+    let app_dir = root.join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    let app = app_dir.join("app.py");
+    std::fs::write(
+        &app,
+        "import sys\n\
+         PRELOADED = 'sharedpkg' in sys.modules\n\
+         import sharedpkg\n\
+         try:\n\
+         \x20   import siteonly\n\
+         \x20   SITEONLY = siteonly.WHERE\n\
+         except ImportError:\n\
+         \x20   SITEONLY = 'missing'\n\
+         def application(environ, start_response):\n\
+         \x20   start_response('200 OK', [('Content-Type', 'text/plain')])\n\
+         \x20   return [('%s %s %s' % (PRELOADED, sharedpkg.WHERE, SITEONLY)).encode()]\n",
+    )
+    .unwrap();
+    for (name, venv) in [("plainrt", None), ("layered", Some(&site_venv))] {
+        let mut spec = node.spec(name, &[&format!("{name}.test")], &app);
+        spec.runtime = Some("shared".into());
+        if let Some(v) = venv {
+            spec.interpreter = Some(v.display().to_string());
+        }
+        let mut site = spec.validate(roost_registry::FsChecks::Full).unwrap();
+        node.store().attach_runtime(&spec, &mut site).unwrap();
+        node.store().add(&site).unwrap();
+    }
+    let answer = |host: &'static str| async move {
+        let mut last = String::new();
+        for _ in 0..100 {
+            match get(node.addr, host, "/").await {
+                Ok(r) if r.status == 200 => return r.text(),
+                Ok(r) => last = r.text(),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{host} never answered: {last}");
+    };
+    // Preloaded by the runtime's zygote, before the app imported it.
+    assert_eq!(answer("plainrt.test").await, "True runtime missing");
+    // The site's venv is layered above (siteonly found); the preloaded package stays
+    // the runtime's, and the error log says so.
+    assert_eq!(answer("layered.test").await, "True runtime site venv");
+    let log = node.log("layered", "error.log");
+    assert!(
+        log.contains("sharedpkg: the runtime shared preloads 1.0, the site's virtualenv has 2.0"),
+        "{log}"
+    );
+    node.stop().await;
+}
