@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::front::{self, FrontConfig};
+use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
 use crate::spawn::{Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
@@ -54,6 +55,8 @@ pub struct NodeConfig {
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
     pub preload: Vec<String>,
+    /// The node-wide budget of workers and worker memory (0: unlimited).
+    pub budget: BudgetLimits,
 }
 
 impl NodeConfig {
@@ -70,6 +73,7 @@ impl NodeConfig {
             cgroup_name: "roost".to_owned(),
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
+            budget: BudgetLimits::default(),
         }
     }
 }
@@ -142,6 +146,7 @@ pub async fn run(
         as_root,
         config.log_dir.clone(),
         config.stop_grace,
+        Budget::start(config.budget),
     );
     let mut updates = registry_watch::spawn(config.registry.clone(), config.registry_poll)
         .map_err(ServerError::Watcher)?;

@@ -14,7 +14,7 @@ use roost_registry::{diff, Change, Registry, Site};
 use tokio::task::JoinHandle;
 
 use crate::logs::SiteLogs;
-use crate::pool::{self, PoolContext, PoolHandle};
+use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
 use crate::spawn::{Cgroups, Spawn};
@@ -29,6 +29,7 @@ pub struct Sites {
     users_enforced: bool,
     log_dir: PathBuf,
     stop_grace: Duration,
+    budget: Budget,
     /// Pools of removed sites that are still draining; awaited at shutdown.
     draining: Vec<JoinHandle<()>>,
 }
@@ -45,6 +46,7 @@ impl Sites {
         users_enforced: bool,
         log_dir: PathBuf,
         stop_grace: Duration,
+        budget: Budget,
     ) -> Sites {
         Sites {
             registry: Registry::default(),
@@ -55,6 +57,7 @@ impl Sites {
             users_enforced,
             log_dir,
             stop_grace,
+            budget,
             draining: Vec::new(),
         }
     }
@@ -139,6 +142,7 @@ impl Sites {
             cgroup: Arc::new(cgroup),
             stop_grace: self.stop_grace,
             poll_memory: !self.cgroups.has(Controller::Memory),
+            budget: self.budget.clone(),
         };
         let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx);
         Ok(LiveSite {

@@ -5,6 +5,7 @@
 mod harness;
 
 mod e2e {
+    pub mod budget;
     pub mod cli;
     pub mod http;
     pub mod interpreters;

@@ -114,6 +114,14 @@ pub struct ServeArgs {
     /// whose limits are managed elsewhere.
     #[arg(long)]
     pub no_cgroups: bool,
+    /// Most workers on this node, all sites together; when full, the idle worker used
+    /// least recently is stopped to make room. 0 is unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub max_workers: usize,
+    /// Most resident memory of all workers together; above it, idle workers are
+    /// stopped, least recently used first. 0 is unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_bytes)]
+    pub max_worker_memory: u64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -216,6 +224,10 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     };
     config.preload = args.preload.clone();
     config.cgroups = !args.no_cgroups;
+    config.budget = crate::pool::BudgetLimits {
+        max_workers: args.max_workers,
+        max_memory: args.max_worker_memory,
+    };
     for text in &args.trusted_proxy {
         let net = text
             .parse::<ipnet::IpNet>()

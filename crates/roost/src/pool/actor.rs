@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{CheckoutError, Lease, PoolControl, PoolHandle};
+use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle, PoolUsage};
 use crate::logs::SiteLogs;
 use crate::spawn::{SiteCgroup, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
@@ -45,6 +45,8 @@ pub struct PoolContext {
     pub stop_grace: Duration,
     /// No memory cgroup: enforce memory.max by summing the workers' RSS every tick.
     pub poll_memory: bool,
+    /// The node-wide budget every worker needs a permit from.
+    pub budget: Budget,
 }
 
 type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
@@ -66,6 +68,8 @@ struct WorkerEntry {
     last_used: Instant,
     /// The pool ordered SIGKILL: its death is expected, not news.
     killed: bool,
+    /// Its room in the node budget, given back when the entry goes.
+    _permit: Permit,
 }
 
 /// The site cannot start workers; requests fail fast until `retry_at`.
@@ -85,6 +89,10 @@ struct Pool {
     /// Modification time of the entry file when the current workers were started.
     entry_mtime: Option<SystemTime>,
     draining: bool,
+    /// Budget permits granted and not yet used by a worker.
+    permits: Vec<Permit>,
+    /// Permits asked for and not granted yet.
+    asked: usize,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -100,7 +108,10 @@ pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<
         waiters: VecDeque::new(),
         failure: None,
         draining: false,
+        permits: Vec::new(),
+        asked: 0,
     };
+    pool.ctx.budget.register(&pool.site.name, tx.clone());
     let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
     (PoolHandle { tx }, task)
 }
@@ -133,6 +144,7 @@ impl Pool {
             }
         }
         self.ctx.cgroup.remove();
+        self.ctx.budget.unregister(&self.site.name);
         tracing::info!("pool stopped");
     }
 
@@ -167,6 +179,25 @@ impl Pool {
             PoolControl::Drain => {
                 tracing::info!(waiting = self.waiters.len(), "draining");
                 self.draining = true;
+            }
+            PoolControl::Permit(permit) => {
+                self.asked = self.asked.saturating_sub(1);
+                self.permits.push(permit);
+                self.spawn_as_needed();
+                // Room this pool no longer needs goes back at once.
+                self.permits.clear();
+            }
+            PoolControl::Usage(reply) => {
+                let _ = reply.send(self.usage());
+            }
+            PoolControl::Evict(id) => {
+                let idle = self
+                    .workers
+                    .get(&id)
+                    .is_some_and(|w| w.state == State::Running && w.busy == 0);
+                if idle && self.active_workers() > self.site.pool.processes_min as usize {
+                    self.retire(id, "the node budget needs room for another site");
+                }
             }
         }
     }
@@ -234,6 +265,13 @@ impl Pool {
 
     fn checkin(&mut self, id: WorkerId, conn: Option<SlotConn>) {
         let max_requests = self.site.pool.max_requests;
+        // Another site waits for room on a full node while this pool asks for none:
+        // give this worker's room back rather than keep it for our own queue, so a
+        // busy site cannot hold the whole budget (permits are granted first come).
+        let yield_room = conn.is_some()
+            && self.asked == 0
+            && self.ctx.budget.under_pressure()
+            && self.active_workers() > self.site.pool.processes_min as usize;
         let over_soft = conn.is_some()
             && self
                 .workers
@@ -263,7 +301,16 @@ impl Pool {
             Some(_) if over_soft => {
                 self.retire(id, "its memory is above memory.worker_soft");
             }
-            Some(c) => self.give_slot(id, c),
+            Some(_) if yield_room => {
+                self.retire(id, "another site waits for room in the node budget");
+            }
+            Some(c) => {
+                self.give_slot(id, c);
+                let idle_now = self.workers.get(&id).is_some_and(|w| w.busy == 0);
+                if idle_now && self.ctx.budget.under_pressure() {
+                    self.ctx.budget.worker_idle();
+                }
+            }
         }
         self.stop_if_done(id);
         self.spawn_as_needed();
@@ -432,7 +479,8 @@ impl Pool {
     fn spawn_as_needed(&mut self) {
         if let Some(f) = &self.failure {
             let starting = self.workers.values().any(|w| w.state == State::Starting);
-            if Instant::now() < f.retry_at || starting || self.waiters.is_empty() {
+            if Instant::now() < f.retry_at || starting || self.asked > 0 || self.waiters.is_empty()
+            {
                 return;
             }
         }
@@ -442,8 +490,12 @@ impl Pool {
             .values()
             .filter(|w| w.state == State::Starting)
             .count();
-        let uncovered = self.waiters.len().saturating_sub(starting * threads);
-        let active = self.active_workers();
+        // Workers asked of the budget count as on their way.
+        let uncovered = self
+            .waiters
+            .len()
+            .saturating_sub((starting + self.asked) * threads);
+        let active = self.active_workers() + self.asked;
         let floor = if self.draining {
             0
         } else {
@@ -457,11 +509,35 @@ impl Pool {
             to_start = to_start.min(1);
         }
         for _ in 0..to_start {
-            self.start_worker();
+            match self.permits.pop() {
+                Some(permit) => self.start_worker(permit),
+                None => {
+                    self.asked += 1;
+                    self.ctx.budget.acquire(&self.site.name);
+                }
+            }
         }
     }
 
-    fn start_worker(&mut self) {
+    /// What the node budget needs to choose a worker to evict.
+    fn usage(&self) -> PoolUsage {
+        let evictable = self.active_workers() > self.site.pool.processes_min as usize;
+        let idle = self
+            .workers
+            .iter()
+            .filter(|(_, w)| evictable && w.state == State::Running && w.busy == 0)
+            .min_by_key(|(_, w)| w.last_used)
+            .map(|(id, w)| (w.last_used, *id));
+        let rss = self
+            .workers
+            .values()
+            .filter(|w| w.pid != 0)
+            .filter_map(|w| rss_bytes(w.pid))
+            .sum();
+        PoolUsage { idle, rss }
+    }
+
+    fn start_worker(&mut self, permit: Permit) {
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let ctx = WorkerContext {
             spawner: self.ctx.spawner.clone(),
@@ -488,6 +564,7 @@ impl Pool {
                 served: 0,
                 last_used: Instant::now(),
                 killed: false,
+                _permit: permit,
             },
         );
     }

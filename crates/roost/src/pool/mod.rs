@@ -6,6 +6,7 @@
 //! and the lease goes back to the actor when dropped.
 
 mod actor;
+mod budget;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use roost_registry::Site;
 use tokio::sync::{mpsc, oneshot};
 
 pub use actor::{spawn_pool, PoolContext};
+pub use budget::{Budget, BudgetLimits, Permit, PoolUsage};
 
 use crate::worker::{SlotConn, WorkerEvent, WorkerId};
 
@@ -48,6 +50,12 @@ pub enum PoolControl {
     Reconfigure(Arc<Site>),
     /// The site was removed: finish what is queued and in flight, then stop.
     Drain,
+    /// The node budget grants room for one worker.
+    Permit(Permit),
+    /// The budget asks for the least recently used idle worker and the pool's memory.
+    Usage(oneshot::Sender<PoolUsage>),
+    /// The budget needs room: retire this worker if it is still idle.
+    Evict(WorkerId),
 }
 
 /// The cheap side of a pool.

@@ -1,0 +1,238 @@
+//! The node-wide worker budget, shared by every site: at most `max_workers` workers and
+//! `max_memory` bytes of worker RSS in total.
+//!
+//! A pool that wants a worker asks the budget for a [`Permit`]; the permit lives as long
+//! as the worker, and dropping it gives the room back. When the budget is full, the
+//! idle worker used least recently, of any site, is evicted to make room; requests wait
+//! in their own site's queue meanwhile, under the usual queue bounds. Permits are
+//! granted in the order they were asked for, across sites, so a busy site cannot starve
+//! a small one. While anyone waits, pools report each worker that turns idle, so
+//! eviction does not depend on catching a busy node's idle moments by polling.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::PoolControl;
+use crate::worker::WorkerId;
+
+/// How often a full budget with waiters looks for something to evict, as a backstop.
+const RETRY: Duration = Duration::from_millis(100);
+/// How often worker memory is summed against `max_memory`.
+const MEMORY_CHECK: Duration = Duration::from_secs(1);
+
+/// Limits of the budget; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BudgetLimits {
+    pub max_workers: usize,
+    pub max_memory: u64,
+}
+
+/// What a pool says when the budget looks for a victim.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolUsage {
+    /// Its idle worker used least recently, if any.
+    pub idle: Option<(Instant, WorkerId)>,
+    /// Resident memory of all its workers.
+    pub rss: u64,
+}
+
+enum Msg {
+    Register {
+        site: String,
+        pool: mpsc::UnboundedSender<PoolControl>,
+    },
+    Unregister {
+        site: String,
+    },
+    Acquire {
+        site: String,
+    },
+    Release,
+    /// A pool just saw a worker turn idle while others wait.
+    Idle,
+}
+
+/// The cheap side of the budget; cloned into every pool.
+#[derive(Clone)]
+pub struct Budget {
+    tx: mpsc::UnboundedSender<Msg>,
+    /// True while some pool waits for a permit: pools then report idle workers.
+    pressure: Arc<AtomicBool>,
+}
+
+/// Room for one worker; dropping it gives the room back.
+#[derive(Debug)]
+pub struct Permit {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Release);
+    }
+}
+
+impl Budget {
+    pub fn start(limits: BudgetLimits) -> Budget {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pressure = Arc::new(AtomicBool::new(false));
+        let actor = BudgetActor {
+            limits,
+            tx: tx.clone(),
+            pressure: pressure.clone(),
+            pools: HashMap::new(),
+            waiting: VecDeque::new(),
+            live: 0,
+        };
+        tokio::spawn(actor.run(rx));
+        Budget { tx, pressure }
+    }
+
+    pub fn register(&self, site: &str, pool: mpsc::UnboundedSender<PoolControl>) {
+        let _ = self.tx.send(Msg::Register {
+            site: site.to_owned(),
+            pool,
+        });
+    }
+
+    pub fn unregister(&self, site: &str) {
+        let _ = self.tx.send(Msg::Unregister {
+            site: site.to_owned(),
+        });
+    }
+
+    /// Asks for room for one worker; the permit arrives as `PoolControl::Permit`.
+    pub fn acquire(&self, site: &str) {
+        let _ = self.tx.send(Msg::Acquire {
+            site: site.to_owned(),
+        });
+    }
+
+    pub fn under_pressure(&self) -> bool {
+        self.pressure.load(Ordering::Relaxed)
+    }
+
+    pub fn worker_idle(&self) {
+        let _ = self.tx.send(Msg::Idle);
+    }
+}
+
+struct BudgetActor {
+    limits: BudgetLimits,
+    tx: mpsc::UnboundedSender<Msg>,
+    pressure: Arc<AtomicBool>,
+    pools: HashMap<String, mpsc::UnboundedSender<PoolControl>>,
+    /// Sites waiting for a permit, first asked first served.
+    waiting: VecDeque<String>,
+    /// Permits out.
+    live: usize,
+}
+
+impl BudgetActor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut retry = tokio::time::interval(RETRY);
+        let mut memory = tokio::time::interval(MEMORY_CHECK);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => return,
+                },
+                _ = retry.tick(), if !self.waiting.is_empty() => self.make_room().await,
+                _ = memory.tick(), if self.limits.max_memory > 0 => self.make_room().await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Register { site, pool } => {
+                self.pools.insert(site, pool);
+            }
+            Msg::Unregister { site } => {
+                self.pools.remove(&site);
+                self.waiting.retain(|s| s != &site);
+            }
+            Msg::Acquire { site } => {
+                self.waiting.push_back(site);
+                self.grant();
+                if !self.waiting.is_empty() {
+                    self.make_room().await;
+                }
+            }
+            Msg::Release => {
+                self.live = self.live.saturating_sub(1);
+                self.grant();
+            }
+            Msg::Idle => self.make_room().await,
+        }
+        self.pressure
+            .store(!self.waiting.is_empty(), Ordering::Relaxed);
+    }
+
+    fn full(&self) -> bool {
+        self.limits.max_workers > 0 && self.live >= self.limits.max_workers
+    }
+
+    /// Hands out permits while there is room, in order.
+    fn grant(&mut self) {
+        while !self.full() {
+            let Some(site) = self.waiting.pop_front() else {
+                return;
+            };
+            let Some(pool) = self.pools.get(&site) else {
+                continue;
+            };
+            self.live += 1;
+            let permit = Permit {
+                tx: self.tx.clone(),
+            };
+            if pool.send(PoolControl::Permit(permit)).is_err() {
+                // The pool is gone; its permit came back through Drop already.
+                continue;
+            }
+        }
+    }
+
+    /// Evicts the least recently used idle worker of any site when someone waits on a
+    /// full budget, and as many as it takes while worker memory is over its limit.
+    async fn make_room(&mut self) {
+        let waiting = !self.waiting.is_empty() && self.full();
+        if !waiting && self.limits.max_memory == 0 {
+            return;
+        }
+        let mut usages = Vec::with_capacity(self.pools.len());
+        for (site, pool) in &self.pools {
+            let (reply, answer) = oneshot::channel();
+            if pool.send(PoolControl::Usage(reply)).is_ok() {
+                usages.push((site.clone(), answer));
+            }
+        }
+        let mut candidates = Vec::new();
+        let mut total_rss = 0;
+        for (site, answer) in usages {
+            if let Ok(Ok(usage)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
+                total_rss += usage.rss;
+                if let Some((since, worker)) = usage.idle {
+                    candidates.push((since, site, worker));
+                }
+            }
+        }
+        candidates.sort_by_key(|(since, _, _)| *since);
+        let over_memory = self.limits.max_memory > 0 && total_rss > self.limits.max_memory;
+        if !(waiting || over_memory) {
+            return;
+        }
+        if let Some((_, site, worker)) = candidates.into_iter().next() {
+            tracing::info!(%site, worker, total_rss, reason = if over_memory { "worker memory over the node budget" } else { "a site waits for room" }, "evicting the least recently used idle worker");
+            if let Some(pool) = self.pools.get(&site) {
+                let _ = pool.send(PoolControl::Evict(worker));
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The node-wide worker budget: a full node evicts the least recently used idle worker
+//! of any site, and a busy site cannot starve a small one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost::pool::BudgetLimits;
+
+use crate::harness::{alive, get, Node};
+
+fn pid_of(r: &crate::harness::Resp) -> u32 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text().trim().parse().expect("a pid")
+}
+
+async fn budget_node(max_workers: usize) -> Node {
+    Node::start_with(|c| {
+        c.budget = BudgetLimits {
+            max_workers,
+            max_memory: 0,
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_evicts_the_least_recently_used_idle_worker() {
+    let node = budget_node(2).await;
+    let app = node.app("tester.py");
+    for name in ["a", "b", "c"] {
+        node.add(node.spec(name, &[&format!("{name}.test")], &app))
+            .await;
+    }
+    // The routing probes started workers; start from a known order of use.
+    let a = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = pid_of(&get(node.addr, "b.test", "/pid").await.unwrap());
+    node.eventually("two workers at most", || async {
+        node.worker_pids().len() <= 2
+    })
+    .await;
+    let c = pid_of(&get(node.addr, "c.test", "/pid").await.unwrap());
+    assert!(alive(c));
+    node.eventually("a's worker, used least recently, to be evicted", || async {
+        !alive(a)
+    })
+    .await;
+    assert!(
+        alive(b),
+        "b was used more recently than a and should have stayed"
+    );
+    assert!(node.worker_pids().len() <= 2, "{:?}", node.worker_pids());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_site_does_not_starve_a_small_one() {
+    let node = budget_node(2).await;
+    let app = node.app("tester.py");
+    let mut busy = node.spec("busy", &["busy.test"], &app);
+    busy.processes_max = Some(2);
+    node.add(busy).await;
+    node.add(node.spec("small", &["small.test"], &app)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let hammer: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, addr) = (stop.clone(), node.addr);
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = get(addr, "busy.test", "/sleep?s=0.2").await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let r = get(node.addr, "small.test", "/pid").await.unwrap();
+        assert_eq!(r.status, 200, "small request {i} starved: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hammer {
+        h.await.unwrap();
+    }
+    node.stop().await;
+}
