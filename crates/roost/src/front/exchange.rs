@@ -23,6 +23,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::body::{BodyError, PendingAccess, ResponseBody};
 use super::FrontError;
@@ -161,9 +162,14 @@ async fn salvage(
         }
         Writer::Gone => return,
     };
+    let gone = lease.gone.clone();
     let drained = timeout_at(deadline, async {
         loop {
-            match reader.next_frame().await {
+            let frame = tokio::select! {
+                frame = reader.next_frame() => frame,
+                _ = gone.cancelled() => Err(ConnError::Closed),
+            };
+            match frame {
                 Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
                 Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
                 Ok(other) => return Err(format!("unexpected {:?} frame", other.kind())),
@@ -207,6 +213,7 @@ pub async fn forward(
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
     let mut lease = route.pool.checkout(site).await?;
+    let lease_gone = lease.gone.clone();
     let deadline = Instant::now() + site.pool.request_timeout;
     let (reader, mut writer) = lease.take().split();
     let pool = lease.pool();
@@ -252,8 +259,10 @@ pub async fn forward(
     }
 
     let reader = ex.reader.as_mut().expect("set above");
+    let gone = lease_gone.clone();
     let frame = tokio::select! {
         frame = timeout_at(deadline, reader.next_frame()) => frame,
+        _ = gone.cancelled() => Ok(Err(ConnError::Closed)),
         Ok(()) = async { too_large.as_mut().expect("guarded").await }, if too_large.is_some() => {
             return Err(FrontError::BodyTooLarge { limit: site.pool.body_max });
         }
@@ -310,12 +319,20 @@ fn stream(
     access: &mut Option<PendingAccess>,
 ) -> Response<ResponseBody> {
     let sleep = Box::pin(tokio::time::sleep_until(ex.deadline));
+    let gone = Box::pin(
+        ex.lease
+            .as_ref()
+            .map(|l| l.gone.clone())
+            .unwrap_or_default()
+            .cancelled_owned(),
+    );
     let body = WorkerBody {
         status: response.status().as_u16(),
         ex,
         pending,
         next,
         sleep,
+        gone,
         sent: 0,
         access: access.take(),
     };
@@ -402,6 +419,7 @@ pub struct WorkerBody {
     /// What was read with the head after the pending chunks.
     next: Option<Result<Frame, ConnError>>,
     sleep: Pin<Box<Sleep>>,
+    gone: Pin<Box<WaitForCancellationFutureOwned>>,
     sent: u64,
     access: Option<PendingAccess>,
 }
@@ -423,6 +441,12 @@ impl WorkerBody {
         let frame = match self.next.take() {
             Some(frame) => frame,
             None => {
+                if self.gone.as_mut().poll(cx).is_ready() {
+                    // The worker died while a child of its kept the socket open.
+                    self.ex.lose();
+                    self.log();
+                    return Poll::Ready(Some(Err(BodyError::WorkerGone)));
+                }
                 if self.sleep.as_mut().poll(cx).is_ready() {
                     self.ex
                         .kill("it overran request_timeout while streaming".into());

@@ -70,6 +70,8 @@ struct WorkerEntry {
     killed: bool,
     /// Its room in the node budget, given back when the entry goes.
     _permit: Permit,
+    /// Cancelled when the process exits; every lease on it carries a clone.
+    gone: tokio_util::sync::CancellationToken,
 }
 
 /// The site cannot start workers; requests fail fast until `retry_at`.
@@ -260,6 +262,11 @@ impl Pool {
             worker,
             conn: Some(conn),
             pool: self.tx.clone(),
+            gone: self
+                .workers
+                .get(&worker)
+                .map(|w| w.gone.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -389,6 +396,7 @@ impl Pool {
                 let Some(w) = self.workers.remove(&id) else {
                     return;
                 };
+                w.gone.cancel();
                 let clean = status.is_some_and(|s| s.success());
                 if clean || w.killed {
                     tracing::info!(pid = w.pid, "worker stopped");
@@ -565,6 +573,7 @@ impl Pool {
                 last_used: Instant::now(),
                 killed: false,
                 _permit: permit,
+                gone: Default::default(),
             },
         );
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use roost_registry::Site;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 pub use actor::{spawn_pool, PoolContext};
 pub use budget::{Budget, BudgetLimits, Permit, PoolUsage};
@@ -105,6 +106,9 @@ pub struct Lease {
     pub worker: WorkerId,
     conn: Option<SlotConn>,
     pool: mpsc::UnboundedSender<PoolControl>,
+    /// Cancelled when the worker's process is gone: a socket it handed to a child
+    /// of its own may never close, so the exchange must not wait for end of file.
+    pub gone: CancellationToken,
 }
 
 impl Lease {

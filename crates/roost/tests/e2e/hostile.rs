@@ -1,0 +1,58 @@
+//! A malicious worker writes to its own slot socket behind the loader's back: every
+//! such request gets a 5xx (or, once a head went out, a broken response), the worker
+//! is gone, and the site and its neighbour go on serving.
+
+use std::time::Duration;
+
+use crate::harness::{alive, get, Node};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_cost_the_worker_and_nothing_else() {
+    let node = Node::start().await;
+    let hostile = node.app("hostile.py");
+    let calm = node.app("tester.py");
+    let mut spec = node.spec("evil", &["evil.test"], &hostile);
+    spec.request_timeout = Some(Duration::from_secs(20));
+    node.add(spec).await;
+    node.add(node.spec("calm", &["calm.test"], &calm)).await;
+    let worker = |text: String| -> u32 { text.trim_start_matches("ok ").parse().unwrap() };
+
+    for (path, expect) in [("/garbage", 502), ("/huge", 502), ("/order", 502)] {
+        let before = worker(get(node.addr, "evil.test", "/").await.unwrap().text());
+        let started = tokio::time::Instant::now();
+        let r = get(node.addr, "evil.test", path).await.unwrap();
+        assert_eq!(r.status, expect, "{path}: {}", r.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} was not refused at once"
+        );
+        node.eventually(
+            &format!("the worker behind {path} to be killed"),
+            || async { !alive(before) },
+        )
+        .await;
+        assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
+    }
+
+    // A response cut off after its head: the client sees a broken response, never a
+    // short one that looks complete.
+    let cut = get(node.addr, "evil.test", "/cut").await;
+    assert!(cut.is_err(), "a cut response looked complete: {cut:?}");
+
+    // The worker exits while a child of its keeps the socket open: no wait for the
+    // request timeout, the request fails as soon as the worker is gone.
+    let started = tokio::time::Instant::now();
+    let r = get(node.addr, "evil.test", "/fork").await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?}",
+        started.elapsed()
+    );
+
+    assert_eq!(get(node.addr, "evil.test", "/").await.unwrap().status, 200);
+    assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
+    let log = node.log("evil", "error.log");
+    assert!(log.contains("killing worker"), "{log}");
+    node.stop().await;
+}
