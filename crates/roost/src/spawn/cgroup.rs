@@ -95,7 +95,14 @@ impl Cgroups {
     pub fn detect(name: &str) -> Cgroups {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let mounts = parse_mountinfo(&mountinfo);
+        Cgroups::detect_from(&mountinfo, &own, name)
+    }
+
+    /// [`detect`](Self::detect) from given `/proc/self/mountinfo` and
+    /// `/proc/self/cgroup` texts.
+    fn detect_from(mountinfo: &str, own: &str, name: &str) -> Cgroups {
+        let own = own.to_owned();
+        let mounts = parse_mountinfo(mountinfo);
         let mut cgroups = Cgroups::default();
         let v2 = mounts.iter().find(|m| m.version == Version::V2);
         let v2_own = own_path(&own, None);
@@ -421,6 +428,75 @@ fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> Option<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The v2 path against a folder laid out like a cgroup2 mount (this project's CI
+    /// host has no v2 controllers, so the kernel's side is not exercised here): the
+    /// node moves into a leaf, controllers are delegated, limits land in v2 files.
+    #[test]
+    fn v2_placement_and_limits_on_a_cgroup2_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let mount = root.path();
+        let own = mount.join("system.slice/app.service");
+        std::fs::create_dir_all(own.join("node")).unwrap();
+        for file in ["cgroup.controllers", "cgroup.subtree_control"] {
+            std::fs::write(mount.join(file), "memory pids cpu").unwrap();
+            std::fs::write(own.join(file), "memory pids cpu").unwrap();
+        }
+        std::fs::write(own.join("node/cgroup.procs"), "").unwrap();
+        let mountinfo = format!(
+            "30 20 0:26 / {} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
+            mount.display()
+        );
+        // The base folder is created by detect; seed the files cgroupfs would show.
+        let base = own.join("roost-test");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("cgroup.subtree_control"), "").unwrap();
+        let cgroups =
+            Cgroups::detect_from(&mountinfo, "0::/system.slice/app.service\n", "roost-test");
+        assert!(cgroups.missing.is_empty(), "{:?}", cgroups.missing);
+        assert!(cgroups
+            .placements
+            .iter()
+            .all(|p| p.version == Version::V2 && p.base == base));
+        assert_eq!(
+            std::fs::read_to_string(own.join("node/cgroup.procs")).unwrap(),
+            std::process::id().to_string(),
+            "the node did not leave its cgroup for a leaf"
+        );
+        assert_eq!(
+            std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu"
+        );
+        let site_dir = base.join("blog");
+        std::fs::create_dir_all(&site_dir).unwrap();
+        for file in [
+            "memory.max",
+            "memory.swap.max",
+            "pids.max",
+            "cpu.weight",
+            "cgroup.procs",
+        ] {
+            std::fs::write(site_dir.join(file), "").unwrap();
+        }
+        let site = cgroups.site("blog").unwrap();
+        let limits = PoolSettings {
+            memory_max: 64 << 20,
+            pids_max: 16,
+            cpu_weight: 250,
+            ..PoolSettings::default()
+        };
+        site.apply(&limits).unwrap();
+        let read = |f: &str| std::fs::read_to_string(site_dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (64u64 << 20).to_string());
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "16");
+        assert_eq!(read("cpu.weight"), "250");
+        assert_eq!(
+            site.open_procs().unwrap().len(),
+            1,
+            "v2 has one folder for all"
+        );
+    }
 
     #[test]
     fn mountinfo_and_own_cgroup_are_parsed() {
