@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Many sites, few of them busy: 1,000 registered sites, 200 of them visited in a Zipf
+pattern (s = 1.1) by 8 concurrent clients, on a node whose budget allows 100 workers.
+Reports worker and node memory (PSS), latency p50/p99, the share of cold starts (a
+request answered by a worker pid new for its site) and errors.
+
+  cargo build --release && python3 bench/zipf.py [--requests 6000] [--json]   # as root
+"""
+import argparse
+import bisect
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOST = os.path.join(ROOT, "target", "release", "roost")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from density import pss_kib, processes  # noqa: E402
+
+
+def register(registry, app, sites):
+    """Adds the sites through the CLI once, then copies that row for the rest (the CLI
+    validates each write; 1,000 runs of it would only measure process start-up)."""
+    subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "add", "s0", "--host",
+                    "s0.bench", "--entry", app, "--user", "nobody", "--idle-timeout", "5s"],
+                   check=True, stdout=subprocess.DEVNULL)
+    db = sqlite3.connect(registry)
+    cols = [r[1] for r in db.execute("PRAGMA table_info(sites)") if r[1] not in ("name", "updated_at")]
+    for i in range(1, sites):
+        db.execute("INSERT INTO sites (name, %s) SELECT ?, %s FROM sites WHERE name = 's0'"
+                   % (", ".join(cols), ", ".join(cols)), ("s%d" % i,))
+        db.execute("INSERT INTO hosts (host, site, position) VALUES (?, ?, 0)",
+                   ("s%d.bench" % i, "s%d" % i))
+    db.commit()
+    db.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=1000)
+    parser.add_argument("--visited", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-workers", type=int, default=100)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the sites run as nobody")
+    work = tempfile.mkdtemp()
+    os.chmod(work, 0o755)
+    apps = os.path.join(work, "apps")
+    os.makedirs(apps)
+    os.chmod(apps, 0o755)
+    app = shutil.copy(os.path.join(ROOT, "bench", "apps", "pid.py"), apps)
+    registry = os.path.join(work, "registry.db")
+    register(registry, app, args.sites)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    run = os.path.join(work, "run")
+    node = subprocess.Popen([ROOST, "--registry", "sqlite:" + registry, "serve", "--listen",
+                             "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-zipf",
+                             "--max-workers", str(args.max_workers), "--log-dir",
+                             os.path.join(work, "logs"), "--run-dir", run],
+                            stderr=subprocess.DEVNULL)
+    weights = [1 / (k ** 1.1) for k in range(1, args.visited + 1)]
+    cumulative = []
+    total = 0
+    for w in weights:
+        total += w
+        cumulative.append(total)
+    rng = random.Random(42)
+    plan = [bisect.bisect(cumulative, rng.random() * total) for _ in range(args.requests)]
+    lock = threading.Lock()
+    latencies, errors, seen, cold = [], [], {}, [0]
+    peak_workers = [0]
+
+    def client(part):
+        for site in part:
+            host = "s%d.bench" % site
+            start = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", "/", headers={"Host": host})
+                r = conn.getresponse()
+                body = r.read()
+                conn.close()
+            except OSError as exc:
+                with lock:
+                    errors.append(str(exc))
+                continue
+            elapsed = time.perf_counter() - start
+            with lock:
+                if r.status != 200:
+                    errors.append("%s %d" % (host, r.status))
+                    continue
+                latencies.append(elapsed)
+                pids = seen.setdefault(site, set())
+                if body not in pids:
+                    pids.add(body)
+                    cold[0] += 1
+
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        time.sleep(1)  # the first registry load of 1,000 sites
+        print("running %d requests ..." % args.requests, file=sys.stderr, flush=True)
+        threads = [threading.Thread(target=client, args=(plan[i::args.clients],))
+                   for i in range(args.clients)]
+        started = time.time()
+        for t in threads:
+            t.start()
+        loader = os.path.join(run, "loader.py")
+        while any(t.is_alive() for t in threads):
+            peak_workers[0] = max(peak_workers[0], len(processes(loader)[0]))
+            time.sleep(0.2)
+        duration = time.time() - started
+        workers, zygotes = processes(loader)
+        ms = sorted(t * 1000 for t in latencies)
+        report = {
+            "requests": args.requests,
+            "errors": len(errors),
+            "cold_share": cold[0] / max(len(latencies), 1),
+            "p50_ms": statistics.median(ms),
+            "p99_ms": ms[int(len(ms) * 0.99) - 1],
+            "req_per_s": len(latencies) / duration,
+            "peak_workers": peak_workers[0],
+            "workers_at_end": len(workers),
+            "workers_pss_mib": sum(pss_kib(p) for p in workers) / 1024,
+            "zygote_pss_mib": sum(pss_kib(p) for p in zygotes) / 1024,
+            "node_pss_mib": pss_kib(node.pid) / 1024,
+            "first_errors": errors[:5],
+        }
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            print("%-16s %s" % (k, round(v, 3) if isinstance(v, float) else v))
+
+
+if __name__ == "__main__":
+    main()
