@@ -122,3 +122,64 @@ async fn bodies_over_the_site_limit_get_413() {
     assert!(r.text().starts_with("999 "));
     node.stop().await;
 }
+
+/// Request smuggling vectors, each followed in the same write by a second request that
+/// must not be answered unless the first was framed without any ambiguity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_vectors_are_refused_or_framed_unambiguously() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("lim", &["lim.test"], &app)).await;
+    enum Outcome {
+        /// 400 (or the given status) and nothing after it.
+        Refused(&'static str),
+        /// Answered, then the connection closed: the rest is never read as a request.
+        ClosedAfter,
+        /// Valid HTTP, parsed one way only: both requests answered.
+        Pipelined,
+    }
+    use Outcome::*;
+    let host = "Host: lim.test\r\n";
+    let vectors: Vec<(&str, String, Outcome)> = vec![
+        ("TE.CL", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n5c\r\nGPOST / HTTP/1.1\r\n\r\n0\r\n\r\n"), ClosedAfter),
+        ("obfuscated TE", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"), Refused("400")),
+        ("space before colon", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"), Refused("400")),
+        ("TE twice", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"), Refused("400")),
+        ("TE list", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"), Refused("400")),
+        ("TE in HTTP/1.0", format!("POST / HTTP/1.0\r\n{host}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), Refused("400")),
+        ("NUL in a header", format!("GET / HTTP/1.1\r\n{host}X: a\0b\r\n\r\n"), Refused("400")),
+        ("CR in a header", format!("GET / HTTP/1.1\r\n{host}X: a\rb\r\n\r\n"), Refused("400")),
+        ("space in a name", format!("GET / HTTP/1.1\r\n{host}X Y: 1\r\n\r\n"), Refused("400")),
+        ("obs-fold", format!("GET / HTTP/1.1\r\n{host}X: a\r\n b\r\n\r\n"), Refused("400")),
+        ("signed length", format!("POST / HTTP/1.1\r\n{host}Content-Length: +3\r\n\r\nabc"), Refused("400")),
+        ("overlong line", format!("GET /{} HTTP/1.1\r\n{host}\r\n", "a".repeat(70_000)), Refused("431")),
+        ("chunk size overflow", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n"), ClosedAfter),
+        ("bare LF", "GET / HTTP/1.1\nHost: lim.test\n\n".to_owned(), Pipelined),
+        ("tab before TE value", format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding:\tchunked\r\n\r\n0\r\n\r\n"), Pipelined),
+    ];
+    for (name, request, outcome) in vectors {
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(b"GET /osenv?key=SMUGGLED HTTP/1.1\r\nHost: lim.test\r\nConnection: close\r\n\r\n");
+        let answer = raw(node.addr, &bytes).await;
+        let statuses: Vec<&str> = answer
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| answer.get(i + 9..i + 12))
+            .collect();
+        let smuggled = answer.contains("<unset>");
+        match outcome {
+            Refused(status) => {
+                assert_eq!(statuses, [status], "{name}: {answer:?}");
+                assert!(!smuggled, "{name}: the second request was served");
+            }
+            ClosedAfter => {
+                assert_eq!(statuses.len(), 1, "{name}: {answer:?}");
+                assert!(!smuggled, "{name}: the second request was served");
+            }
+            Pipelined => {
+                assert_eq!(statuses, ["200", "200"], "{name}: {answer:?}");
+            }
+        }
+    }
+    assert_eq!(get(node.addr, "lim.test", "/").await.unwrap().status, 200);
+    node.stop().await;
+}
