@@ -24,6 +24,8 @@ use crate::worker::WorkerId;
 const RETRY: Duration = Duration::from_millis(100);
 /// How often worker memory is summed against `max_memory`.
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
+/// How long an ordered eviction is expected to free its room.
+const EVICTION_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Limits of the budget; 0 means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,6 +90,7 @@ impl Budget {
             pools: HashMap::new(),
             waiting: VecDeque::new(),
             live: 0,
+            evictions: VecDeque::new(),
         };
         tokio::spawn(actor.run(rx));
         Budget { tx, pressure }
@@ -131,6 +134,10 @@ struct BudgetActor {
     waiting: VecDeque<String>,
     /// Permits out.
     live: usize,
+    /// Evictions ordered and not yet turned into a released permit, so that one waiter
+    /// does not cost several workers; an eviction the pool could not honour (the worker
+    /// got busy) stops counting after `EVICTION_PATIENCE`.
+    evictions: VecDeque<Instant>,
 }
 
 impl BudgetActor {
@@ -167,6 +174,7 @@ impl BudgetActor {
             }
             Msg::Release => {
                 self.live = self.live.saturating_sub(1);
+                self.evictions.pop_front();
                 self.grant();
             }
             Msg::Idle => self.make_room().await,
@@ -202,7 +210,16 @@ impl BudgetActor {
     /// Evicts the least recently used idle worker of any site when someone waits on a
     /// full budget, and as many as it takes while worker memory is over its limit.
     async fn make_room(&mut self) {
-        let waiting = !self.waiting.is_empty() && self.full();
+        let now = Instant::now();
+        while self
+            .evictions
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > EVICTION_PATIENCE)
+        {
+            self.evictions.pop_front();
+        }
+        // Waiters not yet covered by an eviction on its way.
+        let waiting = self.full() && self.waiting.len() > self.evictions.len();
         if !waiting && self.limits.max_memory == 0 {
             return;
         }
@@ -231,7 +248,9 @@ impl BudgetActor {
         if let Some((_, site, worker)) = candidates.into_iter().next() {
             tracing::info!(%site, worker, total_rss, reason = if over_memory { "worker memory over the node budget" } else { "a site waits for room" }, "evicting the least recently used idle worker");
             if let Some(pool) = self.pools.get(&site) {
-                let _ = pool.send(PoolControl::Evict(worker));
+                if pool.send(PoolControl::Evict(worker)).is_ok() {
+                    self.evictions.push_back(Instant::now());
+                }
             }
         }
     }

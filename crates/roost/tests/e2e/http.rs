@@ -98,3 +98,39 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
     let _ = get(untrusting.addr, "xff.test", "/").await;
     untrusting.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slow_clients_do_not_shut_out_normal_ones() {
+    let node = Node::start_with(|c| c.front.header_read_timeout = Duration::from_secs(2)).await;
+    let app = node.app("tester.py");
+    node.add(node.spec("busy", &["busy.test"], &app)).await;
+    let mut slow = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: busy.test\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Normal clients are served while the slow ones hold their connections.
+    for i in 0..20 {
+        let r = get(node.addr, "busy.test", "/").await.unwrap();
+        assert_eq!(r.status, 200, "normal request {i}");
+    }
+    // Each slow client is cut off by the header read timeout.
+    let mut closed = 0;
+    for s in slow.iter_mut().step_by(50) {
+        let mut rest = Vec::new();
+        if tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest))
+            .await
+            .is_ok()
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed, 20,
+        "slow clients kept their connections past the header timeout"
+    );
+    node.stop().await;
+}

@@ -159,7 +159,9 @@ async fn smuggling_vectors_are_refused_or_framed_unambiguously() {
     ];
     for (name, request, outcome) in vectors {
         let mut bytes = request.into_bytes();
-        bytes.extend_from_slice(b"GET /osenv?key=SMUGGLED HTTP/1.1\r\nHost: lim.test\r\nConnection: close\r\n\r\n");
+        bytes.extend_from_slice(
+            b"GET /osenv?key=SMUGGLED HTTP/1.1\r\nHost: lim.test\r\nConnection: close\r\n\r\n",
+        );
         let answer = raw(node.addr, &bytes).await;
         let statuses: Vec<&str> = answer
             .match_indices("HTTP/1.1 ")
