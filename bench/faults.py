@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Faults under load: clients load several sites while a worker is killed with SIGKILL
+every 100 ms and sites are added through the registry. Checks that failed requests
+never outnumber the requests that can have been on a killed worker (one per kill, as
+each worker has one slot), that the node never stops answering, and that every
+registry write made during the run is present afterwards.
+
+  cargo build --release && python3 bench/faults.py [--seconds 60]     # as root
+"""
+import argparse
+import http.client
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOST = os.path.join(ROOT, "target", "release", "roost")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from density import processes  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the sites run as nobody")
+    work = tempfile.mkdtemp()
+    os.chmod(work, 0o755)
+    apps = os.path.join(work, "apps")
+    os.makedirs(apps)
+    os.chmod(apps, 0o755)
+    app = shutil.copy(os.path.join(ROOT, "bench", "apps", "pid.py"), apps)
+    reg = "sqlite:" + os.path.join(work, "registry.db")
+
+    def add(name):
+        subprocess.run([ROOST, "--registry", reg, "site", "add", name, "--host", name + ".bench",
+                        "--entry", app, "--user", "nobody"], check=True, stdout=subprocess.DEVNULL)
+
+    for i in range(args.sites):
+        add("s%d" % i)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    run = os.path.join(work, "run")
+    node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
+                             "--cgroup-name", "roost-bench-faults", "--log-dir",
+                             os.path.join(work, "logs"), "--run-dir", run],
+                            stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts = {"ok": 0, "failed": 0, "kills": 0}
+
+    def client(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            host = "s%d.bench" % rng.randrange(args.sites)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("GET", "/", headers={"Host": host})
+                r = conn.getresponse()
+                r.read()
+                conn.close()
+                good = r.status == 200
+            except OSError:
+                good = False
+            with lock:
+                counts["ok" if good else "failed"] += 1
+
+    try:
+        time.sleep(1)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        loader = os.path.join(run, "loader.py")
+        added = []
+        end = time.time() + args.seconds
+        rng = random.Random(7)
+        tick = 0
+        while time.time() < end:
+            workers = processes(loader)[0]
+            if workers:
+                try:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+                    counts["kills"] += 1
+                except ProcessLookupError:
+                    pass
+            tick += 1
+            if tick % 20 == 0:  # every 2 s, a registry write
+                name = "added%d" % len(added)
+                add(name)
+                added.append(name)
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+        listed = subprocess.run([ROOST, "--registry", reg, "site", "list"], check=True,
+                                capture_output=True, text=True).stdout
+        missing = [n for n in added if n not in listed]
+        served = []
+        for name in added:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/", headers={"Host": name + ".bench"})
+            served.append(conn.getresponse().status)
+            conn.close()
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    print("requests ok      %d" % counts["ok"])
+    print("requests failed  %d" % counts["failed"])
+    print("workers killed   %d" % counts["kills"])
+    print("sites added      %d (missing afterwards: %d; answering 200: %d)"
+          % (len(added), len(missing), served.count(200)))
+    bad = counts["failed"] > counts["kills"] or missing or served.count(200) != len(added)
+    print("RESULT", "FAIL" if bad else "PASS")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
