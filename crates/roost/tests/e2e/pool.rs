@@ -280,3 +280,28 @@ async fn touching_the_entry_file_reloads_the_site() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_over_its_soft_memory_limit_is_recycled_after_its_request() {
+    let node = Node::start().await;
+    let app = node.app("tenant.py");
+    let mut spec = node.spec("soft", &["soft.test"], &app);
+    spec.memory_worker_soft = Some(48 << 20);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    let pid = pid_of(&get(node.addr, "soft.test", "/pid").await.unwrap());
+    let r = get(node.addr, "soft.test", "/hog?mib=96&keep=1").await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the request itself must finish: {}",
+        r.text()
+    );
+    node.eventually("the fat worker to be recycled", || async { !alive(pid) })
+        .await;
+    assert_ne!(
+        pid_of(&get(node.addr, "soft.test", "/pid").await.unwrap()),
+        pid
+    );
+    node.stop().await;
+}

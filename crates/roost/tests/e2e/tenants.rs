@@ -364,3 +364,72 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
         let _ = std::fs::remove_dir(dir.parent().unwrap());
     }
 }
+
+#[test]
+#[ignore = "needs root: switches to the user nobody to run a node without root"]
+fn without_root_the_node_serves_as_the_invoking_user() {
+    need_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.path().join("node.log");
+    let mut node = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_roost"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+        .arg(dir.path().join("demo"))
+        .env("HOME", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("setpriv (util-linux) runs the node as nobody");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let mut last = String::new();
+        for _ in 0..200 {
+            match get(addr, "hello.localhost", "/").await {
+                Ok(r) if r.status == 200 => return r.text(),
+                Ok(r) => last = r.text(),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the unprivileged demo never answered: {last}");
+    });
+    assert!(answer.starts_with("Hello from roost!"), "{answer}");
+    let pid: u32 = answer
+        .split("worker pid: ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.contains("65534"),
+        "the worker is not running as nobody: {uid_line}"
+    );
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not running as root"), "{text}");
+    assert!(
+        text.contains("not enforced") || text.contains("polling"),
+        "{text}"
+    );
+}
