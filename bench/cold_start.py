@@ -19,12 +19,14 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -38,14 +40,6 @@ MODES = {
     "zygote-nocg": ["--spawn", "zygote", "--no-cgroups"],
     "preload-nocg": ["--spawn", "zygote", "--preload", "flask", "--no-cgroups"],
 }
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def site_workers(directory):
@@ -102,7 +96,7 @@ def run_mode(mode, runs, work):
          "--run-dir", os.path.join(work, "run-" + mode)] + MODES[mode],
         stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _answers(port))
+        wait_port(port)
         results = {}
         for site, d in dirs.items():
             host = site + ".bench"
@@ -117,14 +111,6 @@ def run_mode(mode, runs, work):
     finally:
         node.terminate()
         node.wait(timeout=30)
-
-
-def _answers(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def summary(samples):

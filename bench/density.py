@@ -11,48 +11,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import http.client
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, pss_kib, processes  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
-
-
-def pss_kib(pid):
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def processes(loader):
-    """(workers, zygotes) running this node's loader."""
-    workers, zygotes = [], []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % name, "rb") as f:
-                args = f.read().split(b"\0")
-            with open("/proc/%s/comm" % name) as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if loader.encode() not in args:
-            continue
-        if b"zygote" in args and comm != "roost-worker":
-            zygotes.append(int(name))
-        else:
-            workers.append(int(name))
-    return workers, zygotes
 
 
 def get(port, host):
@@ -80,10 +49,7 @@ def measure(app, sites, preload, work):
                         "s%d.bench" % i, "--entry", os.path.join(d, os.path.basename(src)),
                         "--user", "nobody", "--idle-timeout", "3s"], check=True,
                        stdout=subprocess.DEVNULL)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     run = os.path.join(work, "run-" + app)
     node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
                              "--cgroup-name", "roost-bench-density", "--log-dir",

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from density import processes  # noqa: E402
+from common import free_port, processes  # noqa: E402
 
 
 def main():
@@ -48,10 +47,7 @@ def main():
 
     for i in range(args.sites):
         add("s%d" % i)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     run = os.path.join(work, "run")
     node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
                              "--cgroup-name", "roost-bench-faults", "--log-dir",

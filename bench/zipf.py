@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from density import pss_kib, processes  # noqa: E402
+from common import free_port, pss_kib, processes, wait_port  # noqa: E402
 
 
 def register(registry, app, sites):
@@ -64,10 +63,7 @@ def main():
     app = shutil.copy(os.path.join(ROOT, "bench", "apps", "pid.py"), apps)
     registry = os.path.join(work, "registry.db")
     register(registry, app, args.sites)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     run = os.path.join(work, "run")
     node = subprocess.Popen([ROOST, "--registry", "sqlite:" + registry, "serve", "--listen",
                              "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-zipf",
@@ -112,15 +108,7 @@ def main():
                     cold[0] += 1
 
     try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_port(port)
         time.sleep(1)  # the first registry load of 1,000 sites
         print("running %d requests ..." % args.requests, file=sys.stderr, flush=True)
         threads = [threading.Thread(target=client, args=(plan[i::args.clients],))

@@ -7,12 +7,7 @@ use std::time::Duration;
 
 use roost::pool::BudgetLimits;
 
-use crate::harness::{alive, get, Node};
-
-fn pid_of(r: &crate::harness::Resp) -> u32 {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text().trim().parse().expect("a pid")
-}
+use crate::harness::{alive, get, pid_of, Node};
 
 async fn budget_node(max_workers: usize) -> Node {
     Node::start_with(|c| {

@@ -3,12 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{alive, get, Node};
-
-fn pid_of(r: &crate::harness::Resp) -> u32 {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text().trim().parse().expect("a pid")
-}
+use crate::harness::{alive, get, pid_of, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_starts_on_demand_and_really_exits_when_idle() {
@@ -290,7 +285,9 @@ async fn a_worker_over_its_soft_memory_limit_is_recycled_after_its_request() {
     spec.processes_max = Some(1);
     node.add(spec).await;
     let pid = pid_of(&get(node.addr, "soft.test", "/pid").await.unwrap());
-    let r = get(node.addr, "soft.test", "/hog?mib=96&keep=1").await.unwrap();
+    let r = get(node.addr, "soft.test", "/hog?mib=96&keep=1")
+        .await
+        .unwrap();
     assert_eq!(
         r.status,
         200,

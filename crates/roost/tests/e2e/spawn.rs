@@ -3,12 +3,7 @@
 
 use roost::server::SpawnMode;
 
-use crate::harness::{alive, get, pids_running, Node};
-
-fn pid_of(r: &crate::harness::Resp) -> u32 {
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text().trim().parse().expect("a pid")
-}
+use crate::harness::{alive, get, pid_of, pids_running, Node};
 
 /// The zygote processes of a node: the loader in zygote mode, not renamed as a worker.
 fn zygotes(node: &Node) -> Vec<u32> {

@@ -23,6 +23,12 @@ impl Resp {
     }
 }
 
+/// The pid a fixture app answered with (`/pid`); the answer must be a 200.
+pub fn pid_of(r: &Resp) -> u32 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text().trim().parse().expect("a pid")
+}
+
 /// Sends one request on a new connection; the whole body is collected.
 pub async fn send<B>(addr: SocketAddr, req: Request<B>) -> Result<Resp, String>
 where

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::http::{get, raw, send, Resp};
+pub use self::http::{get, pid_of, raw, send};
 
 /// A running node and its folder.
 pub struct Node {

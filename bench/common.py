@@ -1,0 +1,58 @@
+"""Helpers the benchmark scripts share: ports, waiting, and reading /proc."""
+import os
+import socket
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, limit=20.0):
+    """Waits until something accepts connections on 127.0.0.1:port."""
+    deadline = time.time() + limit
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def pss_kib(pid):
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def processes(loader):
+    """(workers, zygotes) running a node's loader."""
+    workers, zygotes = [], []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                args = f.read().split(b"\0")
+            with open("/proc/%s/comm" % name) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if loader.encode() not in args:
+            continue
+        if b"zygote" in args and comm != "roost-worker":
+            zygotes.append(int(name))
+        else:
+            workers.append(int(name))
+    return workers, zygotes
