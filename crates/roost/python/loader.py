@@ -661,6 +661,11 @@ def become_worker(request, fds, zygote_pid):
 
 
 def zygote_main(preload_extra):
+    if sys.version_info < (3, 9):
+        # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
+        # READY makes the node spawn this interpreter's workers plainly instead.
+        log("zygote mode needs python 3.9 or newer; this is %s" % sys.version.split()[0])
+        return 3
     import signal as _signal
     import socket
     ctl = socket.socket(fileno=ZYGOTE_CONTROL_FD)
