@@ -4,8 +4,10 @@
 each. During every load a canary opens a fresh connection every 100 ms for one request:
 its latency shows whether newcomers are starved.
 
-Peers run when installed: gunicorn and granian (pip install gunicorn granian). Others
-(mod_wsgi, uWSGI, Passenger) are not scripted yet.
+Peers run when installed: gunicorn and granian (pip install gunicorn granian), uWSGI
+behind its HTTP router (apt-get install uwsgi uwsgi-plugin-python3), and mod_wsgi in
+daemon mode under Apache (apt-get install apache2 libapache2-mod-wsgi-py3). Passenger is
+not scripted yet. Workers of roost, uWSGI and mod_wsgi run as nobody.
 
   cargo build --release && apt-get install -y wrk && python3 bench/throughput.py   # root
 """
@@ -40,6 +42,38 @@ def roost(work, port, threads):
             "--run-dir", os.path.join(work, "run")]
 
 
+APACHE_CONF = """
+ServerName localhost
+ServerRoot {work}
+Listen 127.0.0.1:{port}
+PidFile {work}/apache.pid
+ErrorLog {work}/apache-error.log
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
+User nobody
+Group nogroup
+StartServers 2
+ServerLimit 4
+ThreadsPerChild 50
+MaxRequestWorkers 200
+WSGIDaemonProcess hello processes=2 threads=1 user=nobody group=nogroup
+WSGIProcessGroup hello
+WSGIApplicationGroup %{{GLOBAL}}
+WSGIScriptAlias / {work}/hello.py
+<Directory {work}>
+  Require all granted
+</Directory>
+"""
+
+
+def apache(work, port):
+    conf = os.path.join(work, "apache-%d.conf" % port)
+    with open(conf, "w") as f:
+        f.write(APACHE_CONF.format(work=work, port=port))
+    return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
+
+
 SERVERS = {
     "roost (2 workers x 1 thread)": lambda w, p: roost(w, p, 1),
     "roost (2 workers x 4 threads)": lambda w, p: roost(w, p, 4),
@@ -49,7 +83,15 @@ SERVERS = {
     "granian (2 workers)": lambda w, p: [shutil.which("granian") or "granian", "--interface", "wsgi",
                                          "--workers", "2", "--host", "127.0.0.1", "--port", str(p),
                                          "--working-dir", w, "--log-level", "error", "hello:application"],
+    "uwsgi (HTTP router, 2 processes)": lambda w, p: ["uwsgi", "--plugins", "python3,http", "--http",
+                                                      "127.0.0.1:%d" % p, "--wsgi-file",
+                                                      os.path.join(w, "hello.py"), "--processes", "2",
+                                                      "--master", "--die-on-term", "--disable-logging", "--uid",
+                                                      "nobody", "--gid", "nogroup"],
+    "mod_wsgi (daemon mode, 2 processes)": apache,
 }
+PEER_BINARIES = {"gunicorn": "gunicorn", "granian": "granian", "uwsgi": "uwsgi",
+                 "mod_wsgi": "/usr/sbin/apache2"}
 
 
 def canary(port, stop, out):
@@ -90,7 +132,8 @@ def main():
     try:
         for name, command in SERVERS.items():
             peer = name.split()[0]
-            if peer != "roost" and not shutil.which(peer):
+            binary = PEER_BINARIES.get(peer)
+            if binary and not shutil.which(binary):
                 print("skipping %s: not installed" % name, file=sys.stderr)
                 continue
             port = free_port()
