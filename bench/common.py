@@ -1,7 +1,30 @@
 """Helpers the benchmark scripts share: ports, waiting, and reading /proc."""
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
+
+
+def require_root():
+    if os.geteuid() != 0:
+        sys.exit("run as root: the sites run as nobody")
+
+
+def workspace():
+    """A temporary folder every site user can traverse."""
+    work = tempfile.mkdtemp()
+    os.chmod(work, 0o755)
+    return work
+
+
+def install_app(work, app, folder="apps"):
+    """Copies bench/apps/<app> into <work>/<folder>/ (traversable); returns its path."""
+    apps = os.path.join(work, folder)
+    os.makedirs(apps, exist_ok=True)
+    os.chmod(apps, 0o755)
+    return shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", app), apps)
 
 
 def free_port():

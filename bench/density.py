@@ -13,12 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, pss_kib, processes  # noqa: E402
+from common import free_port, processes, pss_kib, require_root, workspace  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -96,10 +95,8 @@ def main():
     parser.add_argument("--sites", type=int, default=50)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the sites run as nobody")
-    work = tempfile.mkdtemp()
-    os.chmod(work, 0o755)
+    require_root()
+    work = workspace()
     report = {}
     try:
         for app, preload in (("hello", []), ("flask", ["--preload", "flask"])):

@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, processes  # noqa: E402
+from common import free_port, install_app, processes, require_root, workspace  # noqa: E402
 
 
 def main():
@@ -31,14 +30,9 @@ def main():
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the sites run as nobody")
-    work = tempfile.mkdtemp()
-    os.chmod(work, 0o755)
-    apps = os.path.join(work, "apps")
-    os.makedirs(apps)
-    os.chmod(apps, 0o755)
-    app = shutil.copy(os.path.join(ROOT, "bench", "apps", "pid.py"), apps)
+    require_root()
+    work = workspace()
+    app = install_app(work, "pid.py")
     reg = "sqlite:" + os.path.join(work, "registry.db")
 
     def add(name):

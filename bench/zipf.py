@@ -17,14 +17,14 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, pss_kib, processes, wait_port  # noqa: E402
+from common import (  # noqa: E402
+    free_port, install_app, processes, pss_kib, require_root, wait_port, workspace)
 
 
 def register(registry, app, sites):
@@ -53,14 +53,9 @@ def main():
     parser.add_argument("--max-workers", type=int, default=100)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the sites run as nobody")
-    work = tempfile.mkdtemp()
-    os.chmod(work, 0o755)
-    apps = os.path.join(work, "apps")
-    os.makedirs(apps)
-    os.chmod(apps, 0o755)
-    app = shutil.copy(os.path.join(ROOT, "bench", "apps", "pid.py"), apps)
+    require_root()
+    work = workspace()
+    app = install_app(work, "pid.py")
     registry = os.path.join(work, "registry.db")
     register(registry, app, args.sites)
     port = free_port()
