@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Cold start of uWSGI's Emperor with on-demand vassals (socket activation, `idle` and
+`die-on-idle`), behind its HTTP router: the peer of bench/cold_start.py, measured the
+same way (wait until the vassal exited, then time one request on a fresh connection).
+
+  apt-get install -y uwsgi uwsgi-plugin-python3 python3-flask
+  python3 bench/cold_start_uwsgi.py [--runs 30]          # as root; vassals run as nobody
+"""
+import argparse
+import http.client
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, install_app, require_root, wait_port, workspace  # noqa: E402
+
+VASSAL = """[uwsgi]
+plugins = python3
+wsgi-file = {app}
+processes = 1
+idle = 1
+die-on-idle = true
+uid = nobody
+gid = nogroup
+disable-logging = true
+"""
+
+
+def vassal_running(ini):
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % name, "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if ini.encode() in args and b"--emperor" not in args:
+                return True
+    return False
+
+
+def timed_get(port):
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    if r.status != 200:
+        raise RuntimeError("status %d" % r.status)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    require_root()
+    work = workspace()
+    vassals, sockets = os.path.join(work, "vassals"), os.path.join(work, "sockets")
+    os.makedirs(vassals)
+    os.makedirs(sockets)
+    os.chmod(sockets, 0o777)
+    apps = {"hello": install_app(work, "hello.py"), "flask": install_app(work, "flask_app.py")}
+    for name, app in apps.items():
+        with open(os.path.join(vassals, name + ".ini"), "w") as f:
+            f.write(VASSAL.format(app=app))
+    procs = [subprocess.Popen(["uwsgi", "--emperor", vassals, "--emperor-on-demand-directory",
+                               sockets, "--emperor-throttle", "1", "--die-on-term"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    ports = {}
+    try:
+        deadline = time.time() + 20
+        while not all(os.path.exists(os.path.join(sockets, n + ".socket")) for n in apps):
+            if time.time() > deadline:
+                sys.exit("the Emperor made no on-demand sockets")
+            time.sleep(0.05)
+        for name in apps:
+            ports[name] = free_port()
+            procs.append(subprocess.Popen(
+                ["uwsgi", "--master", "--plugins", "http", "--http", "127.0.0.1:%d" % ports[name],
+                 "--http-to", os.path.join(sockets, name + ".socket"), "--die-on-term"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, name + "-router.log"), "w")))
+            try:
+                wait_port(ports[name])
+            except OSError:
+                sys.exit(open(os.path.join(work, name + "-router.log")).read()[-2000:])
+        print("%-8s %8s %8s %8s %8s" % ("app", "p50 ms", "p10", "p90", "max"))
+        for name in apps:
+            ini = name + ".ini"
+            times = []
+            for _ in range(args.runs):
+                deadline = time.time() + 60
+                while vassal_running(ini):
+                    if time.time() > deadline:
+                        raise RuntimeError("the vassal never went idle")
+                    time.sleep(0.05)
+                # The Emperor needs a moment to put the vassal back in on-demand mode;
+                # a request in that window waits about 800 ms. A long-idle site is past it.
+                time.sleep(2.0)
+                times.append(timed_get(ports[name]) * 1000)
+            times.sort()
+            q = statistics.quantiles(times, n=10)
+            print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(times), q[0], q[-1], times[-1]))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
