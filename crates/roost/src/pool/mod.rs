@@ -1,6 +1,6 @@
 //! The pool of one site: its workers, their slots, and the queue of requests waiting.
 //!
-//! One actor task per site owns all of the pool's state ([`actor`]); the front talks
+//! One actor task per site owns all of the pool's state (`actor`); the front talks
 //! to it through a cheap, cloneable [`PoolHandle`]. A request checks out a [`Lease`]
 //! on one slot, uses the slot's socket directly (the actor is not on the data path),
 //! and the lease goes back to the actor when dropped.

@@ -88,7 +88,7 @@ struct Mount {
 
 impl Cgroups {
     /// Looks at this host's hierarchies and prepares `roost` cgroups where possible.
-    /// Never fails: what cannot be used is recorded and reported by [`describe`].
+    /// Never fails: what cannot be used is recorded and reported by [`Cgroups::describe`].
     ///
     /// `name` is this node's folder in each hierarchy (`roost` by default); nodes that
     /// share a machine need different names, since each sweeps its own.

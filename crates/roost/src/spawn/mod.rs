@@ -7,8 +7,8 @@
 //! - [`PlainSpawner`] forks and execs the site's python (the fallback, and for
 //!   interpreters older than 3.9).
 //!
-//! Both run the same checks first ([`prepare`]) and the same steps in the child (in
-//! Rust in [`child`], in Python in the loader's `become_worker`); [`cgroup`] places each
+//! Both run the same checks first (`prepare`) and the same steps in the child (in
+//! Rust in `child`, in Python in the loader's `become_worker`); [`cgroup`] places each
 //! site's workers in its own cgroup.
 
 #![allow(unsafe_code)]
