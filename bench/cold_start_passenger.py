@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Cold start of Phusion Passenger (Apache module, Debian's libapache2-mod-passenger),
+apps shut down after 1 s idle (PassengerPoolIdleTime 1): the peer of
+bench/cold_start.py, measured the same way (wait until the app's process exited, then
+time one request on a fresh connection). App processes run as nobody.
+
+  apt-get install -y apache2 libapache2-mod-passenger python3-flask
+  python3 bench/cold_start_passenger.py [--runs 30]          # as root
+"""
+import argparse
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, require_root, wait_port, workspace  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAD = """ServerName localhost
+ServerRoot {work}
+Listen 127.0.0.1:{port}
+PidFile {work}/apache.pid
+ErrorLog {work}/error.log
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule passenger_module /usr/lib/apache2/modules/mod_passenger.so
+User nobody
+Group nogroup
+PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerPython /usr/bin/python3
+PassengerPoolIdleTime 1
+PassengerMinInstances 0
+PassengerMaxPoolSize 4
+PassengerDefaultUser nobody
+PassengerDefaultGroup nogroup
+# This machine reaches no network: no phoning home.
+PassengerDisableSecurityUpdateCheck on
+PassengerDisableAnonymousTelemetry on
+"""
+VHOST = """<VirtualHost 127.0.0.1:{port}>
+  ServerName {name}.bench
+  DocumentRoot {app}/public
+  PassengerAppRoot {app}
+  PassengerAppType wsgi
+  PassengerStartupFile passenger_wsgi.py
+  <Directory {app}/public>
+    Require all granted
+  </Directory>
+</VirtualHost>
+"""
+
+
+def app_running(directory):
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink("/proc/%s/cwd" % name) == directory:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def timed_get(port, host):
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/", headers={"Host": host})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    if r.status != 200:
+        raise RuntimeError("%s: status %d" % (host, r.status))
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    require_root()
+    work = workspace()
+    port = free_port()
+    conf = HEAD.format(work=work, port=port)
+    apps = {}
+    for name, source in (("hello", "hello.py"), ("flask", "flask_app.py")):
+        app = os.path.join(work, name)
+        os.makedirs(os.path.join(app, "public"))
+        for d in (app, os.path.join(app, "public")):
+            os.chmod(d, 0o755)
+        shutil.copy(os.path.join(ROOT, "bench", "apps", source), os.path.join(app, source))
+        with open(os.path.join(app, "passenger_wsgi.py"), "w") as f:
+            f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n"
+                    % (app, source[:-3]))
+        conf += VHOST.format(port=port, name=name, app=app)
+        apps[name] = app
+    with open(os.path.join(work, "apache.conf"), "w") as f:
+        f.write(conf)
+    server = subprocess.Popen(["/usr/sbin/apache2", "-f", os.path.join(work, "apache.conf"),
+                               "-DFOREGROUND"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        print("%-8s %8s %8s %8s %8s" % ("app", "p50 ms", "p10", "p90", "max"))
+        for name, app in apps.items():
+            timed_get(port, name + ".bench")  # Passenger's own start-up is not the app's
+            times = []
+            for _ in range(args.runs):
+                deadline = time.time() + 60
+                while app_running(app):
+                    if time.time() > deadline:
+                        raise RuntimeError("the app never went idle")
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                times.append(timed_get(port, name + ".bench") * 1000)
+            times.sort()
+            q = statistics.quantiles(times, n=10)
+            print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(times), q[0], q[-1], times[-1]))
+    finally:
+        subprocess.run(["/usr/sbin/apache2", "-f", os.path.join(work, "apache.conf"), "-k", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
