@@ -39,6 +39,9 @@ MODES = {
     # site's cgroups costs the kernel an RCU grace period (several ms) per cold start.
     "zygote-nocg": ["--spawn", "zygote", "--no-cgroups"],
     "preload-nocg": ["--spawn", "zygote", "--preload", "flask", "--no-cgroups"],
+    # Without spare forks: the zygote forks only when asked (spares are on by default).
+    "nospare-nocg": ["--spawn", "zygote", "--zygote-spares", "0", "--no-cgroups"],
+    "nospare": ["--spawn", "zygote", "--zygote-spares", "0"],
 }
 
 

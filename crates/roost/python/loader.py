@@ -6,7 +6,7 @@ error log as stdout and stderr. Each slot serves one request at a time over the 
 protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
-       loader.py zygote [MODULE,MODULE,...]   (python >= 3.9; docs/protocol.md)
+       loader.py zygote [MODULE,MODULE,... [SPARES]]   (python >= 3.9; docs/protocol.md)
 """
 
 import os
@@ -660,7 +660,78 @@ def become_worker(request, fds, zygote_pid):
         os._exit(code)
 
 
-def zygote_main(preload_extra):
+class Spares(object):
+    """Children forked ahead of need, each waiting on a private socket for its worker's
+    order (the SPAWN payload and descriptors), so a spawn skips the fork itself.
+
+    A spare has done nothing site-specific yet: it becomes a worker only when its order
+    arrives, through the same become_worker steps as a freshly forked child.
+    """
+
+    def __init__(self, count, ctl, zygote_pid):
+        self.count = count
+        self.ctl = ctl
+        self.zygote_pid = zygote_pid
+        self.ready = []  # (pid, socket to send the order on)
+
+    def fill(self):
+        import signal as _signal
+        import socket
+        while len(self.ready) < self.count:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                # Never back into the zygote's loop, whatever happens (see zygote_main).
+                try:
+                    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+                    name_process(b"roost-spare")
+                    # Keep nothing of the zygote's while waiting: not its control
+                    # socket, and not the sockets of a worker it was just handing out.
+                    # Socket objects first (so nothing closes a reused number later),
+                    # then the raw descriptors the zygote holds.
+                    self.ctl.close()
+                    ours.close()
+                    for _, other in self.ready:
+                        other.close()
+                    keep = theirs.fileno()
+                    for name in os.listdir("/proc/self/fd"):
+                        fd = int(name)
+                        if fd > 2 and fd != keep:
+                            try:
+                                os.close(fd)
+                            except OSError:
+                                pass
+                    while True:
+                        try:
+                            msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)
+                            break
+                        except InterruptedError:
+                            continue
+                    if msg:
+                        become_worker(pairs_decode(msg), fds, self.zygote_pid)
+                finally:
+                    os._exit(0)
+            theirs.close()
+            self.ready.append((pid, ours))
+
+    def take(self, payload, fds):
+        """Hands an order to a spare; its pid, or None when no spare could take it."""
+        import socket
+        while self.ready:
+            pid, sock = self.ready.pop(0)
+            try:
+                socket.send_fds(sock, [payload], fds)
+                return pid
+            except OSError:
+                continue  # that spare died; its exit is reported like any other
+            finally:
+                sock.close()
+        return None
+
+
+def zygote_main(preload_extra, spare_count=0):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
@@ -699,6 +770,10 @@ def zygote_main(preload_extra):
 
     _signal.signal(_signal.SIGCHLD, reap)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    spares = Spares(spare_count, ctl, me)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+    spares.fill()
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
@@ -716,7 +791,9 @@ def zygote_main(preload_extra):
             _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            pid = spares.take(msg[1:], fds)
+            if pid is None:
+                pid = os.fork()
             if pid == 0:
                 # The child must never fall back into this loop: it would be a second
                 # zygote, with root's rights, on the node's control socket.
@@ -730,6 +807,8 @@ def zygote_main(preload_extra):
                     [("id", req_id), ("pid", pid)])], [pidfd])
             finally:
                 os.close(pidfd)
+            # Off the critical path: the next spawn finds its spare ready.
+            spares.fill()
         except Exception as exc:
             try:
                 ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
@@ -747,7 +826,9 @@ def zygote_main(preload_extra):
 
 def main(argv):
     if len(argv) >= 2 and argv[1] == "zygote":
-        return zygote_main(argv[2].split(",") if len(argv) > 2 else [])
+        preload = argv[2].split(",") if len(argv) > 2 else []
+        spare_count = int(argv[3]) if len(argv) > 3 else 0
+        return zygote_main(preload, spare_count)
     if len(argv) != 6 or argv[1] != "worker" or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)
         return 2

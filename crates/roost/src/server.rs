@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub preload: Vec<String>,
     /// The node-wide budget of workers and worker memory (0: unlimited).
     pub budget: BudgetLimits,
+    /// Children each zygote keeps forked ahead of need (a spawn then skips the fork).
+    pub zygote_spares: u32,
 }
 
 impl NodeConfig {
@@ -74,6 +76,7 @@ impl NodeConfig {
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
             budget: BudgetLimits::default(),
+            zygote_spares: 1,
         }
     }
 }
@@ -134,6 +137,7 @@ pub async fn run(
         min_uid: config.min_uid,
         base_env: worker_base_env(),
         preload: config.preload.clone(),
+        zygote_spares: config.zygote_spares,
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),

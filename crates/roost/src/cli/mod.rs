@@ -122,6 +122,9 @@ pub struct ServeArgs {
     /// stopped, least recently used first. 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_bytes)]
     pub max_worker_memory: u64,
+    /// Children each zygote keeps forked ahead of need, so a cold start skips the fork.
+    #[arg(long, default_value_t = 1)]
+    pub zygote_spares: u32,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -224,6 +227,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     };
     config.preload = args.preload.clone();
     config.cgroups = !args.no_cgroups;
+    config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
         max_workers: args.max_workers,
         max_memory: args.max_worker_memory,

@@ -24,6 +24,8 @@ pub struct SpawnConfig {
     pub base_env: Vec<(String, String)>,
     /// Modules every zygote imports besides the standard library's usual ones.
     pub preload: Vec<String>,
+    /// Children each zygote keeps forked ahead of need.
+    pub zygote_spares: u32,
 }
 
 /// The outcome of the checks: who the worker runs as, and its environment.

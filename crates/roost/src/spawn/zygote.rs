@@ -307,6 +307,7 @@ impl ZygoteActor {
             .arg(&self.config.loader)
             .arg("zygote")
             .arg(self.config.preload.join(","))
+            .arg(self.config.zygote_spares.to_string())
             .env_clear()
             .envs(self.config.base_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());

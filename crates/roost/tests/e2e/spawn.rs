@@ -5,7 +5,8 @@ use roost::server::SpawnMode;
 
 use crate::harness::{alive, get, pid_of, pids_running, Node};
 
-/// The zygote processes of a node: the loader in zygote mode, not renamed as a worker.
+/// The zygote processes of a node: the loader in zygote mode, not renamed as a worker
+/// or a spare.
 fn zygotes(node: &Node) -> Vec<u32> {
     let loader = node.dir.path().join("run/loader.py").display().to_string();
     let all: Vec<u32> = std::fs::read_dir("/proc")
@@ -15,7 +16,10 @@ fn zygotes(node: &Node) -> Vec<u32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.contains(&loader.as_bytes()) && args.contains(&&b"zygote"[..])
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            args.contains(&loader.as_bytes())
+                && args.contains(&&b"zygote"[..])
+                && comm.trim() != "roost-spare"
         })
         .collect();
     let workers = pids_running(&loader);
