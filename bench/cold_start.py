@@ -15,7 +15,6 @@ Each cold start waits until the site's previous worker has exited (idle_timeout
   python3 bench/cold_start.py [--runs 30] [--json]
 """
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, wait_port  # noqa: E402
+from common import free_port, pids_with_cwd, timed_get, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -43,32 +42,6 @@ MODES = {
     "nospare-nocg": ["--spawn", "zygote", "--zygote-spares", "0", "--no-cgroups"],
     "nospare": ["--spawn", "zygote", "--zygote-spares", "0"],
 }
-
-
-def site_workers(directory):
-    """Pids of processes whose working directory is the site's folder."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink("/proc/%s/cwd" % name) == directory:
-                    pids.append(int(name))
-            except OSError:
-                pass
-    return pids
-
-
-def request(port, host):
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/", headers={"Host": host})
-    response = conn.getresponse()
-    body = response.read()
-    elapsed = time.perf_counter() - start
-    conn.close()
-    if response.status != 200:
-        raise RuntimeError("%s answered %d: %r" % (host, response.status, body[:200]))
-    return elapsed
 
 
 def wait_until(check, limit=20.0):
@@ -103,12 +76,12 @@ def run_mode(mode, runs, work):
         results = {}
         for site, d in dirs.items():
             host = site + ".bench"
-            request(port, host)  # the zygote's own start is not a site's cold start
+            timed_get(port, host)  # the zygote's own start is not a site's cold start
             times = []
             for _ in range(runs):
-                wait_until(lambda: not site_workers(d))
-                times.append(request(port, host))
-            warm = [request(port, host) for _ in range(runs)]
+                wait_until(lambda: not pids_with_cwd(d))
+                times.append(timed_get(port, host))
+            warm = [timed_get(port, host) for _ in range(runs)]
             results[site] = {"cold": times, "warm": warm}
         return results
     finally:

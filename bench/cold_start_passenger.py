@@ -8,16 +8,15 @@ time one request on a fresh connection). App processes run as nobody.
   python3 bench/cold_start_passenger.py [--runs 30]          # as root
 """
 import argparse
-import http.client
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, require_root, wait_port, workspace  # noqa: E402
+from common import (  # noqa: E402
+    free_port, pids_with_cwd, print_cold_starts, require_root, timed_get, wait_port, workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD = """ServerName localhost
@@ -55,29 +54,6 @@ VHOST = """<VirtualHost 127.0.0.1:{port}>
 """
 
 
-def app_running(directory):
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink("/proc/%s/cwd" % name) == directory:
-                    return True
-            except OSError:
-                pass
-    return False
-
-
-def timed_get(port, host):
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/", headers={"Host": host})
-    r = conn.getresponse()
-    r.read()
-    conn.close()
-    if r.status != 200:
-        raise RuntimeError("%s: status %d" % (host, r.status))
-    return time.perf_counter() - start
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
@@ -111,15 +87,13 @@ def main():
             times = []
             for _ in range(args.runs):
                 deadline = time.time() + 60
-                while app_running(app):
+                while pids_with_cwd(app):
                     if time.time() > deadline:
                         raise RuntimeError("the app never went idle")
                     time.sleep(0.05)
                 time.sleep(0.5)
                 times.append(timed_get(port, name + ".bench") * 1000)
-            times.sort()
-            q = statistics.quantiles(times, n=10)
-            print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(times), q[0], q[-1], times[-1]))
+            print_cold_starts(name, times)
     finally:
         subprocess.run(["/usr/sbin/apache2", "-f", os.path.join(work, "apache.conf"), "-k", "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -7,16 +7,15 @@ same way (wait until the vassal exited, then time one request on a fresh connect
   python3 bench/cold_start_uwsgi.py [--runs 30]          # as root; vassals run as nobody
 """
 import argparse
-import http.client
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, install_app, require_root, wait_port, workspace  # noqa: E402
+from common import (  # noqa: E402
+    free_port, install_app, print_cold_starts, require_root, timed_get, wait_port, workspace)
 
 VASSAL = """[uwsgi]
 plugins = python3
@@ -41,18 +40,6 @@ def vassal_running(ini):
             if ini.encode() in args and b"--emperor" not in args:
                 return True
     return False
-
-
-def timed_get(port):
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/")
-    r = conn.getresponse()
-    r.read()
-    conn.close()
-    if r.status != 200:
-        raise RuntimeError("status %d" % r.status)
-    return time.perf_counter() - start
 
 
 def main():
@@ -103,9 +90,7 @@ def main():
                 # a request in that window waits about 800 ms. A long-idle site is past it.
                 time.sleep(2.0)
                 times.append(timed_get(ports[name]) * 1000)
-            times.sort()
-            q = statistics.quantiles(times, n=10)
-            print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(times), q[0], q[-1], times[-1]))
+            print_cold_starts(name, times)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

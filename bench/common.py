@@ -1,6 +1,8 @@
 """Helpers the benchmark scripts share: ports, waiting, and reading /proc."""
+import http.client
 import os
 import shutil
+import statistics
 import socket
 import sys
 import tempfile
@@ -79,3 +81,37 @@ def processes(loader):
         else:
             workers.append(int(name))
     return workers, zygotes
+
+
+def timed_get(port, host=None, timeout=60):
+    """Seconds for one GET / on a fresh connection, body included; it must be a 200."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("GET", "/", headers={"Host": host} if host else {})
+    response = conn.getresponse()
+    body = response.read()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError("%s answered %d: %r" % (host or port, response.status, body[:200]))
+    return elapsed
+
+
+def pids_with_cwd(directory):
+    """Processes whose working directory is `directory` (a site's or an app's folder)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink("/proc/%s/cwd" % name) == directory:
+                    pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def print_cold_starts(name, milliseconds):
+    """One row: p50, p10, p90 and max of a list of cold starts in ms."""
+    ms = sorted(milliseconds)
+    q = statistics.quantiles(ms, n=10)
+    print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(ms), q[0], q[-1], ms[-1]))
