@@ -67,6 +67,8 @@ impl ZygoteKey {
     fn of(site: &roost_registry::Site) -> Result<ZygoteKey, SpawnError> {
         if let Some(runtime) = &site.runtime {
             // A named runtime: its own python (its venv's, so its packages are seen).
+            // The zygote execs the link in the runtime's venv: the folders holding the
+            // link must be as trusted as the interpreter it points to.
             return Ok(ZygoteKey {
                 python: runtime.executable(),
                 preload: runtime.preload.clone(),
@@ -151,6 +153,13 @@ impl ZygoteSpawner {
             python: python.clone(),
             reason,
         };
+        if let Err(why) = trusted_interpreter(&key.python) {
+            // The zygote runs with the node's rights: never on an interpreter a tenant
+            // could have written. Plain spawn execs it only after dropping to the site
+            // user, which is safe.
+            tracing::warn!(site = %request.site.name, python = %key.python.display(), %why, "no zygote for an untrusted interpreter; spawning plainly");
+            return self.plain.spawn_now(request);
+        }
         let tx = match self.runtime(&key) {
             Runtime::Plain => return self.plain.spawn_now(request),
             Runtime::Zygote(tx) => tx,
@@ -231,6 +240,30 @@ impl Spawn for ZygoteSpawner {
             self.fork(request, key).await
         })
     }
+}
+
+/// Whether an interpreter may run with the node's rights: the file it resolves to and
+/// every folder on the way (the link's folders, the target's folder) must belong to
+/// root or the node's user and be writable by nobody else.
+fn trusted_interpreter(python: &std::path::Path) -> Result<(), String> {
+    let real = python
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", python.display()))?;
+    let mut paths = vec![real.clone()];
+    paths.extend(real.parent().map(std::path::Path::to_path_buf));
+    if real != python {
+        // A link (a venv's bin/python): whoever can replace it chooses what runs.
+        paths.extend(python.parent().map(std::path::Path::to_path_buf));
+        paths.extend(
+            python
+                .parent()
+                .and_then(|p| p.parent())
+                .map(std::path::Path::to_path_buf),
+        );
+    }
+    let paths: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+    roost_registry::check_code_files(&paths, nix::unistd::geteuid().as_raw())
+        .map_err(|e| e.to_string())
 }
 
 /// Owns one interpreter's zygote process and its control socket.

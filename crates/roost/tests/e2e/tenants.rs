@@ -433,3 +433,40 @@ fn without_root_the_node_serves_as_the_invoking_user() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: a tenant-owned interpreter must never run as root"]
+async fn a_tenant_owned_interpreter_never_runs_with_the_nodes_rights() {
+    need_root();
+    let node = Node::start().await;
+    let tenant = TestUser::create();
+    let mut spec = tenant_site(&node, "ownpy", &tenant);
+    // The tenant's own copy of python, which the tenant could replace at any time.
+    let bin = node.dir.path().join("sites/ownpy/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let own_python = bin.join("python3");
+    std::fs::copy("/usr/bin/python3", &own_python).unwrap();
+    for path in [&bin, &own_python] {
+        std::os::unix::fs::chown(path, Some(tenant.uid), Some(tenant.uid)).unwrap();
+    }
+    spec.interpreter = Some(own_python.display().to_string());
+    node.add(spec).await;
+    let who: serde_json::Value =
+        serde_json::from_str(&text(&node, "ownpy.test", "/whoami").await).unwrap();
+    assert_eq!(who["uid"], tenant.uid, "served, by the site's user");
+    // Nothing runs the tenant's binary with root's rights (a zygote would).
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        if exe == own_python {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+            assert!(
+                uid_line.split_whitespace().nth(1).is_none_or(|u| u != "0"),
+                "the tenant's python runs as root"
+            );
+        }
+    }
+    node.stop().await;
+}
