@@ -153,7 +153,12 @@ impl ZygoteSpawner {
             python: python.clone(),
             reason,
         };
-        if let Err(why) = trusted_interpreter(&key.python) {
+        let trusted = trusted_interpreter(&key.python).and_then(|()| match &request.site.runtime {
+            // The zygote imports the runtime's packages with the node's rights.
+            Some(rt) => trusted_packages(rt),
+            None => Ok(()),
+        });
+        if let Err(why) = trusted {
             // The zygote runs with the node's rights: never on an interpreter a tenant
             // could have written. Plain spawn execs it only after dropping to the site
             // user, which is safe.
@@ -263,6 +268,17 @@ fn trusted_interpreter(python: &std::path::Path) -> Result<(), String> {
     }
     let paths: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
     roost_registry::check_code_files(&paths, nix::unistd::geteuid().as_raw())
+        .map_err(|e| e.to_string())
+}
+
+/// A runtime's shared packages, imported by its zygote: as trusted as its interpreter.
+fn trusted_packages(runtime: &roost_registry::Runtime) -> Result<(), String> {
+    let Some(venv) = &runtime.venv else {
+        return Ok(());
+    };
+    let dirs = roost_registry::site_packages(venv);
+    let dirs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
+    roost_registry::check_code_files(&dirs, nix::unistd::geteuid().as_raw())
         .map_err(|e| e.to_string())
 }
 
