@@ -138,6 +138,11 @@ impl ZygoteSpawner {
             .clone()
     }
 
+    fn is_plain(&self, key: &ZygoteKey) -> bool {
+        let zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
+        matches!(zygotes.get(key), Some(Runtime::Plain))
+    }
+
     fn mark_plain(&self, key: &ZygoteKey) {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
         zygotes.insert(key.clone(), Runtime::Plain);
@@ -153,6 +158,9 @@ impl ZygoteSpawner {
             python: python.clone(),
             reason,
         };
+        if self.is_plain(&key) {
+            return self.plain.spawn_now(request);
+        }
         let trusted = trusted_interpreter(&key.python).and_then(|()| match &request.site.runtime {
             // The zygote imports the runtime's packages with the node's rights.
             Some(rt) => trusted_packages(rt),
@@ -162,7 +170,8 @@ impl ZygoteSpawner {
             // The zygote runs with the node's rights: never on an interpreter a tenant
             // could have written. Plain spawn execs it only after dropping to the site
             // user, which is safe.
-            tracing::warn!(site = %request.site.name, python = %key.python.display(), %why, "no zygote for an untrusted interpreter; spawning plainly");
+            tracing::warn!(site = %request.site.name, python = %key.python.display(), %why, "no zygote for an untrusted interpreter; spawning its workers plainly");
+            self.mark_plain(&key);
             return self.plain.spawn_now(request);
         }
         let tx = match self.runtime(&key) {
