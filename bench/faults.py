@@ -2,8 +2,10 @@
 """Faults under load: clients load several sites while a worker is killed with SIGKILL
 every 100 ms and sites are added through the registry. Checks that failed requests
 never outnumber the requests that can have been on a killed worker (one per kill, as
-each worker has one slot), that the node never stops answering, and that every
-registry write made during the run is present afterwards.
+each worker has one slot), that every request the node answered with a 5xx was on a
+worker that was killed (the access log names each request's worker pid), that the
+node never stops answering, and that every registry write made during the run is
+present afterwards.
 
   cargo build --release && python3 bench/faults.py [--seconds 60]     # as root
 """
@@ -50,6 +52,7 @@ def main():
     stop = threading.Event()
     lock = threading.Lock()
     counts = {"ok": 0, "failed": 0, "kills": 0}
+    killed = set()
 
     def client(seed):
         rng = random.Random(seed)
@@ -81,7 +84,9 @@ def main():
             workers = processes(loader)[0]
             if workers:
                 try:
-                    os.kill(rng.choice(workers), signal.SIGKILL)
+                    victim = rng.choice(workers)
+                    os.kill(victim, signal.SIGKILL)
+                    killed.add(victim)
                     counts["kills"] += 1
                 except ProcessLookupError:
                     pass
@@ -103,6 +108,19 @@ def main():
             conn.request("GET", "/", headers={"Host": name + ".bench"})
             served.append(conn.getresponse().status)
             conn.close()
+        # Every 5xx the node gave must name a worker that was killed.
+        misattributed, answered_5xx = [], 0
+        logs = os.path.join(work, "logs")
+        for site in os.listdir(logs):
+            with open(os.path.join(logs, site, "access.log")) as f:
+                for line in f:
+                    fields = line.rsplit(" ", 2)
+                    status = line.split('"')[2].split()[0]
+                    if status.startswith("5"):
+                        answered_5xx += 1
+                        pid = fields[-1].strip()
+                        if not pid.isdigit() or int(pid) not in killed:
+                            misattributed.append(line.strip())
     finally:
         node.terminate()
         node.wait(timeout=60)
@@ -110,9 +128,13 @@ def main():
     print("requests ok      %d" % counts["ok"])
     print("requests failed  %d" % counts["failed"])
     print("workers killed   %d" % counts["kills"])
+    print("5xx answered     %d (on a worker not killed: %d)" % (answered_5xx, len(misattributed)))
+    for line in misattributed[:5]:
+        print("  " + line)
     print("sites added      %d (missing afterwards: %d; answering 200: %d)"
           % (len(added), len(missing), served.count(200)))
-    bad = counts["failed"] > counts["kills"] or missing or served.count(200) != len(added)
+    bad = (counts["failed"] > counts["kills"] or missing or misattributed
+           or served.count(200) != len(added))
     print("RESULT", "FAIL" if bad else "PASS")
     sys.exit(1 if bad else 0)
 

@@ -127,7 +127,8 @@ async fn write_access(
     }
 }
 
-/// One access log line: Apache combined format, then the duration in microseconds.
+/// One access log line: Apache combined format, then the duration in microseconds and
+/// the pid of the worker that served it (`-` when none did).
 pub struct AccessRecord<'a> {
     pub peer: &'a str,
     pub start: SystemTime,
@@ -139,6 +140,7 @@ pub struct AccessRecord<'a> {
     pub referer: Option<&'a str>,
     pub user_agent: Option<&'a str>,
     pub duration: Duration,
+    pub worker_pid: Option<u32>,
 }
 
 impl AccessRecord<'_> {
@@ -148,8 +150,9 @@ impl AccessRecord<'_> {
         } else {
             self.bytes.to_string()
         };
+        let pid = self.worker_pid.map_or("-".to_owned(), |p| p.to_string());
         format!(
-            "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}\n",
+            "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {pid}\n",
             self.peer,
             clf_time(self.start),
             self.method,
@@ -246,10 +249,11 @@ mod tests {
             referer: None,
             user_agent: Some("curl/8"),
             duration: Duration::from_micros(1234),
+            worker_pid: Some(77),
         };
         assert_eq!(
             record.line(),
-            "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a\\\"b\\x0ac HTTP/1.1\" 200 5 \"-\" \"curl/8\" 1234\n"
+            "127.0.0.1 - - [01/Jan/1970:00:00:00 +0000] \"GET /a\\\"b\\x0ac HTTP/1.1\" 200 5 \"-\" \"curl/8\" 1234 77\n"
         );
     }
 }

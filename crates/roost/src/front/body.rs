@@ -80,6 +80,8 @@ pub struct PendingAccess {
     pub user_agent: Option<String>,
     pub start: SystemTime,
     pub began: Instant,
+    /// The worker that served the request, once one was assigned.
+    pub worker_pid: Option<u32>,
 }
 
 impl PendingAccess {
@@ -95,6 +97,7 @@ impl PendingAccess {
             referer: self.referer.as_deref(),
             user_agent: self.user_agent.as_deref(),
             duration: self.began.elapsed(),
+            worker_pid: self.worker_pid,
         }
         .line();
         self.logs.access(line);

@@ -213,6 +213,9 @@ pub async fn forward(
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
     let mut lease = route.pool.checkout(site).await?;
+    if let Some(access) = access.as_mut() {
+        access.worker_pid = Some(lease.pid);
+    }
     let lease_gone = lease.gone.clone();
     let deadline = Instant::now() + site.pool.request_timeout;
     let (reader, mut writer) = lease.take().split();

@@ -180,6 +180,7 @@ impl Front {
             user_agent: header_text(header::USER_AGENT),
             start: SystemTime::now(),
             began,
+            worker_pid: None,
         });
         let result = async {
             let declared = content_length(&parts)?;

@@ -260,6 +260,7 @@ impl Pool {
     fn lease(&self, worker: WorkerId, conn: SlotConn) -> Lease {
         Lease {
             worker,
+            pid: self.workers.get(&worker).map_or(0, |w| w.pid),
             conn: Some(conn),
             pool: self.tx.clone(),
             gone: self

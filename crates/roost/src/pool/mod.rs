@@ -104,6 +104,8 @@ impl PoolHandle {
 #[derive(Debug)]
 pub struct Lease {
     pub worker: WorkerId,
+    /// The worker's process id, for the access log.
+    pub pid: u32,
     conn: Option<SlotConn>,
     pool: mpsc::UnboundedSender<PoolControl>,
     /// Cancelled when the worker's process is gone: a socket it handed to a child

@@ -141,6 +141,13 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
     let app = node.app("tester.py");
     node.add(node.spec("errs", &["errs.test"], &app)).await;
     let pid = pid_of(&get(node.addr, "errs.test", "/pid").await.unwrap());
+    // The access log names the worker that served each request.
+    node.eventually("the /pid line in the access log", || async {
+        node.log("errs", "access.log")
+            .lines()
+            .any(|l| l.contains("GET /pid ") && l.ends_with(&format!(" {pid}")))
+    })
+    .await;
     let r = get(node.addr, "errs.test", "/error").await.unwrap();
     assert_eq!(r.status, 500);
     assert!(
