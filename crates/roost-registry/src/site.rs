@@ -111,11 +111,6 @@ impl Default for PoolSettings {
 }
 
 impl Site {
-    /// Slots the pool may have at once.
-    pub fn max_slots(&self) -> u32 {
-        self.pool.processes_max * self.pool.threads
-    }
-
     /// The file that holds the app's code: the WSGI file, or the module's file.
     pub fn code_file(&self) -> PathBuf {
         match &self.entry {

@@ -51,14 +51,6 @@ impl EnvironWriter {
         Ok(())
     }
 
-    pub fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     pub fn finish(self) -> Bytes {
         self.buf.freeze()
     }

@@ -48,10 +48,6 @@ impl SiteLogs {
         }))
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Lets the site's group read its logs: the folder and files stay owned by the
     /// node (a tenant cannot swap them for links) with the site's gid as group.
     pub fn grant(&self, gid: u32) {

@@ -291,10 +291,6 @@ impl SiteCgroup {
             }
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.dirs.is_empty()
-    }
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {

@@ -5,7 +5,6 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use roost_wire::{decode_from_worker, Frame, WireError};
-use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_util::io::poll_read_buf;
@@ -60,10 +59,6 @@ impl SlotConn {
     /// True if the worker sent bytes nobody asked for.
     pub fn has_stray_bytes(&self) -> bool {
         !self.buf.is_empty()
-    }
-
-    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
     }
 
     pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {
