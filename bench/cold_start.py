@@ -21,11 +21,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, pids_with_cwd, timed_get, wait_port  # noqa: E402
+from common import (  # noqa: E402
+    cold_starts, free_port, pids_with_cwd, require_root, timed_get, wait_port, workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -42,14 +41,6 @@ MODES = {
     "nospare-nocg": ["--spawn", "zygote", "--zygote-spares", "0", "--no-cgroups"],
     "nospare": ["--spawn", "zygote", "--zygote-spares", "0"],
 }
-
-
-def wait_until(check, limit=20.0):
-    deadline = time.time() + limit
-    while not check():
-        if time.time() > deadline:
-            raise RuntimeError("timed out")
-        time.sleep(0.01)
 
 
 def run_mode(mode, runs, work):
@@ -77,10 +68,8 @@ def run_mode(mode, runs, work):
         for site, d in dirs.items():
             host = site + ".bench"
             timed_get(port, host)  # the zygote's own start is not a site's cold start
-            times = []
-            for _ in range(runs):
-                wait_until(lambda: not pids_with_cwd(d))
-                times.append(timed_get(port, host))
+            times = [t / 1000 for t in cold_starts(runs, lambda: pids_with_cwd(d),
+                                                    lambda: timed_get(port, host))]
             warm = [timed_get(port, host) for _ in range(runs)]
             results[site] = {"cold": times, "warm": warm}
         return results
@@ -102,12 +91,10 @@ def main():
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the sites run as nobody")
+    require_root()
     if not os.path.exists(ROOST):
         sys.exit("build first: cargo build --release")
-    work = tempfile.mkdtemp()
-    os.chmod(work, 0o755)
+    work = workspace()
     report = {}
     try:
         for mode in args.modes.split(","):

@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    free_port, pids_with_cwd, print_cold_starts, require_root, timed_get, wait_port, workspace)
+    cold_starts, free_port, pids_with_cwd, print_cold_start_header, print_cold_starts,
+    require_root, timed_get, wait_port, workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD = """ServerName localhost
@@ -81,18 +82,11 @@ def main():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        print("%-8s %8s %8s %8s %8s" % ("app", "p50 ms", "p10", "p90", "max"))
+        print_cold_start_header()
         for name, app in apps.items():
             timed_get(port, name + ".bench")  # Passenger's own start-up is not the app's
-            times = []
-            for _ in range(args.runs):
-                deadline = time.time() + 60
-                while pids_with_cwd(app):
-                    if time.time() > deadline:
-                        raise RuntimeError("the app never went idle")
-                    time.sleep(0.05)
-                time.sleep(0.5)
-                times.append(timed_get(port, name + ".bench") * 1000)
+            times = cold_starts(args.runs, lambda: pids_with_cwd(app),
+                                lambda: timed_get(port, name + ".bench"), settle=0.5)
             print_cold_starts(name, times)
     finally:
         subprocess.run(["/usr/sbin/apache2", "-f", os.path.join(work, "apache.conf"), "-k", "stop"],

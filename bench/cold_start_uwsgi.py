@@ -15,7 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    free_port, install_app, print_cold_starts, require_root, timed_get, wait_port, workspace)
+    cold_starts, free_port, install_app, print_cold_start_header, print_cold_starts,
+    require_root, timed_get, wait_port, workspace)
 
 VASSAL = """[uwsgi]
 plugins = python3
@@ -76,20 +77,13 @@ def main():
                 wait_port(ports[name])
             except OSError:
                 sys.exit(open(os.path.join(work, name + "-router.log")).read()[-2000:])
-        print("%-8s %8s %8s %8s %8s" % ("app", "p50 ms", "p10", "p90", "max"))
+        print_cold_start_header()
         for name in apps:
-            ini = name + ".ini"
-            times = []
-            for _ in range(args.runs):
-                deadline = time.time() + 60
-                while vassal_running(ini):
-                    if time.time() > deadline:
-                        raise RuntimeError("the vassal never went idle")
-                    time.sleep(0.05)
-                # The Emperor needs a moment to put the vassal back in on-demand mode;
-                # a request in that window waits about 800 ms. A long-idle site is past it.
-                time.sleep(2.0)
-                times.append(timed_get(ports[name]) * 1000)
+            ini, port = name + ".ini", ports[name]
+            # The Emperor needs a moment to put the vassal back in on-demand mode; a
+            # request in that window waits about 800 ms. A long-idle site is past it.
+            times = cold_starts(args.runs, lambda: vassal_running(ini),
+                                lambda: timed_get(port), settle=2.0)
             print_cold_starts(name, times)
     finally:
         for p in procs:

@@ -110,6 +110,25 @@ def pids_with_cwd(directory):
     return pids
 
 
+def cold_starts(runs, running, request, settle=0.0, limit=60.0):
+    """`runs` cold starts in ms: each waits until `running()` is false (the app's last
+    process exited), then `settle` seconds, then times `request()` (seconds)."""
+    times = []
+    for _ in range(runs):
+        deadline = time.time() + limit
+        while running():
+            if time.time() > deadline:
+                raise RuntimeError("the app never went idle")
+            time.sleep(0.01)
+        time.sleep(settle)
+        times.append(request() * 1000)
+    return times
+
+
+def print_cold_start_header():
+    print("%-8s %8s %8s %8s %8s" % ("app", "p50 ms", "p10", "p90", "max"))
+
+
 def print_cold_starts(name, milliseconds):
     """One row: p50, p10, p90 and max of a list of cold starts in ms."""
     ms = sorted(milliseconds)

@@ -23,6 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 
 
+def memory(loader, node_pid):
+    """PSS of a node's workers, its zygotes (with their spares) and the node itself."""
+    workers, zygotes = processes(loader)
+    return {
+        "workers": len(workers),
+        "workers_pss_kib": sum(pss_kib(p) for p in workers),
+        "zygotes_pss_kib": sum(pss_kib(p) for p in zygotes),
+        "node_pss_kib": pss_kib(node_pid),
+    }
+
+
 def get(port, host):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/", headers={"Host": host})
@@ -67,24 +78,11 @@ def measure(app, sites, preload, work):
         for i in range(sites):
             get(port, "s%d.bench" % i)
         loader = os.path.join(run, "loader.py")
-        workers, zygotes = processes(loader)
-        live = {
-            "workers": len(workers),
-            "workers_pss_kib": sum(pss_kib(p) for p in workers),
-            "zygotes_pss_kib": sum(pss_kib(p) for p in zygotes),
-            "node_pss_kib": pss_kib(node.pid),
-        }
+        live = memory(loader, node.pid)
         deadline = time.time() + 30
         while processes(loader)[0] and time.time() < deadline:
             time.sleep(0.2)
-        workers, zygotes = processes(loader)
-        idle = {
-            "workers": len(workers),
-            "workers_pss_kib": sum(pss_kib(p) for p in workers),
-            "zygotes_pss_kib": sum(pss_kib(p) for p in zygotes),
-            "node_pss_kib": pss_kib(node.pid),
-        }
-        return {"live": live, "idle": idle}
+        return {"live": live, "idle": memory(loader, node.pid)}
     finally:
         node.terminate()
         node.wait(timeout=30)
