@@ -88,6 +88,8 @@ pub struct PoolSettings {
     pub pids_max: u32,
     /// CPU share (cgroup cpu.weight, 1 to 10000).
     pub cpu_weight: u32,
+    /// Import the app once in a per-site template and fork the workers from it.
+    pub preload: bool,
 }
 
 impl Default for PoolSettings {
@@ -106,6 +108,7 @@ impl Default for PoolSettings {
             memory_worker_soft: None,
             pids_max: 64,
             cpu_weight: 100,
+            preload: false,
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct SiteSpec {
     pub memory_worker_soft: Option<u64>,
     pub pids_max: Option<u32>,
     pub cpu_weight: Option<u32>,
+    /// Fork workers from a per-site template that imported the app once.
+    pub preload: Option<bool>,
 }
 
 /// How much of the file system validation may look at.
@@ -91,6 +93,7 @@ impl SiteSpec {
             memory_worker_soft: Some(p.memory_worker_soft.unwrap_or(0)),
             pids_max: Some(p.pids_max),
             cpu_weight: Some(p.cpu_weight),
+            preload: Some(p.preload),
         }
     }
 
@@ -119,7 +122,8 @@ impl SiteSpec {
             memory_max,
             memory_worker_soft,
             pids_max,
-            cpu_weight
+            cpu_weight,
+            preload
         );
         if !patch.hosts.is_empty() {
             self.hosts = patch.hosts;
@@ -291,6 +295,7 @@ impl SiteSpec {
             },
             pids_max: self.pids_max.unwrap_or(d.pids_max),
             cpu_weight: self.cpu_weight.unwrap_or(d.cpu_weight),
+            preload: self.preload.unwrap_or(d.preload),
         };
         let range = |field, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {

@@ -55,6 +55,8 @@ const MIGRATIONS: &[&str] = &[
         preload TEXT NOT NULL DEFAULT '[]'
      );
      ALTER TABLE sites ADD COLUMN runtime TEXT;",
+    // 4: per-site preloading (a template process per site).
+    "ALTER TABLE sites ADD COLUMN preload INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -359,7 +361,7 @@ impl SqliteStore {
             "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
                     threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
                     max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
-                    run_user, run_group, runtime
+                    run_user, run_group, runtime, preload
              FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
         )?;
         let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
@@ -391,6 +393,7 @@ impl SqliteStore {
                 user: r.get(18)?,
                 group: r.get(19)?,
                 runtime: r.get(20)?,
+                preload: Some(r.get(21)?),
             })
         })?;
         let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
@@ -434,9 +437,9 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
         "INSERT INTO sites (name, entry, interpreter, directory, env, processes_max,
             processes_min, threads, idle_timeout_ms, queue_max, queue_timeout_ms,
             request_timeout_ms, max_requests, body_max, memory_max, memory_worker_soft,
-            pids_max, cpu_weight, run_user, run_group, runtime)
+            pids_max, cpu_weight, run_user, run_group, runtime, preload)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20, ?21)",
+                 ?19, ?20, ?21, ?22)",
         params![
             site.name,
             site.entry.to_text(),
@@ -459,6 +462,7 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
             site.user,
             site.group,
             site.runtime.as_ref().map(|r| r.name.clone()),
+            p.preload,
         ],
     )?;
     for (position, host) in site.hosts.iter().enumerate() {

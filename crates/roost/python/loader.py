@@ -6,7 +6,11 @@ error log as stdout and stderr. Each slot serves one request at a time over the 
 protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
+       loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
        loader.py zygote [MODULE,MODULE,... [SPARES]]   (python >= 3.9; docs/protocol.md)
+
+A template imports the app once, then forks the site's workers on the node's orders
+over a SOCK_SEQPACKET control socket on fd 3 (the zygote's messages).
 """
 
 import os
@@ -442,8 +446,9 @@ def load_app(kind, target, directory):
     return app
 
 
-def run_worker(socks, kind, target, directory):
-    """Imports the app, announces READY on every slot, serves until the slots close."""
+def run_worker(socks, kind, target, directory, role="worker"):
+    """Imports the app, then serves it on the slots (or, as a template, forks the
+    workers that will) until the node closes them."""
     started = time.perf_counter()
     try:
         os.chdir(directory)
@@ -452,13 +457,21 @@ def run_worker(socks, kind, target, directory):
         import traceback
         text = "cannot load the application %s:\n%s" % (target, traceback.format_exc().rstrip())
         log(text)
-        report = text.encode("utf-8", "replace")[-MAX_FATAL:]
-        try:
-            socks[0].sendall(frame(FATAL, report))
-        except OSError:
-            pass
+        if role == "worker":
+            report = text.encode("utf-8", "replace")[-MAX_FATAL:]
+            try:
+                socks[0].sendall(frame(FATAL, report))
+            except OSError:
+                pass
         return 1
     import_micros = int((time.perf_counter() - started) * 1e6)
+    if role == "template":
+        return run_template(socks[0], app, import_micros)
+    return serve(socks, app, import_micros)
+
+
+def serve(socks, app, import_micros):
+    """Announces READY on every slot, serves until the slots close."""
     base = {
         "wsgi.version": (1, 0),
         "wsgi.errors": sys.stderr,
@@ -490,7 +503,7 @@ def run_worker(socks, kind, target, directory):
 
 ZYGOTE_CONTROL_FD = 3
 # node -> zygote
-Z_SPAWN = 0x20
+Z_SPAWN, Z_RETIRE = 0x20, 0x25
 # zygote -> node
 Z_READY, Z_SPAWNED, Z_SPAWN_FAILED, Z_EXITED = 0x21, 0x22, 0x23, 0x24
 
@@ -507,6 +520,18 @@ STDLIB_PRELOAD = (
     # milliseconds (dlopen), so the zygote loads them once.
     "ctypes", "resource", "signal", "site", "sysconfig",
 )
+
+
+def close_fds_except(keep):
+    """Closes every descriptor above 2 not in `keep`: nothing of a fork server (its
+    control socket above all) may reach the process it forked."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def pairs_encode(items):
@@ -576,15 +601,7 @@ def become_worker(request, fds, zygote_pid):
         log_fd, cgroup_fds, slot_fds = fds[0], fds[1:1 + n_cgroup], fds[1 + n_cgroup:]
         if len(slot_fds) != n_slots:
             raise ValueError("expected %d slot sockets, got %d" % (n_slots, len(slot_fds)))
-        # Nothing of the zygote may reach tenant code: above all not its control socket.
-        keep = set(fds)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2 and fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        close_fds_except(set(fds))
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
@@ -644,7 +661,10 @@ def become_worker(request, fds, zygote_pid):
         socks = [socket.socket(fileno=fd) for fd in slot_fds]
         name_process(b"roost-worker")
         step = "run the application"
-        code = run_worker(socks, fields["kind"], fields["target"], fields["directory"])
+        role = fields.get("role", "worker")
+        if role not in ("worker", "template"):
+            raise ValueError("unknown role %r" % role)
+        code = run_worker(socks, fields["kind"], fields["target"], fields["directory"], role)
     except BaseException:
         import traceback
         try:
@@ -695,14 +715,7 @@ class Spares(object):
                     ours.close()
                     for _, other in self.ready:
                         other.close()
-                    keep = theirs.fileno()
-                    for name in os.listdir("/proc/self/fd"):
-                        fd = int(name)
-                        if fd > 2 and fd != keep:
-                            try:
-                                os.close(fd)
-                            except OSError:
-                                pass
+                    close_fds_except({theirs.fileno()})
                     while True:
                         try:
                             msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)
@@ -824,18 +837,140 @@ def zygote_main(preload_extra, spare_count=0):
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
 
 
+# ---------------------------------------------------------------------------------------
+# Template mode: one site's app, imported once as the site user; workers fork from it.
+# It speaks the zygote's messages, and is the site's own (untrusted) process.
+
+def run_template(ctl, app, import_micros):
+    if sys.version_info < (3, 9):
+        log("a site template (preload) needs python 3.9 or newer; this is %s"
+            % sys.version.split()[0])
+        return 3
+    import gc
+    import signal as _signal
+    import socket
+    name_process(b"roost-template")
+    # Shared copy-on-write with every worker: keep the collector off these pages.
+    gc.collect()
+    gc.freeze()
+    me = os.getpid()
+    children = set()
+
+    def report(pid, status):
+        try:
+            ctl.send(bytes([Z_EXITED]) + pairs_encode([("pid", pid), ("status", status)]))
+        except OSError:
+            pass
+
+    def reap(signum, frame_):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            report(pid, status)
+
+    _signal.signal(_signal.SIGCHLD, reap)
+    ctl.send(bytes([Z_READY]) + pairs_encode([
+        ("pid", me), ("import_us", import_micros), ("python", sys.version.split()[0])]))
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
+        except InterruptedError:
+            continue
+        if not msg or msg[0] == Z_RETIRE:
+            break
+        req_id = "?"
+        try:
+            if msg[0] != Z_SPAWN:
+                raise ValueError("unknown template message 0x%02x" % msg[0])
+            fields = dict(pairs_decode(msg[1:]))
+            req_id = fields.get("id", "?")
+            if len(fds) != int(fields["slots"]):
+                raise ValueError("expected %s slot sockets, got %d" % (fields["slots"], len(fds)))
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = become_forked_worker(app, fds, me)
+                finally:
+                    try:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    finally:
+                        os._exit(code)
+            children.add(pid)
+            pidfd = os.pidfd_open(pid)
+            try:
+                socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(
+                    [("id", req_id), ("pid", pid)])], [pidfd])
+            finally:
+                os.close(pidfd)
+        except Exception as exc:
+            try:
+                ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
+                    [("id", req_id), ("error", "%s: %s" % (exc.__class__.__name__, exc))]))
+            except OSError:
+                break
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+    # Retired (or the node is gone): no more forks; exit once the workers have, so the
+    # ones still finishing a request keep their parent (their parent-death signal).
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        report(pid, status)
+    return 0
+
+
+def become_forked_worker(app, fds, template_pid):
+    """In a child of the template: its own session, tied to the template, serving."""
+    import signal as _signal
+    import socket
+    try:
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
+        close_fds_except(set(fds))
+        os.setsid()
+        prctl_pdeathsig()
+        if os.getppid() != template_pid:
+            raise OSError("the template exited during the fork")
+        name_process(b"roost-worker")
+        socks = [socket.socket(fileno=fd) for fd in fds]
+    except BaseException:
+        import traceback
+        log("worker setup failed after the template's fork:\n%s" % traceback.format_exc())
+        return 1
+    return serve(socks, app, 0)
+
+
 def main(argv):
     if len(argv) >= 2 and argv[1] == "zygote":
         preload = argv[2].split(",") if len(argv) > 2 else []
         spare_count = int(argv[3]) if len(argv) > 3 else 0
         return zygote_main(preload, spare_count)
-    if len(argv) != 6 or argv[1] != "worker" or argv[3] not in ("file", "module"):
+    if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)
         return 2
-    slots, kind, target, directory = int(argv[2]), argv[3], argv[4], argv[5]
+    role, slots, kind, target, directory = argv[1], int(argv[2]), argv[3], argv[4], argv[5]
     import socket
     socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
-    return run_worker(socks, kind, target, directory)
+    return run_worker(socks, kind, target, directory, role)
 
 
 if __name__ == "__main__":

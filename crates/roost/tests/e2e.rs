@@ -17,5 +17,6 @@ mod e2e {
     pub mod routing;
     pub mod spawn;
     pub mod streams;
+    pub mod templates;
     pub mod tenants;
 }

@@ -117,6 +117,10 @@ pub struct SiteFlags {
     /// CPU share, 1 to 10000 [default: 100].
     #[arg(long)]
     cpu_weight: Option<u32>,
+    /// Import the app once in a per-site template (running as the site user) and fork
+    /// the workers from it, sharing its memory (python >= 3.9) [default: false].
+    #[arg(long, value_name = "true|false")]
+    preload: Option<bool>,
 }
 
 impl SiteFlags {
@@ -170,6 +174,7 @@ impl SiteFlags {
             memory_worker_soft: self.memory_worker_soft,
             pids_max: self.pids_max,
             cpu_weight: self.cpu_weight,
+            preload: self.preload,
         })
     }
 }
@@ -343,6 +348,7 @@ fn site_json(site: &Site) -> serde_json::Value {
         "memory_worker_soft": p.memory_worker_soft,
         "pids_max": p.pids_max,
         "cpu_weight": p.cpu_weight,
+        "preload": p.preload,
     })
 }
 
@@ -405,6 +411,15 @@ fn site_text(site: &Site) -> String {
         ),
         ("pids.max", p.pids_max.to_string()),
         ("cpu.weight", p.cpu_weight.to_string()),
+        (
+            "preload",
+            if p.preload {
+                "on (per-site template)"
+            } else {
+                "off"
+            }
+            .into(),
+        ),
     ];
     rows.iter().map(|(k, v)| format!("{k:20} {v}\n")).collect()
 }

@@ -8,6 +8,11 @@
 //!     └─StartFailed──► (gone, the site backs off before the next attempt)       │ back, then Stop
 //!                        └──Kill (timeout, protocol violation) ─────────────────┘
 //! ```
+//!
+//! A site with `preload` on has a template ([`SiteTemplate`]) that forks its workers:
+//! it starts with the first worker, and is retired with the last one (processes.min
+//! keeps workers, and so it, alive), when the site changes and when its entry file is
+//! touched.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +26,7 @@ use tokio::time::Instant;
 
 use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle, PoolUsage};
 use crate::logs::SiteLogs;
-use crate::spawn::{SiteCgroup, Spawn};
+use crate::spawn::{SiteCgroup, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
 
 /// Worker ids are unique in the node, across pools.
@@ -95,12 +100,15 @@ struct Pool {
     permits: Vec<Permit>,
     /// Permits asked for and not granted yet.
     asked: usize,
+    /// Forks the workers when the site preloads its app.
+    template: Option<Arc<SiteTemplate>>,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
 pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!("pool", site = %site.name);
+    let template = new_template(&site, &ctx);
     let pool = Pool {
         entry_mtime: entry_mtime(&site),
         site,
@@ -112,6 +120,7 @@ pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<
         draining: false,
         permits: Vec::new(),
         asked: 0,
+        template,
     };
     pool.ctx.budget.register(&pool.site.name, tx.clone());
     let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
@@ -145,6 +154,7 @@ impl Pool {
                 }
             }
         }
+        self.retire_template();
         self.ctx.cgroup.remove();
         self.ctx.budget.unregister(&self.site.name);
         tracing::info!("pool stopped");
@@ -176,6 +186,7 @@ impl Pool {
                 self.failure = None;
                 self.entry_mtime = entry_mtime(&self.site);
                 self.retire_all("the site changed");
+                self.renew_template();
                 self.spawn_as_needed();
             }
             PoolControl::Drain => {
@@ -371,6 +382,9 @@ impl Pool {
             }
             WorkerEvent::StartFailed { id, error } => {
                 self.workers.remove(&id);
+                if self.workers.is_empty() {
+                    self.retire_template();
+                }
                 if matches!(error, worker::StartError::Stopped) {
                     return;
                 }
@@ -409,6 +423,9 @@ impl Pool {
                         .error(&format!("worker pid {} died: {what}", w.pid));
                 }
                 self.spawn_as_needed();
+                if self.workers.is_empty() {
+                    self.retire_template();
+                }
             }
         }
     }
@@ -455,6 +472,7 @@ impl Pool {
                 .error("entry file changed: reloading the application");
             self.entry_mtime = entry_mtime(&self.site);
             self.retire_all("its entry file changed");
+            self.renew_template();
         }
         let now = Instant::now();
         let idle_timeout = self.site.pool.idle_timeout;
@@ -548,11 +566,15 @@ impl Pool {
 
     fn start_worker(&mut self, permit: Permit) {
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
+        let spawner = match &self.template {
+            Some(template) => template.clone() as Arc<dyn Spawn>,
+            None => self.ctx.spawner.clone(),
+        };
         let ctx = WorkerContext {
-            spawner: self.ctx.spawner.clone(),
+            spawner,
             logs: self.ctx.logs.clone(),
             cgroup: self.ctx.cgroup.clone(),
-            startup_timeout: self.site.pool.request_timeout.max(Duration::from_secs(10)),
+            startup_timeout: startup_timeout(&self.site),
             stop_grace: self.ctx.stop_grace,
         };
         let handle = worker::start(
@@ -606,9 +628,40 @@ impl Pool {
         }
     }
 
+    /// The template stops forking; it exits once the workers it forked have.
+    fn retire_template(&self) {
+        if let Some(template) = &self.template {
+            let grace = self.site.pool.request_timeout + self.ctx.stop_grace;
+            template.retire(Instant::now() + grace);
+        }
+    }
+
+    /// After a change: the old template retires, a new one imports the new code.
+    fn renew_template(&mut self) {
+        self.retire_template();
+        self.template = new_template(&self.site, &self.ctx);
+    }
+
     fn entry_changed(&self) -> bool {
         entry_mtime(&self.site) != self.entry_mtime
     }
+}
+
+fn new_template(site: &Arc<Site>, ctx: &PoolContext) -> Option<Arc<SiteTemplate>> {
+    site.pool.preload.then(|| {
+        Arc::new(SiteTemplate::new(
+            ctx.spawner.clone(),
+            site.clone(),
+            ctx.logs.clone(),
+            ctx.cgroup.clone(),
+            startup_timeout(site),
+        ))
+    })
+}
+
+/// How long a worker (or a template) may take to import the app.
+fn startup_timeout(site: &Site) -> Duration {
+    site.pool.request_timeout.max(Duration::from_secs(10))
 }
 
 /// When the file holding the app's code last changed (it reloads the site).

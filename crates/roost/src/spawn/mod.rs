@@ -10,46 +10,74 @@
 //! Both run the same checks first (`prepare`) and the same steps in the child (in
 //! Rust in `child`, in Python in the loader's `become_worker`); [`cgroup`] places each
 //! site's workers in its own cgroup.
+//!
+//! A site with `preload` on gets a [`SiteTemplate`]: a process started the same way in
+//! the template role, which imports the app once and forks the site's workers itself.
+//! Zygotes and templates are both fork servers (`forkserver`).
 
 #![allow(unsafe_code)]
 
 pub mod cgroup;
 mod child;
+mod forkserver;
 mod plain;
 mod prepare;
 mod process;
+mod template;
 mod zygote;
 
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 
 use roost_registry::{OwnerError, Site};
-use tokio::net::UnixStream;
 
 pub use cgroup::{Cgroups, SiteCgroup};
 pub use plain::PlainSpawner;
 pub use prepare::SpawnConfig;
 pub use process::WorkerProcess;
+pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;
 
 use crate::logs::SiteLogs;
 
+/// What the new process is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A worker with this many slots (one stream socket each).
+    Worker { slots: u32 },
+    /// A site's template: it imports the app, then forks the site's workers on orders
+    /// that arrive over one SOCK_SEQPACKET control socket.
+    Template,
+}
+
+impl Role {
+    /// The loader's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Worker { .. } => "worker",
+            Role::Template => "template",
+        }
+    }
+}
+
 /// What a new worker needs that the site does not say.
 pub struct SpawnRequest<'a> {
     pub site: &'a Site,
-    pub slots: u32,
+    pub role: Role,
     /// The site's error log, opened for append: the worker's stdout and stderr.
     pub error_log: std::fs::File,
     pub logs: &'a SiteLogs,
     pub cgroup: &'a SiteCgroup,
 }
 
-/// A started worker: not yet ready (the loader still imports the app).
+/// A started worker (or template): not yet ready (the loader still imports the app).
 pub struct SpawnedWorker {
     pub process: WorkerProcess,
-    /// The node's end of each slot, in slot order.
-    pub slots: Vec<UnixStream>,
+    /// The node's end of each slot, in slot order (non-blocking); for a template, of
+    /// its control socket.
+    pub sockets: Vec<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +108,8 @@ pub enum SpawnError {
     Zygote { python: PathBuf, reason: String },
     #[error("the zygote could not fork the worker: {0}")]
     Fork(String),
+    #[error("the site's template is not available: {0}")]
+    Template(String),
 }
 
 pub type SpawnFuture<'a> =

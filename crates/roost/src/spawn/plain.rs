@@ -1,6 +1,7 @@
 //! Plain spawn: fork and exec the site's python running the loader.
 
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -9,8 +10,9 @@ use nix::unistd::{Gid, Uid};
 use roost_registry::Entry;
 
 use super::child::{raw_fds, ChildPlan};
+use super::forkserver::control_pair;
 use super::prepare::{prepare, SpawnConfig};
-use super::{Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
+use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
 
 /// Starts the loader as `python loader.py worker …` with a clean environment.
 pub struct PlainSpawner {
@@ -29,7 +31,7 @@ impl PlainSpawner {
             python: site.python.clone(),
             source,
         };
-        let (node_ends, worker_ends) = slot_pairs(request.slots)?;
+        let (node_ends, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
 
         // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
@@ -40,8 +42,8 @@ impl PlainSpawner {
             .map_or_else(|| site.python.clone(), |r| r.executable());
         let mut cmd = std::process::Command::new(&python);
         cmd.arg(&self.config.loader)
-            .arg("worker")
-            .arg(request.slots.to_string())
+            .arg(request.role.name())
+            .arg(child_ends.len().to_string())
             .arg(kind)
             .arg(target)
             .arg(&site.directory)
@@ -53,7 +55,7 @@ impl PlainSpawner {
             .stderr(request.error_log);
         let plan = ChildPlan {
             cgroup_procs: request.cgroup.open_procs()?,
-            slots: raw_fds(&worker_ends),
+            slots: raw_fds(&child_ends),
             parent: nix::unistd::getpid(),
             drop_to: prepared
                 .identity
@@ -75,10 +77,10 @@ impl PlainSpawner {
             .kill_on_drop(true)
             .spawn()
             .map_err(exec_err)?;
-        drop(worker_ends);
+        drop(child_ends);
         Ok(SpawnedWorker {
             process: WorkerProcess::Child(child),
-            slots: into_tokio(node_ends)?,
+            sockets: node_ends,
         })
     }
 }
@@ -89,36 +91,29 @@ impl Spawn for PlainSpawner {
     }
 }
 
-/// One connected pair per slot: the node's ends and the worker's ends. std creates
-/// both close-on-exec, so no other child inherits them.
-pub(super) fn slot_pairs(
-    slots: u32,
-) -> Result<
-    (
-        Vec<std::os::unix::net::UnixStream>,
-        Vec<std::os::unix::net::UnixStream>,
-    ),
-    SpawnError,
-> {
-    let mut node_ends = Vec::new();
-    let mut worker_ends = Vec::new();
-    for _ in 0..slots {
-        let (node, worker) =
-            std::os::unix::net::UnixStream::pair().map_err(SpawnError::SocketPair)?;
-        node.set_nonblocking(true).map_err(SpawnError::SocketPair)?;
-        node_ends.push(node);
-        worker_ends.push(worker);
+/// The node's ends and the child's ends of the sockets a role needs: one stream pair
+/// per slot, or one SOCK_SEQPACKET control pair for a template. All are created
+/// close-on-exec, so no other child inherits them; the node's ends are non-blocking.
+pub(super) fn socket_pairs(role: Role) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), SpawnError> {
+    match role {
+        Role::Template => {
+            let (ours, theirs) =
+                control_pair().map_err(|e| SpawnError::SocketPair(std::io::Error::other(e)))?;
+            Ok((vec![ours], vec![theirs]))
+        }
+        Role::Worker { slots } => {
+            let mut node_ends = Vec::new();
+            let mut child_ends = Vec::new();
+            for _ in 0..slots {
+                let (node, child) =
+                    std::os::unix::net::UnixStream::pair().map_err(SpawnError::SocketPair)?;
+                node.set_nonblocking(true).map_err(SpawnError::SocketPair)?;
+                node_ends.push(OwnedFd::from(node));
+                child_ends.push(OwnedFd::from(child));
+            }
+            Ok((node_ends, child_ends))
+        }
     }
-    Ok((node_ends, worker_ends))
-}
-
-pub(super) fn into_tokio(
-    ends: Vec<std::os::unix::net::UnixStream>,
-) -> Result<Vec<tokio::net::UnixStream>, SpawnError> {
-    ends.into_iter()
-        .map(tokio::net::UnixStream::from_std)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(SpawnError::SocketPair)
 }
 
 /// PYTHONPATH for a site with both a runtime and a virtualenv of its own.

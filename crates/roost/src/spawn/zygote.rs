@@ -9,51 +9,37 @@
 //! child's pid and a pidfd, through which the node watches a process it did not fork.
 //! The zygote reaps its children and reports each exit status (EXITED).
 //!
-//! A zygote that dies is started again on the next need; spawns in flight fail at once.
+//! The process itself is driven by a [`ForkServer`] actor (shared with site templates):
+//! a zygote that dies is started again on the next need; spawns in flight fail at once.
 //! An interpreter whose zygote cannot start (python older than 3.9) falls back to plain
 //! spawn. Messages: docs/protocol.md.
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
-};
 use roost_wire::EnvironWriter;
-use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
 
 use super::child::{ChildPlan, WORKER_NOFILE};
-use super::plain::{entry_args, into_tokio, slot_pairs, PlainSpawner};
+use super::forkserver::{control_pair, ForkServer, Launch, Launched, ReadyFields};
+use super::plain::{entry_args, socket_pairs, PlainSpawner};
 use super::prepare::{prepare, SpawnConfig};
-use super::process::{watch, Forked};
 use super::{Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
 
-const Z_SPAWN: u8 = 0x20;
-const Z_READY: u8 = 0x21;
-const Z_SPAWNED: u8 = 0x22;
-const Z_SPAWN_FAILED: u8 = 0x23;
-const Z_EXITED: u8 = 0x24;
-/// Largest control message either side sends.
-const MAX_MESSAGE: usize = 64 << 10;
-/// How long a zygote may take to preload, and a fork to be answered.
+/// How long a zygote may take to preload.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-const FORK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Forks workers from one zygote per interpreter; plain spawn where none can run.
 pub struct ZygoteSpawner {
     config: SpawnConfig,
     plain: PlainSpawner,
-    /// One zygote per runtime → its actor, or why it has none.
-    zygotes: Mutex<HashMap<ZygoteKey, Runtime>>,
+    /// One zygote per runtime, or the note that it has none.
+    zygotes: Mutex<HashMap<ZygoteKey, Zygote>>,
 }
 
 /// What makes two sites share a zygote: the interpreter it runs and what it preloads.
@@ -91,22 +77,10 @@ impl ZygoteKey {
 }
 
 #[derive(Clone)]
-enum Runtime {
-    Zygote(mpsc::UnboundedSender<Msg>),
+enum Zygote {
+    Server(ForkServer),
     /// Its zygote could not start; workers are spawned plainly.
     Plain,
-}
-
-enum Msg {
-    /// Start the zygote if it is not running; answers once it is ready.
-    Start(oneshot::Sender<Result<(), String>>),
-    Spawn(SpawnOrder),
-}
-
-struct SpawnOrder {
-    payload: EnvironWriter,
-    fds: Vec<OwnedFd>,
-    reply: oneshot::Sender<Result<Forked, String>>,
 }
 
 impl ZygoteSpawner {
@@ -118,34 +92,27 @@ impl ZygoteSpawner {
         }
     }
 
-    fn runtime(&self, key: &ZygoteKey) -> Runtime {
+    fn zygote(&self, key: &ZygoteKey) -> Zygote {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
         zygotes
             .entry(key.clone())
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let python = key.python.clone();
                 let mut config = self.config.clone();
                 config.preload.extend(key.preload.iter().cloned());
-                let actor = ZygoteActor {
-                    python: python.clone(),
-                    config,
-                };
+                let python = key.python.clone();
                 let span = tracing::info_span!("zygote", python = %python.display());
-                tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
-                Runtime::Zygote(tx)
+                let launch: Launch = Arc::new(move || {
+                    let (python, config) = (python.clone(), config.clone());
+                    Box::pin(async move { launch(&python, &config) })
+                });
+                Zygote::Server(ForkServer::new(launch, START_TIMEOUT, log_ready, span))
             })
             .clone()
     }
 
-    fn is_plain(&self, key: &ZygoteKey) -> bool {
-        let zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
-        matches!(zygotes.get(key), Some(Runtime::Plain))
-    }
-
     fn mark_plain(&self, key: &ZygoteKey) {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
-        zygotes.insert(key.clone(), Runtime::Plain);
+        zygotes.insert(key.clone(), Zygote::Plain);
     }
 
     async fn fork(
@@ -153,14 +120,10 @@ impl ZygoteSpawner {
         request: SpawnRequest<'_>,
         key: ZygoteKey,
     ) -> Result<SpawnedWorker, SpawnError> {
-        let python = key.python.clone();
-        let zygote_err = |reason: String| SpawnError::Zygote {
-            python: python.clone(),
-            reason,
+        let server = match self.zygote(&key) {
+            Zygote::Plain => return self.plain.spawn_now(request),
+            Zygote::Server(server) => server,
         };
-        if self.is_plain(&key) {
-            return self.plain.spawn_now(request);
-        }
         let trusted = trusted_interpreter(&key.python).and_then(|()| match &request.site.runtime {
             // The zygote imports the runtime's packages with the node's rights.
             Some(rt) => trusted_packages(rt),
@@ -174,32 +137,21 @@ impl ZygoteSpawner {
             self.mark_plain(&key);
             return self.plain.spawn_now(request);
         }
-        let tx = match self.runtime(&key) {
-            Runtime::Plain => return self.plain.spawn_now(request),
-            Runtime::Zygote(tx) => tx,
-        };
-        let (ready, started) = oneshot::channel();
-        tx.send(Msg::Start(ready))
-            .map_err(|_| zygote_err("its actor stopped".into()))?;
-        match started.await {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => {
-                tracing::warn!(python = %python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
-                self.mark_plain(&key);
-                return self.plain.spawn_now(request);
-            }
-            Err(_) => return Err(zygote_err("its actor stopped".into())),
+        if let Err(reason) = server.ready().await {
+            tracing::warn!(python = %key.python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
+            self.mark_plain(&key);
+            return self.plain.spawn_now(request);
         }
 
         let site = request.site;
         let prepared = prepare(&self.config, &request)?;
-        let (node_ends, worker_ends) = slot_pairs(request.slots)?;
+        let (node_ends, child_ends) = socket_pairs(request.role)?;
         let cgroup_fds = request.cgroup.open_procs()?;
         let (kind, target) = entry_args(&site.entry);
-        let mut payload = EnvironWriter::with_capacity(1024);
         let mut fields: Vec<(String, String)> = vec![
+            ("role".into(), request.role.name().into()),
             ("cgroups".into(), cgroup_fds.len().to_string()),
-            ("slots".into(), worker_ends.len().to_string()),
+            ("slots".into(), child_ends.len().to_string()),
             ("nofile".into(), WORKER_NOFILE.to_string()),
             ("kind".into(), kind.into()),
             ("target".into(), target),
@@ -218,6 +170,7 @@ impl ZygoteSpawner {
                 .iter()
                 .map(|(k, v)| (format!("env.{k}"), v.clone())),
         );
+        let mut payload = EnvironWriter::with_capacity(1024);
         for (k, v) in &fields {
             payload
                 .push(k, v.as_bytes())
@@ -225,24 +178,17 @@ impl ZygoteSpawner {
         }
         let mut fds: Vec<OwnedFd> = vec![OwnedFd::from(request.error_log)];
         fds.extend(cgroup_fds);
-        fds.extend(worker_ends.into_iter().map(OwnedFd::from));
-
-        let (reply, forked) = oneshot::channel();
-        tx.send(Msg::Spawn(SpawnOrder {
-            payload,
-            fds,
-            reply,
-        }))
-        .map_err(|_| zygote_err("its actor stopped".into()))?;
-        let forked = match tokio::time::timeout(FORK_TIMEOUT, forked).await {
-            Ok(Ok(Ok(forked))) => forked,
-            Ok(Ok(Err(reason))) => return Err(SpawnError::Fork(reason)),
-            Ok(Err(_)) => return Err(zygote_err("it died during the fork".into())),
-            Err(_) => return Err(zygote_err(format!("no answer within {FORK_TIMEOUT:?}"))),
-        };
+        fds.extend(child_ends);
+        let forked = server
+            .fork(payload, fds)
+            .await
+            .map_err(|reason| SpawnError::Zygote {
+                python: key.python.clone(),
+                reason,
+            })?;
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
-            slots: into_tokio(node_ends)?,
+            sockets: node_ends,
         })
     }
 }
@@ -291,285 +237,47 @@ fn trusted_packages(runtime: &roost_registry::Runtime) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Owns one interpreter's zygote process and its control socket.
-struct ZygoteActor {
-    python: PathBuf,
-    config: SpawnConfig,
+/// Starts `python -I loader.py zygote PRELOAD SPARES` with its control socket on fd 3.
+fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, String> {
+    let (ours, theirs) = control_pair()?;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg("-I")
+        .arg(&config.loader)
+        .arg("zygote")
+        .arg(config.preload.join(","))
+        .arg(config.zygote_spares.to_string())
+        .env_clear()
+        .envs(config.base_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    let plan = ChildPlan {
+        cgroup_procs: Vec::new(),
+        slots: vec![theirs.as_raw_fd()],
+        parent: nix::unistd::getpid(),
+        drop_to: None,
+        workdir: CString::new("/").expect("no NUL in /"),
+    };
+    // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
+    // memory and descriptors the parent keeps alive until `spawn` returns.
+    unsafe {
+        cmd.pre_exec(move || plan.run());
+    }
+    let child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", python.display()))?;
+    drop(theirs);
+    Ok(Launched {
+        process: WorkerProcess::Child(child),
+        ctl: ours,
+    })
 }
 
-struct Running {
-    child: tokio::process::Child,
-    ctl: AsyncFd<OwnedFd>,
-    next_id: u64,
-    pending: HashMap<u64, oneshot::Sender<Result<Forked, String>>>,
-    exits: HashMap<u32, oneshot::Sender<i32>>,
-}
-
-impl ZygoteActor {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let mut zygote: Option<Running> = None;
-        loop {
-            tokio::select! {
-                msg = rx.recv() => match msg {
-                    None => break,
-                    Some(Msg::Start(reply)) => {
-                        if zygote.is_none() {
-                            match self.start().await {
-                                Ok(z) => zygote = Some(z),
-                                Err(reason) => {
-                                    let _ = reply.send(Err(reason));
-                                    continue;
-                                }
-                            }
-                        }
-                        let _ = reply.send(Ok(()));
-                    }
-                    Some(Msg::Spawn(order)) => match &mut zygote {
-                        Some(z) => z.send(order),
-                        None => {
-                            let _ = order.reply.send(Err("the zygote is not running".into()));
-                        }
-                    },
-                },
-                died = async {
-                    match &mut zygote {
-                        Some(z) => z.events().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let z = zygote.take().expect("events only run with a zygote");
-                    tracing::warn!(python = %self.python.display(), reason = %died, "zygote stopped; a new one starts on the next need");
-                    z.fail_all(&died);
-                }
-            }
-        }
-    }
-
-    /// Starts the zygote and waits for its READY.
-    async fn start(&self) -> Result<Running, String> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        )
-        .map_err(|e| format!("socketpair: {e}"))?;
-        // The zygote's end blocks; only ours is driven by the runtime.
-        nix::fcntl::fcntl(
-            theirs.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-        )
-        .map_err(|e| format!("fcntl: {e}"))?;
-        let mut cmd = std::process::Command::new(&self.python);
-        cmd.arg("-I")
-            .arg(&self.config.loader)
-            .arg("zygote")
-            .arg(self.config.preload.join(","))
-            .arg(self.config.zygote_spares.to_string())
-            .env_clear()
-            .envs(self.config.base_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
-        let plan = ChildPlan {
-            cgroup_procs: Vec::new(),
-            slots: vec![theirs.as_raw_fd()],
-            parent: nix::unistd::getpid(),
-            drop_to: None,
-            workdir: CString::new("/").expect("no NUL in /"),
-        };
-        // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
-        // memory and descriptors the parent keeps alive until `spawn` returns.
-        unsafe {
-            cmd.pre_exec(move || plan.run());
-        }
-        let child = tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.python.display()))?;
-        drop(theirs);
-        let ctl = watch(ours).map_err(|e| format!("cannot watch the control socket: {e}"))?;
-        let z = Running {
-            child,
-            ctl,
-            next_id: 1,
-            pending: HashMap::new(),
-            exits: HashMap::new(),
-        };
-        let ready = tokio::time::timeout(START_TIMEOUT, recv(&z.ctl))
-            .await
-            .map_err(|_| format!("no READY within {START_TIMEOUT:?}"))??;
-        match ready {
-            (Z_READY, fields, _) => {
-                let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("?");
-                tracing::info!(
-                    python = %self.python.display(),
-                    version = get("python"),
-                    pid = get("pid"),
-                    preload_ms = get("preload_us").parse::<f64>().map_or(-1.0, |us| us / 1e3),
-                    "zygote ready"
-                );
-                Ok(z)
-            }
-            (kind, _, _) => Err(format!("the zygote said 0x{kind:02x} instead of READY")),
-        }
-    }
-}
-
-impl Running {
-    fn send(&mut self, order: SpawnOrder) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut payload = EnvironWriter::with_capacity(16);
-        payload
-            .push("id", id.to_string().as_bytes())
-            .expect("digits have no NUL");
-        let mut message = vec![Z_SPAWN];
-        message.extend_from_slice(&payload.finish());
-        message.push(0);
-        message.extend_from_slice(&order.payload.finish());
-        let raw: Vec<RawFd> = order.fds.iter().map(AsRawFd::as_raw_fd).collect();
-        let sent = sendmsg::<()>(
-            self.ctl.get_ref().as_raw_fd(),
-            &[IoSlice::new(&message)],
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        );
-        // The descriptors are the zygote's now (or nobody's): ours close here.
-        drop(order.fds);
-        match sent {
-            Ok(_) => {
-                self.pending.insert(id, order.reply);
-            }
-            Err(e) => {
-                let _ = order
-                    .reply
-                    .send(Err(format!("cannot reach the zygote: {e}")));
-            }
-        }
-    }
-
-    /// Handles messages until the zygote goes away; returns why.
-    async fn events(&mut self) -> String {
-        loop {
-            let message = tokio::select! {
-                m = recv(&self.ctl) => m,
-                status = self.child.wait() => {
-                    return match status {
-                        Ok(s) => format!("it exited ({s})"),
-                        Err(e) => format!("cannot wait for it: {e}"),
-                    };
-                }
-            };
-            let (kind, fields, mut fds) = match message {
-                Ok(m) => m,
-                Err(reason) => return reason,
-            };
-            let number = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
-            match kind {
-                Z_SPAWNED => {
-                    let (Some(id), Some(pid), Some(pidfd)) =
-                        (number("id"), number("pid"), fds.pop())
-                    else {
-                        return "it sent a SPAWNED without id, pid or pidfd".into();
-                    };
-                    let Some(reply) = self.pending.remove(&id) else {
-                        continue;
-                    };
-                    let (tx, rx) = oneshot::channel();
-                    match watch(pidfd) {
-                        Ok(pidfd) => {
-                            self.exits.insert(pid as u32, tx);
-                            let _ = reply.send(Ok(Forked {
-                                pid: pid as u32,
-                                pidfd,
-                                status: Some(rx),
-                            }));
-                        }
-                        Err(e) => {
-                            let _ =
-                                reply.send(Err(format!("cannot watch the worker's pidfd: {e}")));
-                        }
-                    }
-                }
-                Z_SPAWN_FAILED => {
-                    if let Some(reply) = number("id").and_then(|id| self.pending.remove(&id)) {
-                        let why = fields.get("error").cloned().unwrap_or_default();
-                        let _ = reply.send(Err(why));
-                    }
-                }
-                Z_EXITED => {
-                    if let (Some(pid), Some(status)) = (number("pid"), fields.get("status")) {
-                        if let (Some(tx), Ok(raw)) =
-                            (self.exits.remove(&(pid as u32)), status.parse())
-                        {
-                            let _ = tx.send(raw);
-                        }
-                    }
-                }
-                other => return format!("it sent an unknown message 0x{other:02x}"),
-            }
-        }
-    }
-
-    fn fail_all(self, why: &str) {
-        for (_, reply) in self.pending {
-            let _ = reply.send(Err(format!("the zygote stopped: {why}")));
-        }
-        // Its workers died with it (their parent-death signal); their pidfds say so.
-    }
-}
-
-/// One control message: its kind, its fields, and any descriptors it carried.
-async fn recv(
-    ctl: &AsyncFd<OwnedFd>,
-) -> Result<(u8, HashMap<String, String>, Vec<OwnedFd>), String> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let mut guard = ctl
-            .readable()
-            .await
-            .map_err(|e| format!("control socket: {e}"))?;
-        let received = guard.try_io(|fd| {
-            let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                fd.get_ref().as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut fds = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        // SAFETY: the kernel just installed these descriptors for us.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-            }
-            Ok((msg.bytes, fds))
-        });
-        let (len, fds) = match received {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(format!("control socket: {e}")),
-            Err(_would_block) => continue,
-        };
-        if len == 0 {
-            return Err("it closed its control socket".into());
-        }
-        let fields = EnvironWriter::parse(&buf[1..len])
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8_lossy(k).into_owned(),
-                    String::from_utf8_lossy(v).into_owned(),
-                )
-            })
-            .collect();
-        return Ok((buf[0], fields, fds));
-    }
+fn log_ready(fields: &ReadyFields) {
+    let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("?");
+    tracing::info!(
+        version = get("python"),
+        pid = get("pid"),
+        preload_ms = get("preload_us").parse::<f64>().map_or(-1.0, |us| us / 1e3),
+        "zygote ready"
+    );
 }

@@ -24,7 +24,7 @@ use tokio::time::{timeout_at, Instant};
 pub use conn::{ConnError, FrameReader, SlotConn};
 
 use crate::logs::SiteLogs;
-use crate::spawn::{SiteCgroup, Spawn, SpawnRequest};
+use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};
 
 /// Identifies a worker within the node for its whole life (pids get reused).
 pub type WorkerId = u64;
@@ -135,7 +135,9 @@ async fn run(
         Ok(error_log) => {
             let request = SpawnRequest {
                 site: &site,
-                slots: site.pool.threads,
+                role: Role::Worker {
+                    slots: site.pool.threads,
+                },
                 error_log,
                 logs,
                 cgroup: &ctx.cgroup,
@@ -144,7 +146,21 @@ async fn run(
         }
         Err(e) => Err(StartError::ErrorLog(e)),
     };
-    let mut spawned = match spawned {
+    let spawned = spawned.and_then(|s| {
+        let slots = s
+            .sockets
+            .into_iter()
+            .map(|fd| {
+                tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+                    .map(SlotConn::new)
+            })
+            .collect::<Result<Vec<_>, _>>();
+        match slots {
+            Ok(slots) => Ok((s.process, slots)),
+            Err(e) => Err(StartError::Spawn(crate::spawn::SpawnError::SocketPair(e))),
+        }
+    });
+    let (mut process, mut slots) = match spawned {
         Ok(s) => s,
         Err(error) => {
             logs.error(&format!(
@@ -154,10 +170,9 @@ async fn run(
             return report(WorkerEvent::StartFailed { id, error });
         }
     };
-    let pid = spawned.process.pid();
+    let pid = process.pid();
     tracing::debug!(pid, "worker spawned");
     let deadline = Instant::now() + ctx.startup_timeout;
-    let mut slots: Vec<SlotConn> = spawned.slots.drain(..).map(SlotConn::new).collect();
     let handshake = async {
         let mut import = 0;
         for slot in &mut slots {
@@ -181,7 +196,6 @@ async fn run(
         r = timeout_at(deadline, handshake) => r.unwrap_or(Err(StartError::Timeout(ctx.startup_timeout))),
         _ = control.recv() => Err(StartError::Stopped),
     };
-    let process = &mut spawned.process;
     match outcome {
         Ok(import_time) => {
             tracing::info!(

@@ -3,7 +3,7 @@
 
 use roost::server::SpawnMode;
 
-use crate::harness::{alive, get, pid_of, pids_running, Node};
+use crate::harness::{alive, comm, get, parent_of, pid_of, pids_running, Node};
 
 /// The zygote processes of a node: the loader in zygote mode, not renamed as a worker
 /// or a spare.
@@ -16,22 +16,15 @@ fn zygotes(node: &Node) -> Vec<u32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             args.contains(&loader.as_bytes())
                 && args.contains(&&b"zygote"[..])
-                && comm.trim() != "roost-spare"
+                && !["roost-spare", "roost-template"].contains(&comm(*pid).as_str())
         })
         .collect();
     let workers = pids_running(&loader);
     all.into_iter()
         .filter(|p| !workers.contains(p) && alive(*p))
         .collect()
-}
-
-fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    after_name.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,12 +40,7 @@ async fn workers_are_forked_by_the_zygote_which_restarts_when_killed() {
         zygote[0],
         "the worker is not the zygote's child"
     );
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{worker}/comm"))
-            .unwrap()
-            .trim(),
-        "roost-worker"
-    );
+    assert_eq!(comm(worker), "roost-worker");
 
     // Kill the zygote: its workers die with it, and the next request brings both back.
     nix::sys::signal::kill(

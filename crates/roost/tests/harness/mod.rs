@@ -302,6 +302,21 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The parent of a process (the 4th field of /proc/<pid>/stat).
+pub fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// The name a process gave itself (/proc/<pid>/comm).
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// Peak resident memory (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

@@ -1,0 +1,135 @@
+//! A site's template: its app imported once, in a process already running as the site
+//! user inside the site's cgroup; the site's workers are forked from it and share its
+//! memory copy-on-write (the `preload` site setting).
+//!
+//! The template is started like a worker (by the zygote or plainly) in the template
+//! role, so it goes through every tenant step first; it then speaks the zygote's
+//! messages ([`ForkServer`]). It is tenant code: its answers are checked like any
+//! worker's (a forked pid must be its own child). Its workers need no cgroup move (they
+//! inherit it) and no import. The pool retires the template with the site's last
+//! worker, when the site changes, and when the entry file is touched; a retired
+//! template exits once its workers have.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roost_registry::Site;
+use roost_wire::EnvironWriter;
+use tokio::time::Instant;
+
+use super::forkserver::{ForkServer, Launch, Launched, ReadyFields};
+use super::plain::socket_pairs;
+use super::{
+    Role, SiteCgroup, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess,
+};
+use crate::logs::SiteLogs;
+
+/// Forks one site's workers from its template; starts the template on first need.
+pub struct SiteTemplate {
+    launch: Launch,
+    start_timeout: Duration,
+    span: tracing::Span,
+    current: Mutex<Option<ForkServer>>,
+}
+
+impl SiteTemplate {
+    /// `spawner` starts the template process itself; `start_timeout` bounds its import.
+    pub fn new(
+        spawner: Arc<dyn Spawn>,
+        site: Arc<Site>,
+        logs: Arc<SiteLogs>,
+        cgroup: Arc<SiteCgroup>,
+        start_timeout: Duration,
+    ) -> SiteTemplate {
+        let span = tracing::info_span!("template", site = %site.name);
+        let launch: Launch = Arc::new(move || {
+            let (spawner, site, logs, cgroup) =
+                (spawner.clone(), site.clone(), logs.clone(), cgroup.clone());
+            Box::pin(async move {
+                let error_log = logs
+                    .error_log_file()
+                    .map_err(|e| format!("cannot open the site's error log: {e}"))?;
+                let request = SpawnRequest {
+                    site: &site,
+                    role: Role::Template,
+                    error_log,
+                    logs: &logs,
+                    cgroup: &cgroup,
+                };
+                let spawned = spawner
+                    .spawn(request)
+                    .await
+                    .map_err(|e| crate::error_chain(&e))?;
+                let ctl = spawned.sockets.into_iter().next();
+                let ctl = ctl.ok_or("the template got no control socket")?;
+                Ok(Launched {
+                    process: spawned.process,
+                    ctl,
+                })
+            })
+        });
+        SiteTemplate {
+            launch,
+            start_timeout,
+            span,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn server(&self) -> ForkServer {
+        let mut current = self.current.lock().expect("template lock poisoned");
+        current
+            .get_or_insert_with(|| {
+                ForkServer::new(
+                    self.launch.clone(),
+                    self.start_timeout,
+                    log_ready,
+                    self.span.clone(),
+                )
+            })
+            .clone()
+    }
+
+    /// The template stops forking and exits once its workers have; killed at
+    /// `deadline`. The next spawn starts a new one (with the app imported afresh).
+    pub fn retire(&self, deadline: Instant) {
+        if let Some(server) = self.current.lock().expect("template lock poisoned").take() {
+            server.retire(deadline);
+        }
+    }
+
+    async fn fork(&self, request: SpawnRequest<'_>) -> Result<SpawnedWorker, SpawnError> {
+        let server = self.server();
+        server.ready().await.map_err(SpawnError::Template)?;
+        // The template's stderr already is the site's error log, and its children
+        // inherit its cgroup: only the slot sockets go with the order.
+        let (node_ends, child_ends) = socket_pairs(request.role)?;
+        let mut payload = EnvironWriter::with_capacity(16);
+        payload
+            .push("slots", child_ends.len().to_string().as_bytes())
+            .expect("digits have no NUL");
+        let forked = server
+            .fork(payload, child_ends)
+            .await
+            .map_err(SpawnError::Template)?;
+        Ok(SpawnedWorker {
+            process: WorkerProcess::Forked(forked),
+            sockets: node_ends,
+        })
+    }
+}
+
+impl Spawn for SiteTemplate {
+    fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a> {
+        Box::pin(self.fork(request))
+    }
+}
+
+fn log_ready(fields: &ReadyFields) {
+    let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("?");
+    tracing::info!(
+        pid = get("pid"),
+        import_ms = get("import_us").parse::<f64>().map_or(-1.0, |us| us / 1e3),
+        "template ready"
+    );
+}

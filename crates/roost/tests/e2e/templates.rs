@@ -1,0 +1,165 @@
+//! Per-site preloading (`preload`): the app imported once in a template that runs as
+//! the site user, the site's workers forked from it; its life follows the workers'.
+
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, SystemTime};
+
+use roost_registry::FsChecks;
+
+use crate::harness::{alive, comm, get, parent_of, pid_of, Node};
+
+/// The pid a tester endpoint answers (`/pid`: the worker; `/imported-by`: whoever
+/// imported the app).
+async fn pid(node: &Node, host: &str, path: &str) -> u32 {
+    pid_of(&get(node.addr, host, path).await.expect("request"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("t", &["t.test"], &app);
+    spec.preload = Some(true);
+    spec.processes_max = Some(2);
+    spec.idle_timeout = Some(Duration::from_secs(1));
+    node.add(spec).await;
+
+    let worker = pid(&node, "t.test", "/pid").await;
+    let template = pid(&node, "t.test", "/imported-by").await;
+    assert_ne!(worker, template, "the worker imported the app itself");
+    assert_eq!(
+        parent_of(worker),
+        template,
+        "the worker is not the template's child"
+    );
+    assert_eq!(comm(template), "roost-template");
+    if let Some(user) = &node.user {
+        let status = std::fs::read_to_string(format!("/proc/{template}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uid_line
+                .split_whitespace()
+                .skip(1)
+                .all(|u| u == user.uid.to_string()),
+            "the template does not run as the site user: {uid_line}"
+        );
+    }
+
+    // A second worker, needed while the first is busy: forked from the same template.
+    let addr = node.addr;
+    let busy = tokio::spawn(async move { get(addr, "t.test", "/sleep?s=1.5").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = pid(&node, "t.test", "/pid").await;
+    assert_ne!(second, worker, "no second worker was started");
+    assert_eq!(parent_of(second), template);
+    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+
+    // Idle for 1 s: both workers retire, and the template goes with the last one.
+    node.eventually("the template to exit with the last worker", || async {
+        !alive(template) && !alive(worker) && !alive(second)
+    })
+    .await;
+    let next = pid(&node, "t.test", "/imported-by").await;
+    assert_ne!(
+        next, template,
+        "the next request did not start a new template"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touched_entry_file_or_a_changed_site_replaces_the_template() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("r", &["r.test"], &app);
+    spec.preload = Some(true);
+    spec.processes_max = Some(1);
+    let site = node.add(spec.clone()).await;
+    let first = pid(&node, "r.test", "/imported-by").await;
+
+    // Touching the entry file reloads the app: a new template imports it.
+    let later = SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&app)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    node.eventually("a new template after the entry file changed", || async {
+        get(node.addr, "r.test", "/imported-by")
+            .await
+            .is_ok_and(|r| r.status == 200 && pid_of(&r) != first)
+    })
+    .await;
+    node.eventually("the old template to exit", || async { !alive(first) })
+        .await;
+
+    // preload off: the workers import the app themselves again.
+    spec.preload = Some(false);
+    let mut changed = spec.validate(FsChecks::Full).unwrap();
+    changed.runtime = site.runtime.clone();
+    node.store().replace(&changed).unwrap();
+    node.eventually("workers that import the app themselves", || async {
+        let worker = get(node.addr, "r.test", "/pid").await;
+        let importer = get(node.addr, "r.test", "/imported-by").await;
+        match (worker, importer) {
+            (Ok(w), Ok(i)) => w.status == 200 && pid_of(&w) == pid_of(&i),
+            _ => false,
+        }
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_whose_app_fails_to_import_gets_5xx_and_a_traceback() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    std::fs::write(&app, "raise RuntimeError('broken at import')\n").unwrap();
+    let mut spec = node.spec("b", &["b.test"], &app);
+    spec.preload = Some(true);
+    node.add(spec).await;
+    let status = get(node.addr, "b.test", "/").await.unwrap().status;
+    assert!(status >= 500, "a broken app answered {status}");
+    let log = node.log("b", "error.log");
+    assert!(log.contains("broken at import"), "no traceback in: {log}");
+    assert!(
+        log.contains("template"),
+        "the error log does not name the template: {log}"
+    );
+    node.stop().await;
+}
+
+/// A tenant controls its template: its app can take over the control socket at import.
+/// The node must not take a process the template did not fork for one of its workers
+/// (it would kill that process's group later, as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_cannot_pass_off_another_process_as_its_worker() {
+    let node = Node::start().await;
+    let mut victim = std::process::Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let app = node.app("liar.py");
+    let mut spec = node.spec("liar", &["liar.test"], &app);
+    spec.preload = Some(true);
+    spec.env
+        .insert("VICTIM_PID".into(), victim.id().to_string());
+    node.add(spec).await;
+    let status = get(node.addr, "liar.test", "/").await.unwrap().status;
+    assert!(status >= 500, "the liar's site answered {status}");
+    node.eventually("the refusal in the error log", || async {
+        node.log("liar", "error.log")
+            .contains("which it did not fork")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the node killed a process the template claimed as its worker"
+    );
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    node.stop().await;
+}
