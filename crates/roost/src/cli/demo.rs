@@ -57,6 +57,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             interpreter: Some(python.clone()),
             user: user.clone(),
             idle_timeout: Some(std::time::Duration::from_secs(30)),
+            // One site shows per-site preloading: its workers fork from a template.
+            preload: Some(*name == "echo"),
             ..SiteSpec::default()
         }
         .validate(FsChecks::Full)?;
@@ -75,7 +77,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("  curl -N -H 'Host: stream.localhost' '{url}/?chunks=20'");
     println!("  curl -i -H 'Host: nothing.localhost' {url}/     # unknown host: 404");
     println!();
-    println!("Workers start on the first request and exit after 30 s idle.");
+    println!("Workers start on the first request and exit after 30 s idle. echo preloads:");
+    println!("its app is imported once in a template (ps shows roost-template), its workers");
+    println!("fork from it.");
     if is_root() {
         println!("Running as root: the demo sites run as the user nobody.");
     }

@@ -328,11 +328,22 @@ fn site_commands_and_every_kind_of_bad_write() {
 
     ok(&roost(
         &registry,
-        &["site", "set", "blog", "--threads", "3", "--unset-env", "A"],
+        &[
+            "site",
+            "set",
+            "blog",
+            "--threads",
+            "3",
+            "--unset-env",
+            "A",
+            "--preload",
+            "true",
+        ],
     ));
     let shown: serde_json::Value =
         serde_json::from_str(&ok(&roost(&registry, &["site", "show", "blog", "--json"]))).unwrap();
     assert_eq!(shown["threads"], 3);
+    assert_eq!(shown["preload"], true);
     assert_eq!(shown["env"], serde_json::json!({}));
     assert_eq!(
         shown["hosts"],
