@@ -58,7 +58,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             user: user.clone(),
             idle_timeout: Some(std::time::Duration::from_secs(30)),
             // One site shows per-site preloading: its workers fork from a template.
-            preload: Some(*name == "echo"),
+            preload: Some(name == "echo"),
             ..SiteSpec::default()
         }
         .validate(FsChecks::Full)?;
