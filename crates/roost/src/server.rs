@@ -17,7 +17,7 @@ use crate::front::{self, FrontConfig};
 use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
-use crate::spawn::{Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
+use crate::spawn::{favordynmods, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
 
 /// How workers are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,9 @@ pub struct NodeConfig {
     /// This node's cgroup folder name in each hierarchy; two nodes on one machine need
     /// different names.
     pub cgroup_name: String,
+    /// As root with cgroups: mount a hierarchy with `favordynmods` while running, so
+    /// cgroup moves do not wait for RCU (spawn/favordynmods.rs).
+    pub favordynmods: bool,
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
     pub preload: Vec<String>,
@@ -73,6 +76,7 @@ impl NodeConfig {
             min_uid: roost_registry::DEFAULT_MIN_UID,
             cgroups: true,
             cgroup_name: "roost".to_owned(),
+            favordynmods: true,
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
             budget: BudgetLimits::default(),
@@ -130,6 +134,10 @@ pub async fn run(
     });
     cgroups.sweep();
     tracing::info!(enforced = %cgroups.describe(), "resource limits");
+    // Held until the node stops: unmounting it ends the effect.
+    let _favordynmods = (as_root && config.favordynmods && cgroups.any())
+        .then(|| favor_dynmods(&config.run_dir))
+        .flatten();
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: config.run_dir.join("tmp"),
@@ -190,6 +198,23 @@ pub async fn run(
     cgroups.remove_bases();
     tracing::info!("stopped");
     Ok(())
+}
+
+fn favor_dynmods(run_dir: &std::path::Path) -> Option<favordynmods::FavorDynmods> {
+    match favordynmods::enable(run_dir) {
+        Ok(favordynmods::Outcome::Mounted(m)) => {
+            tracing::info!(hierarchy = %m.point().display(), "cgroup moves favoured (favordynmods) while the node runs; --no-favordynmods to leave the kernel as it is");
+            Some(m)
+        }
+        Ok(favordynmods::Outcome::AlreadyOn) => {
+            tracing::info!("cgroup moves already favoured (a hierarchy has favordynmods)");
+            None
+        }
+        Err(why) => {
+            tracing::warn!(%why, "cannot turn on favordynmods: each cold start waits for the kernel's cgroup lock (an RCU grace period); on cgroup v2, `mount -o remount,favordynmods /sys/fs/cgroup` does it for the host");
+            None
+        }
+    }
 }
 
 fn apply(sites: &mut Sites, loaded: Loaded) {

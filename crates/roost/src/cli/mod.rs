@@ -114,6 +114,12 @@ pub struct ServeArgs {
     /// whose limits are managed elsewhere.
     #[arg(long)]
     pub no_cgroups: bool,
+    /// Leave the kernel's cgroup locking as it is. By default a root node mounts a
+    /// small cgroup hierarchy with `favordynmods` while it runs, so that moving a new
+    /// worker into its site's cgroup does not wait for an RCU grace period (15-20 ms
+    /// per cold start on cgroup v1); forks and exits get slightly dearer machine-wide.
+    #[arg(long)]
+    pub no_favordynmods: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used
     /// least recently is stopped to make room. 0 is unlimited.
     #[arg(long, default_value_t = 0)]
@@ -227,6 +233,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     };
     config.preload = args.preload.clone();
     config.cgroups = !args.no_cgroups;
+    config.favordynmods = !args.no_favordynmods;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
         max_workers: args.max_workers,

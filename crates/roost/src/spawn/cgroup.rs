@@ -142,6 +142,11 @@ impl Cgroups {
         Cgroups::default()
     }
 
+    /// Whether any controller is in use.
+    pub fn any(&self) -> bool {
+        !self.placements.is_empty()
+    }
+
     pub fn has(&self, controller: Controller) -> bool {
         self.placements.iter().any(|p| p.controller == controller)
     }

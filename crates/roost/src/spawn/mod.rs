@@ -19,6 +19,7 @@
 
 pub mod cgroup;
 mod child;
+pub mod favordynmods;
 mod forkserver;
 mod plain;
 mod prepare;

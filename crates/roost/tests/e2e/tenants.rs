@@ -470,3 +470,41 @@ async fn a_tenant_owned_interpreter_never_runs_with_the_nodes_rights() {
     }
     node.stop().await;
 }
+
+/// Cold starts on cgroup v1 wait for an RCU grace period per cgroup move unless the
+/// kernel favours moves: a root node mounts a hierarchy with `favordynmods` while it
+/// runs (unless the host's own hierarchies have it), and unmounts it when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a cgroup hierarchy"]
+async fn a_root_node_favours_cgroup_moves_while_it_runs() {
+    need_root();
+    let mounts = || std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let host_has_it = mounts().lines().any(|l| {
+        (l.contains(" cgroup ") || l.contains(" cgroup2 "))
+            && l.contains("favordynmods")
+            && !l.contains("name=roost-dynmods")
+    });
+    let node = Node::start().await;
+    let point = node.dir.path().join("run/cgroup-favordynmods");
+    let point = format!(" {} ", point.display());
+    // Once the node serves, its start-up is over.
+    node.eventually("the node to serve", || async {
+        get(node.addr, "nothing.test", "/").await.is_ok()
+    })
+    .await;
+    let ours = mounts()
+        .lines()
+        .find(|l| l.contains(&point))
+        .map(str::to_owned);
+    if host_has_it {
+        assert!(ours.is_none(), "mounted although the host has favordynmods");
+    } else {
+        let line = ours.expect("no favordynmods hierarchy mounted by the node");
+        assert!(line.contains("favordynmods"), "{line}");
+    }
+    node.stop().await;
+    assert!(
+        !mounts().contains(&point),
+        "the hierarchy outlived the node"
+    );
+}
