@@ -680,6 +680,10 @@ def become_worker(request, fds, zygote_pid):
         os._exit(code)
 
 
+# How long the zygote waits after a spawn, for quiet, before it forks new spares.
+SPARE_REFILL_DELAY = 0.05
+
+
 class Spares(object):
     """Children forked ahead of need, each waiting on a private socket for its worker's
     order (the SPAWN payload and descriptors), so a spawn skips the fork itself.
@@ -792,6 +796,15 @@ def zygote_main(preload_extra, spare_count=0):
             msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
         except InterruptedError:
             continue
+        except TimeoutError:
+            # Quiet for a moment: refill the spares now. Forking right after a spawn
+            # would take a CPU from the worker just handed out (a fork of the zygote
+            # copies its page tables: about a millisecond).
+            ctl.settimeout(None)
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+            spares.fill()
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+            continue
         if not msg:
             return 0  # the node closed the control socket
         request, req_id = None, "?"
@@ -820,8 +833,9 @@ def zygote_main(preload_extra, spare_count=0):
                     [("id", req_id), ("pid", pid)])], [pidfd])
             finally:
                 os.close(pidfd)
-            # Off the critical path: the next spawn finds its spare ready.
-            spares.fill()
+            # Refilled once the zygote has been quiet for SPARE_REFILL_DELAY.
+            if spares.count:
+                ctl.settimeout(SPARE_REFILL_DELAY)
         except Exception as exc:
             try:
                 ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
