@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Throughput and latency of a hello WSGI app under wrk (keep-alive, 50 connections,
-2 threads), roost beside the peers installed here, in the same run, 2 worker processes
-each. During every load a canary opens a fresh connection every 100 ms for one request:
-its latency shows whether newcomers are starved.
+"""Throughput and latency of a hello and a Flask WSGI app under wrk (keep-alive, 50
+connections, 2 threads), roost beside the peers installed here, in the same run, 2
+worker processes each. During every load a canary opens a fresh connection every 100 ms
+for one request: its latency shows whether newcomers are starved. Each server gets
+--runs loads; the report has the median and every run (the spread).
 
-Peers run when installed: gunicorn and granian (pip install gunicorn granian), uWSGI
-behind its HTTP router (apt-get install uwsgi uwsgi-plugin-python3), and mod_wsgi in
-daemon mode under Apache (apt-get install apache2 libapache2-mod-wsgi-py3). Passenger is
-not scripted yet. Workers of roost, uWSGI and mod_wsgi run as nobody.
+Peers run when installed (bench/install_peers.sh installs them all): gunicorn and
+granian (pip), uWSGI behind its HTTP router, mod_wsgi in daemon mode under Apache, and
+Passenger under Apache (Debian). Workers of roost, uWSGI, mod_wsgi and Passenger run as
+nobody.
 
-  cargo build --release && apt-get install -y wrk && python3 bench/throughput.py   # root
+  cargo build --release && bench/install_peers.sh
+  python3 bench/throughput.py [--apps hello,flask] [--runs 3] [--json] > tp.json   # root
+  python3 bench/chart.py throughput tp.json throughput.png
 """
 import argparse
 import http.client
@@ -31,15 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
 
 
-def roost(work, port, threads):
-    reg = "sqlite:" + os.path.join(work, "roost-%d.db" % threads)
+def roost(work, port, app, threads):
+    reg = "sqlite:" + os.path.join(work, "roost-%s-%d.db" % (app, threads))
     subprocess.run([ROOST, "--registry", reg, "site", "add", "hello", "--host", "hello.bench",
-                    "--entry", os.path.join(work, "hello.py"), "--user", "nobody",
+                    "--entry", os.path.join(work, app + ".py"), "--user", "nobody",
                     "--processes-max", "2", "--processes-min", "2", "--threads", str(threads)],
                    check=True, stdout=subprocess.DEVNULL)
     return [ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
             "--cgroup-name", "roost-bench-tp", "--log-dir", os.path.join(work, "logs"),
-            "--run-dir", os.path.join(work, "run")]
+            "--run-dir", os.path.join(work, "run")] + (["--preload", "flask"] if app != "hello" else [])
 
 
 APACHE_CONF = """
@@ -60,38 +63,88 @@ MaxRequestWorkers 200
 WSGIDaemonProcess hello processes=2 threads=1 user=nobody group=nogroup
 WSGIProcessGroup hello
 WSGIApplicationGroup %{{GLOBAL}}
-WSGIScriptAlias / {work}/hello.py
+WSGIScriptAlias / {work}/{app}.py
 <Directory {work}>
   Require all granted
 </Directory>
 """
 
+PASSENGER_CONF = """
+ServerName localhost
+ServerRoot {work}
+Listen 127.0.0.1:{port}
+PidFile {work}/apache.pid
+ErrorLog {work}/apache-error.log
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule passenger_module /usr/lib/apache2/modules/mod_passenger.so
+User nobody
+Group nogroup
+StartServers 2
+ServerLimit 4
+ThreadsPerChild 50
+MaxRequestWorkers 200
+PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerPython /usr/bin/python3
+PassengerMinInstances 2
+PassengerMaxPoolSize 2
+PassengerDefaultUser nobody
+PassengerDefaultGroup nogroup
+PassengerDisableSecurityUpdateCheck on
+PassengerDisableAnonymousTelemetry on
+DocumentRoot {root}/public
+PassengerAppRoot {root}
+PassengerAppType wsgi
+PassengerStartupFile passenger_wsgi.py
+<Directory {root}/public>
+  Require all granted
+</Directory>
+"""
 
-def apache(work, port):
+
+def apache(work, port, app):
     conf = os.path.join(work, "apache-%d.conf" % port)
     with open(conf, "w") as f:
-        f.write(APACHE_CONF.format(work=work, port=port))
+        f.write(APACHE_CONF.format(work=work, port=port, app=app))
+    return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
+
+
+def passenger(work, port, app):
+    root = os.path.join(work, "passenger-" + app)
+    os.makedirs(os.path.join(root, "public"), exist_ok=True)
+    for d in (root, os.path.join(root, "public")):
+        os.chmod(d, 0o755)
+    with open(os.path.join(root, "passenger_wsgi.py"), "w") as f:
+        f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n" % (work, app))
+    conf = os.path.join(work, "passenger-%d.conf" % port)
+    with open(conf, "w") as f:
+        f.write(PASSENGER_CONF.format(work=work, port=port, root=root))
     return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
 
 
 SERVERS = {
-    "roost (2 workers x 1 thread)": lambda w, p: roost(w, p, 1),
-    "roost (2 workers x 4 threads)": lambda w, p: roost(w, p, 4),
-    "gunicorn (2 sync workers)": lambda w, p: [shutil.which("gunicorn") or "gunicorn", "-w", "2",
-                                               "-b", "127.0.0.1:%d" % p, "--chdir", w,
-                                               "--error-logfile", "/dev/null", "hello:application"],
-    "granian (2 workers)": lambda w, p: [shutil.which("granian") or "granian", "--interface", "wsgi",
-                                         "--workers", "2", "--host", "127.0.0.1", "--port", str(p),
-                                         "--working-dir", w, "--log-level", "error", "hello:application"],
-    "uwsgi (HTTP router, 2 processes)": lambda w, p: ["uwsgi", "--plugins", "python3,http", "--http",
-                                                      "127.0.0.1:%d" % p, "--wsgi-file",
-                                                      os.path.join(w, "hello.py"), "--processes", "2",
-                                                      "--master", "--die-on-term", "--disable-logging", "--uid",
-                                                      "nobody", "--gid", "nogroup"],
+    "roost (2 workers x 1 thread)": lambda w, p, a: roost(w, p, a, 1),
+    "roost (2 workers x 4 threads)": lambda w, p, a: roost(w, p, a, 4),
+    "gunicorn (2 sync workers)": lambda w, p, a: [
+        shutil.which("gunicorn") or "gunicorn", "-w", "2", "-b", "127.0.0.1:%d" % p, "--chdir", w,
+        "--error-logfile", "/dev/null", "%s:application" % a],
+    "granian (2 workers)": lambda w, p, a: [
+        shutil.which("granian") or "granian", "--interface", "wsgi", "--workers", "2", "--host",
+        "127.0.0.1", "--port", str(p), "--working-dir", w, "--log-level", "error",
+        "%s:application" % a],
+    "uwsgi (HTTP router, 2 processes)": lambda w, p, a: [
+        "uwsgi", "--plugins", "python3,http", "--http", "127.0.0.1:%d" % p, "--wsgi-file",
+        os.path.join(w, a + ".py"), "--processes", "2", "--master", "--die-on-term",
+        "--disable-logging", "--uid", "nobody", "--gid", "nogroup"],
     "mod_wsgi (daemon mode, 2 processes)": apache,
+    "passenger (Apache, 2 processes)": passenger,
 }
 PEER_BINARIES = {"gunicorn": "gunicorn", "granian": "granian", "uwsgi": "uwsgi",
-                 "mod_wsgi": "/usr/sbin/apache2"}
+                 "mod_wsgi": "/usr/sbin/apache2", "passenger": "/usr/sbin/apache2"}
+PEER_FILES = {"mod_wsgi": "/usr/lib/apache2/modules/mod_wsgi.so",
+              "passenger": "/usr/lib/apache2/modules/mod_passenger.so"}
+APPS = {"hello": "hello", "flask": "flask_app"}
 
 
 def canary(port, stop, out):
@@ -121,57 +174,70 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--apps", default="hello,flask")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (roost's sites run as nobody)")
     work = tempfile.mkdtemp()
     os.chmod(work, 0o755)
-    shutil.copy(os.path.join(ROOT, "bench", "apps", "hello.py"), work)
+    for module in APPS.values():
+        shutil.copy(os.path.join(ROOT, "bench", "apps", module + ".py"), work)
     report = {}
     try:
-        for name, command in SERVERS.items():
-            peer = name.split()[0]
-            binary = PEER_BINARIES.get(peer)
-            if binary and not shutil.which(binary):
-                print("skipping %s: not installed" % name, file=sys.stderr)
-                continue
-            port = free_port()
-            server = subprocess.Popen(command(work, port), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, cwd=work)
-            try:
-                wait_port(port)
-                time.sleep(1)
-                wrk(port, 1)  # warm up
-                rates, latencies, errors = [], [], 0
-                for _ in range(args.runs):
-                    stop, out = threading.Event(), []
-                    t = threading.Thread(target=canary, args=(port, stop, out))
-                    t.start()
-                    rps, errs = wrk(port, args.seconds)
-                    stop.set()
-                    t.join()
-                    rates.append(rps)
-                    latencies.extend(out)
-                    errors += errs
-                latencies.sort()
-                report[name] = {
-                    "req_per_s_median": statistics.median(rates),
-                    "req_per_s_runs": rates,
-                    "canary_p50_ms": statistics.median(latencies),
-                    "canary_p99_ms": latencies[max(int(len(latencies) * 0.99) - 1, 0)],
-                    "errors": errors,
-                }
-                print("%-32s %8.0f req/s  canary p50 %6.2f ms  p99 %7.2f ms"
-                      % (name, report[name]["req_per_s_median"], report[name]["canary_p50_ms"],
-                         report[name]["canary_p99_ms"]), file=sys.stderr, flush=True)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        for app in args.apps.split(","):
+            report[app] = measure_app(APPS[app], args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=2))
+
+
+def measure_app(app, args, work):
+    """Every installed server on one app: {server: its figures}."""
+    report = {}
+    for name, command in SERVERS.items():
+        peer = name.split()[0]
+        binary = PEER_BINARIES.get(peer)
+        missing = (binary and not shutil.which(binary)) or (
+            peer in PEER_FILES and not os.path.exists(PEER_FILES[peer]))
+        if missing:
+            print("skipping %s: not installed" % name, file=sys.stderr)
+            continue
+        port = free_port()
+        server = subprocess.Popen(command(work, port, app), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, cwd=work)
+        try:
+            wait_port(port)
+            time.sleep(1)
+            wrk(port, 1)  # warm up
+            rates, latencies, errors = [], [], 0
+            for _ in range(args.runs):
+                stop, out = threading.Event(), []
+                t = threading.Thread(target=canary, args=(port, stop, out))
+                t.start()
+                rps, errs = wrk(port, args.seconds)
+                stop.set()
+                t.join()
+                rates.append(rps)
+                latencies.extend(out)
+                errors += errs
+            latencies.sort()
+            report[name] = {
+                "req_per_s_median": statistics.median(rates),
+                "req_per_s_runs": rates,
+                "canary_p50_ms": statistics.median(latencies),
+                "canary_p99_ms": latencies[max(int(len(latencies) * 0.99) - 1, 0)],
+                "errors": errors,
+            }
+            print("%-6s %-36s %8.0f req/s (%.0f-%.0f)  canary p50 %6.2f ms  p99 %7.2f ms"
+                  % (app, name, report[name]["req_per_s_median"], min(rates), max(rates),
+                     report[name]["canary_p50_ms"], report[name]["canary_p99_ms"]),
+                  file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""PNG charts from the benchmarks' --json output (matplotlib: bench/install_peers.sh).
+
+  python3 bench/throughput.py --json > tp.json && python3 bench/chart.py throughput tp.json tp.png
+  python3 bench/cold_start.py --json > cs.json && python3 bench/chart.py cold_start cs.json cs.png
+
+throughput: requests per second per server (median, whiskers from the slowest to the
+fastest run) beside the canary's p50 and p99. cold_start: p50 per mode and app, whiskers
+from p10 to p90.
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def bars(ax, labels, values, low, high, ylabel, title):
+    """Bars with whiskers from `low` to `high`, each bar labelled with its value."""
+    err = [[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]]
+    pos = range(len(labels))
+    ax.bar(pos, values, yerr=err, capsize=4, color="#4c72b0")
+    ax.set_xticks(list(pos))
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for x, v in zip(pos, values):
+        ax.annotate("%.3g" % v, (x, v), ha="center", va="bottom", fontsize=7)
+
+
+def throughput(report, out):
+    """One row of two charts per app ({app: {server: figures}})."""
+    fig, axes = plt.subplots(len(report), 2, figsize=(13, 5 * len(report)), squeeze=False)
+    for (left, right), (app, servers) in zip(axes, report.items()):
+        names = list(servers)
+        runs = [servers[n]["req_per_s_runs"] for n in names]
+        bars(left, names, [servers[n]["req_per_s_median"] for n in names],
+             [min(r) for r in runs], [max(r) for r in runs], "requests/s",
+             "%s: throughput, wrk -c50 (median; whiskers: slowest to fastest run)" % app)
+        p50 = [servers[n]["canary_p50_ms"] for n in names]
+        p99 = [servers[n]["canary_p99_ms"] for n in names]
+        bars(right, names, p50, p50, p99, "ms",
+             "%s: canary latency during the load (p50; whisker up to p99)" % app)
+        right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def cold_start(report, out):
+    rows = [(mode, app, s["cold"]) for mode, apps in report.items() for app, s in apps.items()]
+    apps = sorted({app for _, app, _ in rows})
+    fig, axes = plt.subplots(1, len(apps), figsize=(6 * len(apps), 5), squeeze=False)
+    for ax, app in zip(axes[0], apps):
+        mine = [(mode, s) for mode, a, s in rows if a == app]
+        bars(ax, [m for m, _ in mine], [s["p50"] for _, s in mine], [s["p10"] for _, s in mine],
+             [s["p90"] for _, s in mine], "ms", "cold start, %s app (p50; whiskers p10-p90)" % app)
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv):
+    kinds = {"throughput": throughput, "cold_start": cold_start}
+    if len(argv) != 4 or argv[1] not in kinds:
+        sys.exit(__doc__)
+    with open(argv[2]) as f:
+        report = json.load(f)
+    kinds[argv[1]](report, argv[3])
+    print("wrote", argv[3])
+
+
+if __name__ == "__main__":
+    main(sys.argv)
