@@ -27,7 +27,8 @@ def bars(ax, labels, values, low, high, ylabel, title):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     for x, v in zip(pos, values):
-        ax.annotate("%.3g" % v, (x, v), ha="center", va="bottom", fontsize=7)
+        ax.annotate("{:,.0f}".format(v) if v >= 100 else "%.3g" % v, (x, v), ha="center",
+                    va="bottom", fontsize=7)
 
 
 def throughput(report, out):

@@ -136,7 +136,7 @@ SERVERS = {
     "uwsgi (HTTP router, 2 processes)": lambda w, p, a: [
         "uwsgi", "--plugins", "python3,http", "--http", "127.0.0.1:%d" % p, "--wsgi-file",
         os.path.join(w, a + ".py"), "--processes", "2", "--master", "--die-on-term",
-        "--disable-logging", "--uid", "nobody", "--gid", "nogroup"],
+        "--http-keepalive", "--disable-logging", "--uid", "nobody", "--gid", "nogroup"],
     "mod_wsgi (daemon mode, 2 processes)": apache,
     "passenger (Apache, 2 processes)": passenger,
 }
@@ -175,6 +175,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--apps", default="hello,flask")
+    parser.add_argument("--only", default="", help="servers whose name contains this text")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -197,6 +198,8 @@ def measure_app(app, args, work):
     """Every installed server on one app: {server: its figures}."""
     report = {}
     for name, command in SERVERS.items():
+        if args.only not in name:
+            continue
         peer = name.split()[0]
         binary = PEER_BINARIES.get(peer)
         missing = (binary and not shutil.which(binary)) or (
