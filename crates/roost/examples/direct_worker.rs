@@ -29,7 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: direct_worker LOADER APP_FILE SECONDS".into());
     };
     let seconds: f64 = seconds.parse()?;
-    let directory = Path::new(app).parent().ok_or("the app file has no folder")?;
+    let directory = Path::new(app)
+        .parent()
+        .ok_or("the app file has no folder")?;
     let (mut ours, theirs) = UnixStream::pair()?;
     let slot = theirs.as_raw_fd();
     let mut cmd = Command::new("python3");
@@ -100,7 +102,10 @@ fn request_frames() -> Result<BytesMut, roost_wire::EnvironError> {
     Ok(out)
 }
 
-fn next_frame(sock: &mut UnixStream, buf: &mut BytesMut) -> Result<Frame, Box<dyn std::error::Error>> {
+fn next_frame(
+    sock: &mut UnixStream,
+    buf: &mut BytesMut,
+) -> Result<Frame, Box<dyn std::error::Error>> {
     loop {
         if let Some(frame) = decode_from_worker(buf)? {
             return Ok(frame);

@@ -163,3 +163,24 @@ async fn a_template_cannot_pass_off_another_process_as_its_worker() {
     victim.wait().unwrap();
     node.stop().await;
 }
+
+/// With `--spawn plain` the template is the node's own child (`loader.py template`,
+/// its control socket on fd 3); its workers are still its children.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plainly_spawned_template_forks_the_workers_too() {
+    let node = Node::start_with(|c| c.spawn = roost::server::SpawnMode::Plain).await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("p", &["p.test"], &app);
+    spec.preload = Some(true);
+    node.add(spec).await;
+    let worker = pid(&node, "p.test", "/pid").await;
+    let template = pid(&node, "p.test", "/imported-by").await;
+    assert_ne!(worker, template, "the worker imported the app itself");
+    assert_eq!(parent_of(worker), template);
+    assert_eq!(
+        parent_of(template),
+        std::process::id(),
+        "not the node's child"
+    );
+    node.stop().await;
+}
