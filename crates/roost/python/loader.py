@@ -32,6 +32,9 @@ MAX_CHUNK = 1 << 20
 MAX_REQUEST_HEAD = 1 << 20
 MAX_FATAL = 64 << 10
 FIRST_SLOT_FD = 3
+# Seconds: see Worker.serve. poll() takes its timeout in int milliseconds (at most
+# about 24 days): a week fits.
+SLOT_POLL_TIMEOUT = 7 * 86400
 
 END_FRAME = FRAME.pack(RESPONSE_END, 0)
 ABORT_FRAME = FRAME.pack(RESPONSE_ABORT, 0)
@@ -232,13 +235,17 @@ def check_header_text(what, text):
 class Exchange(object):
     """One request on one slot: the state start_response and write() share."""
 
-    __slots__ = ("sock", "status", "headers", "head_sent", "remaining", "head_only")
+    __slots__ = ("sock", "status", "headers", "head_sent", "remaining", "head_only",
+                 "mid_frame")
 
     def __init__(self, sock, head_only):
         self.sock = sock
         self.status = None
         self.headers = None
         self.head_sent = False
+        # True between a body frame's header and the end of its payload: no other
+        # frame may follow until the payload is complete.
+        self.mid_frame = False
         self.remaining = None  # bytes still allowed by Content-Length
         self.head_only = head_only
 
@@ -319,17 +326,16 @@ class Exchange(object):
         self.sock.sendall(self.head_frame())
         if self.head_only:
             return True
-        out = self.sock.fileno()
         while left > 0:
             chunk = min(left, MAX_CHUNK)
             self.sock.sendall(FRAME.pack(RESPONSE_BODY, chunk))
-            sent_chunk = 0
-            while sent_chunk < chunk:
-                sent = os.sendfile(out, fd, offset, chunk - sent_chunk)
-                if sent == 0:
-                    raise OSError("file %r shrank while being sent" % wrapper.filelike)
-                offset += sent
-                sent_chunk += sent
+            self.mid_frame = True
+            # socket.sendfile: os.sendfile, waiting for room as the slot's timeout
+            # mode requires (a bare os.sendfile would meet EAGAIN).
+            if self.sock.sendfile(wrapper.filelike, offset, chunk) != chunk:
+                raise OSError("file %r shrank while being sent" % wrapper.filelike)
+            self.mid_frame = False
+            offset += chunk
             left -= chunk
         return True
 
@@ -341,6 +347,13 @@ class Worker(object):
 
     def serve(self, sock):
         """Serves requests on one slot until the node closes it."""
+        # A timeout makes CPython poll() before each recv and send. A thread blocked in
+        # a plain recv() on a Unix socket is woken each time the node reads what it
+        # sent (the kernel's write-space wake-up ignores the event mask), to find
+        # nothing and sleep again; poll() filters that wake-up out. A slot idle for the
+        # whole timeout (a processes.min worker, a quiet week) just ends: its worker
+        # exits and the pool starts a fresh one.
+        sock.settimeout(SLOT_POLL_TIMEOUT)
         rfile = sock.makefile("rb", 65536)
         try:
             while True:
@@ -352,7 +365,9 @@ class Worker(object):
                     raise ProtocolError("expected a request head, got frame 0x%02x" % kind)
                 self.handle(sock, rfile, payload)
         except (ProtocolError, OSError) as exc:
-            if not isinstance(exc, (BrokenPipeError, ConnectionResetError, EOFError)):
+            import socket
+            quiet = (BrokenPipeError, ConnectionResetError, EOFError, socket.timeout)
+            if not isinstance(exc, quiet):
                 log("slot closed: %s" % exc)
         finally:
             rfile.close()
@@ -411,6 +426,10 @@ class Worker(object):
             log("error in the application on %s %s:\n%s" % (
                 environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                 traceback.format_exc().rstrip()))
+            if ex.mid_frame:
+                # An abort frame now would be read as body bytes: the only honest end
+                # is to close the slot (the node aborts the response, retires us).
+                raise ProtocolError("the response broke off inside a body frame")
             ex.sock.sendall(ABORT_FRAME if ex.head_sent else ERROR_RESPONSE)
         finally:
             close = getattr(result, "close", None)

@@ -97,3 +97,48 @@ async fn a_gibibyte_each_way_with_bounded_memory() {
     );
     node.stop().await;
 }
+
+/// wsgi.file_wrapper goes out with sendfile; a file far larger than the socket's buffer
+/// makes the loader wait for room many times, and every byte must arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_wrapper_response_arrives_whole() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("file", &["file.test"], &app)).await;
+    let size = (32 << 20) + 7;
+    let resp = get(node.addr, "file.test", &format!("/file?bytes={size}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", node.log("file", "error.log")));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), size);
+    let expected = (0..size).map(|i| ((i % 251) % 251) as u8);
+    let wrong = resp
+        .body
+        .iter()
+        .zip(expected)
+        .position(|(got, want)| *got != want);
+    assert_eq!(wrong, None, "the body differs from the file at this offset");
+    node.stop().await;
+}
+
+/// A file_wrapper whose sending fails inside a body frame (here: a file-like that lies
+/// about its position): the response must break off at once, not hang until the
+/// request timeout behind an abort frame the node would read as body bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_fails_mid_frame_breaks_the_response_off_at_once() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("liar", &["liar.test"], &app);
+    spec.request_timeout = Some(std::time::Duration::from_secs(30));
+    node.add(spec).await;
+    let started = tokio::time::Instant::now();
+    let broken = get(node.addr, "liar.test", "/lying-file").await;
+    assert!(broken.is_err(), "a broken file looked complete: {broken:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the broken response took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(get(node.addr, "liar.test", "/").await.unwrap().status, 200);
+    node.stop().await;
+}
