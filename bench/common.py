@@ -29,6 +29,25 @@ def install_app(work, app, folder="apps"):
     return shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", app), apps)
 
 
+APACHE_HEAD = """ServerName localhost
+ServerRoot {work}
+Listen 127.0.0.1:{port}
+PidFile {work}/apache.pid
+ErrorLog {work}/apache-error.log
+User nobody
+Group nogroup
+"""
+
+
+def apache_conf(work, port, modules, body):
+    """A configuration of Apache's own for one benchmark (its files in `work`, listening
+    on 127.0.0.1:port, children as nobody), loading mod_<name>.so for each of
+    `modules`, then `body`."""
+    loads = "".join("LoadModule %s_module /usr/lib/apache2/modules/mod_%s.so\n" % (m, m)
+                    for m in modules)
+    return APACHE_HEAD.format(work=work, port=port) + loads + body
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

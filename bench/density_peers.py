@@ -23,21 +23,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, pss_kib, require_root, wait_port, workspace  # noqa: E402
+from common import (  # noqa: E402
+    apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
-APACHE_HEAD = """ServerName localhost
-ServerRoot {work}
-Listen 127.0.0.1:{port}
-PidFile {work}/apache.pid
-ErrorLog {work}/apache-error.log
-LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
-User nobody
-Group nogroup
-"""
 APACHE_SITE = """<VirtualHost 127.0.0.1:{port}>
   ServerName s{i}.bench
   WSGIDaemonProcess s{i} processes=1 threads=1 user=nobody group=nogroup display-name=roost-bench-wsgi-s{i}
@@ -120,10 +110,11 @@ def site_folder(work, app, i):
 
 def mod_wsgi(work, app, sites):
     port = free_port()
-    conf = APACHE_HEAD.format(work=work, port=port)
+    body = ""
     for i in range(sites):
         path = site_folder(work, app, i)
-        conf += APACHE_SITE.format(port=port, i=i, app=path, dir=os.path.dirname(path))
+        body += APACHE_SITE.format(port=port, i=i, app=path, dir=os.path.dirname(path))
+    conf = apache_conf(work, port, ["mpm_event", "authz_core", "wsgi"], body)
     conf_path = os.path.join(work, "apache.conf")
     with open(conf_path, "w") as f:
         f.write(conf)

@@ -25,7 +25,8 @@ import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    free_port, install_app, pss_kib, require_root, timed_get, wait_port, workspace)
+    free_port, install_app, pids_with_cwd, pss_kib, require_root, timed_get, wait_port,
+    workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -35,19 +36,6 @@ MODES = {
     "template": ([], "true"),
     "runtime+template": (["--preload", "flask"], "true"),
 }
-
-
-def site_pids(directory):
-    """The site's processes: everything whose working directory is its folder."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink("/proc/%s/cwd" % name) == directory:
-                    pids.append(int(name))
-            except OSError:
-                pass
-    return pids
 
 
 def busy(port, seconds):
@@ -79,11 +67,11 @@ def measure(mode, runs, work):
     try:
         wait_port(port)
         timed_get(port, "f.bench")
-        base = len(site_pids(directory))  # one worker (+ the template)
+        base = len(pids_with_cwd(directory))  # one worker (+ the template)
         times = []
         for _ in range(runs):
             deadline = time.time() + 30
-            while len(site_pids(directory)) > base:  # the extra worker went idle
+            while len(pids_with_cwd(directory)) > base:  # the extra worker went idle
                 if time.time() > deadline:
                     raise RuntimeError("the extra worker never exited")
                 time.sleep(0.01)
@@ -94,12 +82,12 @@ def measure(mode, runs, work):
             holder.join()
         roost(registry, "site", "set", "f", "--processes-min", "4")
         deadline = time.time() + 30
-        while len(site_pids(directory)) < base + 3:
+        while len(pids_with_cwd(directory)) < base + 3:
             if time.time() > deadline:
                 raise RuntimeError("processes.min 4 was not reached")
             time.sleep(0.05)
         time.sleep(0.5)
-        pids = site_pids(directory)
+        pids = pids_with_cwd(directory)
         return {"scale_out_ms": times, "processes": len(pids),
                 "pss_kib": sum(pss_kib(p) for p in pids)}
     finally:

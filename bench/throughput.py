@@ -28,7 +28,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, wait_port  # noqa: E402
+from common import apache_conf, free_port, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -45,22 +45,12 @@ def roost(work, port, app, threads):
             "--run-dir", os.path.join(work, "run")] + (["--preload", "flask"] if app != "hello" else [])
 
 
-APACHE_CONF = """
-ServerName localhost
-ServerRoot {work}
-Listen 127.0.0.1:{port}
-PidFile {work}/apache.pid
-ErrorLog {work}/apache-error.log
-LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
-User nobody
-Group nogroup
-StartServers 2
+APACHE_WORKERS = """StartServers 2
 ServerLimit 4
 ThreadsPerChild 50
 MaxRequestWorkers 200
-WSGIDaemonProcess hello processes=2 threads=1 user=nobody group=nogroup
+"""
+MOD_WSGI_CONF = APACHE_WORKERS + """WSGIDaemonProcess hello processes=2 threads=1 user=nobody group=nogroup
 WSGIProcessGroup hello
 WSGIApplicationGroup %{{GLOBAL}}
 WSGIScriptAlias / {work}/{app}.py
@@ -69,22 +59,7 @@ WSGIScriptAlias / {work}/{app}.py
 </Directory>
 """
 
-PASSENGER_CONF = """
-ServerName localhost
-ServerRoot {work}
-Listen 127.0.0.1:{port}
-PidFile {work}/apache.pid
-ErrorLog {work}/apache-error.log
-LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule passenger_module /usr/lib/apache2/modules/mod_passenger.so
-User nobody
-Group nogroup
-StartServers 2
-ServerLimit 4
-ThreadsPerChild 50
-MaxRequestWorkers 200
-PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PASSENGER_CONF = APACHE_WORKERS + """PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
 PassengerDefaultRuby /usr/bin/ruby
 PassengerPython /usr/bin/python3
 PassengerMinInstances 2
@@ -106,7 +81,8 @@ PassengerStartupFile passenger_wsgi.py
 def apache(work, port, app):
     conf = os.path.join(work, "apache-%d.conf" % port)
     with open(conf, "w") as f:
-        f.write(APACHE_CONF.format(work=work, port=port, app=app))
+        f.write(apache_conf(work, port, ["mpm_event", "authz_core", "wsgi"],
+                            MOD_WSGI_CONF.format(work=work, app=app)))
     return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
 
 
@@ -119,7 +95,8 @@ def passenger(work, port, app):
         f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n" % (work, app))
     conf = os.path.join(work, "passenger-%d.conf" % port)
     with open(conf, "w") as f:
-        f.write(PASSENGER_CONF.format(work=work, port=port, root=root))
+        f.write(apache_conf(work, port, ["mpm_event", "authz_core", "passenger"],
+                            PASSENGER_CONF.format(root=root)))
     return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
 
 

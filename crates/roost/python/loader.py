@@ -699,6 +699,55 @@ def become_worker(request, fds, zygote_pid):
         os._exit(code)
 
 
+def report_exit(ctl, pid, status):
+    """EXITED to the node; a node that is gone no longer needs it."""
+    try:
+        ctl.send(bytes([Z_EXITED]) + pairs_encode([("pid", pid), ("status", status)]))
+    except OSError:
+        pass
+
+
+def reap_children(ctl, on_exit=None):
+    """Installs the SIGCHLD handler of a fork server: reap every child that exited and
+    report it (the node watches pidfds, but only the parent knows the status)."""
+    import signal as _signal
+
+    def reap(signum, frame_):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if on_exit is not None:
+                on_exit(pid)
+            report_exit(ctl, pid, status)
+
+    _signal.signal(_signal.SIGCHLD, reap)
+
+
+def send_spawned(ctl, req_id, pid):
+    """SPAWNED with the child's pidfd, through which the node watches it."""
+    import socket
+    pidfd = os.pidfd_open(pid)
+    try:
+        socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(
+            [("id", req_id), ("pid", pid)])], [pidfd])
+    finally:
+        os.close(pidfd)
+
+
+def send_spawn_failed(ctl, req_id, exc):
+    """SPAWN_FAILED; False when the node can no longer be told."""
+    try:
+        ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
+            [("id", req_id), ("error", "%s: %s" % (exc.__class__.__name__, exc))]))
+        return True
+    except OSError:
+        return False
+
+
 # How long the zygote waits after a spawn, for quiet, before it forks new spares.
 SPARE_REFILL_DELAY = 0.05
 
@@ -791,20 +840,7 @@ def zygote_main(preload_extra, spare_count=0):
         ("pid", me), ("preload_us", int((time.perf_counter() - started) * 1e6)),
         ("python", sys.version.split()[0])]))
 
-    def reap(signum, frame_):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            try:
-                ctl.send(bytes([Z_EXITED]) + pairs_encode([("pid", pid), ("status", status)]))
-            except OSError:
-                pass
-
-    _signal.signal(_signal.SIGCHLD, reap)
+    reap_children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     spares = Spares(spare_count, ctl, me)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
@@ -846,20 +882,12 @@ def zygote_main(preload_extra, spare_count=0):
                     become_worker(request, fds, me)
                 finally:
                     os._exit(1)
-            pidfd = os.pidfd_open(pid)
-            try:
-                socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(
-                    [("id", req_id), ("pid", pid)])], [pidfd])
-            finally:
-                os.close(pidfd)
+            send_spawned(ctl, req_id, pid)
             # Refilled once the zygote has been quiet for SPARE_REFILL_DELAY.
             if spares.count:
                 ctl.settimeout(SPARE_REFILL_DELAY)
         except Exception as exc:
-            try:
-                ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
-                    [("id", req_id), ("error", "%s: %s" % (exc.__class__.__name__, exc))]))
-            except OSError:
+            if not send_spawn_failed(ctl, req_id, exc):
                 return 1
         finally:
             for fd in fds:
@@ -888,25 +916,7 @@ def run_template(ctl, app, import_micros):
     gc.freeze()
     me = os.getpid()
     children = set()
-
-    def report(pid, status):
-        try:
-            ctl.send(bytes([Z_EXITED]) + pairs_encode([("pid", pid), ("status", status)]))
-        except OSError:
-            pass
-
-    def reap(signum, frame_):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            children.discard(pid)
-            report(pid, status)
-
-    _signal.signal(_signal.SIGCHLD, reap)
+    reap_children(ctl, children.discard)
     ctl.send(bytes([Z_READY]) + pairs_encode([
         ("pid", me), ("import_us", import_micros), ("python", sys.version.split()[0])]))
     while True:
@@ -939,17 +949,9 @@ def run_template(ctl, app, import_micros):
                     finally:
                         os._exit(code)
             children.add(pid)
-            pidfd = os.pidfd_open(pid)
-            try:
-                socket.send_fds(ctl, [bytes([Z_SPAWNED]) + pairs_encode(
-                    [("id", req_id), ("pid", pid)])], [pidfd])
-            finally:
-                os.close(pidfd)
+            send_spawned(ctl, req_id, pid)
         except Exception as exc:
-            try:
-                ctl.send(bytes([Z_SPAWN_FAILED]) + pairs_encode(
-                    [("id", req_id), ("error", "%s: %s" % (exc.__class__.__name__, exc))]))
-            except OSError:
+            if not send_spawn_failed(ctl, req_id, exc):
                 break
         finally:
             for fd in fds:
@@ -967,7 +969,7 @@ def run_template(ctl, app, import_micros):
         except ChildProcessError:
             break
         children.discard(pid)
-        report(pid, status)
+        report_exit(ctl, pid, status)
     return 0
 
 
