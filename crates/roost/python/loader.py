@@ -699,6 +699,15 @@ def become_worker(request, fds, zygote_pid):
         os._exit(code)
 
 
+def close_quietly(fds):
+    """Closes the descriptors an order brought; the child has its own copies."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def report_exit(ctl, pid, status):
     """EXITED to the node; a node that is gone no longer needs it."""
     try:
@@ -890,11 +899,7 @@ def zygote_main(preload_extra, spare_count=0):
             if not send_spawn_failed(ctl, req_id, exc):
                 return 1
         finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_quietly(fds)
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
 
 
@@ -954,11 +959,7 @@ def run_template(ctl, app, import_micros):
             if not send_spawn_failed(ctl, req_id, exc):
                 break
         finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_quietly(fds)
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     # Retired (or the node is gone): no more forks; exit once the workers have, so the
     # ones still finishing a request keep their parent (their parent-death signal).
