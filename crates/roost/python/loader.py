@@ -716,7 +716,7 @@ def report_exit(ctl, pid, status):
         pass
 
 
-def reap_children(ctl, on_exit=None):
+def reap_children(ctl):
     """Installs the SIGCHLD handler of a fork server: reap every child that exited and
     report it (the node watches pidfds, but only the parent knows the status)."""
     import signal as _signal
@@ -729,11 +729,21 @@ def reap_children(ctl, on_exit=None):
                 return
             if pid == 0:
                 return
-            if on_exit is not None:
-                on_exit(pid)
             report_exit(ctl, pid, status)
 
     _signal.signal(_signal.SIGCHLD, reap)
+
+
+def wait_for_children(ctl):
+    """Reaps (and reports) every child until none is left; SIGCHLD stays blocked."""
+    import signal as _signal
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        report_exit(ctl, pid, status)
 
 
 def send_spawned(ctl, req_id, pid):
@@ -810,6 +820,12 @@ class Spares(object):
             theirs.close()
             self.ready.append((pid, ours))
 
+    def close(self):
+        """Ends the spares: each reads end of file where its order would come."""
+        for _, sock in self.ready:
+            sock.close()
+        self.ready = []
+
     def take(self, payload, fds):
         """Hands an order to a spare; its pid, or None when no spare could take it."""
         import socket
@@ -869,8 +885,12 @@ def zygote_main(preload_extra, spare_count=0):
             spares.fill()
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
             continue
-        if not msg:
-            return 0  # the node closed the control socket
+        if not msg or msg[0] == Z_RETIRE:
+            # No site needs this zygote any more (or the node is gone): fork no more,
+            # and exit once the workers have, so they keep their parent meanwhile.
+            spares.close()
+            wait_for_children(ctl)
+            return 0
         request, req_id = None, "?"
         try:
             if msg[0] != Z_SPAWN:
@@ -920,8 +940,7 @@ def run_template(ctl, app, import_micros):
     gc.collect()
     gc.freeze()
     me = os.getpid()
-    children = set()
-    reap_children(ctl, children.discard)
+    reap_children(ctl)
     ctl.send(bytes([Z_READY]) + pairs_encode([
         ("pid", me), ("import_us", import_micros), ("python", sys.version.split()[0])]))
     while True:
@@ -953,7 +972,6 @@ def run_template(ctl, app, import_micros):
                         sys.stderr.flush()
                     finally:
                         os._exit(code)
-            children.add(pid)
             send_spawned(ctl, req_id, pid)
         except Exception as exc:
             if not send_spawn_failed(ctl, req_id, exc):
@@ -963,14 +981,7 @@ def run_template(ctl, app, import_micros):
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     # Retired (or the node is gone): no more forks; exit once the workers have, so the
     # ones still finishing a request keep their parent (their parent-death signal).
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
-    while children:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        report_exit(ctl, pid, status)
+    wait_for_children(ctl)
     return 0
 
 

@@ -109,6 +109,8 @@ impl Sites {
         }
         self.draining.retain(|t| !t.is_finished());
         self.registry = next;
+        let sites: Vec<&Site> = self.registry.sites.values().map(|s| &**s).collect();
+        self.spawner.retain(&sites);
         self.routes.store(Arc::new(RouteTable::new(
             self.live.values().map(|l| l.route.clone()),
         )));

@@ -119,4 +119,8 @@ pub type SpawnFuture<'a> =
 /// Starts workers. Implementations must make every worker die with the node.
 pub trait Spawn: Send + Sync + 'static {
     fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a>;
+
+    /// The registry changed and `sites` are all the sites now served: what none of them
+    /// needs any more (a zygote for a runtime no site names) may go.
+    fn retain(&self, _sites: &[&Site]) {}
 }

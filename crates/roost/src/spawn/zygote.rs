@@ -33,6 +33,9 @@ use super::{Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerP
 
 /// How long a zygote may take to preload.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a zygote no site needs may live on for the workers it forked (their pools
+/// retire them, bounded by their request timeouts); then it is killed, and they with it.
+const RETIRED_ZYGOTE_LIMIT: Duration = Duration::from_secs(3600);
 
 /// Forks workers from one zygote per interpreter; plain spawn where none can run.
 pub struct ZygoteSpawner {
@@ -199,6 +202,24 @@ impl Spawn for ZygoteSpawner {
             let key = ZygoteKey::of(request.site)?;
             self.fork(request, key).await
         })
+    }
+
+    fn retain(&self, sites: &[&roost_registry::Site]) {
+        let wanted: std::collections::HashSet<ZygoteKey> = sites
+            .iter()
+            .filter_map(|site| ZygoteKey::of(site).ok())
+            .collect();
+        let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
+        zygotes.retain(|key, zygote| {
+            if wanted.contains(key) {
+                return true;
+            }
+            if let Zygote::Server(server) = zygote {
+                tracing::info!(python = %key.python.display(), preload = ?key.preload, "no site needs this zygote any more; it exits once its workers have");
+                server.retire(tokio::time::Instant::now() + RETIRED_ZYGOTE_LIMIT);
+            }
+            false
+        });
     }
 }
 

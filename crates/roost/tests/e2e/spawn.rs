@@ -83,3 +83,49 @@ async fn plain_spawn_serves_crashes_and_recovers() {
     pid_of(&get(node.addr, "p.test", "/pid").await.unwrap());
     node.stop().await;
 }
+
+/// A zygote serves a runtime (an interpreter and its preloads); once no site names that
+/// runtime any more, the zygote exits (after its workers), instead of staying until the
+/// node restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_no_site_needs_any_more_goes_away() {
+    let node = Node::start().await;
+    let runtime = roost_registry::Runtime::validate(
+        "extra",
+        &crate::harness::python(),
+        None,
+        &["json".into()],
+        roost_registry::FsChecks::Full,
+    )
+    .unwrap();
+    node.store().add_runtime(&runtime).unwrap();
+    let app = node.app("tester.py");
+    let mut spec = node.spec("moving", &["moving.test"], &app);
+    spec.runtime = Some("extra".into());
+    node.add(spec.clone()).await;
+    let preloads_json = |pid: &u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .any(|arg| arg == b"json")
+    };
+    let worker = pid_of(&get(node.addr, "moving.test", "/pid").await.unwrap());
+    let runtime_zygote = parent_of(worker);
+    assert!(
+        zygotes(&node).contains(&runtime_zygote) && preloads_json(&runtime_zygote),
+        "the worker does not come from the runtime's zygote"
+    );
+
+    // The site leaves the runtime: its workers recycle, and nothing needs that zygote.
+    spec.runtime = None;
+    let moved = spec.validate(roost_registry::FsChecks::Full).unwrap();
+    node.store().replace(&moved).unwrap();
+    node.eventually("the runtime's zygote to exit", || async {
+        let served = get(node.addr, "moving.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200 && !preloads_json(&parent_of(pid_of(&r))));
+        served && !alive(runtime_zygote)
+    })
+    .await;
+    node.stop().await;
+}

@@ -131,9 +131,12 @@ impl Node {
         }
     }
 
-    /// Adds a site and waits until the node serves it.
+    /// Adds a site (with the runtime it names) and waits until the node serves it.
     pub async fn add(&self, spec: SiteSpec) -> Site {
-        let site = spec.validate(FsChecks::Full).expect("valid site");
+        let mut site = spec.validate(FsChecks::Full).expect("valid site");
+        self.store()
+            .attach_runtime(&spec, &mut site)
+            .expect("the site's runtime");
         self.store().add(&site).expect("add site");
         let host = site.hosts[0].to_string().replace("*.", "probe.");
         self.eventually(&format!("{} to be served", site.name), || async {
