@@ -3,10 +3,16 @@
 
   python3 bench/throughput.py --json > tp.json && python3 bench/chart.py throughput tp.json tp.png
   python3 bench/cold_start.py --json > cs.json && python3 bench/chart.py cold_start cs.json cs.png
+  python3 bench/front_overhead.py --json > fo.json
+  python3 bench/chart.py front_overhead fo.json fo.png
+  python3 bench/density.py --json > d.json && python3 bench/density_peers.py --json > dp.json
+  python3 bench/chart.py density d.json dp.json density.png
 
 throughput: requests per second per server (median, whiskers from the slowest to the
 fastest run) beside the canary's p50 and p99. cold_start: p50 per mode and app, whiskers
-from p10 to p90.
+from p10 to p90. front_overhead: mean round trip direct and through the front (median,
+whiskers over the runs). density: PSS per site, live and idle, roost beside the peers
+(whose processes never go idle).
 """
 import json
 import sys
@@ -62,14 +68,46 @@ def cold_start(report, out):
     fig.savefig(out, dpi=110)
 
 
+def front_overhead(report, out):
+    fig, ax = plt.subplots(figsize=(6, 5))
+    runs = [report["direct_us"], report["front_us"]]
+    bars(ax, ["directly on the worker's socket", "through roost's front"],
+         [report["direct_median_us"], report["front_median_us"]], [min(r) for r in runs],
+         [max(r) for r in runs], "µs per request",
+         "one request at a time (median; whiskers: every run)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def density(roost, peers, out):
+    """roost: bench/density.py --json; peers: bench/density_peers.py --json."""
+    sites = roost["hello"]["live"]["workers"] or 1
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, app in zip(axes, ("hello", "flask")):
+        labels = ["roost, live", "roost, idle"]
+        values = [roost[app][phase]["workers_pss_kib"] / 1024 / sites for phase in ("live", "idle")]
+        for peer in ("mod_wsgi", "uwsgi"):
+            r = peers.get("%s %s" % (peer, app))
+            if r:
+                labels.append("%s (never idle)" % peer)
+                values.append(r["sites_pss_kib"] / 1024 / sites)
+        bars(ax, labels, values, values, values, "MiB (PSS) per site",
+             "%s app: memory per site, %d sites" % (app, sites))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv):
-    kinds = {"throughput": throughput, "cold_start": cold_start}
-    if len(argv) != 4 or argv[1] not in kinds:
+    kinds = {"throughput": throughput, "cold_start": cold_start,
+             "front_overhead": front_overhead, "density": density}
+    if len(argv) < 4 or argv[1] not in kinds:
         sys.exit(__doc__)
-    with open(argv[2]) as f:
-        report = json.load(f)
-    kinds[argv[1]](report, argv[3])
-    print("wrote", argv[3])
+    reports = []
+    for path in argv[2:-1]:
+        with open(path) as f:
+            reports.append(json.load(f))
+    kinds[argv[1]](*reports, argv[-1])
+    print("wrote", argv[-1])
 
 
 if __name__ == "__main__":
