@@ -441,17 +441,24 @@ class Worker(object):
                     log("error in the application's close():\n%s" % traceback.format_exc().rstrip())
 
 
+def exec_file(module_name, path, register=True):
+    """The module a Python file defines, as mod_wsgi loads a WSGI script."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_app(kind, target, directory):
     # The site's folder comes first; the loader's own folder is not the site's business.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if p not in (here, "")]
     sys.path.insert(0, directory)
     if kind == "file":
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("_roost_wsgi_app", target)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_roost_wsgi_app"] = module
-        spec.loader.exec_module(module)
+        module = exec_file("_roost_wsgi_app", target)
         name = "application"
     else:
         import importlib
@@ -489,18 +496,22 @@ def run_worker(socks, kind, target, directory, role="worker"):
     return serve(socks, app, import_micros)
 
 
-def serve(socks, app, import_micros):
-    """Announces READY on every slot, serves until the slots close."""
-    base = {
+def base_environ(slots):
+    """The environ keys that are the same for every request of a worker."""
+    return {
         "wsgi.version": (1, 0),
         "wsgi.errors": sys.stderr,
-        "wsgi.multithread": len(socks) > 1,
+        "wsgi.multithread": slots > 1,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
         "wsgi.input_terminated": True,
     }
-    worker = Worker(app, base)
+
+
+def serve(socks, app, import_micros):
+    """Announces READY on every slot, serves until the slots close."""
+    worker = Worker(app, base_environ(len(socks)))
     ready = frame(READY, struct.pack(">HIQ", PROTOCOL_VERSION, os.getpid(), import_micros))
     for sock in socks:
         sock.sendall(ready)
@@ -767,6 +778,37 @@ def send_spawn_failed(ctl, req_id, exc):
         return False
 
 
+# The node writes this WSGI app next to the loader for spares to practise on.
+WARM_UP_APP = "warm_up.py"
+
+
+def warm_up():
+    """In a spare, before its order: one practice load of a tiny app and one practice
+    request through the code every new worker runs first. A forked child pays a
+    copy-on-write fault for each page it first writes to (reference counts); paid here,
+    they are off the cold start (docs/benchmarks.md). Nothing of it stays: the module is
+    not registered, the sockets are closed."""
+    import socket
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), WARM_UP_APP)
+    if not os.path.exists(path):
+        return
+    app = exec_file("_roost_warm_up", path, register=False).application
+    ours, theirs = socket.socketpair()
+    try:
+        ours.sendall(frame(REQUEST_END))
+        rfile = theirs.makefile("rb", 65536)
+        head = "\0".join(("REQUEST_METHOD", "GET", "PATH_INFO", "/", "QUERY_STRING", "",
+                          "SERVER_PROTOCOL", "HTTP/1.1", "wsgi.url_scheme", "http"))
+        Worker(app, base_environ(1)).handle(theirs, rfile, head.encode("latin-1"))
+        rfile.close()
+        # become_worker rewrites the environment: practise that too.
+        os.environ["ROOST_WARM_UP"] = "1"
+        del os.environ["ROOST_WARM_UP"]
+    finally:
+        ours.close()
+        theirs.close()
+
+
 # How long the zygote waits after a spawn, for quiet, before it forks new spares.
 SPARE_REFILL_DELAY = 0.05
 
@@ -807,6 +849,10 @@ class Spares(object):
                     for _, other in self.ready:
                         other.close()
                     close_fds_except({theirs.fileno()})
+                    try:
+                        warm_up()
+                    except Exception as exc:
+                        log("spare warm-up failed (the spare still serves): %r" % exc)
                     while True:
                         try:
                             msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)

@@ -30,6 +30,8 @@ pub enum SpawnMode {
 
 /// The loader, shipped inside the binary.
 pub const LOADER_SOURCE: &str = include_str!("../python/loader.py");
+/// The tiny app a zygote's spares load and answer once before their order comes.
+const WARM_UP_SOURCE: &str = include_str!("../python/warm_up.py");
 
 /// Everything a node needs besides its listeners (see `docs/configure.md`).
 #[derive(Debug, Clone)]
@@ -234,13 +236,18 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
     // Workers of every site user read the loader from here.
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
         .map_err(err(run_dir))?;
-    let path = run_dir.join("loader.py");
-    let tmp = run_dir.join(format!(".loader.py.{}", std::process::id()));
-    std::fs::write(&tmp, LOADER_SOURCE).map_err(err(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(err(&path))?;
-    Ok(path)
+    // The loader, and the tiny app its zygotes' spares practise on (loader.py, warm_up).
+    for (name, source) in [("warm_up.py", WARM_UP_SOURCE), ("loader.py", LOADER_SOURCE)] {
+        let path = run_dir.join(name);
+        let tmp = run_dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, source).map_err(err(&tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(err(&path))?;
+    }
+    Ok(run_dir.join("loader.py"))
 }
+
 
 /// The environment every worker starts from (the spawner adds HOME, USER, LOGNAME
 /// and TMPDIR); nothing else of the node's leaks in.
