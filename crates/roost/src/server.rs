@@ -248,7 +248,6 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
     Ok(run_dir.join("loader.py"))
 }
 
-
 /// The environment every worker starts from (the spawner adds HOME, USER, LOGNAME
 /// and TMPDIR); nothing else of the node's leaks in.
 fn worker_base_env() -> Vec<(String, String)> {

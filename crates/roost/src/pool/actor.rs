@@ -10,9 +10,11 @@
 //! ```
 //!
 //! A site with `preload` on has a template ([`SiteTemplate`]) that forks its workers:
-//! it starts with the first worker, and is retired with the last one (processes.min
-//! keeps workers, and so it, alive), when the site changes and when its entry file is
-//! touched.
+//! it starts with the first worker, and is retired when the site goes quiet (its last
+//! worker retired as idle or evicted; processes.min keeps workers, and so it, alive),
+//! when no worker could start, when the site changes or is removed, and when its entry
+//! file is touched. A worker recycled (max_requests, memory.worker_soft) or lost is
+//! replaced by a new fork of the same template.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,7 +211,7 @@ impl Pool {
                     .get(&id)
                     .is_some_and(|w| w.state == State::Running && w.busy == 0);
                 if idle && self.active_workers() > self.site.pool.processes_min as usize {
-                    self.retire(id, "the node budget needs room for another site");
+                    self.retire_quiet(id, "the node budget needs room for another site");
                 }
             }
         }
@@ -423,9 +425,6 @@ impl Pool {
                         .error(&format!("worker pid {} died: {what}", w.pid));
                 }
                 self.spawn_as_needed();
-                if self.workers.is_empty() {
-                    self.retire_template();
-                }
             }
         }
     }
@@ -488,7 +487,7 @@ impl Pool {
             if active <= self.site.pool.processes_min as usize {
                 break;
             }
-            self.retire(id, "it was idle");
+            self.retire_quiet(id, "it was idle");
             active -= 1;
         }
         self.spawn_as_needed();
@@ -610,6 +609,14 @@ impl Pool {
             w.idle.clear(); // closing our ends tells the loader to finish
         }
         self.stop_if_done(id);
+    }
+
+    /// Retires a worker the site does not need; with the last one goes the template.
+    fn retire_quiet(&mut self, id: WorkerId, why: &str) {
+        self.retire(id, why);
+        if self.active_workers() == 0 {
+            self.retire_template();
+        }
     }
 
     fn retire_all(&mut self, why: &str) {

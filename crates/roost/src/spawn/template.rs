@@ -6,9 +6,9 @@
 //! role, so it goes through every tenant step first; it then speaks the zygote's
 //! messages ([`ForkServer`]). It is tenant code: its answers are checked like any
 //! worker's (a forked pid must be its own child). Its workers need no cgroup move (they
-//! inherit it) and no import. The pool retires the template with the site's last
-//! worker, when the site changes, and when the entry file is touched; a retired
-//! template exits once its workers have.
+//! inherit it) and no import. The pool retires the template when the site goes quiet
+//! (pool/actor.rs), when the site changes, and when the entry file is touched; a
+//! retired template exits once its workers have.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

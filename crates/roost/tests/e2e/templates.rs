@@ -184,3 +184,42 @@ async fn a_plainly_spawned_template_forks_the_workers_too() {
     );
     node.stop().await;
 }
+
+/// Recycling (max_requests) replaces a worker with a new fork of the same template,
+/// even when the old worker is gone before the next request comes: the template goes
+/// only when the site goes quiet. A template serves multi-threaded workers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycled_and_threaded_workers_fork_from_the_same_template() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("cycle", &["cycle.test"], &app);
+    spec.preload = Some(true);
+    spec.processes_max = Some(1);
+    spec.threads = Some(2);
+    spec.max_requests = Some(3);
+    node.add(spec).await;
+    let template = pid(&node, "cycle.test", "/imported-by").await;
+    let mut workers = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        // The probe and the line above count: the worker is recycled by this loop.
+        let worker = pid(&node, "cycle.test", "/pid").await;
+        workers.insert(worker);
+        node.eventually("the recycled worker to exit", || async {
+            !alive(worker) || pid(&node, "cycle.test", "/pid").await == worker
+        })
+        .await;
+    }
+    let last = pid(&node, "cycle.test", "/pid").await;
+    workers.insert(last);
+    assert!(
+        workers.len() >= 2,
+        "max_requests did not recycle: {workers:?}"
+    );
+    assert_eq!(
+        parent_of(last),
+        template,
+        "a worker not forked by the template"
+    );
+    assert_eq!(pid(&node, "cycle.test", "/imported-by").await, template);
+    node.stop().await;
+}
