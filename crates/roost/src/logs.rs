@@ -2,8 +2,9 @@
 //! (the app's stdout/stderr, wsgi.errors, tracebacks, and the node's spawn failures).
 //!
 //! Access lines go through a bounded channel to one writer task per site, so the request
-//! path never waits on the disk; if the disk cannot keep up, lines are dropped and
-//! counted rather than slowing requests down.
+//! path never waits on the disk; the writer takes them in batches (at most 20 ms
+//! behind); if the disk cannot keep up, lines are dropped and counted rather than
+//! slowing requests down.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -17,6 +18,10 @@ use tokio::sync::mpsc;
 
 /// Access lines buffered per site before new ones are dropped.
 const ACCESS_QUEUE: usize = 4096;
+/// The writer sleeps this long after each batch: lines reach the file at most this late,
+/// and a busy site costs one write (and one wake-up of the writer) per batch instead of
+/// one per request. 4,096 lines per 20 ms is 200,000 requests a second per site.
+const ACCESS_BATCH_EVERY: Duration = Duration::from_millis(20);
 
 pub struct SiteLogs {
     dir: PathBuf,
@@ -120,6 +125,7 @@ async fn write_access(
             );
             let _ = append(&error_log).and_then(|mut f| f.write_all(note.as_bytes()));
         }
+        tokio::time::sleep(ACCESS_BATCH_EVERY).await;
     }
 }
 
