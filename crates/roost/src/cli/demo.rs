@@ -95,6 +95,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!();
     let mut config = NodeConfig::new(registry, dir.join("logs"), dir.join("run"));
     config.cgroup_name = "roost-demo".to_owned();
-    run_node(config, &[args.listen])?;
+    run_node(config, &[args.listen], None)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -131,6 +131,11 @@ pub struct ServeArgs {
     /// Children each zygote keeps forked ahead of need, so a cold start skips the fork.
     #[arg(long, default_value_t = 1)]
     pub zygote_spares: u32,
+    /// Threads of the node itself (HTTP, routing, pools). The sites' workers are
+    /// processes of their own and need the other cores [default: half the CPUs, at
+    /// least 1].
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -246,12 +251,25 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
             .with_context(|| format!("--trusted-proxy {text:?} is not an address or CIDR"))?;
         config.front.trusted_proxies.push(net);
     }
-    run_node(config, &args.listen)
+    run_node(config, &args.listen, args.threads)
+}
+
+/// The node's own threads by default: half the CPUs. On 2 cores one thread took a
+/// quarter less CPU per request than two, and served more (docs/benchmarks.md): the
+/// workers are busy on the other core, and a second node thread only adds wake-ups.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// Binds the listeners, runs the node until SIGINT/SIGTERM.
-fn run_node(config: NodeConfig, listen: &[SocketAddr]) -> anyhow::Result<()> {
+fn run_node(
+    config: NodeConfig,
+    listen: &[SocketAddr],
+    threads: Option<usize>,
+) -> anyhow::Result<()> {
+    let threads = threads.unwrap_or_else(default_threads).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

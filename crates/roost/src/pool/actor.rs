@@ -157,7 +157,10 @@ impl Pool {
             }
         }
         self.retire_template();
-        self.ctx.cgroup.remove();
+        // Removal kills what is left and retries rmdir while it dies (up to a second):
+        // not on a runtime thread, which every other site shares.
+        let cgroup = self.ctx.cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
         self.ctx.budget.unregister(&self.site.name);
         tracing::info!("pool stopped");
     }
