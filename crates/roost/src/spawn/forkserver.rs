@@ -232,7 +232,7 @@ impl Actor {
         };
         let ready = tokio::select! {
             r = tokio::time::timeout(self.start_timeout, recv(&s.ctl)) => r
-                .map_err(|_| format!("no READY within {:?}", self.start_timeout))?,
+                .unwrap_or_else(|_| Err(format!("no READY within {:?}", self.start_timeout))),
             status = s.process.wait() => Err(match status {
                 Some(status) => format!("it exited before READY ({status})"),
                 None => "it exited before READY".into(),

@@ -223,3 +223,37 @@ async fn recycled_and_threaded_workers_fork_from_the_same_template() {
     assert_eq!(pid(&node, "cycle.test", "/imported-by").await, template);
     node.stop().await;
 }
+
+/// A template whose import never finishes is killed at the start-up timeout (at least
+/// 10 s), and the request gets a 5xx instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_never_finishes_importing_is_killed() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    std::fs::write(
+        &app,
+        "import os, time\n\
+         with open(os.path.join(os.environ['TMPDIR'], 'template.pid'), 'w') as f:\n\
+         \x20   f.write(str(os.getpid()))\n\
+         time.sleep(600)\n",
+    )
+    .unwrap();
+    let mut spec = node.spec("hang", &["hang.test"], &app);
+    spec.preload = Some(true);
+    spec.request_timeout = Some(Duration::from_secs(1));
+    spec.queue_timeout = Some(Duration::from_secs(30));
+    node.add(spec).await;
+    let pid_file = node.dir.path().join("run/tmp/hang/template.pid");
+    let template: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the template wrote its pid")
+        .trim()
+        .parse()
+        .unwrap();
+    node.eventually("the hanging template to be killed", || async {
+        !alive(template)
+    })
+    .await;
+    let log = node.log("hang", "error.log");
+    assert!(log.contains("no READY within"), "{log}");
+    node.stop().await;
+}
