@@ -386,11 +386,21 @@ impl Pool {
                 }
             }
             WorkerEvent::StartFailed { id, error } => {
-                self.workers.remove(&id);
+                let retired = self
+                    .workers
+                    .remove(&id)
+                    .is_some_and(|w| w.state == State::Retiring);
                 if self.workers.is_empty() {
                     self.retire_template();
                 }
                 if matches!(error, worker::StartError::Stopped) {
+                    return;
+                }
+                if retired {
+                    // Retired while starting (the site changed; its template went with
+                    // the old code): not the app's failure, so no backoff.
+                    tracing::debug!(error = %crate::error_chain(&error), "a retired worker did not start");
+                    self.spawn_as_needed();
                     return;
                 }
                 let attempts = self.failure.as_ref().map_or(0, |f| f.attempts) + 1;
