@@ -922,7 +922,7 @@ def zygote_main(preload_extra, spare_count=0):
             msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
         except InterruptedError:
             continue
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError from 3.10 on; its own class in 3.9
             # Quiet for a moment: refill the spares now. Forking right after a spawn
             # would take a CPU from the worker just handed out (a fork of the zygote
             # copies its page tables: about a millisecond).
