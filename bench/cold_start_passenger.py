@@ -15,42 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    cold_starts, free_port, pids_with_cwd, print_cold_start_header, print_cold_starts,
-    require_root, timed_get, wait_port, workspace)
+    apache_conf, cold_starts, free_port, passenger_app, passenger_settings, pids_with_cwd,
+    print_cold_start_header, print_cold_starts, require_root, timed_get, wait_port,
+    workspace)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAD = """ServerName localhost
-ServerRoot {work}
-Listen 127.0.0.1:{port}
-PidFile {work}/apache.pid
-ErrorLog {work}/error.log
-LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule passenger_module /usr/lib/apache2/modules/mod_passenger.so
-User nobody
-Group nogroup
-PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
-PassengerDefaultRuby /usr/bin/ruby
-PassengerPython /usr/bin/python3
-PassengerPoolIdleTime 1
-PassengerMinInstances 0
-PassengerMaxPoolSize 4
-PassengerDefaultUser nobody
-PassengerDefaultGroup nogroup
-# This machine reaches no network: no phoning home.
-PassengerDisableSecurityUpdateCheck on
-PassengerDisableAnonymousTelemetry on
-"""
 VHOST = """<VirtualHost 127.0.0.1:{port}>
   ServerName {name}.bench
-  DocumentRoot {app}/public
-  PassengerAppRoot {app}
-  PassengerAppType wsgi
-  PassengerStartupFile passenger_wsgi.py
-  <Directory {app}/public>
-    Require all granted
-  </Directory>
-</VirtualHost>
+{served}</VirtualHost>
 """
 
 
@@ -61,21 +33,17 @@ def main():
     require_root()
     work = workspace()
     port = free_port()
-    conf = HEAD.format(work=work, port=port)
+    # Idle apps stop after 1 s: a cold start from zero processes, as roost's.
+    conf = passenger_settings(0, 4) + "PassengerPoolIdleTime 1\n"
     apps = {}
     for name, source in (("hello", "hello.py"), ("flask", "flask_app.py")):
         app = os.path.join(work, name)
-        os.makedirs(os.path.join(app, "public"))
-        for d in (app, os.path.join(app, "public")):
-            os.chmod(d, 0o755)
+        served = passenger_app(app, app, source[:-3])
         shutil.copy(os.path.join(ROOT, "bench", "apps", source), os.path.join(app, source))
-        with open(os.path.join(app, "passenger_wsgi.py"), "w") as f:
-            f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n"
-                    % (app, source[:-3]))
-        conf += VHOST.format(port=port, name=name, app=app)
+        conf += VHOST.format(port=port, name=name, served=served)
         apps[name] = app
     with open(os.path.join(work, "apache.conf"), "w") as f:
-        f.write(conf)
+        f.write(apache_conf(work, port, ["mpm_event", "authz_core", "passenger"], conf))
     server = subprocess.Popen(["/usr/sbin/apache2", "-f", os.path.join(work, "apache.conf"),
                                "-DFOREGROUND"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -48,6 +48,43 @@ def apache_conf(work, port, modules, body):
     return APACHE_HEAD.format(work=work, port=port) + loads + body
 
 
+PASSENGER_SETTINGS = """PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerPython /usr/bin/python3
+PassengerMinInstances {min_instances}
+PassengerMaxPoolSize {max_pool}
+PassengerDefaultUser nobody
+PassengerDefaultGroup nogroup
+# This machine reaches no network: no phoning home.
+PassengerDisableSecurityUpdateCheck on
+PassengerDisableAnonymousTelemetry on
+"""
+PASSENGER_APP = """PassengerAppRoot {root}
+PassengerAppType wsgi
+PassengerStartupFile passenger_wsgi.py
+<Directory {root}/public>
+  Require all granted
+</Directory>
+"""
+
+
+def passenger_settings(min_instances, max_pool):
+    """Passenger's server-wide directives (Debian's package), apps as nobody."""
+    return PASSENGER_SETTINGS.format(min_instances=min_instances, max_pool=max_pool)
+
+
+def passenger_app(root, module_dir, module):
+    """An app root for Passenger at `root` whose startup file imports `application`
+    from `module` in `module_dir`; returns the directives that serve it."""
+    os.makedirs(os.path.join(root, "public"), exist_ok=True)
+    for d in (root, os.path.join(root, "public")):
+        os.chmod(d, 0o755)
+    with open(os.path.join(root, "passenger_wsgi.py"), "w") as f:
+        f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n"
+                % (module_dir, module))
+    return "DocumentRoot %s/public\n" % root + PASSENGER_APP.format(root=root)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

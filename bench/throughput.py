@@ -28,7 +28,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import apache_conf, free_port, wait_port  # noqa: E402
+from common import (  # noqa: E402
+    apache_conf, free_port, passenger_app, passenger_settings, wait_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOST = os.path.join(ROOT, "target", "release", "roost")
@@ -59,25 +60,6 @@ WSGIScriptAlias / {work}/{app}.py
 </Directory>
 """
 
-PASSENGER_CONF = APACHE_WORKERS + """PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
-PassengerDefaultRuby /usr/bin/ruby
-PassengerPython /usr/bin/python3
-PassengerMinInstances 2
-PassengerMaxPoolSize 2
-PassengerDefaultUser nobody
-PassengerDefaultGroup nogroup
-PassengerDisableSecurityUpdateCheck on
-PassengerDisableAnonymousTelemetry on
-DocumentRoot {root}/public
-PassengerAppRoot {root}
-PassengerAppType wsgi
-PassengerStartupFile passenger_wsgi.py
-<Directory {root}/public>
-  Require all granted
-</Directory>
-"""
-
-
 def apache(work, port, app):
     conf = os.path.join(work, "apache-%d.conf" % port)
     with open(conf, "w") as f:
@@ -87,16 +69,11 @@ def apache(work, port, app):
 
 
 def passenger(work, port, app):
-    root = os.path.join(work, "passenger-" + app)
-    os.makedirs(os.path.join(root, "public"), exist_ok=True)
-    for d in (root, os.path.join(root, "public")):
-        os.chmod(d, 0o755)
-    with open(os.path.join(root, "passenger_wsgi.py"), "w") as f:
-        f.write("import sys\nsys.path.insert(0, %r)\nfrom %s import application\n" % (work, app))
+    served = passenger_app(os.path.join(work, "passenger-" + app), work, app)
     conf = os.path.join(work, "passenger-%d.conf" % port)
     with open(conf, "w") as f:
         f.write(apache_conf(work, port, ["mpm_event", "authz_core", "passenger"],
-                            PASSENGER_CONF.format(root=root)))
+                            APACHE_WORKERS + passenger_settings(2, 2) + served))
     return ["/usr/sbin/apache2", "-f", conf, "-DFOREGROUND"]
 
 

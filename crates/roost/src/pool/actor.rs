@@ -11,10 +11,11 @@
 //!
 //! A site with `preload` on has a template ([`SiteTemplate`]) that forks its workers:
 //! it starts with the first worker, and is retired when the site goes quiet (its last
-//! worker retired as idle or evicted; processes.min keeps workers, and so it, alive),
-//! when no worker could start, when the site changes or is removed, and when its entry
-//! file is touched. A worker recycled (max_requests, memory.worker_soft) or lost is
-//! replaced by a new fork of the same template.
+//! worker retired as idle or evicted, or no worker at all for idle_timeout after the
+//! last one died; processes.min keeps workers, and so it, alive), when no worker could
+//! start, when the site changes or is removed, and when its entry file is touched. A
+//! worker recycled (max_requests, memory.worker_soft) or lost is replaced by a new fork
+//! of the same template.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +105,9 @@ struct Pool {
     asked: usize,
     /// Forks the workers when the site preloads its app.
     template: Option<Arc<SiteTemplate>>,
+    /// When the last worker went (none started since): a template left without
+    /// workers this long (idle_timeout) goes too.
+    empty_since: Option<Instant>,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -123,6 +127,7 @@ pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<
         permits: Vec::new(),
         asked: 0,
         template,
+        empty_since: None,
     };
     pool.ctx.budget.register(&pool.site.name, tx.clone());
     let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
@@ -135,7 +140,9 @@ impl Pool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.spawn_as_needed();
         loop {
-            let ticking = !self.workers.is_empty() || self.failure.is_some();
+            let ticking = !self.workers.is_empty()
+                || self.failure.is_some()
+                || self.template.as_ref().is_some_and(|t| t.is_live());
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -391,6 +398,7 @@ impl Pool {
                     .remove(&id)
                     .is_some_and(|w| w.state == State::Retiring);
                 if self.workers.is_empty() {
+                    self.empty_since = Some(Instant::now());
                     self.retire_template();
                 }
                 if matches!(error, worker::StartError::Stopped) {
@@ -436,6 +444,9 @@ impl Pool {
                     self.ctx
                         .logs
                         .error(&format!("worker pid {} died: {what}", w.pid));
+                }
+                if self.workers.is_empty() {
+                    self.empty_since = Some(Instant::now());
                 }
                 self.spawn_as_needed();
             }
@@ -502,6 +513,13 @@ impl Pool {
             }
             self.retire_quiet(id, "it was idle");
             active -= 1;
+        }
+        // The last worker died (killed, crashed) and nothing asked for another.
+        let deserted = self
+            .empty_since
+            .is_some_and(|since| now.duration_since(since) >= idle_timeout);
+        if self.workers.is_empty() && deserted {
+            self.retire_template();
         }
         self.spawn_as_needed();
     }
@@ -577,6 +595,7 @@ impl Pool {
     }
 
     fn start_worker(&mut self, permit: Permit) {
+        self.empty_since = None;
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let spawner = match &self.template {
             Some(template) => template.clone() as Arc<dyn Spawn>,

@@ -90,6 +90,14 @@ impl SiteTemplate {
             .clone()
     }
 
+    /// Whether a template process is (or is being) started; false once retired.
+    pub fn is_live(&self) -> bool {
+        self.current
+            .lock()
+            .expect("template lock poisoned")
+            .is_some()
+    }
+
     /// The template stops forking and exits once its workers have; killed at
     /// `deadline`. The next spawn starts a new one (with the app imported afresh).
     pub fn retire(&self, deadline: Instant) {

@@ -257,3 +257,28 @@ async fn a_template_that_never_finishes_importing_is_killed() {
     assert!(log.contains("no READY within"), "{log}");
     node.stop().await;
 }
+
+/// A site whose only worker died (here: it exits mid-request) and that nobody asks for
+/// again must not keep its template forever: it goes after idle_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_left_without_workers_goes_after_idle_timeout() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("orphan", &["orphan.test"], &app);
+    spec.preload = Some(true);
+    spec.idle_timeout = Some(Duration::from_secs(1));
+    node.add(spec).await;
+    let template = pid(&node, "orphan.test", "/imported-by").await;
+    let worker = pid(&node, "orphan.test", "/pid").await;
+    assert_eq!(
+        get(node.addr, "orphan.test", "/exit").await.unwrap().status,
+        502
+    );
+    node.eventually("the worker to be gone", || async { !alive(worker) })
+        .await;
+    node.eventually("the template to go after idle_timeout", || async {
+        !alive(template)
+    })
+    .await;
+    node.stop().await;
+}
