@@ -32,9 +32,9 @@ MAX_CHUNK = 1 << 20
 MAX_REQUEST_HEAD = 1 << 20
 MAX_FATAL = 64 << 10
 FIRST_SLOT_FD = 3
-# Seconds: see Worker.serve. poll() takes its timeout in int milliseconds (at most
-# about 24 days): a week fits.
-SLOT_POLL_TIMEOUT = 7 * 86400
+# Bytes asked of the kernel by one read of a slot: a usual request (head and end
+# frames) arrives whole in one.
+RECV_SIZE = 65536
 
 END_FRAME = FRAME.pack(RESPONSE_END, 0)
 ABORT_FRAME = FRAME.pack(RESPONSE_ABORT, 0)
@@ -70,17 +70,18 @@ def body_frames(data):
         for i in range(0, len(data), MAX_CHUNK))
 
 
-def encode_head(status, headers):
+def head_text(status, headers):
+    """The RESPONSE_HEAD payload, before its encoding: status, then names and values."""
     fields = [status]
     for name, value in headers:
         fields.append(name)
         fields.append(value)
-    return "\0".join(fields).encode("latin-1")
+    return "\0".join(fields)
 
 
-ERROR_HEAD = encode_head("500 Internal Server Error", [
+ERROR_HEAD = head_text("500 Internal Server Error", [
     ("Content-Type", "text/plain; charset=utf-8"),
-    ("Content-Length", str(len(ERROR_BODY)))])
+    ("Content-Length", str(len(ERROR_BODY)))]).encode("latin-1")
 ERROR_RESPONSE = frame(RESPONSE_HEAD, ERROR_HEAD) + body_frames(ERROR_BODY) + END_FRAME
 
 
@@ -90,10 +91,10 @@ class Input(object):
     Memory stays bounded by one frame (1 MiB) whatever the body's size.
     """
 
-    __slots__ = ("_rfile", "_buf", "_pos", "done", "aborted")
+    __slots__ = ("_reader", "_buf", "_pos", "done", "aborted")
 
-    def __init__(self, rfile):
-        self._rfile = rfile
+    def __init__(self, reader):
+        self._reader = reader
         self._buf = b""
         self._pos = 0
         self.done = False
@@ -105,7 +106,7 @@ class Input(object):
             if self.aborted:
                 raise ClientAbort("the request body was aborted by the client")
             return False
-        kind, payload = read_frame(self._rfile)
+        kind, payload = self._reader.read_frame()
         if kind == REQUEST_BODY:
             self._buf, self._pos = payload, 0
             return True
@@ -209,19 +210,59 @@ class FileWrapper(object):
     next = __next__
 
 
-def read_exact(rfile, n):
-    data = rfile.read(n)
-    if len(data) != n:
-        raise EOFError("the node closed the slot")
-    return data
+class SlotReader(object):
+    """The frames the node sends on one slot.
 
+    The slot's socket is blocking, so a send is one system call. A read that would
+    wait waits in poll() first: a thread blocked in a plain recv() on a Unix socket is
+    woken each time the node reads what this worker sent (the kernel's write-space
+    wake-up ignores the event mask), to find nothing and sleep again; poll() filters
+    that wake-up out.
+    """
 
-def read_frame(rfile):
-    kind, length = FRAME.unpack(read_exact(rfile, HEADER_LEN))
-    limit = MAX_REQUEST_HEAD if kind == REQUEST_HEAD else MAX_CHUNK
-    if length > limit:
-        raise ProtocolError("frame 0x%02x of %d bytes is over the limit" % (kind, length))
-    return kind, (read_exact(rfile, length) if length else b"")
+    __slots__ = ("_sock", "_poll", "_buf", "_pos")
+
+    def __init__(self, sock):
+        import select
+        self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._buf = b""
+        self._pos = 0
+
+    def read_frame(self):
+        kind, length = FRAME.unpack(self._take(HEADER_LEN))
+        limit = MAX_REQUEST_HEAD if kind == REQUEST_HEAD else MAX_CHUNK
+        if length > limit:
+            raise ProtocolError("frame 0x%02x of %d bytes is over the limit" % (kind, length))
+        return kind, (self._take(length) if length else b"")
+
+    def _take(self, n):
+        """The next n bytes of the slot."""
+        buf, pos = self._buf, self._pos
+        end = pos + n
+        if end > len(buf):
+            buf, pos, end = self._fill(buf[pos:], n), 0, n
+        self._buf, self._pos = buf, end
+        return buf[pos:end]
+
+    def _fill(self, have, n):
+        """`have` and what follows on the slot, at least n bytes in all."""
+        data = self._recv(max(n - len(have), RECV_SIZE))
+        if not have and len(data) >= n:
+            return data  # the usual case: one read brought all of it
+        joined = bytearray(have)
+        joined += data
+        while len(joined) < n:
+            joined += self._recv(max(n - len(joined), RECV_SIZE))
+        return bytes(joined)
+
+    def _recv(self, size):
+        self._poll.poll()
+        data = self._sock.recv(size)
+        if not data:
+            raise EOFError("the node closed the slot")
+        return data
 
 
 def check_header_text(what, text):
@@ -235,13 +276,11 @@ def check_header_text(what, text):
 class Exchange(object):
     """One request on one slot: the state start_response and write() share."""
 
-    __slots__ = ("sock", "status", "headers", "head_sent", "remaining", "head_only",
-                 "mid_frame")
+    __slots__ = ("sock", "head", "head_sent", "remaining", "head_only", "mid_frame")
 
     def __init__(self, sock, head_only):
         self.sock = sock
-        self.status = None
-        self.headers = None
+        self.head = None  # head_text() of the last start_response
         self.head_sent = False
         # True between a body frame's header and the end of its payload: no other
         # frame may follow until the payload is complete.
@@ -256,7 +295,7 @@ class Exchange(object):
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
-        elif self.status is not None:
+        elif self.head is not None:
             raise AssertionError("start_response was already called without exc_info")
         check_header_text("status", status)
         if len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
@@ -268,23 +307,30 @@ class Exchange(object):
             if type(item) is not tuple or len(item) != 2:
                 raise TypeError("each header must be a (name, value) tuple, got %r" % (item,))
             name, value = item
-            check_header_text("header name", name)
-            check_header_text("header value", value)
-            if name.lower() == "content-length":
+            if type(name) is not str or type(value) is not str:
+                check_header_text("header name", name)
+                check_header_text("header value", value)
+            if len(name) == 14 and name.lower() == "content-length":
                 try:
                     remaining = int(value)
                 except ValueError:
                     raise ValueError("Content-Length %r is not a number" % value)
-        self.status = status
-        self.headers = headers
+        head = head_text(status, headers)
+        # One scan of the whole head for control characters; the culprit is looked
+        # for only when there is one.
+        if head.count("\0") != 2 * len(headers) or "\r" in head or "\n" in head:
+            for name, value in headers:
+                check_header_text("header name", name)
+                check_header_text("header value", value)
+        self.head = head
         self.remaining = remaining
         return self.write
 
     def head_frame(self):
-        if self.status is None:
+        if self.head is None:
             raise AssertionError("the application returned without calling start_response")
         self.head_sent = True
-        head = encode_head(self.status, self.headers)
+        head = self.head.encode("latin-1")
         return FRAME.pack(RESPONSE_HEAD, len(head)) + head
 
     def clip(self, data):
@@ -330,8 +376,6 @@ class Exchange(object):
             chunk = min(left, MAX_CHUNK)
             self.sock.sendall(FRAME.pack(RESPONSE_BODY, chunk))
             self.mid_frame = True
-            # socket.sendfile: os.sendfile, waiting for room as the slot's timeout
-            # mode requires (a bare os.sendfile would meet EAGAIN).
             if self.sock.sendfile(wrapper.filelike, offset, chunk) != chunk:
                 raise OSError("file %r shrank while being sent" % wrapper.filelike)
             self.mid_frame = False
@@ -347,37 +391,28 @@ class Worker(object):
 
     def serve(self, sock):
         """Serves requests on one slot until the node closes it."""
-        # A timeout makes CPython poll() before each recv and send. A thread blocked in
-        # a plain recv() on a Unix socket is woken each time the node reads what it
-        # sent (the kernel's write-space wake-up ignores the event mask), to find
-        # nothing and sleep again; poll() filters that wake-up out. A slot idle for the
-        # whole timeout (a processes.min worker, a quiet week) just ends: its worker
-        # exits and the pool starts a fresh one.
-        sock.settimeout(SLOT_POLL_TIMEOUT)
-        rfile = sock.makefile("rb", 65536)
+        sock.setblocking(True)
+        reader = SlotReader(sock)
         try:
             while True:
                 try:
-                    kind, payload = read_frame(rfile)
+                    kind, payload = reader.read_frame()
                 except EOFError:
                     return
                 if kind != REQUEST_HEAD:
                     raise ProtocolError("expected a request head, got frame 0x%02x" % kind)
-                self.handle(sock, rfile, payload)
-        except (ProtocolError, OSError) as exc:
-            import socket
-            quiet = (BrokenPipeError, ConnectionResetError, EOFError, socket.timeout)
-            if not isinstance(exc, quiet):
+                self.handle(sock, reader, payload)
+        except (ProtocolError, OSError, EOFError) as exc:
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError, EOFError)):
                 log("slot closed: %s" % exc)
         finally:
-            rfile.close()
             sock.close()
 
-    def handle(self, sock, rfile, payload):
+    def handle(self, sock, reader, payload):
         parts = payload.decode("latin-1").split("\0")
         environ = dict(zip(parts[0::2], parts[1::2]))
         environ.update(self.base)
-        body = Input(rfile)
+        body = Input(reader)
         environ["wsgi.input"] = body
         ex = Exchange(sock, environ["REQUEST_METHOD"] == "HEAD")
         try:
@@ -796,11 +831,9 @@ def warm_up():
     ours, theirs = socket.socketpair()
     try:
         ours.sendall(frame(REQUEST_END))
-        rfile = theirs.makefile("rb", 65536)
         head = "\0".join(("REQUEST_METHOD", "GET", "PATH_INFO", "/", "QUERY_STRING", "",
                           "SERVER_PROTOCOL", "HTTP/1.1", "wsgi.url_scheme", "http"))
-        Worker(app, base_environ(1)).handle(theirs, rfile, head.encode("latin-1"))
-        rfile.close()
+        Worker(app, base_environ(1)).handle(theirs, SlotReader(theirs), head.encode("latin-1"))
         # become_worker rewrites the environment: practise that too.
         os.environ["ROOST_WARM_UP"] = "1"
         del os.environ["ROOST_WARM_UP"]

@@ -157,6 +157,28 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
     assert!(node
         .log("errs", "error.log")
         .contains("RuntimeError: tester asked for an error"));
+    // Response splitting: a header with a control character (or not a str) is the
+    // app's error, never passed on.
+    for (what, complaint) in [
+        ("crlf-value", "ValueError: header value"),
+        ("lf-name", "ValueError: header name"),
+        ("nul-value", "ValueError: header value"),
+        ("cr-name", "ValueError: header name"),
+        (
+            "bytes-value",
+            "TypeError: header value must be a str, not bytes",
+        ),
+    ] {
+        let complaints = || node.log("errs", "error.log").matches(complaint).count();
+        let before = complaints();
+        let r = get(node.addr, "errs.test", &format!("/bad-header?what={what}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 500, "{what}");
+        assert!(!r.headers.contains_key("set-cookie"), "{what}");
+        assert!(!r.text().contains("must not be sent"), "{what}");
+        assert_eq!(complaints(), before + 1, "{what}: no new {complaint:?}");
+    }
     // A failure after the head was sent breaks the response instead of faking success.
     let late = get(node.addr, "errs.test", "/late-error").await;
     assert!(
