@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::front::{self, FrontConfig};
+use crate::logs::AccessLog;
 use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
@@ -99,6 +100,8 @@ pub enum ServerError {
     },
     #[error("cannot start the registry watcher")]
     Watcher(#[source] std::io::Error),
+    #[error("cannot start the access log thread")]
+    AccessLog(#[source] std::io::Error),
 }
 
 /// Serves until `shutdown` turns true; returns once every worker has exited.
@@ -159,6 +162,7 @@ pub async fn run(
         cgroups.clone(),
         as_root,
         config.log_dir.clone(),
+        AccessLog::start().map_err(ServerError::AccessLog)?,
         config.stop_grace,
         Budget::start(config.budget),
     );

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use roost_registry::{diff, Change, Registry, Site};
 use tokio::task::JoinHandle;
 
-use crate::logs::SiteLogs;
+use crate::logs::{AccessLog, SiteLogs};
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
@@ -28,6 +28,7 @@ pub struct Sites {
     /// The node is not root: a site's user is recorded but not switched to.
     users_enforced: bool,
     log_dir: PathBuf,
+    access_log: AccessLog,
     stop_grace: Duration,
     budget: Budget,
     /// Pools of removed sites that are still draining; awaited at shutdown.
@@ -45,6 +46,7 @@ impl Sites {
         cgroups: Arc<Cgroups>,
         users_enforced: bool,
         log_dir: PathBuf,
+        access_log: AccessLog,
         stop_grace: Duration,
         budget: Budget,
     ) -> Sites {
@@ -56,6 +58,7 @@ impl Sites {
             cgroups,
             users_enforced,
             log_dir,
+            access_log,
             stop_grace,
             budget,
             draining: Vec::new(),
@@ -117,7 +120,7 @@ impl Sites {
     }
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
-        let logs = SiteLogs::open(&self.log_dir, &site.name)?;
+        let logs = SiteLogs::open(&self.log_dir, &site.name, &self.access_log)?;
         if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
             for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
                 logs.error(&format!("warning: {conflict}"));
@@ -167,5 +170,9 @@ impl Sites {
         for task in tasks {
             let _ = task.await;
         }
+        // The last lines: every pool, and with it every sender of a site, is gone.
+        self.live.clear();
+        let access_log = self.access_log;
+        let _ = tokio::task::spawn_blocking(move || access_log.stop()).await;
     }
 }

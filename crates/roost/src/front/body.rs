@@ -1,12 +1,15 @@
 //! The response body type of the front, and the access log line written when a body
 //! has been sent (or abandoned).
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -72,12 +75,12 @@ impl Body for ResponseBody {
 /// What the access log needs, captured when the request arrives.
 pub struct PendingAccess {
     pub logs: Arc<SiteLogs>,
-    pub peer: String,
-    pub method: String,
-    pub target: String,
+    pub peer: IpAddr,
+    pub method: Method,
+    pub target: Option<PathAndQuery>,
     pub version: &'static str,
-    pub referer: Option<String>,
-    pub user_agent: Option<String>,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
     pub start: SystemTime,
     pub began: Instant,
     /// The worker that served the request, once one was assigned.
@@ -86,20 +89,18 @@ pub struct PendingAccess {
 
 impl PendingAccess {
     pub fn finish(self, status: u16, bytes: u64) {
-        let line = AccessRecord {
-            peer: &self.peer,
+        self.logs.access(AccessRecord {
+            peer: self.peer,
             start: self.start,
-            method: &self.method,
-            target: &self.target,
+            method: self.method,
+            target: self.target,
             version: self.version,
             status,
             bytes,
-            referer: self.referer.as_deref(),
-            user_agent: self.user_agent.as_deref(),
+            referer: self.referer,
+            user_agent: self.user_agent,
             duration: self.began.elapsed(),
             worker_pid: self.worker_pid,
-        }
-        .line();
-        self.logs.access(line);
+        });
     }
 }

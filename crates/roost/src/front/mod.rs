@@ -160,24 +160,14 @@ impl Front {
         let began = Instant::now();
         let (parts, body) = req.into_parts();
         let client = environ::client(&parts, conn, &self.config.trusted_proxies);
-        let header_text = |name| {
-            parts
-                .headers
-                .get(name)
-                .map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        };
         let mut access = Some(PendingAccess {
             logs: route.logs.clone(),
-            peer: client.addr.to_string(),
-            method: parts.method.to_string(),
-            target: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+            peer: client.addr,
+            method: parts.method.clone(),
+            target: parts.uri.path_and_query().cloned(),
             version: environ::protocol(parts.version),
-            referer: header_text(header::REFERER),
-            user_agent: header_text(header::USER_AGENT),
+            referer: parts.headers.get(header::REFERER).cloned(),
+            user_agent: parts.headers.get(header::USER_AGENT).cloned(),
             start: SystemTime::now(),
             began,
             worker_pid: None,
