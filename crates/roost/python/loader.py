@@ -678,6 +678,9 @@ def become_worker(request, fds, zygote_pid):
         nofile = int(fields["nofile"])
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if fields.get("sched") == "batch":
+            step = "set the scheduling policy"
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         step = "setsid"
         os.setsid()
         step = "set the parent-death signal"

@@ -58,6 +58,9 @@ pub struct NodeConfig {
     /// As root with cgroups: mount a hierarchy with `favordynmods` while running, so
     /// cgroup moves do not wait for RCU (spawn/favordynmods.rs).
     pub favordynmods: bool,
+    /// Workers (and templates) run under SCHED_BATCH: waking one does not preempt
+    /// the node.
+    pub batch_workers: bool,
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
     pub preload: Vec<String>,
@@ -80,6 +83,7 @@ impl NodeConfig {
             cgroups: true,
             cgroup_name: "roost".to_owned(),
             favordynmods: true,
+            batch_workers: true,
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
             budget: BudgetLimits::default(),
@@ -151,6 +155,7 @@ pub async fn run(
         base_env: worker_base_env(),
         preload: config.preload.clone(),
         zygote_spares: config.zygote_spares,
+        batch_workers: config.batch_workers,
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),

@@ -120,6 +120,12 @@ pub struct ServeArgs {
     /// per cold start on cgroup v1); forks and exits get slightly dearer machine-wide.
     #[arg(long)]
     pub no_favordynmods: bool,
+    /// Run workers under the kernel's normal policy instead of SCHED_BATCH. By default
+    /// a worker woken by a request does not preempt the node, which then finishes
+    /// handing out work before the worker runs (fewer context switches; see
+    /// docs/benchmarks.md); the node still preempts workers.
+    #[arg(long)]
+    pub no_batch_workers: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used
     /// least recently is stopped to make room. 0 is unlimited.
     #[arg(long, default_value_t = 0)]
@@ -239,6 +245,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.preload = args.preload.clone();
     config.cgroups = !args.no_cgroups;
     config.favordynmods = !args.no_favordynmods;
+    config.batch_workers = !args.no_batch_workers;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
         max_workers: args.max_workers,

@@ -27,6 +27,8 @@ pub struct ChildPlan {
     /// `None` when the node is not root: the worker keeps the node's user.
     pub drop_to: Option<(Uid, Gid)>,
     pub workdir: CString,
+    /// Run under SCHED_BATCH ([`super::SpawnConfig::batch_workers`]).
+    pub batch: bool,
 }
 
 impl ChildPlan {
@@ -42,6 +44,9 @@ impl ChildPlan {
             setrlimit(Resource::RLIMIT_NOFILE, WORKER_NOFILE, WORKER_NOFILE)?;
             setrlimit(Resource::RLIMIT_CORE, 0, 0)
         })?;
+        if self.batch {
+            step(b"set the scheduling policy\n", set_sched_batch)?;
+        }
         step(b"setsid\n", || nix::unistd::setsid().map(drop))?;
         step(b"set the parent-death signal\n", || self.tie_to_parent())?;
         if let Some((uid, gid)) = self.drop_to {
@@ -76,6 +81,15 @@ fn step(name: &'static [u8], f: impl FnOnce() -> nix::Result<()>) -> std::io::Re
         let _ = nix::unistd::write(stderr, name);
         std::io::Error::from(errno)
     })
+}
+
+/// SCHED_BATCH for the calling process: the scheduler treats it as CPU-bound, so its
+/// wake-ups do not preempt the running task (the node, usually).
+fn set_sched_batch() -> nix::Result<()> {
+    let param = nix::libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler is async-signal-safe; `param` outlives the call.
+    let rc = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_BATCH, &param) };
+    nix::errno::Errno::result(rc).map(drop)
 }
 
 /// setgroups([]), setgid, setuid; then proves it cannot be undone.

@@ -63,6 +63,7 @@ impl PlainSpawner {
                 .map(|id| (Uid::from_raw(id.uid), Gid::from_raw(id.gid))),
             workdir: CString::new(site.directory.as_os_str().as_bytes())
                 .map_err(|e| exec_err(std::io::Error::other(e)))?,
+            batch: self.config.batch_workers,
         };
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on descriptors and memory prepared by the

@@ -26,6 +26,9 @@ pub struct SpawnConfig {
     pub preload: Vec<String>,
     /// Children each zygote keeps forked ahead of need.
     pub zygote_spares: u32,
+    /// Workers run under SCHED_BATCH (the node keeps the normal policy): a worker
+    /// woken by the node's write does not preempt the node.
+    pub batch_workers: bool,
 }
 
 /// The outcome of the checks: who the worker runs as, and its environment.

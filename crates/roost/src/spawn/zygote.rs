@@ -156,6 +156,15 @@ impl ZygoteSpawner {
             ("cgroups".into(), cgroup_fds.len().to_string()),
             ("slots".into(), child_ends.len().to_string()),
             ("nofile".into(), WORKER_NOFILE.to_string()),
+            (
+                "sched".into(),
+                (if self.config.batch_workers {
+                    "batch"
+                } else {
+                    "normal"
+                })
+                .into(),
+            ),
             ("kind".into(), kind.into()),
             ("target".into(), target),
             ("directory".into(), site.directory.display().to_string()),
@@ -276,6 +285,8 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         parent: nix::unistd::getpid(),
         drop_to: None,
         workdir: CString::new("/").expect("no NUL in /"),
+        // A zygote is on every cold start's path: it keeps the normal policy.
+        batch: false,
     };
     // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
     // memory and descriptors the parent keeps alive until `spawn` returns.

@@ -3,7 +3,7 @@
 
 use roost::server::SpawnMode;
 
-use crate::harness::{alive, comm, get, parent_of, pid_of, pids_running, Node};
+use crate::harness::{alive, comm, get, parent_of, pid_of, pids_running, sched_policy, Node};
 
 /// The zygote processes of a node: the loader in zygote mode, not renamed as a worker
 /// or a spare.
@@ -41,6 +41,10 @@ async fn workers_are_forked_by_the_zygote_which_restarts_when_killed() {
         "the worker is not the zygote's child"
     );
     assert_eq!(comm(worker), "roost-worker");
+    // Woken workers do not preempt the node; the zygote, on every cold start's path,
+    // keeps the normal policy.
+    assert_eq!(sched_policy(worker), nix::libc::SCHED_BATCH);
+    assert_eq!(sched_policy(zygote[0]), nix::libc::SCHED_OTHER);
 
     // Kill the zygote: its workers die with it, and the next request brings both back.
     nix::sys::signal::kill(
@@ -79,9 +83,26 @@ async fn plain_spawn_serves_crashes_and_recovers() {
         "a plain worker is the node's child"
     );
     assert!(zygotes(&node).is_empty(), "plain spawn started a zygote");
+    assert_eq!(sched_policy(worker), nix::libc::SCHED_BATCH);
     assert_eq!(get(node.addr, "p.test", "/exit").await.unwrap().status, 502);
     pid_of(&get(node.addr, "p.test", "/pid").await.unwrap());
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_batch_workers_leaves_the_normal_policy() {
+    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
+        let node = Node::start_with(|c| {
+            c.spawn = mode;
+            c.batch_workers = false;
+        })
+        .await;
+        let app = node.app("tester.py");
+        node.add(node.spec("n", &["n.test"], &app)).await;
+        let worker = pid_of(&get(node.addr, "n.test", "/pid").await.unwrap());
+        assert_eq!(sched_policy(worker), nix::libc::SCHED_OTHER, "{mode:?}");
+        node.stop().await;
+    }
 }
 
 /// A zygote serves a runtime (an interpreter and its preloads); once no site names that

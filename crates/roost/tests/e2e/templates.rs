@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use roost_registry::FsChecks;
 
-use crate::harness::{alive, comm, get, parent_of, pid_of, Node};
+use crate::harness::{alive, comm, get, parent_of, pid_of, sched_policy, Node};
 
 /// The pid a tester endpoint answers (`/pid`: the worker; `/imported-by`: whoever
 /// imported the app).
@@ -33,6 +33,12 @@ async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
         "the worker is not the template's child"
     );
     assert_eq!(comm(template), "roost-template");
+    assert_eq!(sched_policy(template), nix::libc::SCHED_BATCH);
+    assert_eq!(
+        sched_policy(worker),
+        nix::libc::SCHED_BATCH,
+        "a fork keeps it"
+    );
     if let Some(user) = &node.user {
         let status = std::fs::read_to_string(format!("/proc/{template}/status")).unwrap();
         let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();

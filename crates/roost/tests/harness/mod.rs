@@ -320,6 +320,13 @@ pub fn comm(pid: u32) -> String {
         .to_owned()
 }
 
+/// The scheduling policy of a process (the 41st field of /proc/<pid>/stat).
+pub fn sched_policy(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(38).unwrap().parse().unwrap()
+}
+
 /// Peak resident memory (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
