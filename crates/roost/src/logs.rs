@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,9 +31,18 @@ const ACCESS_QUEUE: usize = 16_384;
 /// batch instead of one per request. 16,384 records per 20 ms is 800,000 a second.
 const ACCESS_BATCH_EVERY: Duration = Duration::from_millis(20);
 
+/// What the access log thread is sent.
+// Stop is sent once in a node's life; boxing records would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum AccessMessage {
+    Record(Arc<AccessFile>, AccessRecord),
+    /// Write what came before, then end.
+    Stop,
+}
+
 /// The node's access log thread.
 pub struct AccessLog {
-    tx: SyncSender<(Arc<AccessFile>, AccessRecord)>,
+    tx: SyncSender<AccessMessage>,
     thread: JoinHandle<()>,
 }
 
@@ -46,11 +55,12 @@ impl AccessLog {
         Ok(AccessLog { tx, thread })
     }
 
-    /// Writes what is queued, then ends the thread; sites whose logs are still open
-    /// keep a sender, so call this once every pool has stopped.
+    /// Writes what is queued, then ends the thread (records sent after are dropped).
+    /// Blocks until then: at most one batch interval and one write per site.
     pub fn stop(self) {
-        drop(self.tx);
-        let _ = self.thread.join();
+        if self.tx.send(AccessMessage::Stop).is_ok() {
+            let _ = self.thread.join();
+        }
     }
 }
 
@@ -60,11 +70,13 @@ struct AccessFile {
     /// Records lost because the thread fell behind; reported in the error log.
     dropped: AtomicU64,
     error_log: PathBuf,
+    /// The last write failed (a full disk): said once in the node's log, not per batch.
+    failing: AtomicBool,
 }
 
 pub struct SiteLogs {
     dir: PathBuf,
-    access: SyncSender<(Arc<AccessFile>, AccessRecord)>,
+    access: SyncSender<AccessMessage>,
     access_file: Arc<AccessFile>,
 }
 
@@ -79,6 +91,7 @@ impl SiteLogs {
             file: append(&dir.join("access.log"))?,
             dropped: AtomicU64::new(0),
             error_log: dir.join("error.log"),
+            failing: AtomicBool::new(false),
         });
         Ok(Arc::new(SiteLogs {
             dir,
@@ -122,7 +135,8 @@ impl SiteLogs {
     }
 
     pub fn access(&self, record: AccessRecord) {
-        match self.access.try_send((self.access_file.clone(), record)) {
+        let message = AccessMessage::Record(self.access_file.clone(), record);
+        match self.access.try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.access_file.dropped.fetch_add(1, Ordering::Relaxed);
@@ -144,20 +158,34 @@ fn append(path: &Path) -> std::io::Result<File> {
 
 /// The access log thread: waits for a record, takes every record queued, appends each
 /// site's lines with one write, then sleeps for the next batch to gather.
-fn write_access(rx: Receiver<(Arc<AccessFile>, AccessRecord)>) {
+fn write_access(rx: Receiver<AccessMessage>) {
     let mut clock = ClfClock::default();
-    while let Ok(first) = rx.recv() {
+    let mut stopping = false;
+    while !stopping {
+        let Ok(first) = rx.recv() else { break };
         // Keyed by the file's address: each site's lines together, in arrival order.
         let mut batch: HashMap<*const AccessFile, (Arc<AccessFile>, Vec<u8>)> = HashMap::new();
-        for (file, record) in std::iter::once(first).chain(rx.try_iter()) {
+        for message in std::iter::once(first).chain(rx.try_iter()) {
+            let AccessMessage::Record(file, record) = message else {
+                stopping = true;
+                break;
+            };
             let (_, lines) = batch
                 .entry(Arc::as_ptr(&file))
                 .or_insert_with(|| (file, Vec::with_capacity(16 << 10)));
             record.write_line(lines, &mut clock);
         }
         for (file, lines) in batch.into_values() {
-            if let Err(e) = (&file.file).write_all(&lines) {
-                tracing::warn!(error = %e, "cannot write to a site's access log");
+            let written = (&file.file).write_all(&lines);
+            if file.failing.swap(written.is_err(), Ordering::Relaxed) != written.is_err() {
+                match written {
+                    Err(e) => {
+                        tracing::warn!(log = %file.error_log.with_file_name("access.log").display(), error = %e, "cannot write to a site's access log; its lines are lost until it can")
+                    }
+                    Ok(()) => {
+                        tracing::info!(log = %file.error_log.with_file_name("access.log").display(), "a site's access log can be written again")
+                    }
+                }
             }
             let lost = file.dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
@@ -168,7 +196,9 @@ fn write_access(rx: Receiver<(Arc<AccessFile>, AccessRecord)>) {
                 let _ = append(&file.error_log).and_then(|mut f| f.write_all(note.as_bytes()));
             }
         }
-        std::thread::sleep(ACCESS_BATCH_EVERY);
+        if !stopping {
+            std::thread::sleep(ACCESS_BATCH_EVERY);
+        }
     }
 }
 
@@ -307,6 +337,7 @@ impl SiteLogs {
                 file: File::open("/dev/null").expect("/dev/null opens"),
                 dropped: AtomicU64::new(0),
                 error_log: dir.join("error.log"),
+                failing: AtomicBool::new(false),
             }),
         })
     }

@@ -170,8 +170,7 @@ impl Sites {
         for task in tasks {
             let _ = task.await;
         }
-        // The last lines: every pool, and with it every sender of a site, is gone.
-        self.live.clear();
+        // The last lines of every site.
         let access_log = self.access_log;
         let _ = tokio::task::spawn_blocking(move || access_log.stop()).await;
     }
