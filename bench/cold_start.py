@@ -25,9 +25,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     cold_starts, free_port, pids_with_cwd, require_root, timed_get, wait_port, workspace)
+from common import ROOST, ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
 MODES = {
     "plain": ["--spawn", "plain"],
@@ -40,6 +39,8 @@ MODES = {
     # Without spare forks: the zygote forks only when asked (spares are on by default).
     "nospare-nocg": ["--spawn", "zygote", "--zygote-spares", "0", "--no-cgroups"],
     "nospare": ["--spawn", "zygote", "--zygote-spares", "0"],
+    # Workers under the normal scheduling policy instead of SCHED_BATCH.
+    "nobatch": ["--spawn", "zygote", "--no-batch-workers"],
 }
 
 

@@ -18,8 +18,8 @@ from common import (  # noqa: E402
     apache_conf, cold_starts, free_port, passenger_app, passenger_settings, pids_with_cwd,
     print_cold_start_header, print_cold_starts, require_root, timed_get, wait_port,
     workspace)
+from common import ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VHOST = """<VirtualHost 127.0.0.1:{port}>
   ServerName {name}.bench
 {served}</VirtualHost>

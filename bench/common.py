@@ -8,6 +8,10 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The roost binary the scripts run: the release build, or $ROOST_BIN (to compare two).
+ROOST = os.environ.get("ROOST_BIN") or os.path.join(ROOT, "target", "release", "roost")
+
 
 def require_root():
     if os.geteuid() != 0:

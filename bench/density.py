@@ -18,9 +18,7 @@ import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import free_port, processes, pss_kib, require_root, workspace  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
+from common import ROOST, ROOT  # noqa: E402
 
 
 def memory(loader, node_pid):

@@ -25,8 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
+from common import ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
 APACHE_SITE = """<VirtualHost 127.0.0.1:{port}>
   ServerName s{i}.bench

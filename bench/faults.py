@@ -20,10 +20,9 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import free_port, install_app, processes, require_root, workspace  # noqa: E402
+from common import ROOST  # noqa: E402
 
 
 def main():

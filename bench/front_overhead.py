@@ -25,9 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import free_port, install_app, require_root, timed_get, wait_port, workspace  # noqa: E402
+from common import ROOST, ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
 DIRECT = os.path.join(ROOT, "target", "release", "examples", "direct_worker")
 LOADER = os.path.join(ROOT, "crates", "roost", "python", "loader.py")
 

@@ -27,9 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     free_port, install_app, pids_with_cwd, pss_kib, require_root, timed_get, wait_port,
     workspace)
+from common import ROOST  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
 MODES = {
     "zygote": ([], "false"),
     "runtime": (["--preload", "flask"], "false"),

@@ -30,9 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     apache_conf, free_port, passenger_app, passenger_settings, wait_port)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
+from common import ROOST, ROOT  # noqa: E402
 
 
 def roost(work, port, app, threads):

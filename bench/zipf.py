@@ -20,11 +20,10 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOST = os.path.join(ROOT, "target", "release", "roost")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     free_port, install_app, processes, pss_kib, require_root, wait_port, workspace)
+from common import ROOST  # noqa: E402
 
 
 def register(registry, app, sites):
