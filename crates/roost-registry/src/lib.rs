@@ -5,6 +5,7 @@
 //! - [`Registry`] is an immutable snapshot of all sites; the node swaps a new one in on
 //!   every change and computes a [`diff`] to tell the affected pools.
 //! - [`SqliteStore`] keeps sites in one SQLite file with versioned migrations.
+//! - [`parse_site_file`] reads a site file (TOML), the input of `roost apply`.
 //!
 //! This crate knows nothing of processes or HTTP; it must never panic on what it reads
 //! from the database, which another program may have written.
@@ -13,6 +14,7 @@ mod host;
 mod owner;
 mod runtime;
 mod site;
+mod sitefile;
 mod snapshot;
 mod spec;
 mod sqlite;
@@ -22,7 +24,8 @@ pub use host::{normalize_request_host, HostError, HostPattern};
 pub use owner::{check_code_files, resolve, Identity, OwnerError, DEFAULT_MIN_UID};
 pub use runtime::{site_packages, version_conflicts, Runtime};
 pub use site::{Entry, PoolSettings, Site};
+pub use sitefile::{parse_site_file, SiteFileError};
 pub use snapshot::{diff, Change, Registry};
 pub use spec::{FsChecks, SiteSpec, ValidationError};
-pub use sqlite::{Loaded, SqliteStore, StoreError};
+pub use sqlite::{Applied, Loaded, SqliteStore, StoreError};
 pub use units::{format_bytes, format_duration, parse_bytes, parse_duration};

@@ -4,6 +4,7 @@
 //! lets the node read while a writer commits, and `PRAGMA data_version` tells the node's
 //! watcher cheaply that another connection committed something.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -357,58 +358,128 @@ impl SqliteStore {
     }
 
     fn read_specs(&self, only: Option<&str>) -> Result<Vec<SiteSpec>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
-                    threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
-                    max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
-                    run_user, run_group, runtime, preload
-             FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
-        )?;
-        let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
-        let rows = stmt.query_map([only], |r| {
-            let env_text: String = r.get(4)?;
-            Ok(SiteSpec {
-                name: r.get(0)?,
-                hosts: Vec::new(),
-                entry: Some(r.get(1)?),
-                interpreter: Some(r.get(2)?),
-                directory: Some(r.get(3)?),
-                // A corrupt env column becomes an env entry that fails validation
-                // with the reason, instead of an error for the whole registry.
-                env: serde_json::from_str(&env_text)
-                    .unwrap_or_else(|e| [(format!("<unreadable env: {e}>"), String::new())].into()),
-                processes_max: Some(r.get(5)?),
-                processes_min: Some(r.get(6)?),
-                threads: Some(r.get(7)?),
-                idle_timeout: ms(r.get(8)?),
-                queue_max: Some(r.get(9)?),
-                queue_timeout: ms(r.get(10)?),
-                request_timeout: ms(r.get(11)?),
-                max_requests: Some(r.get::<_, i64>(12)?.max(0) as u64),
-                body_max: Some(r.get::<_, i64>(13)?.max(0) as u64),
-                memory_max: Some(r.get::<_, i64>(14)?.max(0) as u64),
-                memory_worker_soft: Some(r.get::<_, Option<i64>>(15)?.unwrap_or(0).max(0) as u64),
-                pids_max: Some(r.get(16)?),
-                cpu_weight: Some(r.get(17)?),
-                user: r.get(18)?,
-                group: r.get(19)?,
-                runtime: r.get(20)?,
-                preload: Some(r.get(21)?),
-            })
-        })?;
-        let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
-        let mut hosts = self.conn.prepare_cached(
-            "SELECT site, host FROM hosts WHERE ?1 IS NULL OR site = ?1 ORDER BY site, position",
-        )?;
-        let mut rows = hosts.query([only])?;
-        while let Some(row) = rows.next()? {
-            let (site, host): (String, String) = (row.get(0)?, row.get(1)?);
-            if let Ok(i) = specs.binary_search_by(|s| s.name.as_str().cmp(&site)) {
-                specs[i].hosts.push(host);
+        read_specs(&self.conn, only)
+    }
+
+    /// Makes the registry hold `sites` (a site file's), in one transaction: new names
+    /// are added, stored sites that differ are replaced, and with `prune` the sites not
+    /// among them are removed. A host may move between sites of the same apply. Any
+    /// failure (a host still held by a site that stays, say) writes nothing; with
+    /// `dry_run` nothing is written either, and the outcome says what would be.
+    pub fn apply(
+        &mut self,
+        sites: &[Site],
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<Applied, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let before: BTreeMap<String, SiteSpec> = read_specs(&tx, None)?
+            .into_iter()
+            .map(|spec| (spec.name.clone(), spec))
+            .collect();
+        let wanted: BTreeSet<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        let mut applied = Applied::default();
+        // Every row to replace or remove goes first, so hosts can change hands.
+        for name in before.keys() {
+            let keep = wanted.contains(name.as_str());
+            if keep || prune {
+                tx.execute("DELETE FROM hosts WHERE site = ?1", [name])?;
+                tx.execute("DELETE FROM sites WHERE name = ?1", [name])?;
+            }
+            if !keep && prune {
+                applied.removed.push(name.clone());
             }
         }
-        Ok(specs)
+        for site in sites {
+            write_site(&tx, site)?;
+            let Some(old) = before.get(&site.name) else {
+                applied.added.push(site.name.clone());
+                continue;
+            };
+            let now = read_specs(&tx, Some(&site.name))?.pop();
+            if now.as_ref() == Some(old) {
+                applied.unchanged.push(site.name.clone());
+            } else {
+                applied.changed.push(site.name.clone());
+            }
+        }
+        if !dry_run {
+            tx.commit()?;
+        }
+        for names in [
+            &mut applied.added,
+            &mut applied.changed,
+            &mut applied.unchanged,
+        ] {
+            names.sort();
+        }
+        Ok(applied)
     }
+}
+
+/// What [`SqliteStore::apply`] did (or would do): site names, each list sorted.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+fn read_specs(conn: &Connection, only: Option<&str>) -> Result<Vec<SiteSpec>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, entry, interpreter, directory, env, processes_max, processes_min,
+                threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
+                max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
+                run_user, run_group, runtime, preload
+         FROM sites WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
+    )?;
+    let ms = |v: i64| Some(Duration::from_millis(v.max(0) as u64));
+    let rows = stmt.query_map([only], |r| {
+        let env_text: String = r.get(4)?;
+        Ok(SiteSpec {
+            name: r.get(0)?,
+            hosts: Vec::new(),
+            entry: Some(r.get(1)?),
+            interpreter: Some(r.get(2)?),
+            directory: Some(r.get(3)?),
+            // A corrupt env column becomes an env entry that fails validation
+            // with the reason, instead of an error for the whole registry.
+            env: serde_json::from_str(&env_text)
+                .unwrap_or_else(|e| [(format!("<unreadable env: {e}>"), String::new())].into()),
+            processes_max: Some(r.get(5)?),
+            processes_min: Some(r.get(6)?),
+            threads: Some(r.get(7)?),
+            idle_timeout: ms(r.get(8)?),
+            queue_max: Some(r.get(9)?),
+            queue_timeout: ms(r.get(10)?),
+            request_timeout: ms(r.get(11)?),
+            max_requests: Some(r.get::<_, i64>(12)?.max(0) as u64),
+            body_max: Some(r.get::<_, i64>(13)?.max(0) as u64),
+            memory_max: Some(r.get::<_, i64>(14)?.max(0) as u64),
+            memory_worker_soft: Some(r.get::<_, Option<i64>>(15)?.unwrap_or(0).max(0) as u64),
+            pids_max: Some(r.get(16)?),
+            cpu_weight: Some(r.get(17)?),
+            user: r.get(18)?,
+            group: r.get(19)?,
+            runtime: r.get(20)?,
+            preload: Some(r.get(21)?),
+        })
+    })?;
+    let mut specs = rows.collect::<Result<Vec<_>, _>>()?;
+    let mut hosts = conn.prepare_cached(
+        "SELECT site, host FROM hosts WHERE ?1 IS NULL OR site = ?1 ORDER BY site, position",
+    )?;
+    let mut rows = hosts.query([only])?;
+    while let Some(row) = rows.next()? {
+        let (site, host): (String, String) = (row.get(0)?, row.get(1)?);
+        if let Ok(i) = specs.binary_search_by(|s| s.name.as_str().cmp(&site)) {
+            specs[i].hosts.push(host);
+        }
+    }
+    Ok(specs)
 }
 
 fn exists(tx: &Transaction<'_>, name: &str) -> Result<bool, StoreError> {
@@ -513,6 +584,76 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(loaded.rejected.is_empty());
         assert_eq!(*loaded.registry.sites["a"], a);
+    }
+
+    #[test]
+    fn apply_adds_changes_keeps_prunes_and_moves_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store
+            .add(&site(dir.path(), "keep", &["keep.test"]))
+            .unwrap();
+        store
+            .add(&site(dir.path(), "change", &["moving.test"]))
+            .unwrap();
+        store
+            .add(&site(dir.path(), "gone", &["gone.test"]))
+            .unwrap();
+        // moving.test changes hands within one apply; "gone" is not in the file.
+        let file = [
+            site(dir.path(), "keep", &["keep.test"]),
+            site(dir.path(), "change", &["change.test"]),
+            site(dir.path(), "new", &["moving.test"]),
+        ];
+        let before = store.load().unwrap().registry;
+        let dry = store.apply(&file, true, true).unwrap();
+        assert_eq!(store.load().unwrap().registry, before, "a dry run wrote");
+        let applied = store.apply(&file, false, false).unwrap();
+        assert_eq!(
+            applied,
+            Applied {
+                added: vec!["new".into()],
+                changed: vec!["change".into()],
+                unchanged: vec!["keep".into()],
+                removed: vec![],
+            }
+        );
+        assert_eq!(
+            dry,
+            Applied {
+                removed: vec!["gone".into()],
+                ..applied
+            }
+        );
+        let loaded = store.load().unwrap().registry;
+        assert_eq!(loaded.sites.len(), 4, "without prune, gone stays");
+        assert_eq!(loaded.sites["new"].hosts[0].to_string(), "moving.test");
+        let pruned = store.apply(&file, true, false).unwrap();
+        assert_eq!(pruned.removed, ["gone"]);
+        assert_eq!(pruned.unchanged, ["change", "keep", "new"]);
+        assert_eq!(store.load().unwrap().registry.sites.len(), 3);
+    }
+
+    #[test]
+    fn a_failing_apply_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store
+            .add(&site(dir.path(), "other", &["taken.test"]))
+            .unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        let before = store.load().unwrap().registry;
+        // "other" stays (no prune) and keeps its host: the whole apply is refused.
+        let file = [
+            site(dir.path(), "a", &["a2.test"]),
+            site(dir.path(), "b", &["taken.test"]),
+        ];
+        let err = store.apply(&file, false, false).unwrap_err();
+        assert!(
+            matches!(err, StoreError::HostTaken { ref owner, .. } if owner == "other"),
+            "{err}"
+        );
+        assert_eq!(store.load().unwrap().registry, before);
     }
 
     #[test]

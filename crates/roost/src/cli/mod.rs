@@ -3,6 +3,7 @@
 //! Commands print plain sentences for people and JSON with `--json`. The registry
 //! is written directly; a running node sees the change within its poll interval.
 
+mod apply;
 mod demo;
 mod runtime;
 mod site;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Add, change, remove and inspect sites.
     #[command(subcommand)]
     Site(Box<site::SiteCommand>),
+    /// Make the registry hold the sites of a site file (TOML), all or nothing.
+    Apply(apply::ApplyArgs),
     /// Add, remove and list runtimes (interpreters with preloaded shared packages).
     #[command(subcommand)]
     Runtime(runtime::RuntimeCommand),
@@ -171,6 +174,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(registry, cli.min_uid, args).map(|()| ExitCode::SUCCESS),
         Command::Site(command) => site::run(&registry, cli.min_uid, *command),
+        Command::Apply(args) => apply::run(&registry, cli.min_uid, args),
         Command::Runtime(command) => runtime::run(&registry, command),
         Command::Demo(args) => demo::run(args),
     }

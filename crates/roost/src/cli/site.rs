@@ -179,7 +179,26 @@ impl SiteFlags {
     }
 }
 
-fn looks_like_path(entry: &str) -> bool {
+/// What a new site gets when it does not say: the default interpreter, and for a
+/// module entry the folder `base` (the current one for `site add`, the site file's for
+/// `apply`). As root a user is required.
+pub(super) fn fill_defaults(spec: &mut SiteSpec, base: &Path) -> anyhow::Result<()> {
+    if spec.interpreter.is_none() {
+        spec.interpreter = Some(default_interpreter()?);
+    }
+    if spec.directory.is_none() && spec.entry.as_deref().is_some_and(|e| !looks_like_path(e)) {
+        spec.directory = Some(base.display().to_string());
+    }
+    if spec.user.is_none() && super::is_root() {
+        bail!(
+            "site {:?}: user: required when adding sites as root (--user NAME, or user = in a site file); roost never runs sites as root",
+            spec.name
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn looks_like_path(entry: &str) -> bool {
     entry.contains('/') || entry.ends_with(".py") || entry.ends_with(".wsgi")
 }
 
@@ -211,17 +230,7 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
     match command {
         SiteCommand::Add { name, flags } => {
             let mut spec = flags.to_spec(&name)?;
-            if spec.interpreter.is_none() {
-                spec.interpreter = Some(default_interpreter()?);
-            }
-            if spec.directory.is_none()
-                && spec.entry.as_deref().is_some_and(|e| !looks_like_path(e))
-            {
-                spec.directory = Some(absolute(".".into())?.display().to_string());
-            }
-            if spec.user.is_none() && super::is_root() {
-                bail!("site {name:?}: user: required when adding sites as root (--user NAME); roost never runs sites as root");
-            }
+            fill_defaults(&mut spec, &absolute(".".into())?)?;
             let mut site = spec.validate_for(FsChecks::Full, min_uid)?;
             store.attach_runtime(&spec, &mut site)?;
             warn_conflicts(&site);
@@ -306,7 +315,7 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
 }
 
 /// Says when the site's virtualenv and its runtime disagree on a preloaded package.
-fn warn_conflicts(site: &Site) {
+pub(super) fn warn_conflicts(site: &Site) {
     if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
         for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
             eprintln!("warning: site {}: {conflict}", site.name);

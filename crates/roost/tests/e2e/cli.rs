@@ -381,6 +381,108 @@ fn site_commands_and_every_kind_of_bad_write() {
     assert!(!ok(&roost(&registry, &["site", "list"])).contains("shop"));
 }
 
+/// `roost apply`: a site file (relative paths from its folder) becomes the registry's
+/// sites, all or nothing, and a running node serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_syncs_the_registry_with_a_site_file() {
+    let node = crate::harness::Node::start().await;
+    node.app("tester.py");
+    let user = node
+        .user
+        .as_ref()
+        .map_or(String::new(), |u| format!("user = \"{}\"\n", u.name));
+    let site = |name: &str, extra: &str| {
+        format!(
+            "[site.{name}]\nhosts = [\"{name}.test\"]\nentry = \"apps/tester.py\"\n\
+             interpreter = \"{}\"\n{user}{extra}\n",
+            python()
+        )
+    };
+    let file = node.dir.path().join("sites.toml");
+    let apply = |text: String, flags: &[&str]| {
+        std::fs::write(&file, text).unwrap();
+        let mut args = vec!["apply", file.to_str().unwrap(), "--json"];
+        args.extend_from_slice(flags);
+        roost(&node.registry, &args)
+    };
+    let outcome = |out: &Output| -> serde_json::Value { serde_json::from_str(&ok(out)).unwrap() };
+    let names = |v: &serde_json::Value, key: &str| -> Vec<String> {
+        serde_json::from_value(v[key].clone()).unwrap()
+    };
+    let listed = || ok(&roost(&node.registry, &["site", "list", "--json"]));
+
+    let both = site("a", "idle_timeout = \"30s\"") + &site("b", "memory_max = \"128MiB\"");
+    let dry = outcome(&apply(both.clone(), &["--dry-run"]));
+    assert_eq!(names(&dry, "added"), ["a", "b"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(listed().trim(), "[]", "a dry run wrote");
+    assert_eq!(
+        names(&outcome(&apply(both.clone(), &[])), "added"),
+        ["a", "b"]
+    );
+    for host in ["a.test", "b.test"] {
+        node.eventually("the node to serve an applied site", || async {
+            get(node.addr, host, "/pid")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await;
+    }
+    let shown = ok(&roost(&node.registry, &["site", "show", "a", "--json"]));
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["entry"],
+        node.dir.path().join("apps/tester.py").display().to_string(),
+        "the entry is relative to the site file's folder"
+    );
+    let again = outcome(&apply(both, &[]));
+    assert_eq!(names(&again, "unchanged"), ["a", "b"]);
+
+    // b changes, a leaves the file: kept without --prune, removed with it.
+    let only_b = site("b", "memory_max = \"256MiB\"");
+    let kept = outcome(&apply(only_b.clone(), &[]));
+    assert_eq!(names(&kept, "changed"), ["b"]);
+    assert!(names(&kept, "removed").is_empty());
+    let pruned = outcome(&apply(only_b.clone(), &["--prune"]));
+    assert_eq!(names(&pruned, "removed"), ["a"]);
+    node.eventually("the pruned site to go", || async {
+        get(node.addr, "a.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 404)
+    })
+    .await;
+
+    // Refused writes change nothing: one bad site among good ones, a typo, bad TOML.
+    let before = listed();
+    let bad = [
+        (
+            only_b.clone() + &site("c", "") + &site("d", "threads = 0"),
+            "site \"d\": threads",
+        ),
+        (
+            site("e", "proceses_max = 2"),
+            "unknown field `proceses_max`",
+        ),
+        (
+            site("f", "idle_timeout = \"soon\""),
+            "site \"f\": idle_timeout",
+        ),
+        (
+            only_b.clone() + &site("g", "").replace("g.test", "b.test"),
+            "host b.test already belongs to site \"b\"",
+        ),
+        ("[site.h\n".into(), "TOML parse error"),
+    ];
+    for (text, complaint) in bad {
+        let out = apply(text, &["--prune"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {complaint}");
+        assert!(err.contains(complaint), "{complaint:?} not in: {err}");
+        assert_eq!(listed(), before, "a refused apply changed the registry");
+    }
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_its_three_sites() {
     let dir = tempfile::tempdir().unwrap();

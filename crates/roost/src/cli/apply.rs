@@ -1,0 +1,124 @@
+//! `roost apply FILE`: makes the registry hold the sites of a site file (TOML), in one
+//! transaction, after every site validated: all of it or nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use roost_registry::{parse_site_file, Applied, FsChecks, SiteSpec, SqliteStore};
+
+use super::site::{fill_defaults, find_interpreter, looks_like_path, warn_conflicts};
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// The site file: one `[site.NAME]` table per site, with the keys of `site add`
+    /// (docs/configure.md). Relative paths in it are relative to its folder.
+    pub file: PathBuf,
+    /// Also remove the sites of the registry that the file does not name.
+    #[arg(long)]
+    pub prune: bool,
+    /// Say what would change, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read the site file {}", args.file.display()))?;
+    let specs = parse_site_file(&text).with_context(|| format!("in {}", args.file.display()))?;
+    let base = super::absolute(args.file.clone())?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let mut store = SqliteStore::open(registry)?;
+    // Every site is checked before anything is written; every problem is reported.
+    let mut sites = Vec::with_capacity(specs.len());
+    let mut problems = Vec::new();
+    for mut spec in specs {
+        let site = resolve_paths(&mut spec, &base)
+            .and_then(|()| fill_defaults(&mut spec, &base))
+            .and_then(|()| Ok(spec.validate_for(FsChecks::Full, min_uid)?))
+            .and_then(|mut site| {
+                store.attach_runtime(&spec, &mut site)?;
+                Ok(site)
+            });
+        match site {
+            Ok(site) => sites.push(site),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} of the site file's sites cannot be accepted; nothing was changed:\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
+    }
+    for site in &sites {
+        warn_conflicts(site);
+    }
+    let applied = store
+        .apply(&sites, args.prune, args.dry_run)
+        .context("nothing was changed")?;
+    if args.json {
+        let mut value = serde_json::to_value(&applied)?;
+        value["dry_run"] = args.dry_run.into();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", summary(&applied, args.dry_run));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Relative paths of a site file are relative to the file's folder; an interpreter
+/// named without a '/' is looked up on PATH, as `site add` does.
+fn resolve_paths(spec: &mut SiteSpec, base: &Path) -> anyhow::Result<()> {
+    let under_base = |p: &str| base.join(p).display().to_string();
+    if let Some(entry) = spec.entry.as_mut() {
+        if looks_like_path(entry) && !Path::new(entry).is_absolute() {
+            *entry = under_base(entry);
+        }
+    }
+    if let Some(dir) = spec.directory.as_mut() {
+        *dir = under_base(dir);
+    }
+    if let Some(python) = spec.interpreter.as_mut() {
+        *python = if python.contains('/') {
+            under_base(python)
+        } else {
+            find_interpreter(python)
+                .with_context(|| format!("site {:?}: interpreter", spec.name))?
+        };
+    }
+    Ok(())
+}
+
+fn summary(applied: &Applied, dry_run: bool) -> String {
+    let mut out = String::new();
+    let lines = [
+        ("added", &applied.added),
+        ("changed", &applied.changed),
+        ("removed", &applied.removed),
+        ("unchanged", &applied.unchanged),
+    ];
+    for (what, names) in lines {
+        if !names.is_empty() {
+            let verb = if dry_run {
+                format!("would be {what}")
+            } else {
+                what.to_owned()
+            };
+            out.push_str(&format!("{verb}: {}\n", names.join(", ")));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("the site file names no site, and nothing was pruned\n");
+    } else if !dry_run && (applied.added.len() + applied.changed.len() + applied.removed.len()) > 0
+    {
+        out.push_str("running nodes pick the changes up within a second\n");
+    }
+    out
+}
