@@ -304,13 +304,16 @@ pub async fn forward(
                     chunks.iter().flatten().copied().collect::<Vec<u8>>().into()
                 };
                 *response.body_mut() = ResponseBody::full(body);
-                // The slot goes back now, and this task steps aside: the pool hands the
-                // slot to the next queued request, which writes to the worker before this
-                // response is written to its client. A worker that finds its next request
-                // waiting goes on without sleeping (under load: ~10 % more requests a
-                // second, docs/benchmarks.md).
+                // The slot goes back now. When requests wait for one, this task steps
+                // aside: the pool hands the slot to the next, which writes to the worker
+                // before this response is written to its client, and a worker that finds
+                // its next request waiting goes on without sleeping (under load: ~10 %
+                // more requests a second, docs/benchmarks.md).
+                let hand_on = ex.pool.has_waiters();
                 drop(ex);
-                tokio::task::yield_now().await;
+                if hand_on {
+                    tokio::task::yield_now().await;
+                }
                 return Ok(response);
             }
             Ok(None) => break None,

@@ -92,7 +92,7 @@ struct Pool {
     site: Arc<Site>,
     ctx: PoolContext,
     /// Given to leases and worker tasks so they can report back.
-    tx: mpsc::UnboundedSender<PoolControl>,
+    handle: PoolHandle,
     workers: BTreeMap<WorkerId, WorkerEntry>,
     waiters: VecDeque<Reply>,
     failure: Option<Failure>,
@@ -113,13 +113,17 @@ struct Pool {
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
 pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let handle = PoolHandle {
+        tx: tx.clone(),
+        waiting: Default::default(),
+    };
     let span = tracing::info_span!("pool", site = %site.name);
     let template = new_template(&site, &ctx);
     let pool = Pool {
         entry_mtime: entry_mtime(&site),
         site,
         ctx,
-        tx: tx.clone(),
+        handle: handle.clone(),
         workers: BTreeMap::new(),
         waiters: VecDeque::new(),
         failure: None,
@@ -131,7 +135,7 @@ pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<
     };
     pool.ctx.budget.register(&pool.site.name, tx.clone());
     let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
-    (PoolHandle { tx }, task)
+    (handle, task)
 }
 
 impl Pool {
@@ -150,6 +154,9 @@ impl Pool {
                 },
                 _ = tick.tick(), if ticking => self.on_tick(),
             }
+            self.handle
+                .waiting
+                .store(self.waiters.len(), std::sync::atomic::Ordering::Relaxed);
             if self.draining && self.waiters.is_empty() {
                 let busy = self
                     .workers
@@ -285,7 +292,7 @@ impl Pool {
             worker,
             pid: self.workers.get(&worker).map_or(0, |w| w.pid),
             conn: Some(conn),
-            pool: self.tx.clone(),
+            pool: self.handle.clone(),
             gone: self
                 .workers
                 .get(&worker)
@@ -612,7 +619,7 @@ impl Pool {
             id,
             self.site.clone(),
             ctx,
-            self.tx.clone(),
+            self.handle.tx.clone(),
             PoolControl::Worker,
         );
         self.workers.insert(

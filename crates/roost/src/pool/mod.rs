@@ -8,6 +8,7 @@
 mod actor;
 mod budget;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,9 +64,16 @@ pub enum PoolControl {
 #[derive(Debug, Clone)]
 pub struct PoolHandle {
     tx: mpsc::UnboundedSender<PoolControl>,
+    /// Requests waiting in the pool's queue, as the actor last counted them.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl PoolHandle {
+    /// True when requests wait for a slot: one checked in now goes to them.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
     /// Waits for a slot, at most `queue_timeout`.
     pub async fn checkout(&self, site: &Site) -> Result<Lease, CheckoutError> {
         let (reply, rx) = oneshot::channel();
@@ -107,7 +115,7 @@ pub struct Lease {
     /// The worker's process id, for the access log.
     pub pid: u32,
     conn: Option<SlotConn>,
-    pool: mpsc::UnboundedSender<PoolControl>,
+    pool: PoolHandle,
     /// Cancelled when the worker's process is gone: a socket it handed to a child
     /// of its own may never close, so the exchange must not wait for end of file.
     pub gone: CancellationToken,
@@ -126,15 +134,13 @@ impl Lease {
     }
 
     pub fn pool(&self) -> PoolHandle {
-        PoolHandle {
-            tx: self.pool.clone(),
-        }
+        self.pool.clone()
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.pool.send(PoolControl::Checkin {
+        let _ = self.pool.tx.send(PoolControl::Checkin {
             worker: self.worker,
             conn: self.conn.take(),
         });
@@ -145,6 +151,9 @@ impl Drop for Lease {
 impl PoolHandle {
     /// A handle whose actor is the test holding `tx`'s receiver.
     pub fn detached(tx: mpsc::UnboundedSender<PoolControl>) -> PoolHandle {
-        PoolHandle { tx }
+        PoolHandle {
+            tx,
+            waiting: Default::default(),
+        }
     }
 }
