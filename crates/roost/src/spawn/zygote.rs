@@ -214,9 +214,17 @@ impl Spawn for ZygoteSpawner {
     }
 
     fn retain(&self, sites: &[&roost_registry::Site]) {
+        // Thousands of sites share a few interpreters: resolve each path once.
+        let mut resolved: HashMap<&std::path::Path, Option<ZygoteKey>> = HashMap::new();
         let wanted: std::collections::HashSet<ZygoteKey> = sites
             .iter()
-            .filter_map(|site| ZygoteKey::of(site).ok())
+            .filter_map(|site| match site.runtime {
+                Some(_) => ZygoteKey::of(site).ok(),
+                None => resolved
+                    .entry(site.python.as_path())
+                    .or_insert_with(|| ZygoteKey::of(site).ok())
+                    .clone(),
+            })
             .collect();
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
         zygotes.retain(|key, zygote| {
