@@ -29,6 +29,13 @@ pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<Exi
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read the site file {}", args.file.display()))?;
     let specs = parse_site_file(&text).with_context(|| format!("in {}", args.file.display()))?;
+    if specs.is_empty() && args.prune {
+        // Almost surely the wrong file; emptying a registry is `site rm`'s job.
+        bail!(
+            "{} names no site, and --prune would remove every site of the registry; nothing was changed",
+            args.file.display()
+        );
+    }
     let base = super::absolute(args.file.clone())?
         .parent()
         .map(Path::to_path_buf)

@@ -472,6 +472,7 @@ async fn apply_syncs_the_registry_with_a_site_file() {
             "host b.test already belongs to site \"b\"",
         ),
         ("[site.h\n".into(), "TOML parse error"),
+        ("# no site\n".into(), "--prune would remove every site"),
     ];
     for (text, complaint) in bad {
         let out = apply(text, &["--prune"]);
