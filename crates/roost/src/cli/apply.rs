@@ -12,7 +12,8 @@ use super::site::{fill_defaults, find_interpreter, looks_like_path, warn_conflic
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
     /// The site file: one `[site.NAME]` table per site, with the keys of `site add`
-    /// (docs/configure.md). Relative paths in it are relative to its folder.
+    /// (docs/configure.md). Relative paths in it are relative to its folder; `-` reads
+    /// standard input (relative paths then from the current folder).
     pub file: PathBuf,
     /// Also remove the sites of the registry that the file does not name.
     #[arg(long)]
@@ -26,8 +27,14 @@ pub struct ApplyArgs {
 }
 
 pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the site file {}", args.file.display()))?;
+    let stdin = args.file.as_os_str() == "-";
+    let text = if stdin {
+        std::io::read_to_string(std::io::stdin())
+            .context("cannot read the site file from standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read the site file {}", args.file.display()))?
+    };
     let specs = parse_site_file(&text).with_context(|| format!("in {}", args.file.display()))?;
     if specs.is_empty() && args.prune {
         // Almost surely the wrong file; emptying a registry is `site rm`'s job.
@@ -36,10 +43,14 @@ pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<Exi
             args.file.display()
         );
     }
-    let base = super::absolute(args.file.clone())?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
+    let base = if stdin {
+        super::current_dir()?
+    } else {
+        super::absolute(args.file.clone())?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"))
+    };
     let mut store = SqliteStore::open(registry)?;
     // Every site is checked before anything is written; every problem is reported.
     let mut sites = Vec::with_capacity(specs.len());

@@ -211,13 +211,16 @@ fn registry_path(given: Option<&str>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The current folder, as an absolute path without a trailing `.`.
+fn current_dir() -> anyhow::Result<PathBuf> {
+    std::env::current_dir().context("cannot read the current directory")
+}
+
 fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
     if path.is_absolute() {
         return Ok(path);
     }
-    Ok(std::env::current_dir()
-        .context("cannot read the current directory")?
-        .join(path))
+    Ok(current_dir()?.join(path))
 }
 
 fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()> {

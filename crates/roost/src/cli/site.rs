@@ -230,7 +230,7 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
     match command {
         SiteCommand::Add { name, flags } => {
             let mut spec = flags.to_spec(&name)?;
-            fill_defaults(&mut spec, &absolute(".".into())?)?;
+            fill_defaults(&mut spec, &super::current_dir()?)?;
             let mut site = spec.validate_for(FsChecks::Full, min_uid)?;
             store.attach_runtime(&spec, &mut site)?;
             warn_conflicts(&site);

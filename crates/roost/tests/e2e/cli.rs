@@ -452,6 +452,21 @@ async fn apply_syncs_the_registry_with_a_site_file() {
     })
     .await;
 
+    // From standard input, relative paths from the current folder.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", node.registry.display()))
+        .args(["apply", "-", "--json"])
+        .current_dir(node.dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), only_b.as_bytes()).unwrap();
+    let piped = outcome(&child.wait_with_output().unwrap());
+    assert_eq!(names(&piped, "unchanged"), ["b"]);
+
     // Refused writes change nothing: one bad site among good ones, a typo, bad TOML.
     let before = listed();
     let bad = [
