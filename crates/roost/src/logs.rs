@@ -190,7 +190,7 @@ fn write_access(rx: Receiver<AccessMessage>) {
             let lost = file.dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 let note = format!(
-                    "[{}] [roost] {lost} access log lines were dropped: the disk did not keep up\n",
+                    "[{}] [roost] {lost} access log lines were dropped: the access log fell behind (a slow disk?)\n",
                     clf_time(SystemTime::now())
                 );
                 let _ = append(&file.error_log).and_then(|mut f| f.write_all(note.as_bytes()));
@@ -386,6 +386,49 @@ mod tests {
             .ends_with("\" 503 - \"-\" \"curl \\\"8\\\"\\x09\u{fffd}\" 1234 -\n"));
     }
 
+    fn record(status: u16) -> AccessRecord {
+        AccessRecord {
+            peer: [10, 0, 0, 1].into(),
+            start: UNIX_EPOCH,
+            method: Method::POST,
+            target: Some(PathAndQuery::from_static("/x")),
+            version: "HTTP/1.1",
+            status,
+            bytes: 1,
+            referer: None,
+            user_agent: None,
+            duration: Duration::ZERO,
+            worker_pid: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_flood_loses_no_line_without_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let access_log = AccessLog::start().unwrap();
+        let logs = SiteLogs::open(dir.path(), "s", &access_log).unwrap();
+        // Far more than the queue holds, faster than one batch interval.
+        let sent = 10 * ACCESS_QUEUE;
+        for _ in 0..sent {
+            logs.access(record(200));
+        }
+        access_log.stop();
+        let read = |name| std::fs::read_to_string(dir.path().join("s").join(name)).unwrap();
+        let written = read("access.log").lines().count();
+        let errors = read("error.log");
+        let dropped: usize = errors
+            .split("] [roost] ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no drop count in the error log: {errors:?}"));
+        assert!(
+            dropped > 0 && written >= ACCESS_QUEUE,
+            "{written} written, {dropped} dropped"
+        );
+        assert_eq!(written + dropped, sent);
+    }
+
     #[test]
     fn lines_reach_each_sites_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -395,19 +438,7 @@ mod tests {
             .map(|name| SiteLogs::open(dir.path(), name, &access_log).unwrap())
             .collect();
         for (i, logs) in sites.iter().chain(sites.iter()).enumerate() {
-            logs.access(AccessRecord {
-                peer: [10, 0, 0, 1].into(),
-                start: UNIX_EPOCH,
-                method: Method::POST,
-                target: Some(PathAndQuery::from_static("/x")),
-                version: "HTTP/1.1",
-                status: 200 + i as u16,
-                bytes: 1,
-                referer: None,
-                user_agent: None,
-                duration: Duration::ZERO,
-                worker_pid: Some(1),
-            });
+            logs.access(record(200 + i as u16));
         }
         drop(sites);
         access_log.stop();
