@@ -405,7 +405,9 @@ impl SqliteStore {
                 applied.changed.push(site.name.clone());
             }
         }
-        if !dry_run {
+        // Rows rewritten as they were are not a change: no commit, so no node reloads.
+        let changes = applied.added.len() + applied.changed.len() + applied.removed.len();
+        if !dry_run && changes > 0 {
             tx.commit()?;
         }
         for names in [
@@ -628,6 +630,16 @@ mod tests {
         let loaded = store.load().unwrap().registry;
         assert_eq!(loaded.sites.len(), 4, "without prune, gone stays");
         assert_eq!(loaded.sites["new"].hosts[0].to_string(), "moving.test");
+        // data_version moves with other connections' commits: what a node watches.
+        let watcher = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let version = watcher.data_version().unwrap();
+        let same = store.apply(&file, false, false).unwrap();
+        assert_eq!(same.unchanged.len(), 3);
+        assert_eq!(
+            watcher.data_version().unwrap(),
+            version,
+            "an apply that changes nothing committed"
+        );
         let pruned = store.apply(&file, true, false).unwrap();
         assert_eq!(pruned.removed, ["gone"]);
         assert_eq!(pruned.unchanged, ["change", "keep", "new"]);
