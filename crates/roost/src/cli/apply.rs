@@ -120,7 +120,6 @@ fn summary(applied: &Applied, dry_run: bool) -> String {
         ("added", &applied.added),
         ("changed", &applied.changed),
         ("removed", &applied.removed),
-        ("unchanged", &applied.unchanged),
     ];
     for (what, names) in lines {
         if !names.is_empty() {
@@ -131,6 +130,12 @@ fn summary(applied: &Applied, dry_run: bool) -> String {
             };
             out.push_str(&format!("{verb}: {}\n", names.join(", ")));
         }
+    }
+    // The unchanged ones by count: a fleet's file names thousands (--json lists them).
+    match applied.unchanged.len() {
+        0 => {}
+        1 => out.push_str(&format!("unchanged: {}\n", applied.unchanged[0])),
+        n => out.push_str(&format!("unchanged: {n} sites\n")),
     }
     if out.is_empty() {
         out.push_str("the site file names no site, and nothing was pruned\n");

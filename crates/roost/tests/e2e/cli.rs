@@ -437,6 +437,8 @@ async fn apply_syncs_the_registry_with_a_site_file() {
     );
     let again = outcome(&apply(both, &[]));
     assert_eq!(names(&again, "unchanged"), ["a", "b"]);
+    let text = ok(&roost(&node.registry, &["apply", file.to_str().unwrap()]));
+    assert_eq!(text, "unchanged: 2 sites\n");
 
     // b changes, a leaves the file: kept without --prune, removed with it.
     let only_b = site("b", "memory_max = \"256MiB\"");
