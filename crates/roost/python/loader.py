@@ -37,6 +37,7 @@ FIRST_SLOT_FD = 3
 RECV_SIZE = 65536
 
 END_FRAME = FRAME.pack(RESPONSE_END, 0)
+REQUEST_END_FRAME = FRAME.pack(REQUEST_END, 0)
 ABORT_FRAME = FRAME.pack(RESPONSE_ABORT, 0)
 ERROR_BODY = b"Internal Server Error\n"
 
@@ -230,6 +231,15 @@ class SlotReader(object):
         self._buf = b""
         self._pos = 0
 
+    def end_follows(self):
+        """Takes a REQUEST_END already read, if it is next: a request without a body
+        usually comes in one read with it, and its end needs no frame parsing then."""
+        pos = self._pos
+        if self._buf[pos:pos + HEADER_LEN] == REQUEST_END_FRAME:
+            self._pos = pos + HEADER_LEN
+            return True
+        return False
+
     def read_frame(self):
         kind, length = FRAME.unpack(self._take(HEADER_LEN))
         limit = MAX_REQUEST_HEAD if kind == REQUEST_HEAD else MAX_CHUNK
@@ -409,10 +419,11 @@ class Worker(object):
             sock.close()
 
     def handle(self, sock, reader, payload):
-        parts = payload.decode("latin-1").split("\0")
-        environ = dict(zip(parts[0::2], parts[1::2]))
+        pairs = iter(payload.decode("latin-1").split("\0"))
+        environ = dict(zip(pairs, pairs))
         environ.update(self.base)
         body = Input(reader)
+        body.done = reader.end_follows()
         environ["wsgi.input"] = body
         ex = Exchange(sock, environ["REQUEST_METHOD"] == "HEAD")
         try:
