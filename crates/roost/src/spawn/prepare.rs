@@ -31,6 +31,17 @@ pub struct SpawnConfig {
     pub batch_workers: bool,
 }
 
+impl SpawnConfig {
+    /// The `sched` field of a zygote's SPAWN order (docs/protocol.md).
+    pub fn sched_policy(&self) -> &'static str {
+        if self.batch_workers {
+            "batch"
+        } else {
+            "normal"
+        }
+    }
+}
+
 /// The outcome of the checks: who the worker runs as, and its environment.
 pub struct Prepared {
     pub identity: Option<Identity>,

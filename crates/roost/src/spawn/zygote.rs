@@ -156,15 +156,7 @@ impl ZygoteSpawner {
             ("cgroups".into(), cgroup_fds.len().to_string()),
             ("slots".into(), child_ends.len().to_string()),
             ("nofile".into(), WORKER_NOFILE.to_string()),
-            (
-                "sched".into(),
-                (if self.config.batch_workers {
-                    "batch"
-                } else {
-                    "normal"
-                })
-                .into(),
-            ),
+            ("sched".into(), self.config.sched_policy().into()),
             ("kind".into(), kind.into()),
             ("target".into(), target),
             ("directory".into(), site.directory.display().to_string()),
