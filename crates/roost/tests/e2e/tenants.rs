@@ -358,11 +358,16 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The killed node could not remove its cgroups; the next node would sweep them.
+    // The killed node could not remove its cgroups (the next node would sweep them)
+    // nor unmount its favordynmods hierarchy, which would keep the temporary folder.
     for dir in site_cgroup_dirs(&cgroup_name, "orphan") {
         let _ = std::fs::remove_dir(&dir);
         let _ = std::fs::remove_dir(dir.parent().unwrap());
     }
+    let _ = nix::mount::umount2(
+        &dir.path().join("run/cgroup-favordynmods"),
+        nix::mount::MntFlags::MNT_DETACH,
+    );
 }
 
 #[test]
