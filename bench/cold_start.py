@@ -24,8 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    cold_starts, free_port, pids_with_cwd, require_root, timed_get, wait_port, workspace)
-from common import ROOST, ROOT  # noqa: E402
+    ROOST, ROOT, cold_starts, free_port, pids_with_cwd, require_build, require_root, timed_get,
+    wait_port, workspace)
 
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
 MODES = {
@@ -93,8 +93,7 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
-    if not os.path.exists(ROOST):
-        sys.exit("build first: cargo build --release")
+    require_build()
     work = workspace()
     report = {}
     try:

@@ -15,10 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    apache_conf, cold_starts, free_port, passenger_app, passenger_settings, pids_with_cwd,
-    print_cold_start_header, print_cold_starts, require_root, timed_get, wait_port,
-    workspace)
-from common import ROOT  # noqa: E402
+    ROOT, apache_conf, cold_starts, free_port, passenger_app, passenger_settings,
+    pids_with_cwd, print_cold_start_header, print_cold_starts, require_root, timed_get,
+    wait_port, workspace)
 
 VHOST = """<VirtualHost 127.0.0.1:{port}>
   ServerName {name}.bench

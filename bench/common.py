@@ -18,6 +18,11 @@ def require_root():
         sys.exit("run as root: the sites run as nobody")
 
 
+def require_build():
+    if not os.path.exists(ROOST):
+        sys.exit("build first: cargo build --release (or point ROOST_BIN at a roost binary)")
+
+
 def workspace():
     """A temporary folder every site user can traverse."""
     work = tempfile.mkdtemp()

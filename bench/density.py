@@ -17,8 +17,8 @@ import time
 import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, processes, pss_kib, require_root, workspace  # noqa: E402
-from common import ROOST, ROOT  # noqa: E402
+from common import (  # noqa: E402
+    ROOST, ROOT, free_port, processes, pss_kib, require_root, workspace)
 
 
 def memory(loader, node_pid):

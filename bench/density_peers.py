@@ -24,8 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
-from common import ROOT  # noqa: E402
+    ROOT, apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
 
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
 APACHE_SITE = """<VirtualHost 127.0.0.1:{port}>

@@ -21,8 +21,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, install_app, processes, require_root, workspace  # noqa: E402
-from common import ROOST  # noqa: E402
+from common import (  # noqa: E402
+    ROOST, free_port, install_app, processes, require_root, workspace)
 
 
 def main():

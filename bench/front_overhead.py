@@ -24,8 +24,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, install_app, require_root, timed_get, wait_port, workspace  # noqa: E402
-from common import ROOST, ROOT  # noqa: E402
+from common import (  # noqa: E402
+    ROOST, ROOT, free_port, install_app, require_root, timed_get, wait_port, workspace)
 
 DIRECT = os.path.join(ROOT, "target", "release", "examples", "direct_worker")
 LOADER = os.path.join(ROOT, "crates", "roost", "python", "loader.py")

@@ -25,9 +25,8 @@ import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    free_port, install_app, pids_with_cwd, pss_kib, require_root, timed_get, wait_port,
-    workspace)
-from common import ROOST  # noqa: E402
+    ROOST, free_port, install_app, pids_with_cwd, pss_kib, require_build, require_root,
+    timed_get, wait_port, workspace)
 
 MODES = {
     "zygote": ([], "false"),
@@ -100,8 +99,7 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
-    if not os.path.exists(ROOST):
-        sys.exit("build first: cargo build --release")
+    require_build()
     work = workspace()
     report = {}
     try:

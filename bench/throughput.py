@@ -29,8 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    apache_conf, free_port, passenger_app, passenger_settings, wait_port)
-from common import ROOST, ROOT  # noqa: E402
+    ROOST, ROOT, apache_conf, free_port, passenger_app, passenger_settings, wait_port)
 
 
 def roost(work, port, app, threads):

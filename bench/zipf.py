@@ -22,8 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    free_port, install_app, processes, pss_kib, require_root, wait_port, workspace)
-from common import ROOST  # noqa: E402
+    ROOST, free_port, install_app, processes, pss_kib, require_root, wait_port, workspace)
 
 
 def register(registry, app, sites):

@@ -67,8 +67,7 @@ impl Role {
 pub struct SpawnRequest<'a> {
     pub site: &'a Site,
     pub role: Role,
-    /// The site's error log, opened for append: the worker's stdout and stderr.
-    pub error_log: std::fs::File,
+    /// The site's logs; a new process's stdout and stderr are its error log.
     pub logs: &'a SiteLogs,
     pub cgroup: &'a SiteCgroup,
 }
@@ -91,6 +90,8 @@ pub enum SpawnError {
     UnsafeCode(#[source] OwnerError),
     #[error("cannot join the site's cgroup")]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("cannot open the site's error log")]
+    ErrorLog(#[source] std::io::Error),
     #[error("cannot prepare the site's private temporary folder {path}")]
     TmpDir {
         path: PathBuf,

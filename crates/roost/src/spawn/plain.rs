@@ -33,6 +33,10 @@ impl PlainSpawner {
         };
         let (node_ends, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
+        let error_log = request
+            .logs
+            .error_log_file()
+            .map_err(SpawnError::ErrorLog)?;
 
         // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
         // ahead of the runtime's packages.
@@ -51,8 +55,8 @@ impl PlainSpawner {
             .envs(prepared.env.iter().map(|(k, v)| (k, v)))
             .envs(site_venv_path(site))
             .stdin(Stdio::null())
-            .stdout(request.error_log.try_clone().map_err(exec_err)?)
-            .stderr(request.error_log);
+            .stdout(error_log.try_clone().map_err(exec_err)?)
+            .stderr(error_log);
         let plan = ChildPlan {
             cgroup_procs: request.cgroup.open_procs()?,
             slots: raw_fds(&child_ends),

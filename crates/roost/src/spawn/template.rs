@@ -46,13 +46,9 @@ impl SiteTemplate {
             let (spawner, site, logs, cgroup) =
                 (spawner.clone(), site.clone(), logs.clone(), cgroup.clone());
             Box::pin(async move {
-                let error_log = logs
-                    .error_log_file()
-                    .map_err(|e| format!("cannot open the site's error log: {e}"))?;
                 let request = SpawnRequest {
                     site: &site,
                     role: Role::Template,
-                    error_log,
                     logs: &logs,
                     cgroup: &cgroup,
                 };

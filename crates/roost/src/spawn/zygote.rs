@@ -180,7 +180,11 @@ impl ZygoteSpawner {
                 .push(k, v.as_bytes())
                 .map_err(|e| SpawnError::Fork(e.to_string()))?;
         }
-        let mut fds: Vec<OwnedFd> = vec![OwnedFd::from(request.error_log)];
+        let error_log = request
+            .logs
+            .error_log_file()
+            .map_err(SpawnError::ErrorLog)?;
+        let mut fds: Vec<OwnedFd> = vec![OwnedFd::from(error_log)];
         fds.extend(cgroup_fds);
         fds.extend(child_ends);
         let forked = server

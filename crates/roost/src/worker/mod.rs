@@ -57,8 +57,6 @@ impl WorkerHandle {
 /// Why a worker never became ready.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the site's error log")]
-    ErrorLog(#[source] std::io::Error),
     #[error(transparent)]
     Spawn(#[from] crate::spawn::SpawnError),
     #[error("the application failed to load (traceback in the error log)")]
@@ -131,21 +129,15 @@ async fn run(
     report: impl Fn(WorkerEvent),
 ) {
     let logs = &ctx.logs;
-    let spawned = match logs.error_log_file() {
-        Ok(error_log) => {
-            let request = SpawnRequest {
-                site: &site,
-                role: Role::Worker {
-                    slots: site.pool.threads,
-                },
-                error_log,
-                logs,
-                cgroup: &ctx.cgroup,
-            };
-            ctx.spawner.spawn(request).await.map_err(StartError::from)
-        }
-        Err(e) => Err(StartError::ErrorLog(e)),
+    let request = SpawnRequest {
+        site: &site,
+        role: Role::Worker {
+            slots: site.pool.threads,
+        },
+        logs,
+        cgroup: &ctx.cgroup,
     };
+    let spawned = ctx.spawner.spawn(request).await.map_err(StartError::from);
     let spawned = spawned.and_then(|s| {
         let slots = s
             .sockets
