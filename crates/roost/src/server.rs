@@ -18,7 +18,7 @@ use crate::logs::AccessLog;
 use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
-use crate::spawn::{favordynmods, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
+use crate::spawn::{favordynmods, ksm, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
 
 /// How workers are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,9 @@ pub struct NodeConfig {
     /// Workers (and templates) run under SCHED_BATCH: waking one does not preempt
     /// the node.
     pub batch_workers: bool,
+    /// Mark the memory of zygotes, templates and workers for the kernel's same-page
+    /// merging (spawn/ksm.rs).
+    pub ksm: bool,
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
     pub preload: Vec<String>,
@@ -84,6 +87,7 @@ impl NodeConfig {
             cgroup_name: "roost".to_owned(),
             favordynmods: true,
             batch_workers: true,
+            ksm: false,
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
             budget: BudgetLimits::default(),
@@ -106,6 +110,8 @@ pub enum ServerError {
     Watcher(#[source] std::io::Error),
     #[error("cannot start the access log thread")]
     AccessLog(#[source] std::io::Error),
+    #[error("{0}")]
+    Ksm(String),
 }
 
 /// Serves until `shutdown` turns true; returns once every worker has exited.
@@ -147,6 +153,9 @@ pub async fn run(
     let _favordynmods = (as_root && config.favordynmods && cgroups.any())
         .then(|| favor_dynmods(&config.run_dir))
         .flatten();
+    if config.ksm {
+        ksm::check().map_err(ServerError::Ksm)?;
+    }
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: config.run_dir.join("tmp"),
@@ -156,6 +165,7 @@ pub async fn run(
         preload: config.preload.clone(),
         zygote_spares: config.zygote_spares,
         batch_workers: config.batch_workers,
+        ksm: config.ksm,
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),

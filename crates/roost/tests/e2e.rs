@@ -10,6 +10,7 @@ mod e2e {
     pub mod hostile;
     pub mod http;
     pub mod interpreters;
+    pub mod ksm;
     pub mod limits;
     pub mod live;
     pub mod pep3333;

@@ -129,6 +129,13 @@ pub struct ServeArgs {
     /// docs/benchmarks.md); the node still preempts workers.
     #[arg(long)]
     pub no_batch_workers: bool,
+    /// Mark the memory of zygotes, templates and workers for the kernel's same-page
+    /// merging (KSM; Linux 6.7 or newer, and ksmd started by the operator): identical
+    /// pages of workers forked from one zygote are kept once. Costs ksmd's CPU time,
+    /// and lets a site time whether a page's content exists elsewhere on the machine
+    /// (see docs/security.md).
+    #[arg(long)]
+    pub ksm: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used
     /// least recently is stopped to make room. 0 is unlimited.
     #[arg(long, default_value_t = 0)]
@@ -253,6 +260,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.cgroups = !args.no_cgroups;
     config.favordynmods = !args.no_favordynmods;
     config.batch_workers = !args.no_batch_workers;
+    config.ksm = args.ksm;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
         max_workers: args.max_workers,

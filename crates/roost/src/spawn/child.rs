@@ -29,6 +29,8 @@ pub struct ChildPlan {
     pub workdir: CString,
     /// Run under SCHED_BATCH ([`super::SpawnConfig::batch_workers`]).
     pub batch: bool,
+    /// Mark its memory mergeable ([`super::SpawnConfig::ksm`]); forks inherit it.
+    pub ksm: bool,
 }
 
 impl ChildPlan {
@@ -46,6 +48,12 @@ impl ChildPlan {
         })?;
         if self.batch {
             step(b"set the scheduling policy\n", set_sched_batch)?;
+        }
+        if self.ksm {
+            step(
+                b"mark its memory mergeable (KSM)\n",
+                super::ksm::mark_mergeable,
+            )?;
         }
         step(b"setsid\n", || nix::unistd::setsid().map(drop))?;
         step(b"set the parent-death signal\n", || self.tie_to_parent())?;

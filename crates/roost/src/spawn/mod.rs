@@ -21,6 +21,7 @@ pub mod cgroup;
 mod child;
 pub mod favordynmods;
 mod forkserver;
+pub mod ksm;
 mod plain;
 mod prepare;
 mod process;

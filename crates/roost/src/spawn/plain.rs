@@ -68,6 +68,7 @@ impl PlainSpawner {
             workdir: CString::new(site.directory.as_os_str().as_bytes())
                 .map_err(|e| exec_err(std::io::Error::other(e)))?,
             batch: self.config.batch_workers,
+            ksm: self.config.ksm,
         };
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on descriptors and memory prepared by the

@@ -29,6 +29,9 @@ pub struct SpawnConfig {
     /// Workers run under SCHED_BATCH (the node keeps the normal policy): a worker
     /// woken by the node's write does not preempt the node.
     pub batch_workers: bool,
+    /// Zygotes (and so every process they fork) and plainly spawned workers have their
+    /// memory marked for the kernel's same-page merging (`ksm`).
+    pub ksm: bool,
 }
 
 impl SpawnConfig {

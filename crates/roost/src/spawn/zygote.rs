@@ -291,6 +291,7 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         workdir: CString::new("/").expect("no NUL in /"),
         // A zygote is on every cold start's path: it keeps the normal policy.
         batch: false,
+        ksm: config.ksm,
     };
     // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
     // memory and descriptors the parent keeps alive until `spawn` returns.
