@@ -86,10 +86,13 @@ def density(roost, peers, out):
     for ax, app in zip(axes, ("hello", "flask")):
         labels = ["roost, live", "roost, idle"]
         values = [roost[app][phase]["workers_pss_kib"] / 1024 / sites for phase in ("live", "idle")]
-        for peer in ("mod_wsgi", "uwsgi"):
+        if app + "-ksm" in roost:
+            labels.append("roost --ksm, live")
+            values.append(roost[app + "-ksm"]["live"]["workers_pss_kib"] / 1024 / sites)
+        for peer in ("mod_wsgi", "uwsgi", "uwsgi-ksm"):
             r = peers.get("%s %s" % (peer, app))
             if r:
-                labels.append("%s (never idle)" % peer)
+                labels.append("%s (never idle)" % peer.replace("-ksm", " ksm"))
                 values.append(r["sites_pss_kib"] / 1024 / sites)
         bars(ax, labels, values, values, values, "MiB (PSS) per site",
              "%s app: memory per site, %d sites" % (app, sites))

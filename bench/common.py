@@ -199,3 +199,60 @@ def print_cold_starts(name, milliseconds):
     ms = sorted(milliseconds)
     q = statistics.quantiles(ms, n=10)
     print("%-8s %8.2f %8.2f %8.2f %8.2f" % (name, statistics.median(ms), q[0], q[-1], ms[-1]))
+
+
+class Ksmd:
+    """The kernel's same-page merging daemon, running at `pages_to_scan` pages per
+    20 ms wake-up while in the `with` block; its settings are put back after."""
+    DIR = "/sys/kernel/mm/ksm"
+
+    def __init__(self, pages_to_scan):
+        self.settings = [("pages_to_scan", str(pages_to_scan)), ("sleep_millisecs", "20"),
+                         ("run", "1")]
+        self.saved = []
+
+    def __enter__(self):
+        for name, value in self.settings:
+            path = os.path.join(self.DIR, name)
+            with open(path) as f:
+                self.saved.append((path, f.read().strip()))
+            with open(path, "w") as f:
+                f.write(value)
+        return self
+
+    def __exit__(self, *_):
+        for path, value in reversed(self.saved):
+            with open(path, "w") as f:
+                f.write(value)
+
+    @staticmethod
+    def cpu_seconds():
+        """CPU time ksmd (a kernel thread) has used so far."""
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/%s/comm" % name) as f:
+                    if f.read().strip() != "ksmd":
+                        continue
+                with open("/proc/%s/stat" % name) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        sys.exit("no ksmd thread: this kernel has no KSM")
+
+
+    def full_scans(self):
+        with open(os.path.join(self.DIR, "full_scans")) as f:
+            return int(f.read())
+
+    def settle(self, passes=3, limit=1800.0):
+        """Waits until ksmd has scanned everything marked `passes` more times (a page
+        is merged once two passes found it unchanged); returns the seconds it took."""
+        start, target = time.time(), self.full_scans() + passes
+        while self.full_scans() < target:
+            if time.time() - start > limit:
+                sys.exit("ksmd did not finish %d passes in %.0f s" % (passes, limit))
+            time.sleep(0.5)
+        return time.time() - start

@@ -3,9 +3,15 @@
 they went idle. Reports the proportional set size (PSS, from /proc/<pid>/smaps_rollup)
 of the workers, of the zygotes that forked them, and of the node.
 
+With `--ksm PAGES`, each app is measured a second time on a node started with `--ksm`
+while the kernel's ksmd scans PAGES pages per 20 ms: the live figure is then taken
+after ksmd's third full pass over the marked memory (a page merges once two passes
+found it unchanged), and the report adds how long that took and the CPU time ksmd
+used, while settling and afterwards (the steady cost of keeping the sites merged).
+
 Run as root with a release build (and python3-flask for the Flask rows):
 
-  cargo build --release && python3 bench/density.py [--sites 50] [--json]
+  cargo build --release && python3 bench/density.py [--sites 50] [--ksm 1000] [--json]
 """
 import argparse
 import json
@@ -18,7 +24,7 @@ import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOST, ROOT, free_port, processes, pss_kib, require_root, workspace)
+    ROOST, ROOT, Ksmd, free_port, processes, pss_kib, require_root, workspace)
 
 
 def memory(loader, node_pid):
@@ -32,6 +38,22 @@ def memory(loader, node_pid):
     }
 
 
+def merged_memory(loader, node_pid, ksm):
+    """memory() once ksmd has merged what it will, with how long that took and what
+    ksmd cost: while settling, then over the next 20 s (its steady rescanning)."""
+    cpu = ksm.cpu_seconds()
+    took = ksm.settle()
+    settling_cpu = ksm.cpu_seconds() - cpu
+    cpu, start = ksm.cpu_seconds(), time.time()
+    time.sleep(20)
+    steady = (ksm.cpu_seconds() - cpu) / (time.time() - start)
+    m = memory(loader, node_pid)
+    m.update({"ksm_settings": dict(ksm.settings), "settle_s": round(took, 1),
+              "ksmd_cpu_settling_s": round(settling_cpu, 2),
+              "ksmd_cpu_steady_share": round(steady, 4)})
+    return m
+
+
 def get(port, host):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/", headers={"Host": host})
@@ -42,9 +64,12 @@ def get(port, host):
         raise RuntimeError("%s: %d" % (host, r.status))
 
 
-def measure(app, sites, preload, work):
-    reg = "sqlite:" + os.path.join(work, app + ".db")
-    apps = os.path.join(work, "apps-" + app)
+def measure(app, sites, preload, work, ksm=None):
+    """Memory of `sites` sites of `app`, live then idle; with `ksm` (a Ksmd), of a node
+    started with --ksm once merging has settled (the workers then stay live)."""
+    name = app + ("-ksm" if ksm else "")
+    reg = "sqlite:" + os.path.join(work, name + ".db")
+    apps = os.path.join(work, "apps-" + name)
     os.makedirs(apps)
     os.chmod(apps, 0o755)
     src = os.path.join(ROOT, "bench", "apps", {"hello": "hello.py", "flask": "flask_app.py"}[app])
@@ -55,13 +80,14 @@ def measure(app, sites, preload, work):
         shutil.copy(src, d)
         subprocess.run([ROOST, "--registry", reg, "site", "add", "s%d" % i, "--host",
                         "s%d.bench" % i, "--entry", os.path.join(d, os.path.basename(src)),
-                        "--user", "nobody", "--idle-timeout", "3s"], check=True,
+                        "--user", "nobody", "--idle-timeout", "60m" if ksm else "3s"], check=True,
                        stdout=subprocess.DEVNULL)
     port = free_port()
-    run = os.path.join(work, "run-" + app)
+    run = os.path.join(work, "run-" + name)
     node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
                              "--cgroup-name", "roost-bench-density", "--log-dir",
-                             os.path.join(work, "logs-" + app), "--run-dir", run] + preload,
+                             os.path.join(work, "logs-" + name), "--run-dir", run] + preload
+                            + (["--ksm"] if ksm else []),
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 20
@@ -76,6 +102,8 @@ def measure(app, sites, preload, work):
         for i in range(sites):
             get(port, "s%d.bench" % i)
         loader = os.path.join(run, "loader.py")
+        if ksm:
+            return {"live": merged_memory(loader, node.pid, ksm), "idle": None}
         live = memory(loader, node.pid)
         deadline = time.time() + 30
         while processes(loader)[0] and time.time() < deadline:
@@ -89,6 +117,8 @@ def measure(app, sites, preload, work):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=50)
+    parser.add_argument("--ksm", type=int, metavar="PAGES",
+                        help="measure again with --ksm, ksmd scanning PAGES pages per 20 ms")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
@@ -98,6 +128,11 @@ def main():
         for app, preload in (("hello", []), ("flask", ["--preload", "flask"])):
             print("measuring %s ..." % app, file=sys.stderr, flush=True)
             report[app] = measure(app, args.sites, preload, work)
+            if args.ksm:
+                print("measuring %s with --ksm (waiting for ksmd) ..." % app,
+                      file=sys.stderr, flush=True)
+                with Ksmd(args.ksm) as ksm:
+                    report[app + "-ksm"] = measure(app, args.sites, preload, work, ksm)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -107,7 +142,13 @@ def main():
     for app, r in report.items():
         for phase in ("live", "idle"):
             m = r[phase]
-            print("%-6s %-5s workers %3d  workers PSS %8.1f MiB (%.2f MiB/site)  zygote %6.1f MiB  node %6.1f MiB"
+            if m is None:
+                continue
+            if "settle_s" in m:
+                print("%-9s ksmd settled in %.0f s using %.1f s of CPU, then %.1f %% of a core"
+                      % (app, m["settle_s"], m["ksmd_cpu_settling_s"],
+                         100 * m["ksmd_cpu_steady_share"]))
+            print("%-9s %-5s workers %3d  workers PSS %8.1f MiB (%.2f MiB/site)  zygote %6.1f MiB  node %6.1f MiB"
                   % (app, phase, m["workers"], m["workers_pss_kib"] / 1024,
                      m["workers_pss_kib"] / 1024 / n, m["zygotes_pss_kib"] / 1024,
                      m["node_pss_kib"] / 1024))

@@ -7,11 +7,16 @@ once, as the peers host them (one resident process per site, held forever):
   uWSGI     an Emperor with one vassal per site (`processes = 1`, no master), each on
             its own HTTP socket
 
+With `--ksm PAGES`, uWSGI is measured again with its own `ksm` option (each vassal
+registers its memory with the kernel's same-page merging after every request) while
+ksmd scans PAGES pages per 20 ms, after ksmd's third full pass over the marked memory: the peer that can
+merge, beside `bench/density.py --ksm`.
+
 PSS (from /proc/<pid>/smaps_rollup) of the per-site processes (mod_wsgi's daemons,
 uWSGI's vassals), and of the server's own processes (Apache's, the Emperor). Sites run
 as nobody. Flask rows use the same Flask app as roost's (bench/apps/flask_app.py).
 
-  bench/install_peers.sh && python3 bench/density_peers.py [--sites 50] [--json]   # root
+  bench/install_peers.sh && python3 bench/density_peers.py [--sites 50] [--ksm 1000] [--json]
 """
 import argparse
 import http.client
@@ -24,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOT, apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
+    ROOT, Ksmd, apache_conf, free_port, pss_kib, require_root, wait_port, workspace)
 
 APPS = {"hello": "hello.py", "flask": "flask_app.py"}
 APACHE_SITE = """<VirtualHost 127.0.0.1:{port}>
@@ -135,7 +140,7 @@ def mod_wsgi(work, app, sites):
         server.wait(timeout=30)
 
 
-def uwsgi(work, app, sites):
+def uwsgi(work, app, sites, ksm=None):
     vassals = os.path.join(work, "vassals")
     os.makedirs(vassals)
     ports = []
@@ -144,7 +149,7 @@ def uwsgi(work, app, sites):
         port = free_port()
         ports.append(port)
         with open(os.path.join(vassals, "s%d.ini" % i), "w") as f:
-            f.write(VASSAL.format(port=port, app=path))
+            f.write(VASSAL.format(port=port, app=path) + ("ksm = 1\n" if ksm else ""))
     server = subprocess.Popen(["uwsgi", "--emperor", vassals, "--die-on-term",
                                "--disable-logging"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -153,7 +158,8 @@ def uwsgi(work, app, sites):
             visit(port, "s%d.bench" % i)
         time.sleep(1)
         vassal_pids = descendants(server.pid)
-        return {"site_processes": len(vassal_pids),
+        took = ksm.settle() if ksm else None
+        return {"site_processes": len(vassal_pids), "settle_s": took,
                 "sites_pss_kib": sum(pss_kib(p) for p in vassal_pids),
                 "server_pss_kib": pss_kib(server.pid)}
     finally:
@@ -161,14 +167,24 @@ def uwsgi(work, app, sites):
         server.wait(timeout=30)
 
 
+def uwsgi_merged(work, app, sites, pages):
+    with Ksmd(pages) as ksm:
+        return uwsgi(work, app, sites, ksm)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=50)
+    parser.add_argument("--ksm", type=int, metavar="PAGES",
+                        help="measure uWSGI again with its ksm option, ksmd scanning PAGES pages per 20 ms")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
     report = {}
-    for peer, measure in (("mod_wsgi", mod_wsgi), ("uwsgi", uwsgi)):
+    peers = [("mod_wsgi", mod_wsgi), ("uwsgi", uwsgi)]
+    if args.ksm:
+        peers.append(("uwsgi-ksm", lambda work, app, sites: uwsgi_merged(work, app, sites, args.ksm)))
+    for peer, measure in peers:
         for app in APPS:
             print("measuring %s, %s ..." % (peer, app), file=sys.stderr, flush=True)
             work = workspace()
