@@ -16,7 +16,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -66,7 +66,8 @@ impl AccessLog {
 
 /// One site's `access.log`, shared by its [`SiteLogs`] and the records in flight.
 struct AccessFile {
-    file: File,
+    /// Locked by the access log thread for each batch, and by [`SiteLogs::reopen`].
+    file: Mutex<File>,
     /// Records lost because the thread fell behind; reported in the error log.
     dropped: AtomicU64,
     error_log: PathBuf,
@@ -88,7 +89,7 @@ impl SiteLogs {
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
         let access_file = Arc::new(AccessFile {
-            file: append(&dir.join("access.log"))?,
+            file: Mutex::new(append(&dir.join("access.log"))?),
             dropped: AtomicU64::new(0),
             error_log: dir.join("error.log"),
             failing: AtomicBool::new(false),
@@ -116,6 +117,25 @@ impl SiteLogs {
                 }
             }
         }
+    }
+
+    /// Opens `access.log` anew, and creates `error.log` if it is gone, after log
+    /// rotation renamed them: later access lines go to the new file. Workers keep the
+    /// error log they were started with (the pool renews them). New files get the
+    /// folder's group, which [`SiteLogs::grant`] made the site's.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let gid = std::fs::metadata(&self.dir)?.gid();
+        let access = append(&self.dir.join("access.log"))?;
+        let error = append(&self.dir.join("error.log"))?;
+        for file in [&access, &error] {
+            std::os::unix::fs::fchown(file, None, Some(gid))?;
+        }
+        *self
+            .access_file
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = access;
+        Ok(())
     }
 
     /// The error log for a worker's stdout and stderr.
@@ -176,7 +196,11 @@ fn write_access(rx: Receiver<AccessMessage>) {
             record.write_line(lines, &mut clock);
         }
         for (file, lines) in batch.into_values() {
-            let written = (&file.file).write_all(&lines);
+            let written = file
+                .file
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_all(&lines);
             if file.failing.swap(written.is_err(), Ordering::Relaxed) != written.is_err() {
                 match written {
                     Err(e) => {

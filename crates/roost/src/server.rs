@@ -108,6 +108,8 @@ pub enum ServerError {
     },
     #[error("cannot start the registry watcher")]
     Watcher(#[source] std::io::Error),
+    #[error("cannot listen for SIGUSR1 (reopen the logs)")]
+    Signal(#[source] std::io::Error),
     #[error("cannot start the access log thread")]
     AccessLog(#[source] std::io::Error),
     #[error("{0}")]
@@ -183,6 +185,9 @@ pub async fn run(
     );
     let mut updates = registry_watch::spawn(config.registry.clone(), config.registry_poll)
         .map_err(ServerError::Watcher)?;
+    // SIGUSR1 reopens the logs, as it does for nginx and Apache (docs/operations.md).
+    let mut reopen = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .map_err(ServerError::Signal)?;
     if let Some(loaded) = updates.recv().await {
         apply(&mut sites, loaded);
     }
@@ -209,6 +214,7 @@ pub async fn run(
                     break;
                 }
             },
+            _ = reopen.recv() => sites.reopen_logs(),
             _ = crate::stopping(&mut shutdown) => break,
         }
     }

@@ -156,6 +156,20 @@ impl Sites {
         })
     }
 
+    /// After log rotation: every site's logs opened anew, and its workers (which hold
+    /// the old error log as their stderr) renewed gracefully, as Apache's graceful
+    /// restart does.
+    pub fn reopen_logs(&self) {
+        for live in self.live.values() {
+            if let Err(e) = live.route.logs.reopen() {
+                tracing::error!(site = %live.route.site.name, error = %e, "cannot reopen the site's logs; it keeps the old ones");
+                continue;
+            }
+            live.route.pool.renew("its logs were reopened");
+        }
+        tracing::info!(sites = self.live.len(), "logs reopened");
+    }
+
     /// Drains every site and waits for their workers to exit.
     pub async fn shutdown(mut self) {
         self.routes.store(Arc::new(RouteTable::default()));

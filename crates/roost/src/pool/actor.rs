@@ -208,6 +208,14 @@ impl Pool {
                 self.renew_template();
                 self.spawn_as_needed();
             }
+            PoolControl::Renew(reason) => {
+                if !self.workers.is_empty() || self.template.is_some() {
+                    tracing::info!(reason, "renewing the site's workers");
+                    self.retire_all(reason);
+                    self.renew_template();
+                    self.spawn_as_needed();
+                }
+            }
             PoolControl::Drain => {
                 tracing::info!(waiting = self.waiters.len(), "draining");
                 self.draining = true;

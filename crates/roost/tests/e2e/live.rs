@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use roost_registry::{FsChecks, SiteSpec};
 
-use crate::harness::{alive, get, Node};
+use crate::harness::{alive, get, pid_of, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_add_change_remove_without_a_failed_request_elsewhere() {
@@ -122,5 +122,72 @@ async fn live_add_change_remove_without_a_failed_request_elsewhere() {
     eprintln!("steady site: {ok} ok, {failed} failed during the changes");
     assert!(ok > 50, "the load did not run ({ok} requests)");
     assert_eq!(failed, 0);
+    node.stop().await;
+}
+
+/// Log rotation without copytruncate: the files are renamed, SIGUSR1 makes the node
+/// open new ones and renew the workers (which hold the old error log as stderr); every
+/// later line lands in the new files, none in the renamed ones.
+/// (The signal reaches the whole test process: nextest runs each test in its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_logs_and_renews_the_workers() {
+    use std::os::unix::fs::MetadataExt;
+
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("rot", &["rot.test"], &app)).await;
+    let before = pid_of(&get(node.addr, "rot.test", "/pid").await.unwrap());
+    assert_eq!(
+        get(node.addr, "rot.test", "/stderr").await.unwrap().status,
+        200
+    );
+    let dir = node.dir.path().join("logs/rot");
+    node.eventually("the first lines in both logs", || async {
+        node.log("rot", "error.log")
+            .contains("tester wrote to wsgi.errors")
+            && node.log("rot", "access.log").contains("GET /stderr ")
+    })
+    .await;
+    for name in ["access.log", "error.log"] {
+        std::fs::rename(dir.join(name), dir.join(format!("{name}.1"))).unwrap();
+    }
+
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR1).unwrap();
+    node.eventually("a renewed worker", || async {
+        get(node.addr, "rot.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200 && pid_of(&r) != before)
+    })
+    .await;
+    assert_eq!(
+        get(node.addr, "rot.test", "/stderr?after")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    node.eventually("the later lines in the new logs", || async {
+        node.log("rot", "error.log")
+            .contains("tester wrote to wsgi.errors")
+            && node.log("rot", "access.log").contains("GET /stderr?after ")
+    })
+    .await;
+    let old_access = std::fs::read_to_string(dir.join("access.log.1")).unwrap();
+    let old_error = std::fs::read_to_string(dir.join("error.log.1")).unwrap();
+    assert!(!old_access.contains("?after"), "{old_access}");
+    assert_eq!(
+        old_error.matches("tester wrote to wsgi.errors").count(),
+        1,
+        "{old_error}"
+    );
+    // The site's group may read the new files, as it could the old ones.
+    let folder_gid = std::fs::metadata(&dir).unwrap().gid();
+    for name in ["access.log", "error.log"] {
+        assert_eq!(
+            std::fs::metadata(dir.join(name)).unwrap().gid(),
+            folder_gid,
+            "{name}"
+        );
+    }
     node.stop().await;
 }
