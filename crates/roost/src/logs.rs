@@ -358,7 +358,7 @@ impl SiteLogs {
             dir: dir.to_owned(),
             access: tx,
             access_file: Arc::new(AccessFile {
-                file: File::open("/dev/null").expect("/dev/null opens"),
+                file: Mutex::new(File::open("/dev/null").expect("/dev/null opens")),
                 dropped: AtomicU64::new(0),
                 error_log: dir.join("error.log"),
                 failing: AtomicBool::new(false),
