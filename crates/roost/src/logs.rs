@@ -6,7 +6,8 @@
 //! lines and appends them to each site's file in batches (at most 20 ms behind). So
 //! neither formatting nor the disk is on a runtime thread, and the request path never
 //! waits: if the thread cannot keep up, records are dropped and counted, and the count
-//! lands in the site's error log.
+//! lands in the site's error log. Each site may fill only a share of the queue, so the
+//! one that floods it loses its own lines, not its neighbours'.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,7 +15,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -26,6 +27,10 @@ use http::{HeaderValue, Method};
 /// Access records queued for the access log thread, for all sites, before new ones are
 /// dropped.
 const ACCESS_QUEUE: usize = 16_384;
+/// Records one site may have in that queue: when the thread falls behind (a slow disk)
+/// or one site floods the node, the busiest site drops its own lines first and the
+/// others keep theirs.
+const ACCESS_SITE_SHARE: usize = ACCESS_QUEUE / 4;
 /// The thread sleeps this long after each batch: lines reach the files at most this
 /// late, and a busy node costs one write per site (and no wake-up of the thread) per
 /// batch instead of one per request. 16,384 records per 20 ms is 800,000 a second.
@@ -68,6 +73,8 @@ impl AccessLog {
 struct AccessFile {
     /// Locked by the access log thread for each batch, and by [`SiteLogs::reopen`].
     file: Mutex<File>,
+    /// Records of this site in the queue (at most [`ACCESS_SITE_SHARE`]).
+    queued: AtomicUsize,
     /// Records lost because the thread fell behind; reported in the error log.
     dropped: AtomicU64,
     error_log: PathBuf,
@@ -90,6 +97,7 @@ impl SiteLogs {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
         let access_file = Arc::new(AccessFile {
             file: Mutex::new(append(&dir.join("access.log"))?),
+            queued: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             error_log: dir.join("error.log"),
             failing: AtomicBool::new(false),
@@ -155,13 +163,23 @@ impl SiteLogs {
     }
 
     pub fn access(&self, record: AccessRecord) {
-        let message = AccessMessage::Record(self.access_file.clone(), record);
+        let file = &self.access_file;
+        if file.queued.fetch_add(1, Ordering::Relaxed) >= ACCESS_SITE_SHARE {
+            file.queued.fetch_sub(1, Ordering::Relaxed);
+            file.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let message = AccessMessage::Record(file.clone(), record);
         match self.access.try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.access_file.dropped.fetch_add(1, Ordering::Relaxed);
+                file.queued.fetch_sub(1, Ordering::Relaxed);
+                file.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Disconnected(_)) => {} // the node is stopping
+            // The node is stopping.
+            Err(TrySendError::Disconnected(_)) => {
+                file.queued.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -184,18 +202,24 @@ fn write_access(rx: Receiver<AccessMessage>) {
     while !stopping {
         let Ok(first) = rx.recv() else { break };
         // Keyed by the file's address: each site's lines together, in arrival order.
-        let mut batch: HashMap<*const AccessFile, (Arc<AccessFile>, Vec<u8>)> = HashMap::new();
+        let mut batch: HashMap<*const AccessFile, (Arc<AccessFile>, Vec<u8>, usize)> =
+            HashMap::new();
         for message in std::iter::once(first).chain(rx.try_iter()) {
             let AccessMessage::Record(file, record) = message else {
                 stopping = true;
                 break;
             };
-            let (_, lines) = batch
+            let (_, lines, taken) = batch
                 .entry(Arc::as_ptr(&file))
-                .or_insert_with(|| (file, Vec::with_capacity(16 << 10)));
+                .or_insert_with(|| (file, Vec::with_capacity(16 << 10), 0));
             record.write_line(lines, &mut clock);
+            *taken += 1;
         }
-        for (file, lines) in batch.into_values() {
+        // Out of the queue now: each site's share is free for what comes next.
+        for (file, _, taken) in batch.values() {
+            file.queued.fetch_sub(*taken, Ordering::Relaxed);
+        }
+        for (file, lines, _) in batch.into_values() {
             let written = file
                 .file
                 .lock()
@@ -359,6 +383,7 @@ impl SiteLogs {
             access: tx,
             access_file: Arc::new(AccessFile {
                 file: Mutex::new(File::open("/dev/null").expect("/dev/null opens")),
+                queued: AtomicUsize::new(0),
                 dropped: AtomicU64::new(0),
                 error_log: dir.join("error.log"),
                 failing: AtomicBool::new(false),
@@ -439,19 +464,54 @@ mod tests {
         access_log.stop();
         let read = |name| std::fs::read_to_string(dir.path().join("s").join(name)).unwrap();
         let written = read("access.log").lines().count();
-        let errors = read("error.log");
-        // One note per batch that had drops: "[time] [roost] N access log lines were dropped…"
-        let dropped: usize = errors
+        let dropped = dropped_lines(&read("error.log"));
+        assert!(
+            dropped > 0 && written >= ACCESS_SITE_SHARE,
+            "{written} written, {dropped} dropped"
+        );
+        assert_eq!(written + dropped, sent);
+    }
+
+    /// The lines a site's error log says were dropped, from its one note per batch
+    /// that had drops: "[time] [roost] N access log lines were dropped…".
+    fn dropped_lines(errors: &str) -> usize {
+        errors
             .lines()
             .filter_map(|l| l.split("] [roost] ").nth(1))
             .filter_map(|rest| rest.split(' ').next())
             .map(|n| n.parse::<usize>().expect("a count"))
-            .sum();
-        assert!(
-            dropped > 0 && written >= ACCESS_QUEUE,
-            "{written} written, {dropped} dropped"
-        );
-        assert_eq!(written + dropped, sent);
+            .sum()
+    }
+
+    #[test]
+    fn a_flooding_site_leaves_room_for_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let access_log = AccessLog::start().unwrap();
+        let flood = SiteLogs::open(dir.path(), "flood", &access_log).unwrap();
+        let calm = SiteLogs::open(dir.path(), "calm", &access_log).unwrap();
+        // Hold the flooding site's file, as a stalled disk would: the thread blocks on
+        // its first batch and everything after piles up in the queue.
+        let stalled = flood.access_file.file.lock().unwrap();
+        flood.access(record(200));
+        std::thread::sleep(Duration::from_millis(100));
+        let sent = 2 * ACCESS_QUEUE;
+        for _ in 0..sent {
+            flood.access(record(200));
+        }
+        for _ in 0..100 {
+            calm.access(record(201));
+        }
+        drop(stalled);
+        access_log.stop();
+        let read = |site: &str, name: &str| {
+            std::fs::read_to_string(dir.path().join(site).join(name)).unwrap_or_default()
+        };
+        assert_eq!(read("calm", "access.log").lines().count(), 100);
+        assert_eq!(dropped_lines(&read("calm", "error.log")), 0);
+        let written = read("flood", "access.log").lines().count();
+        let dropped = dropped_lines(&read("flood", "error.log"));
+        assert!(written <= 1 + ACCESS_SITE_SHARE, "{written} written");
+        assert_eq!(written + dropped, 1 + sent);
     }
 
     #[test]
