@@ -94,7 +94,7 @@ pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<Exi
 /// Relative paths of a site file are relative to the file's folder; an interpreter
 /// named without a '/' is looked up on PATH, as `site add` does.
 fn resolve_paths(spec: &mut SiteSpec, base: &Path) -> anyhow::Result<()> {
-    let under_base = |p: &str| base.join(p).display().to_string();
+    let under_base = |p: &str| super::under(base, Path::new(p)).display().to_string();
     if let Some(entry) = spec.entry.as_mut() {
         if looks_like_path(entry) && !Path::new(entry).is_absolute() {
             *entry = under_base(entry);

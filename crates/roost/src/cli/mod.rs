@@ -9,7 +9,7 @@ mod runtime;
 mod site;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -223,11 +223,15 @@ fn current_dir() -> anyhow::Result<PathBuf> {
     std::env::current_dir().context("cannot read the current directory")
 }
 
+/// `path` from the current folder, without `.` components (`./app.wsgi` is stored as
+/// `/srv/site/app.wsgi`). `..` stays: through a symbolic link it is not the parent.
 fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
-    if path.is_absolute() {
-        return Ok(path);
-    }
-    Ok(current_dir()?.join(path))
+    Ok(under(&current_dir()?, &path))
+}
+
+/// `path` from `base` (unless it is absolute), without `.` components.
+fn under(base: &Path, path: &Path) -> PathBuf {
+    base.join(path).components().collect()
 }
 
 fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()> {
@@ -328,5 +332,23 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn paths_are_stored_without_dot_components() {
+        let under = |base: &str, path: &str| super::under(Path::new(base), Path::new(path));
+        assert_eq!(
+            under("/srv/a", "./app.wsgi"),
+            PathBuf::from("/srv/a/app.wsgi")
+        );
+        assert_eq!(under("/srv/a", "x/./y/."), PathBuf::from("/srv/a/x/y"));
+        assert_eq!(under("/srv/a", "/abs/./p"), PathBuf::from("/abs/p"));
+        // `..` through a symbolic link is not the parent: kept as written.
+        assert_eq!(under("/srv/a", "../b"), PathBuf::from("/srv/a/../b"));
     }
 }
