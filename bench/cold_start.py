@@ -6,6 +6,7 @@ worker, for a hello app and a Flask app, under each way roost starts workers:
   zygote   forked from the stdlib-preloaded zygote (the default)
   preload  forked from a zygote that preloaded flask (--preload flask)
   *-nocg   the same with --no-cgroups, to show what joining the cgroups costs
+  *-ksm    the same with --ksm (same-page merging; start ksmd to see its effect)
 
 Each cold start waits until the site's previous worker has exited (idle_timeout
 100ms), then times one request over a fresh connection. Run as root (sites run as
@@ -41,6 +42,10 @@ MODES = {
     "nospare": ["--spawn", "zygote", "--zygote-spares", "0"],
     # Workers under the normal scheduling policy instead of SCHED_BATCH.
     "nobatch": ["--spawn", "zygote", "--no-batch-workers"],
+    # Zygotes and workers marked for same-page merging (start ksmd first to see its
+    # effect: echo 1 > /sys/kernel/mm/ksm/run).
+    "ksm": ["--spawn", "zygote", "--ksm"],
+    "preload-ksm": ["--spawn", "zygote", "--preload", "flask", "--ksm"],
 }
 
 
