@@ -832,16 +832,19 @@ WARM_UP_APP = "warm_up.py"
 
 
 def warm_up():
-    """In a spare, before its order: one practice load of a tiny app and one practice
-    request through the code every new worker runs first. A forked child pays a
-    copy-on-write fault for each page it first writes to (reference counts); paid here,
-    they are off the cold start (docs/benchmarks.md). Nothing of it stays: the module is
-    not registered, the sockets are closed."""
+    """In the zygote once, then in each spare before its order: one practice load of a
+    tiny app (a Flask one where Flask is preloaded: warm_up.py) and one practice request
+    through the code every new worker runs first. A forked child pays a copy-on-write
+    fault for each page it first writes to (reference counts); paid here, they are off
+    the cold start (docs/benchmarks.md). Nothing of it stays: the module is not
+    registered, the sockets are closed. Returns what it practised on ("plain",
+    "flask"), or "none" without the practice app."""
     import socket
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), WARM_UP_APP)
     if not os.path.exists(path):
-        return
-    app = exec_file("_roost_warm_up", path, register=False).application
+        return "none"
+    practice = exec_file("_roost_warm_up", path, register=False)
+    app = practice.application
     ours, theirs = socket.socketpair()
     try:
         ours.sendall(frame(REQUEST_END))
@@ -854,6 +857,7 @@ def warm_up():
     finally:
         ours.close()
         theirs.close()
+    return practice.KIND
 
 
 # How long the zygote waits after a spawn, for quiet, before it forks new spares.
@@ -948,6 +952,13 @@ def zygote_main(preload_extra, spare_count=0):
     if failed:
         log("zygote could not preload: %s" % ", ".join(failed))
     libc()
+    # Once here, so that what a framework sets up on its first request (and the modules
+    # it imports then) is shared by every child instead of redone in each.
+    try:
+        practised = warm_up()
+    except Exception as exc:
+        practised = "failed"
+        log("zygote warm-up failed (the zygote still serves): %r" % exc)
     # Move everything preloaded out of the collector's reach: a collection in a child
     # would touch (and so copy) every page the zygote shares with it.
     import gc
@@ -956,7 +967,7 @@ def zygote_main(preload_extra, spare_count=0):
     me = os.getpid()
     ctl.send(bytes([Z_READY]) + pairs_encode([
         ("pid", me), ("preload_us", int((time.perf_counter() - started) * 1e6)),
-        ("python", sys.version.split()[0])]))
+        ("python", sys.version.split()[0]), ("warm_up", practised)]))
 
     reap_children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)

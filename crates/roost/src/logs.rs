@@ -110,19 +110,26 @@ impl SiteLogs {
     }
 
     /// Lets the site's group read its logs: the folder and files stay owned by the
-    /// node (a tenant cannot swap them for links) with the site's gid as group.
+    /// node (a tenant cannot swap them for links) with the site's gid as group. A log
+    /// file not written yet (the error log before the first spawn) is created now, so
+    /// it has that group from the start.
     pub fn grant(&self, gid: u32) {
-        let paths = [
+        let give = |path: &Path| -> std::io::Result<()> {
+            if path != self.dir {
+                return append_with_group(path, gid).map(drop);
+            }
+            if std::fs::symlink_metadata(path)?.gid() != gid {
+                std::os::unix::fs::lchown(path, None, Some(gid))?;
+            }
+            Ok(())
+        };
+        for path in [
             self.dir.clone(),
             self.dir.join("access.log"),
             self.dir.join("error.log"),
-        ];
-        for path in paths {
-            let same = std::fs::symlink_metadata(&path).is_ok_and(|m| m.gid() == gid);
-            if !same {
-                if let Err(e) = std::os::unix::fs::lchown(&path, None, Some(gid)) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
-                }
+        ] {
+            if let Err(e) = give(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
             }
         }
     }
@@ -133,11 +140,8 @@ impl SiteLogs {
     /// folder's group, which [`SiteLogs::grant`] made the site's.
     pub fn reopen(&self) -> std::io::Result<()> {
         let gid = std::fs::metadata(&self.dir)?.gid();
-        let access = append(&self.dir.join("access.log"))?;
-        let error = append(&self.dir.join("error.log"))?;
-        for file in [&access, &error] {
-            std::os::unix::fs::fchown(file, None, Some(gid))?;
-        }
+        let access = append_with_group(&self.dir.join("access.log"), gid)?;
+        append_with_group(&self.dir.join("error.log"), gid)?;
         *self
             .access_file
             .file
@@ -192,6 +196,15 @@ fn append(path: &Path) -> std::io::Result<File> {
         .mode(0o640)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// [`append`], then the file's group set to `gid` if it is not already.
+fn append_with_group(path: &Path, gid: u32) -> std::io::Result<File> {
+    let file = append(path)?;
+    if file.metadata()?.gid() != gid {
+        std::os::unix::fs::fchown(&file, None, Some(gid))?;
+    }
+    Ok(file)
 }
 
 /// The access log thread: waits for a record, takes every record queued, appends each

@@ -315,6 +315,7 @@ fn log_ready(fields: &ReadyFields) {
         version = get("python"),
         pid = get("pid"),
         preload_ms = get("preload_us").parse::<f64>().map_or(-1.0, |us| us / 1e3),
+        warm_up = get("warm_up"),
         "zygote ready"
     );
 }

@@ -150,3 +150,45 @@ async fn a_zygote_no_site_needs_any_more_goes_away() {
     .await;
     node.stop().await;
 }
+
+/// A zygote that preloads Flask practises on a Flask app before it forks (loader.py,
+/// warm_up; python/warm_up.py), so a Flask site's first request finds Flask's set-up
+/// done; one without Flask practises on a plain WSGI app. Then a Flask site is served
+/// by workers forked from that zygote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_preloading_flask_practises_on_flask() {
+    let has_flask = std::process::Command::new(crate::harness::python())
+        .args(["-c", "import flask"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_flask,
+        "this test needs Flask for {} (apt-get install python3-flask, or pip install flask; CI installs it)",
+        crate::harness::python()
+    );
+    let practised = |imports: &str| {
+        let script = format!(
+            "import sys; sys.path.insert(0, {:?}); {imports}import loader; print(loader.warm_up())",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/python")
+        );
+        let out = std::process::Command::new(crate::harness::python())
+            .args(["-c", &script])
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(practised("import flask; "), "flask");
+    assert_eq!(practised(""), "plain");
+
+    let node = Node::start_with(|c| c.preload = vec!["flask".into()]).await;
+    let app = node.app("flask_app.py");
+    node.add(node.spec("f", &["f.test"], &app)).await;
+    let r = get(node.addr, "f.test", "/").await.unwrap();
+    assert_eq!((r.status, r.text()), (200, "hello from flask\n".to_owned()));
+    node.stop().await;
+}
