@@ -151,27 +151,59 @@ async fn a_zygote_no_site_needs_any_more_goes_away() {
     node.stop().await;
 }
 
+/// Whether `python` can import Flask.
+fn imports_flask(python: &std::path::Path) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import flask"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A python that can import Flask: the tests' own (CI installs python3-flask), else a
+/// virtualenv of it with Flask from PyPI, made once under the target folder, so the
+/// suite needs nothing installed by hand.
+fn python_with_flask() -> std::path::PathBuf {
+    let own = std::path::PathBuf::from(crate::harness::python());
+    if imports_flask(&own) {
+        return own;
+    }
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("flask-venv");
+    let venv_python = venv.join("bin/python3");
+    if !imports_flask(&venv_python) {
+        let run = |program: &std::path::Path, args: &[&str]| {
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+            assert!(
+                out.status.success(),
+                "{} {args:?} failed (Flask for this test comes from PyPI when {} lacks it; \
+                 or install python3-flask): {}",
+                program.display(),
+                own.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&own, &["-m", "venv", "--clear", venv.to_str().unwrap()]);
+        run(&venv.join("bin/pip"), &["install", "--quiet", "flask"]);
+    }
+    venv_python
+}
+
 /// A zygote that preloads Flask practises on a Flask app before it forks (loader.py,
 /// warm_up; python/warm_up.py), so a Flask site's first request finds Flask's set-up
 /// done; one without Flask practises on a plain WSGI app. Then a Flask site is served
 /// by workers forked from that zygote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zygote_preloading_flask_practises_on_flask() {
-    let has_flask = std::process::Command::new(crate::harness::python())
-        .args(["-c", "import flask"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has_flask,
-        "this test needs Flask for {} (apt-get install python3-flask, or pip install flask; CI installs it)",
-        crate::harness::python()
-    );
+    let python = python_with_flask();
     let practised = |imports: &str| {
         let script = format!(
             "import sys; sys.path.insert(0, {:?}); {imports}import loader; print(loader.warm_up())",
             concat!(env!("CARGO_MANIFEST_DIR"), "/python")
         );
-        let out = std::process::Command::new(crate::harness::python())
+        let out = std::process::Command::new(&python)
             .args(["-c", &script])
             .output()
             .expect("run python");
@@ -187,7 +219,9 @@ async fn a_zygote_preloading_flask_practises_on_flask() {
 
     let node = Node::start_with(|c| c.preload = vec!["flask".into()]).await;
     let app = node.app("flask_app.py");
-    node.add(node.spec("f", &["f.test"], &app)).await;
+    let mut spec = node.spec("f", &["f.test"], &app);
+    spec.interpreter = Some(python.display().to_string());
+    node.add(spec).await;
     let r = get(node.addr, "f.test", "/").await.unwrap();
     assert_eq!((r.status, r.text()), (200, "hello from flask\n".to_owned()));
     node.stop().await;
