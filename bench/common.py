@@ -242,7 +242,6 @@ class Ksmd:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         sys.exit("no ksmd thread: this kernel has no KSM")
 
-
     def full_scans(self):
         with open(os.path.join(self.DIR, "full_scans")) as f:
             return int(f.read())
