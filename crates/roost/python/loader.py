@@ -847,7 +847,7 @@ def warm_up():
     app = practice.application
     ours, theirs = socket.socketpair()
     try:
-        ours.sendall(frame(REQUEST_END))
+        ours.sendall(REQUEST_END_FRAME)
         head = "\0".join(("REQUEST_METHOD", "GET", "PATH_INFO", "/", "QUERY_STRING", "",
                           "SERVER_PROTOCOL", "HTTP/1.1", "wsgi.url_scheme", "http"))
         Worker(app, base_environ(1)).handle(theirs, SlotReader(theirs), head.encode("latin-1"))

@@ -204,16 +204,12 @@ impl Pool {
                 self.site = site;
                 self.failure = None;
                 self.entry_mtime = entry_mtime(&self.site);
-                self.retire_all("the site changed");
-                self.renew_template();
-                self.spawn_as_needed();
+                self.renew("the site changed");
             }
             PoolControl::Renew(reason) => {
                 if !self.workers.is_empty() || self.template.is_some() {
                     tracing::info!(reason, "renewing the site's workers");
-                    self.retire_all(reason);
-                    self.renew_template();
-                    self.spawn_as_needed();
+                    self.renew(reason);
                 }
             }
             PoolControl::Drain => {
@@ -509,8 +505,7 @@ impl Pool {
                 .logs
                 .error("entry file changed: reloading the application");
             self.entry_mtime = entry_mtime(&self.site);
-            self.retire_all("its entry file changed");
-            self.renew_template();
+            self.renew("its entry file changed");
         }
         let now = Instant::now();
         let idle_timeout = self.site.pool.idle_timeout;
@@ -664,6 +659,14 @@ impl Pool {
         if self.active_workers() == 0 {
             self.retire_template();
         }
+    }
+
+    /// Every worker retired gracefully and the template replaced, so the next workers
+    /// start afresh (new code, new settings, new log files); processes.min refilled.
+    fn renew(&mut self, why: &str) {
+        self.retire_all(why);
+        self.renew_template();
+        self.spawn_as_needed();
     }
 
     fn retire_all(&mut self, why: &str) {

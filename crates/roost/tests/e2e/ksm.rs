@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use roost::server::SpawnMode;
 
-use crate::harness::{get, is_root, parent_of, pid_of, Node};
+use crate::harness::{is_root, parent_of, Node};
 
 /// What /proc/<pid>/ksm_stat says of a process.
 struct KsmStat {
@@ -29,10 +29,6 @@ fn ksm_stat(pid: u32) -> KsmStat {
     }
 }
 
-async fn pid(node: &Node, host: &str, path: &str) -> u32 {
-    pid_of(&get(node.addr, host, path).await.expect("request"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ksm_marks_zygotes_templates_and_workers_and_nothing_else() {
     let node = Node::start_with(|c| c.ksm = true).await;
@@ -42,10 +38,10 @@ async fn ksm_marks_zygotes_templates_and_workers_and_nothing_else() {
     spec.preload = Some(true);
     node.add(spec).await;
 
-    let worker = pid(&node, "plain.test", "/pid").await;
+    let worker = node.pid("plain.test", "/pid").await;
     let zygote = parent_of(worker);
-    let template = pid(&node, "pre.test", "/imported-by").await;
-    let forked = pid(&node, "pre.test", "/pid").await;
+    let template = node.pid("pre.test", "/imported-by").await;
+    let forked = node.pid("pre.test", "/pid").await;
     assert_eq!(
         parent_of(forked),
         template,
@@ -75,7 +71,7 @@ async fn ksm_marks_zygotes_templates_and_workers_and_nothing_else() {
     .await;
     let app = node.app("tester.py");
     node.add(node.spec("plain", &["plain.test"], &app)).await;
-    let worker = pid(&node, "plain.test", "/pid").await;
+    let worker = node.pid("plain.test", "/pid").await;
     assert!(
         ksm_stat(worker).merge_any,
         "a plainly spawned worker is not mergeable"
@@ -85,7 +81,7 @@ async fn ksm_marks_zygotes_templates_and_workers_and_nothing_else() {
     let node = Node::start().await;
     let app = node.app("tester.py");
     node.add(node.spec("off", &["off.test"], &app)).await;
-    let worker = pid(&node, "off.test", "/pid").await;
+    let worker = node.pid("off.test", "/pid").await;
     assert!(
         !ksm_stat(worker).merge_any,
         "without --ksm a worker is mergeable"
@@ -144,7 +140,7 @@ async fn ksmd_merges_pages_that_workers_of_different_sites_share() {
     for i in 0..4 {
         let host = format!("s{i}.test");
         node.add(node.spec(&format!("s{i}"), &[&host], &app)).await;
-        workers.push(pid(&node, &host, "/pid").await);
+        workers.push(node.pid(&host, "/pid").await);
     }
     let merged = || {
         workers

@@ -8,12 +8,6 @@ use roost_registry::FsChecks;
 
 use crate::harness::{alive, comm, get, parent_of, pid_of, sched_policy, Node};
 
-/// The pid a tester endpoint answers (`/pid`: the worker; `/imported-by`: whoever
-/// imported the app).
-async fn pid(node: &Node, host: &str, path: &str) -> u32 {
-    pid_of(&get(node.addr, host, path).await.expect("request"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
     let node = Node::start().await;
@@ -24,8 +18,8 @@ async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
     spec.idle_timeout = Some(Duration::from_secs(1));
     node.add(spec).await;
 
-    let worker = pid(&node, "t.test", "/pid").await;
-    let template = pid(&node, "t.test", "/imported-by").await;
+    let worker = node.pid("t.test", "/pid").await;
+    let template = node.pid("t.test", "/imported-by").await;
     assert_ne!(worker, template, "the worker imported the app itself");
     assert_eq!(
         parent_of(worker),
@@ -55,7 +49,7 @@ async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
     let addr = node.addr;
     let busy = tokio::spawn(async move { get(addr, "t.test", "/sleep?s=1.5").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = pid(&node, "t.test", "/pid").await;
+    let second = node.pid("t.test", "/pid").await;
     assert_ne!(second, worker, "no second worker was started");
     assert_eq!(parent_of(second), template);
     assert_eq!(busy.await.unwrap().unwrap().status, 200);
@@ -65,7 +59,7 @@ async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
         !alive(template) && !alive(worker) && !alive(second)
     })
     .await;
-    let next = pid(&node, "t.test", "/imported-by").await;
+    let next = node.pid("t.test", "/imported-by").await;
     assert_ne!(
         next, template,
         "the next request did not start a new template"
@@ -81,7 +75,7 @@ async fn a_touched_entry_file_or_a_changed_site_replaces_the_template() {
     spec.preload = Some(true);
     spec.processes_max = Some(1);
     let site = node.add(spec.clone()).await;
-    let first = pid(&node, "r.test", "/imported-by").await;
+    let first = node.pid("r.test", "/imported-by").await;
 
     // Touching the entry file reloads the app: a new template imports it.
     let later = SystemTime::now() + Duration::from_secs(5);
@@ -179,8 +173,8 @@ async fn a_plainly_spawned_template_forks_the_workers_too() {
     let mut spec = node.spec("p", &["p.test"], &app);
     spec.preload = Some(true);
     node.add(spec).await;
-    let worker = pid(&node, "p.test", "/pid").await;
-    let template = pid(&node, "p.test", "/imported-by").await;
+    let worker = node.pid("p.test", "/pid").await;
+    let template = node.pid("p.test", "/imported-by").await;
     assert_ne!(worker, template, "the worker imported the app itself");
     assert_eq!(parent_of(worker), template);
     assert_eq!(
@@ -204,14 +198,14 @@ async fn recycled_and_threaded_workers_fork_from_the_same_template() {
     spec.threads = Some(2);
     spec.max_requests = Some(3);
     node.add(spec).await;
-    let template = pid(&node, "cycle.test", "/imported-by").await;
+    let template = node.pid("cycle.test", "/imported-by").await;
     let mut workers = std::collections::BTreeSet::new();
     for _ in 0..3 {
         // The probe and the line above count: the worker is recycled by this loop.
-        let worker = pid(&node, "cycle.test", "/pid").await;
+        let worker = node.pid("cycle.test", "/pid").await;
         workers.insert(worker);
         node.eventually("the recycled worker to exit", || async {
-            !alive(worker) || pid(&node, "cycle.test", "/pid").await == worker
+            !alive(worker) || node.pid("cycle.test", "/pid").await == worker
         })
         .await;
     }
@@ -221,11 +215,11 @@ async fn recycled_and_threaded_workers_fork_from_the_same_template() {
     );
     // Asked of the worker itself: one at its max_requests may be gone once answered.
     assert_eq!(
-        pid(&node, "cycle.test", "/ppid").await,
+        node.pid("cycle.test", "/ppid").await,
         template,
         "a worker not forked by the template"
     );
-    assert_eq!(pid(&node, "cycle.test", "/imported-by").await, template);
+    assert_eq!(node.pid("cycle.test", "/imported-by").await, template);
     node.stop().await;
 }
 
@@ -273,8 +267,8 @@ async fn a_template_left_without_workers_goes_after_idle_timeout() {
     spec.preload = Some(true);
     spec.idle_timeout = Some(Duration::from_secs(1));
     node.add(spec).await;
-    let template = pid(&node, "orphan.test", "/imported-by").await;
-    let worker = pid(&node, "orphan.test", "/pid").await;
+    let template = node.pid("orphan.test", "/imported-by").await;
+    let worker = node.pid("orphan.test", "/pid").await;
     assert_eq!(
         get(node.addr, "orphan.test", "/exit").await.unwrap().status,
         502

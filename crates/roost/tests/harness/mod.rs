@@ -152,6 +152,12 @@ impl Node {
         site
     }
 
+    /// The pid a tester endpoint answers (`/pid`: the worker; `/imported-by`: whoever
+    /// imported the app).
+    pub async fn pid(&self, host: &str, path: &str) -> u32 {
+        http::pid_of(&get(self.addr, host, path).await.expect("request"))
+    }
+
     pub fn store(&self) -> SqliteStore {
         SqliteStore::open(&self.registry).expect("registry")
     }
