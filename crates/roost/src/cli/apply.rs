@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use roost_registry::{parse_site_file, Applied, FsChecks, SiteSpec, SqliteStore};
+use roost_registry::{parse_site_file, Applied, FsChecks, SqliteStore};
 
-use super::site::{fill_defaults, find_interpreter, looks_like_path, warn_conflicts};
+use super::site::{fill_defaults, resolve_paths, warn_conflicts};
 
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
@@ -89,29 +89,6 @@ pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<Exi
         print!("{}", summary(&applied, args.dry_run));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Relative paths of a site file are relative to the file's folder; an interpreter
-/// named without a '/' is looked up on PATH, as `site add` does.
-fn resolve_paths(spec: &mut SiteSpec, base: &Path) -> anyhow::Result<()> {
-    let under_base = |p: &str| super::under(base, Path::new(p)).display().to_string();
-    if let Some(entry) = spec.entry.as_mut() {
-        if looks_like_path(entry) && !Path::new(entry).is_absolute() {
-            *entry = under_base(entry);
-        }
-    }
-    if let Some(dir) = spec.directory.as_mut() {
-        *dir = under_base(dir);
-    }
-    if let Some(python) = spec.interpreter.as_mut() {
-        *python = if python.contains('/') {
-            under_base(python)
-        } else {
-            find_interpreter(python)
-                .with_context(|| format!("site {:?}: interpreter", spec.name))?
-        };
-    }
-    Ok(())
 }
 
 fn summary(applied: &Applied, dry_run: bool) -> String {

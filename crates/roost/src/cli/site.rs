@@ -124,7 +124,8 @@ pub struct SiteFlags {
 }
 
 impl SiteFlags {
-    /// The flags as a spec, with paths made absolute and names looked up on PATH.
+    /// The flags as a spec, with paths made absolute from the current folder and
+    /// names looked up on PATH.
     fn to_spec(&self, name: &str) -> anyhow::Result<SiteSpec> {
         let mut env = std::collections::BTreeMap::new();
         for pair in &self.env {
@@ -136,27 +137,12 @@ impl SiteFlags {
             }
             env.insert(k.to_owned(), v.to_owned());
         }
-        let entry = match &self.entry {
-            Some(e) if looks_like_path(e) => {
-                Some(absolute(PathBuf::from(e))?.display().to_string())
-            }
-            other => other.clone(),
-        };
-        Ok(SiteSpec {
+        let mut spec = SiteSpec {
             name: name.to_owned(),
             hosts: self.hosts.clone(),
-            entry,
-            interpreter: self
-                .interpreter
-                .as_deref()
-                .map(find_interpreter)
-                .transpose()?,
-            directory: self
-                .directory
-                .clone()
-                .map(absolute)
-                .transpose()?
-                .map(|d| d.display().to_string()),
+            entry: self.entry.clone(),
+            interpreter: self.interpreter.clone(),
+            directory: self.directory.as_ref().map(|d| d.display().to_string()),
             env,
             user: self.user.clone(),
             group: self.group.clone(),
@@ -175,8 +161,34 @@ impl SiteFlags {
             pids_max: self.pids_max,
             cpu_weight: self.cpu_weight,
             preload: self.preload,
-        })
+        };
+        resolve_paths(&mut spec, &super::current_dir()?)?;
+        Ok(spec)
     }
+}
+
+/// Makes a spec's paths absolute from `base` (the current folder for `site add|set`,
+/// the site file's folder for `apply`), without `.` components; an interpreter named
+/// without a '/' is looked up on PATH, as a shell would.
+pub(super) fn resolve_paths(spec: &mut SiteSpec, base: &Path) -> anyhow::Result<()> {
+    let under_base = |p: &str| super::under(base, Path::new(p)).display().to_string();
+    if let Some(entry) = spec.entry.as_mut() {
+        if looks_like_path(entry) {
+            *entry = under_base(entry);
+        }
+    }
+    if let Some(dir) = spec.directory.as_mut() {
+        *dir = under_base(dir);
+    }
+    if let Some(python) = spec.interpreter.as_mut() {
+        *python = if python.contains('/') {
+            under_base(python)
+        } else {
+            find_interpreter(python)
+                .with_context(|| format!("site {:?}: interpreter", spec.name))?
+        };
+    }
+    Ok(())
 }
 
 /// What a new site gets when it does not say: the default interpreter, and for a

@@ -379,6 +379,32 @@ fn site_commands_and_every_kind_of_bad_write() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is used by sites [\"blog\"]"));
     ok(&roost(&registry, &["site", "rm", "shop"]));
     assert!(!ok(&roost(&registry, &["site", "list"])).contains("shop"));
+
+    // Relative paths are from the current folder, stored absolute and without `.`;
+    // an interpreter named without a '/' is looked up on PATH.
+    let apps = fixture("");
+    let added = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", registry.display()))
+        .args([
+            "site", "add", "rel", "--host", "rel.test", "--user", "nobody",
+        ])
+        .args(["--entry", "./tester.py", "--directory", "."])
+        .args(["--interpreter", "python3"])
+        .current_dir(&apps)
+        .output()
+        .unwrap();
+    ok(&added);
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&roost(&registry, &["site", "show", "rel", "--json"]))).unwrap();
+    let apps = apps.components().collect::<std::path::PathBuf>();
+    assert_eq!(shown["entry"], apps.join("tester.py").to_str().unwrap());
+    assert_eq!(shown["directory"], apps.to_str().unwrap());
+    let interpreter = shown["interpreter"].as_str().unwrap();
+    assert!(
+        interpreter.starts_with('/') && interpreter.ends_with("/python3"),
+        "{interpreter}"
+    );
 }
 
 /// `roost apply`: a site file (relative paths from its folder) becomes the registry's
