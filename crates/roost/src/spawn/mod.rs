@@ -73,6 +73,13 @@ pub struct SpawnRequest<'a> {
     pub cgroup: &'a SiteCgroup,
 }
 
+impl SpawnRequest<'_> {
+    /// The site's error log, opened for the new process's stdout and stderr.
+    pub fn error_log(&self) -> Result<std::fs::File, SpawnError> {
+        self.logs.error_log_file().map_err(SpawnError::ErrorLog)
+    }
+}
+
 /// A started worker (or template): not yet ready (the loader still imports the app).
 pub struct SpawnedWorker {
     pub process: WorkerProcess,

@@ -33,10 +33,7 @@ impl PlainSpawner {
         };
         let (node_ends, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
-        let error_log = request
-            .logs
-            .error_log_file()
-            .map_err(SpawnError::ErrorLog)?;
+        let error_log = request.error_log()?;
 
         // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
         // ahead of the runtime's packages.
