@@ -12,6 +12,9 @@ pub enum FrontError {
     /// The client sent something invalid.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A method no WSGI application can serve (CONNECT: a tunnel).
+    #[error("method {0} is not supported")]
+    NotImplemented(&'static str),
     #[error("no site is served at host {0:?}")]
     UnknownHost(String),
     #[error("request body larger than the site's limit of {limit} bytes")]
@@ -32,6 +35,7 @@ impl FrontError {
     pub fn status(&self) -> StatusCode {
         match self {
             FrontError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            FrontError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             FrontError::UnknownHost(_) => StatusCode::NOT_FOUND,
             FrontError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             FrontError::Checkout(CheckoutError::AppFailing { .. }) => {
@@ -47,6 +51,7 @@ impl FrontError {
     fn explanation(&self) -> &'static str {
         match self {
             FrontError::BadRequest(_) => "The request is not valid HTTP.",
+            FrontError::NotImplemented(_) => "This server does not support the request's method.",
             FrontError::UnknownHost(_) | FrontError::Checkout(CheckoutError::Draining(_)) => {
                 "No site is served at this address."
             }
@@ -84,7 +89,10 @@ impl FrontError {
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let FrontError::BadRequest(_) | FrontError::BodyTooLarge { .. } = self {
+        if let FrontError::BadRequest(_)
+        | FrontError::NotImplemented(_)
+        | FrontError::BodyTooLarge { .. } = self
+        {
             // The rest of the connection may hold an unread body: do not reuse it.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{header, Request, Response};
+use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -202,23 +202,50 @@ impl Front {
     }
 }
 
-/// The request's host, normalised; a missing or malformed one is a client error.
+/// The request's host, normalised; a missing or malformed one is a client error, and
+/// so is a request target naming a host other than the Host header's: the front and
+/// anything before it (a load balancer, a firewall) must agree on the site.
 fn request_host(req: &Request<Incoming>) -> Result<String, FrontError> {
+    if req.method() == Method::CONNECT {
+        return Err(FrontError::NotImplemented("CONNECT"));
+    }
+    let authority = req.uri().authority();
+    if authority.is_some() && req.uri().scheme().is_none() {
+        return Err(FrontError::BadRequest(
+            "a request target of only host and port is for CONNECT".into(),
+        ));
+    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    let raw = match (hosts.next(), hosts.next()) {
+    let header = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => {
             return Err(FrontError::BadRequest("more than one Host header".into()))
         }
-        (Some(h), None) => h
-            .to_str()
-            .map_err(|_| FrontError::BadRequest("the Host header is not ASCII".into()))?,
-        (None, _) => req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .ok_or_else(|| FrontError::BadRequest("the request has no Host header".into()))?,
+        (Some(h), None) => Some(
+            h.to_str()
+                .map_err(|_| FrontError::BadRequest("the Host header is not ASCII".into()))?,
+        ),
+        (None, _) => None,
     };
-    normalize_request_host(raw).map_err(|e| FrontError::BadRequest(e.to_string()))
+    let normalize =
+        |raw: &str| normalize_request_host(raw).map_err(|e| FrontError::BadRequest(e.to_string()));
+    match (header, authority) {
+        (Some(header), None) => normalize(header),
+        // RFC 9112 §3.2: the Host header of an absolute-form request must be the
+        // target's authority (without user information); like HAProxy, refuse it
+        // otherwise rather than pick one.
+        (header, Some(authority)) => {
+            let target = normalize(authority.host())?;
+            if header.is_some_and(|h| normalize(h).ok().as_ref() != Some(&target)) {
+                return Err(FrontError::BadRequest(
+                    "the Host header does not match the request target's host".into(),
+                ));
+            }
+            Ok(target)
+        }
+        (None, None) => Err(FrontError::BadRequest(
+            "the request has no Host header".into(),
+        )),
+    }
 }
 
 /// The declared body length; several different values are a smuggling attempt.

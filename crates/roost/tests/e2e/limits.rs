@@ -18,7 +18,7 @@ async fn malformed_requests_get_400() {
     let node = Node::start().await;
     let app = node.app("tester.py");
     node.add(node.spec("lim", &["lim.test"], &app)).await;
-    let cases: [(&str, &[u8]); 7] = [
+    let cases: [(&str, &[u8]); 10] = [
         ("garbage request line", b"HELLO\r\n\r\n"),
         ("bad header line", b"GET / HTTP/1.1\r\nHost: lim.test\r\nno colon here\r\n\r\n"),
         ("no Host", b"GET / HTTP/1.1\r\n\r\n"),
@@ -29,10 +29,38 @@ async fn malformed_requests_get_400() {
             "conflicting Content-Length",
             b"POST / HTTP/1.1\r\nHost: lim.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
         ),
+        // A front before the node routing by the target and the node by the Host
+        // header would disagree on the site.
+        (
+            "target's host is not the Host header's",
+            b"GET http://other.test/ HTTP/1.1\r\nHost: lim.test\r\n\r\n",
+        ),
+        (
+            "Host header is not the target's host",
+            b"GET http://lim.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n",
+        ),
+        ("authority form for GET", b"GET lim.test:80 HTTP/1.1\r\nHost: lim.test:80\r\n\r\n"),
     ];
     for (what, bytes) in cases {
         let response = raw(node.addr, bytes).await;
         assert_eq!(status_of(&response), "400", "{what}: {response:?}");
+    }
+    // A tunnel is nothing a WSGI application can serve.
+    let connect = raw(
+        node.addr,
+        b"CONNECT lim.test:80 HTTP/1.1\r\nHost: lim.test:80\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&connect), "501", "{connect:?}");
+    // The absolute form is fine when it names the Host header's host, or stands alone
+    // (the port and user information are not part of the match).
+    for request in [
+        &b"GET http://lim.test/a HTTP/1.1\r\nHost: LIM.test:80\r\nConnection: close\r\n\r\n"[..],
+        b"GET http://u@lim.test:80/a HTTP/1.1\r\nHost: lim.test\r\nConnection: close\r\n\r\n",
+        b"GET http://lim.test/a HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let response = raw(node.addr, request).await;
+        assert_eq!(status_of(&response), "200", "{response:?}");
     }
     // CL.TE: either refused, or framed by the encoding alone and the connection closed,
     // so no byte of it can be read as a second request.
