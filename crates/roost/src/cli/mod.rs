@@ -91,6 +91,14 @@ pub struct ServeArgs {
     /// Longest time a client may take to send its request headers.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// Longest wait for the next bytes of a request body; then 408 (or, once the app
+    /// reads the body, the body ends early for it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// Longest time a client may leave its response unread; then the connection is
+    /// closed and the worker freed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
     /// Largest request head (request line and headers); beyond: 431.
     #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
     pub max_header_size: u64,
@@ -251,6 +259,8 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     };
     let mut config = NodeConfig::new(registry, log_dir, run_dir);
     config.front.header_read_timeout = args.header_timeout;
+    config.front.body_read_timeout = args.body_timeout;
+    config.front.send_timeout = args.send_timeout;
     config.front.max_header_bytes = args.max_header_size as usize;
     config.front.max_headers = args.max_headers;
     config.stop_grace = args.stop_grace;

@@ -5,6 +5,7 @@
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ResponseBody;
+use super::request_body::BodyReadError;
 use crate::pool::CheckoutError;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum FrontError {
     UnknownHost(String),
     #[error("request body larger than the site's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("the client sent no byte of its request body for {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Checkout(#[from] CheckoutError),
     /// The worker died or closed its slot during the request.
@@ -38,6 +41,7 @@ impl FrontError {
             FrontError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             FrontError::UnknownHost(_) => StatusCode::NOT_FOUND,
             FrontError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            FrontError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             FrontError::Checkout(CheckoutError::AppFailing { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -56,6 +60,7 @@ impl FrontError {
                 "No site is served at this address."
             }
             FrontError::BodyTooLarge { .. } => "The request body is larger than this site accepts.",
+            FrontError::BodyTimeout(_) => "The request body was not sent in time.",
             FrontError::Checkout(CheckoutError::AppFailing { .. }) => {
                 "The application failed to start. Its owner can find the reason in the site's error log."
             }
@@ -91,11 +96,21 @@ impl FrontError {
         }
         if let FrontError::BadRequest(_)
         | FrontError::NotImplemented(_)
-        | FrontError::BodyTooLarge { .. } = self
+        | FrontError::BodyTooLarge { .. }
+        | FrontError::BodyTimeout(_) = self
         {
             // The rest of the connection may hold an unread body: do not reuse it.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<BodyReadError> for FrontError {
+    fn from(e: BodyReadError) -> Self {
+        match e {
+            BodyReadError::Idle(waited) => FrontError::BodyTimeout(waited),
+            BodyReadError::Broken(_) => FrontError::BadRequest(crate::error_chain(&e)),
+        }
     }
 }

@@ -15,8 +15,6 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Frame as BodyFrame;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use roost_wire::{encode_header, Frame, Kind, ResponseHead, MAX_BODY_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
@@ -26,6 +24,7 @@ use tokio::time::{timeout_at, Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::body::{BodyError, PendingAccess, ResponseBody};
+use super::request_body::{ClientBody, RequestBody};
 use super::FrontError;
 use crate::pool::{Lease, PoolHandle};
 use crate::route::Route;
@@ -208,7 +207,7 @@ enum WriterOutcome {
 pub async fn forward(
     route: &Route,
     head: Bytes,
-    body: Incoming,
+    body: RequestBody,
     access: &mut Option<PendingAccess>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
@@ -229,11 +228,20 @@ pub async fn forward(
         state: State::Open,
     };
 
-    let mut out = BytesMut::with_capacity(head.len() + 16);
+    // The head and what the front has of the body go in one write (READ_AHEAD is
+    // below MAX_BODY_CHUNK: one frame).
+    let (first, rest) = match body {
+        RequestBody::Whole(all) => (all, None),
+        RequestBody::Partial { first, rest } => (first, Some(rest)),
+    };
+    let mut out = BytesMut::with_capacity(head.len() + first.len() + 16);
     encode_header(&mut out, Kind::RequestHead, head.len());
     out.extend_from_slice(&head);
-    let empty = http_body::Body::is_end_stream(&body);
-    if empty {
+    if !first.is_empty() {
+        encode_header(&mut out, Kind::RequestBody, first.len());
+        out.extend_from_slice(&first);
+    }
+    if rest.is_none() {
         encode_header(&mut out, Kind::RequestEnd, 0);
     }
     if timeout_at(deadline, writer.write_all(&out))
@@ -244,21 +252,24 @@ pub async fn forward(
         return Err(FrontError::WorkerGone);
     }
     let mut too_large = None;
-    if empty {
-        ex.writer = Writer::Idle(writer);
-    } else {
+    if let Some(rest) = rest {
         let (stop, stop_rx) = oneshot::channel();
         let (over, over_rx) = oneshot::channel();
         let task = tokio::spawn(pump_request_body(
             writer,
-            body,
-            site.pool.body_max,
+            rest,
+            Budget {
+                sent: first.len() as u64,
+                limit: site.pool.body_max,
+            },
             deadline,
             stop_rx,
             over,
         ));
         ex.writer = Writer::Pumping { task, stop };
         too_large = Some(over_rx);
+    } else {
+        ex.writer = Writer::Idle(writer);
     }
 
     let reader = ex.reader.as_mut().expect("set above");
@@ -369,32 +380,39 @@ fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
     Ok(response)
 }
 
-/// Streams the client's body to the worker as frames, bounded by the site's limit.
+/// The body bytes already sent to the worker, and the site's limit on them.
+struct Budget {
+    sent: u64,
+    limit: u64,
+}
+
+/// Streams the rest of the client's body to the worker as frames, bounded by the
+/// site's limit; a client that stops sending aborts the body (the app sees the
+/// request end early, and the slot stays clean).
 /// Returns the write half for reuse, or `None` if the slot can no longer be trusted.
 async fn pump_request_body(
     mut writer: OwnedWriteHalf,
-    mut body: Incoming,
-    limit: u64,
+    mut body: ClientBody,
+    Budget {
+        sent: mut total,
+        limit,
+    }: Budget,
     deadline: Instant,
     mut stop: oneshot::Receiver<()>,
     too_large: oneshot::Sender<()>,
 ) -> Option<OwnedWriteHalf> {
-    let mut total: u64 = 0;
     let mut too_large = Some(too_large);
     let mut header = BytesMut::with_capacity(5);
     let end = loop {
-        let frame = tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = &mut stop => break Kind::RequestAbort,
-            frame = body.frame() => frame,
+            next = body.next() => next,
         };
-        let data = match frame {
-            None => break Kind::RequestEnd,
-            Some(Err(_)) => break Kind::RequestAbort,
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue, // trailers are not passed on
-            },
+        let data = match next {
+            Ok(Some(data)) => data,
+            Ok(None) => break Kind::RequestEnd,
+            Err(_) => break Kind::RequestAbort,
         };
         total += data.len() as u64;
         if total > limit {

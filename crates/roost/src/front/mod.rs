@@ -11,6 +11,7 @@ mod body;
 mod environ;
 mod error;
 mod exchange;
+mod request_body;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,6 +45,11 @@ pub struct FrontConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Longest time a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Longest wait for the next bytes of a request body.
+    pub body_read_timeout: Duration,
+    /// Longest time a client may leave a response unread: then its connection closes,
+    /// and the worker's slot is freed (not the worker killed).
+    pub send_timeout: Duration,
     /// Most bytes of request line and headers (HTTP/1: read buffer; HTTP/2: header list).
     pub max_header_bytes: usize,
     /// Most header fields in one request.
@@ -57,6 +63,8 @@ impl Default for FrontConfig {
         FrontConfig {
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 64 << 10,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),
@@ -114,6 +122,9 @@ pub async fn serve(
             _ = crate::stopping(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
+        // A client that stops reading must not hold its response's worker for long.
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(front.config.send_timeout));
         let conn = Arc::new(ConnInfo { peer, local });
         let front = front.clone();
         let service = service_fn(move |req| {
@@ -122,7 +133,7 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(front.handle(req, &conn).await) }
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Box::pin(stream)), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -180,6 +191,12 @@ impl Front {
                 });
             }
             let head = environ::build(&parts, &host, conn, &client)?;
+            let body = request_body::read_ahead(
+                body,
+                route.site.pool.body_max,
+                self.config.body_read_timeout,
+            )
+            .await?;
             exchange::forward(&route, head, body, &mut access).await
         }
         .await;
