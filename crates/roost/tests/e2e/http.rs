@@ -123,3 +123,100 @@ async fn a_thousand_slow_clients_do_not_shut_out_normal_ones() {
     );
     node.stop().await;
 }
+
+/// A site of one slot, with a short queue timeout: a request kept waiting behind a
+/// slow client fails fast (503) instead of passing late.
+async fn one_slot_site(node: &Node, name: &str) -> String {
+    let app = node.app("tester.py");
+    let host = format!("{name}.test");
+    let mut spec = node.spec(name, &[&host], &app);
+    spec.processes_max = Some(1);
+    spec.queue_timeout = Some(Duration::from_secs(3));
+    spec.request_timeout = Some(Duration::from_secs(30));
+    node.add(spec).await;
+    host
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_hold_no_slot() {
+    let node = Node::start_with(|c| c.front.body_read_timeout = Duration::from_secs(2)).await;
+    let host = one_slot_site(&node, "upl").await;
+    let pid = get(node.addr, &host, "/pid").await.unwrap().text();
+    // Three clients send a form post a byte at a time.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        slow.push(s);
+    }
+    for _ in 0..10 {
+        for s in &mut slow {
+            s.write_all(b"x").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Meanwhile (3 s and more of dribbling) the site's only slot stays free.
+    let r = get(node.addr, &host, "/pid").await.unwrap();
+    assert_eq!(r.status, 200, "a slow upload held the slot: {}", r.text());
+    assert_eq!(r.text(), pid);
+    // Finished, each upload reaches the app whole.
+    for s in &mut slow {
+        s.write_all(&[b'x'; 10]).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let n = s.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("\r\n\r\n20 "),
+            "{answer}"
+        );
+    }
+    // One that stops sending gets 408 at the body timeout.
+    let mut stalled = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 20\r\n\r\nabc");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut answer))
+        .await
+        .expect("a stalled upload was never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The worker is the one from the start: nothing was killed.
+    assert_eq!(get(node.addr, &host, "/pid").await.unwrap().text(), pid);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_frees_its_worker() {
+    let node = Node::start_with(|c| c.front.send_timeout = Duration::from_secs(1)).await;
+    let host = one_slot_site(&node, "dl").await;
+    let pid = get(node.addr, &host, "/pid").await.unwrap().text();
+    // 64 MiB, far more than the sockets between app and client can hold, and the
+    // client never reads a byte of it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET /download?bytes={} HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        64 << 20
+    );
+    reader.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // After the send timeout the connection is closed and the rest of the response
+    // discarded: the slot is free again, with the same worker.
+    let r = get(node.addr, &host, "/pid").await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the unread response held the slot: {}",
+        r.text()
+    );
+    assert_eq!(
+        r.text(),
+        pid,
+        "the worker was killed for its client's slowness"
+    );
+    drop(reader);
+    node.stop().await;
+}
