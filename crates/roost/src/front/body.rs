@@ -28,6 +28,8 @@ pub enum BodyError {
     Protocol,
     #[error("the response overran the site's request_timeout")]
     Timeout,
+    #[error("the client took no byte of the response for the send timeout")]
+    ClientTooSlow,
 }
 
 pub enum ResponseBody {

@@ -8,9 +8,8 @@
 //! deadline; then the worker is killed), so a disconnecting client costs no worker.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
@@ -18,10 +17,9 @@ use http_body::Frame as BodyFrame;
 use roost_wire::{encode_header, Frame, Kind, ResponseHead, MAX_BODY_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::{timeout_at, Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio::time::{timeout_at, Instant};
 
 use super::body::{BodyError, PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
@@ -209,6 +207,7 @@ pub async fn forward(
     head: Bytes,
     body: RequestBody,
     access: &mut Option<PendingAccess>,
+    send_timeout: Duration,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
     let mut lease = route.pool.checkout(site).await?;
@@ -332,8 +331,12 @@ pub async fn forward(
             other => break Some(other.map(|f| f.expect("matched above"))),
         }
     };
-    Ok(stream(ex, response, chunks, next, access))
+    Ok(stream(ex, response, chunks, next, access, send_timeout))
 }
+
+/// Chunks of a streamed response held between the worker and a client that reads
+/// slower than the worker writes (up to 4 MiB, as frames are at most 1 MiB).
+const RESPONSE_AHEAD: usize = 4;
 
 fn stream(
     ex: Exchange,
@@ -341,27 +344,109 @@ fn stream(
     pending: VecDeque<Bytes>,
     next: Option<Result<Frame, ConnError>>,
     access: &mut Option<PendingAccess>,
+    send_timeout: Duration,
 ) -> Response<ResponseBody> {
-    let sleep = Box::pin(tokio::time::sleep_until(ex.deadline));
-    let gone = Box::pin(
-        ex.lease
-            .as_ref()
-            .map(|l| l.gone.clone())
-            .unwrap_or_default()
-            .cancelled_owned(),
-    );
+    let (tx, rx) = mpsc::channel(RESPONSE_AHEAD);
+    tokio::spawn(pump_response(ex, pending, next, tx, send_timeout));
     let body = WorkerBody {
         status: response.status().as_u16(),
-        ex,
-        pending,
-        next,
-        sleep,
-        gone,
+        rx,
+        ended: false,
         sent: 0,
         access: access.take(),
     };
     *response.body_mut() = ResponseBody::Worker(Box::new(body));
     response
+}
+
+/// What the response pump hands to the client's side.
+enum Piece {
+    Data(Bytes),
+    End,
+    Fail(BodyError),
+}
+
+/// Reads a streamed response from the worker and hands it to the client's side, so
+/// the exchange keeps its deadlines whether or not the client reads: hyper polls a
+/// body only when the client can take more, which on HTTP/2 (flow control) may be
+/// never. A client that takes nothing for `send_timeout` is left: the exchange is
+/// dropped open and salvaged, so the worker finishes its response into the void and
+/// its slot comes back.
+async fn pump_response(
+    mut ex: Exchange,
+    pending: VecDeque<Bytes>,
+    mut next: Option<Result<Frame, ConnError>>,
+    tx: mpsc::Sender<Piece>,
+    send_timeout: Duration,
+) {
+    let deadline = ex.deadline;
+    let hand = |piece: Piece| {
+        let by = deadline.min(Instant::now() + send_timeout);
+        let tx = &tx;
+        async move { matches!(timeout_at(by, tx.send(piece)).await, Ok(Ok(()))) }
+    };
+    for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
+        if !hand(Piece::Data(chunk)).await {
+            if let Some(Ok(Frame::ResponseEnd | Frame::ResponseAbort)) = next {
+                ex.finish(); // salvage would wait for an end already read
+            }
+            return;
+        }
+    }
+    let gone = ex
+        .lease
+        .as_ref()
+        .map(|l| l.gone.clone())
+        .unwrap_or_default();
+    loop {
+        let frame = match next.take() {
+            Some(frame) => frame,
+            None => {
+                let reader = ex.reader.as_mut().expect("open exchanges have a reader");
+                tokio::select! {
+                    frame = reader.next_frame() => frame,
+                    // The worker died while a child of its kept the socket open.
+                    _ = gone.cancelled() => Err(ConnError::Closed),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        ex.kill("it overran request_timeout while streaming".into());
+                        let _ = tx.try_send(Piece::Fail(BodyError::Timeout));
+                        return;
+                    }
+                }
+            }
+        };
+        let last = match frame {
+            Ok(Frame::ResponseBody(data)) => {
+                if !hand(Piece::Data(data)).await {
+                    return;
+                }
+                continue;
+            }
+            Ok(Frame::ResponseEnd) => {
+                ex.finish();
+                Piece::End
+            }
+            Ok(Frame::ResponseAbort) => {
+                ex.finish();
+                Piece::Fail(BodyError::AppAborted)
+            }
+            Ok(other) => {
+                ex.kill(format!("sent {:?} inside a response body", other.kind()));
+                Piece::Fail(BodyError::Protocol)
+            }
+            Err(ConnError::Closed) => {
+                ex.lose();
+                Piece::Fail(BodyError::WorkerGone)
+            }
+            Err(e) => {
+                ex.kill(crate::error_chain(&e));
+                Piece::Fail(BodyError::Protocol)
+            }
+        };
+        // The exchange is closed: the slot is back whether the client takes this.
+        let _ = hand(last).await;
+        return;
+    }
 }
 
 fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
@@ -443,14 +528,9 @@ async fn pump_request_body(
 
 /// A response body streamed from the worker as the client reads it.
 pub struct WorkerBody {
-    ex: Exchange,
     status: u16,
-    /// Chunks read with the head, sent before anything else.
-    pending: VecDeque<Bytes>,
-    /// What was read with the head after the pending chunks.
-    next: Option<Result<Frame, ConnError>>,
-    sleep: Pin<Box<Sleep>>,
-    gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    rx: mpsc::Receiver<Piece>,
+    ended: bool,
     sent: u64,
     access: Option<PendingAccess>,
 }
@@ -460,65 +540,20 @@ impl WorkerBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
-        while let Some(chunk) = self.pending.pop_front() {
-            if !chunk.is_empty() {
-                self.sent += chunk.len() as u64;
-                return Poll::Ready(Some(Ok(BodyFrame::data(chunk))));
-            }
-        }
-        if self.ex.state != State::Open {
+        if self.ended {
             return Poll::Ready(None);
         }
-        let frame = match self.next.take() {
-            Some(frame) => frame,
-            None => {
-                if self.gone.as_mut().poll(cx).is_ready() {
-                    // The worker died while a child of its kept the socket open.
-                    self.ex.lose();
-                    self.log();
-                    return Poll::Ready(Some(Err(BodyError::WorkerGone)));
-                }
-                if self.sleep.as_mut().poll(cx).is_ready() {
-                    self.ex
-                        .kill("it overran request_timeout while streaming".into());
-                    self.log();
-                    return Poll::Ready(Some(Err(BodyError::Timeout)));
-                }
-                let reader = self
-                    .ex
-                    .reader
-                    .as_mut()
-                    .expect("open exchanges have a reader");
-                ready!(reader.poll_frame(cx))
-            }
-        };
-        let result = match frame {
-            Ok(Frame::ResponseBody(data)) => {
+        let result = match ready!(self.rx.poll_recv(cx)) {
+            Some(Piece::Data(data)) => {
                 self.sent += data.len() as u64;
                 return Poll::Ready(Some(Ok(BodyFrame::data(data))));
             }
-            Ok(Frame::ResponseEnd) => {
-                self.ex.finish();
-                None
-            }
-            Ok(Frame::ResponseAbort) => {
-                self.ex.finish();
-                Some(Err(BodyError::AppAborted))
-            }
-            Ok(other) => {
-                self.ex
-                    .kill(format!("sent {:?} inside a response body", other.kind()));
-                Some(Err(BodyError::Protocol))
-            }
-            Err(ConnError::Closed) => {
-                self.ex.lose();
-                Some(Err(BodyError::WorkerGone))
-            }
-            Err(e) => {
-                self.ex.kill(crate::error_chain(&e));
-                Some(Err(BodyError::Protocol))
-            }
+            Some(Piece::End) => None,
+            Some(Piece::Fail(e)) => Some(Err(e)),
+            // The pump left: this client took nothing for the send timeout.
+            None => Some(Err(BodyError::ClientTooSlow)),
         };
+        self.ended = true;
         self.log();
         Poll::Ready(result)
     }

@@ -197,7 +197,7 @@ impl Front {
                 self.config.body_read_timeout,
             )
             .await?;
-            exchange::forward(&route, head, body, &mut access).await
+            exchange::forward(&route, head, body, &mut access, self.config.send_timeout).await
         }
         .await;
         let response = result.unwrap_or_else(|e| {

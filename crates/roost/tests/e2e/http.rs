@@ -217,6 +217,42 @@ async fn a_client_that_stops_reading_frees_its_worker() {
         pid,
         "the worker was killed for its client's slowness"
     );
+
+    // The same over HTTP/2, where the client's flow control window stalls the stream
+    // and the connection itself stays writable.
+    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let unread = sender
+        .send_request(
+            Request::get(format!("http://{host}/download?bytes={}", 64 << 20))
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = get(node.addr, &host, "/pid").await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the unread HTTP/2 stream held the slot: {}",
+        r.text()
+    );
+    assert_eq!(
+        r.text(),
+        pid,
+        "the worker was killed for its client's slowness"
+    );
+    // The abandoned stream ends broken, never short and looking complete.
+    let rest = unread.into_body().collect().await;
+    assert!(rest.is_err(), "an abandoned response ended as if complete");
     drop(reader);
     node.stop().await;
 }
