@@ -104,3 +104,33 @@ async fn every_request_shape_passes_the_wsgiref_validator() {
     }
     node.stop().await;
 }
+
+/// PEP 3333: "the server should stop iterating over the response when enough data has
+/// been sent" (and the end of the response then goes with its last bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iteration_stops_at_the_declared_content_length() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("sized", &["sized.test"], &app)).await;
+    let r = get(node.addr, "sized.test", "/sized-then-error")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "first part\n");
+    // The same worker goes on serving: its slot was left clean.
+    let pid = get(node.addr, "sized.test", "/pid").await.unwrap().text();
+    let r = get(node.addr, "sized.test", "/sized-then-error")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "first part\n");
+    assert_eq!(
+        get(node.addr, "sized.test", "/pid").await.unwrap().text(),
+        pid
+    );
+    let errors = node.log("sized", "error.log");
+    assert!(
+        !errors.contains("iterated past its Content-Length"),
+        "the loader iterated past the declared length:\n{errors}"
+    );
+    node.stop().await;
+}
