@@ -256,3 +256,45 @@ async fn a_client_that_stops_reading_frees_its_worker() {
     drop(reader);
     node.stop().await;
 }
+
+/// CVE-2023-44487: a client opening HTTP/2 streams and resetting them at once makes the
+/// server start work it never finishes. The node ends such a connection (h2's limit on
+/// pending resets), and few of the requests reach the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_is_cut_off() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("rr", &["rr.test"], &app)).await;
+    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut refused = false;
+    for _ in 0..20_000 {
+        let request = Request::get("http://rr.test/sleep?s=0.5").body(()).unwrap();
+        let Ok(ready) = client.clone().ready().await else {
+            refused = true;
+            break;
+        };
+        client = ready;
+        let Ok((_response, mut stream)) = client.send_request(request, false) else {
+            refused = true;
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    // The node ended the connection (GOAWAY) while the client still held it open.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the node kept the flooding connection open")
+        .unwrap();
+    assert!(
+        refused || ended.is_err(),
+        "the flood was accepted: {ended:?}"
+    );
+    drop(client);
+    let r = get(node.addr, "rr.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 200);
+    let served = node.log("rr", "access.log").lines().count();
+    assert!(served < 100, "{served} reset requests reached the app");
+    node.stop().await;
+}
