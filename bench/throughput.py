@@ -33,14 +33,18 @@ from common import (  # noqa: E402
 
 
 def roost(work, port, app, threads):
-    reg = "sqlite:" + os.path.join(work, "roost-%s-%d.db" % (app, threads))
+    db = os.path.join(work, "roost-%s-%d.db" % (app, threads))
+    for leftover in (db, db + "-wal", db + "-shm"):  # a fresh registry at every start
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    reg = "sqlite:" + db
     subprocess.run([ROOST, "--registry", reg, "site", "add", "hello", "--host", "hello.bench",
                     "--entry", os.path.join(work, app + ".py"), "--user", "nobody",
                     "--processes-max", "2", "--processes-min", "2", "--threads", str(threads)],
                    check=True, stdout=subprocess.DEVNULL)
     return [ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
             "--cgroup-name", "roost-bench-tp", "--log-dir", os.path.join(work, "logs"),
-            "--run-dir", os.path.join(work, "run")] + (["--preload", "flask"] if app != "hello" else [])
+            "--run-dir", os.path.join(work, "run")] + (["--preload", "flask"] if app == "flask_app" else [])
 
 
 APACHE_WORKERS = """StartServers 2
@@ -98,6 +102,15 @@ PEER_FILES = {"mod_wsgi": "/usr/lib/apache2/modules/mod_wsgi.so",
 APPS = {"hello": "hello", "flask": "flask_app"}
 
 
+def installed(name):
+    """Whether the server of this SERVERS entry is installed here."""
+    peer = name.split()[0]
+    binary = PEER_BINARIES.get(peer)
+    if binary and not shutil.which(binary):
+        return False
+    return peer not in PEER_FILES or os.path.exists(PEER_FILES[peer])
+
+
 def canary(port, stop, out):
     while not stop.is_set():
         start = time.perf_counter()
@@ -151,11 +164,7 @@ def measure_app(app, args, work):
     for name, command in SERVERS.items():
         if args.only not in name:
             continue
-        peer = name.split()[0]
-        binary = PEER_BINARIES.get(peer)
-        missing = (binary and not shutil.which(binary)) or (
-            peer in PEER_FILES and not os.path.exists(PEER_FILES[peer]))
-        if missing:
+        if not installed(name):
             print("skipping %s: not installed" % name, file=sys.stderr)
             continue
         port = free_port()

@@ -193,6 +193,11 @@ pub async fn run(
     }
 
     let mut fronts = JoinSet::new();
+    // One budget of response bytes held for slow clients, whatever the listener.
+    let streams = Arc::new(front::StreamPolicy::new(
+        config.front.send_timeout,
+        config.front.response_buffer,
+    ));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %front::describe(&addr), "listening");
@@ -201,6 +206,7 @@ pub async fn run(
             listener,
             sites.routes(),
             config.front.clone(),
+            streams.clone(),
             shutdown.clone(),
         ));
     }

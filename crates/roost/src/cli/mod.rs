@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// closed and the worker freed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub send_timeout: Duration,
+    /// Most memory the node holds of responses its clients have not taken yet, all
+    /// together (one response: at most 32MiB), so that workers need not wait for slow
+    /// clients; when full, workers wait.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub response_buffer: u64,
     /// Largest request head (request line and headers); beyond: 431.
     #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
     pub max_header_size: u64,
@@ -261,6 +266,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.front.header_read_timeout = args.header_timeout;
     config.front.body_read_timeout = args.body_timeout;
     config.front.send_timeout = args.send_timeout;
+    config.front.response_buffer = usize::try_from(args.response_buffer).unwrap_or(usize::MAX);
     config.front.max_header_bytes = args.max_header_size as usize;
     config.front.max_headers = args.max_headers;
     config.stop_grace = args.stop_grace;

@@ -13,7 +13,7 @@ use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use super::exchange::WorkerBody;
+use super::stream::WorkerBody;
 use crate::logs::{AccessRecord, SiteLogs};
 
 /// Why a response body ended early; hyper then aborts the connection so the client

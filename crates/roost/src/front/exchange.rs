@@ -8,25 +8,25 @@
 //! deadline; then the worker is killed), so a disconnecting client costs no worker.
 
 use std::collections::VecDeque;
-use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
-use http_body::Frame as BodyFrame;
 use roost_wire::{encode_header, Frame, Kind, ResponseHead, MAX_BODY_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
 
-use super::body::{BodyError, PendingAccess, ResponseBody};
+use super::body::{PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
+use super::stream::{stream, StreamPolicy};
 use super::FrontError;
 use crate::pool::{Lease, PoolHandle};
 use crate::route::Route;
 use crate::worker::{ConnError, FrameReader, SlotConn};
+use tokio_util::sync::CancellationToken;
 
 /// Headers that describe one hop; a WSGI app must not send them (PEP 3333) and the
 /// front drops them so they cannot confuse hyper's own framing.
@@ -62,30 +62,38 @@ enum State {
 pub struct Exchange {
     lease: Option<Lease>,
     pool: PoolHandle,
-    reader: Option<FrameReader>,
+    pub(super) reader: Option<FrameReader>,
     writer: Writer,
-    deadline: Instant,
+    pub(super) deadline: Instant,
     state: State,
 }
 
 impl Exchange {
+    /// Cancelled when the worker's process is gone.
+    pub(super) fn gone(&self) -> CancellationToken {
+        self.lease
+            .as_ref()
+            .map(|l| l.gone.clone())
+            .unwrap_or_default()
+    }
+
     fn worker(&self) -> u64 {
         self.lease.as_ref().map_or(0, |l| l.worker)
     }
 
     /// The worker misbehaved or overran: SIGKILL, and the slot is lost with it.
-    fn kill(&mut self, reason: String) {
+    pub(super) fn kill(&mut self, reason: String) {
         self.pool.kill(self.worker(), reason);
         self.state = State::Closed;
     }
 
     /// The slot is unusable (the worker closed it); the lease goes back empty.
-    fn lose(&mut self) {
+    pub(super) fn lose(&mut self) {
         self.state = State::Closed;
     }
 
     /// The response ended cleanly: finish our direction and return the slot.
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         self.state = State::Closed;
         let (Some(mut lease), Some(reader)) = (self.lease.take(), self.reader.take()) else {
             return;
@@ -207,7 +215,7 @@ pub async fn forward(
     head: Bytes,
     body: RequestBody,
     access: &mut Option<PendingAccess>,
-    send_timeout: Duration,
+    policy: &Arc<StreamPolicy>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
     let mut lease = route.pool.checkout(site).await?;
@@ -331,122 +339,7 @@ pub async fn forward(
             other => break Some(other.map(|f| f.expect("matched above"))),
         }
     };
-    Ok(stream(ex, response, chunks, next, access, send_timeout))
-}
-
-/// Chunks of a streamed response held between the worker and a client that reads
-/// slower than the worker writes (up to 4 MiB, as frames are at most 1 MiB).
-const RESPONSE_AHEAD: usize = 4;
-
-fn stream(
-    ex: Exchange,
-    mut response: Response<ResponseBody>,
-    pending: VecDeque<Bytes>,
-    next: Option<Result<Frame, ConnError>>,
-    access: &mut Option<PendingAccess>,
-    send_timeout: Duration,
-) -> Response<ResponseBody> {
-    let (tx, rx) = mpsc::channel(RESPONSE_AHEAD);
-    tokio::spawn(pump_response(ex, pending, next, tx, send_timeout));
-    let body = WorkerBody {
-        status: response.status().as_u16(),
-        rx,
-        ended: false,
-        sent: 0,
-        access: access.take(),
-    };
-    *response.body_mut() = ResponseBody::Worker(Box::new(body));
-    response
-}
-
-/// What the response pump hands to the client's side.
-enum Piece {
-    Data(Bytes),
-    End,
-    Fail(BodyError),
-}
-
-/// Reads a streamed response from the worker and hands it to the client's side, so
-/// the exchange keeps its deadlines whether or not the client reads: hyper polls a
-/// body only when the client can take more, which on HTTP/2 (flow control) may be
-/// never. A client that takes nothing for `send_timeout` is left: the exchange is
-/// dropped open and salvaged, so the worker finishes its response into the void and
-/// its slot comes back.
-async fn pump_response(
-    mut ex: Exchange,
-    pending: VecDeque<Bytes>,
-    mut next: Option<Result<Frame, ConnError>>,
-    tx: mpsc::Sender<Piece>,
-    send_timeout: Duration,
-) {
-    let deadline = ex.deadline;
-    let hand = |piece: Piece| {
-        let by = deadline.min(Instant::now() + send_timeout);
-        let tx = &tx;
-        async move { matches!(timeout_at(by, tx.send(piece)).await, Ok(Ok(()))) }
-    };
-    for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
-        if !hand(Piece::Data(chunk)).await {
-            if let Some(Ok(Frame::ResponseEnd | Frame::ResponseAbort)) = next {
-                ex.finish(); // salvage would wait for an end already read
-            }
-            return;
-        }
-    }
-    let gone = ex
-        .lease
-        .as_ref()
-        .map(|l| l.gone.clone())
-        .unwrap_or_default();
-    loop {
-        let frame = match next.take() {
-            Some(frame) => frame,
-            None => {
-                let reader = ex.reader.as_mut().expect("open exchanges have a reader");
-                tokio::select! {
-                    frame = reader.next_frame() => frame,
-                    // The worker died while a child of its kept the socket open.
-                    _ = gone.cancelled() => Err(ConnError::Closed),
-                    _ = tokio::time::sleep_until(deadline) => {
-                        ex.kill("it overran request_timeout while streaming".into());
-                        let _ = tx.try_send(Piece::Fail(BodyError::Timeout));
-                        return;
-                    }
-                }
-            }
-        };
-        let last = match frame {
-            Ok(Frame::ResponseBody(data)) => {
-                if !hand(Piece::Data(data)).await {
-                    return;
-                }
-                continue;
-            }
-            Ok(Frame::ResponseEnd) => {
-                ex.finish();
-                Piece::End
-            }
-            Ok(Frame::ResponseAbort) => {
-                ex.finish();
-                Piece::Fail(BodyError::AppAborted)
-            }
-            Ok(other) => {
-                ex.kill(format!("sent {:?} inside a response body", other.kind()));
-                Piece::Fail(BodyError::Protocol)
-            }
-            Err(ConnError::Closed) => {
-                ex.lose();
-                Piece::Fail(BodyError::WorkerGone)
-            }
-            Err(e) => {
-                ex.kill(crate::error_chain(&e));
-                Piece::Fail(BodyError::Protocol)
-            }
-        };
-        // The exchange is closed: the slot is back whether the client takes this.
-        let _ = hand(last).await;
-        return;
-    }
+    Ok(stream(ex, response, chunks, next, access, policy))
 }
 
 fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
@@ -523,50 +416,5 @@ async fn pump_request_body(
     match timeout_at(deadline, writer.write_all(&header)).await {
         Ok(Ok(())) => Some(writer),
         _ => None,
-    }
-}
-
-/// A response body streamed from the worker as the client reads it.
-pub struct WorkerBody {
-    status: u16,
-    rx: mpsc::Receiver<Piece>,
-    ended: bool,
-    sent: u64,
-    access: Option<PendingAccess>,
-}
-
-impl WorkerBody {
-    pub fn poll_data(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        let result = match ready!(self.rx.poll_recv(cx)) {
-            Some(Piece::Data(data)) => {
-                self.sent += data.len() as u64;
-                return Poll::Ready(Some(Ok(BodyFrame::data(data))));
-            }
-            Some(Piece::End) => None,
-            Some(Piece::Fail(e)) => Some(Err(e)),
-            // The pump left: this client took nothing for the send timeout.
-            None => Some(Err(BodyError::ClientTooSlow)),
-        };
-        self.ended = true;
-        self.log();
-        Poll::Ready(result)
-    }
-
-    fn log(&mut self) {
-        if let Some(access) = self.access.take() {
-            access.finish(self.status, self.sent);
-        }
-    }
-}
-
-impl Drop for WorkerBody {
-    fn drop(&mut self) {
-        self.log();
     }
 }

@@ -12,6 +12,7 @@ mod environ;
 mod error;
 mod exchange;
 mod request_body;
+mod stream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 
 pub use body::ResponseBody;
 pub use error::FrontError;
+pub use stream::StreamPolicy;
 
 use body::PendingAccess;
 use environ::ConnInfo;
@@ -50,6 +52,9 @@ pub struct FrontConfig {
     /// Longest time a client may leave a response unread: then its connection closes,
     /// and the worker's slot is freed (not the worker killed).
     pub send_timeout: Duration,
+    /// Most bytes of responses the node holds for clients slower than their workers,
+    /// all responses together.
+    pub response_buffer: usize,
     /// Most bytes of request line and headers (HTTP/1: read buffer; HTTP/2: header list).
     pub max_header_bytes: usize,
     /// Most header fields in one request.
@@ -65,6 +70,7 @@ impl Default for FrontConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            response_buffer: 256 << 20,
             max_header_bytes: 64 << 10,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),
@@ -75,6 +81,7 @@ impl Default for FrontConfig {
 struct Front {
     routes: Routes,
     config: FrontConfig,
+    streams: Arc<StreamPolicy>,
 }
 
 /// Serves one listener until `shutdown` turns true, then lets open requests finish
@@ -83,6 +90,7 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     config: FrontConfig,
+    streams: Arc<StreamPolicy>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -106,7 +114,11 @@ pub async fn serve(
         .max_header_list_size(config.max_header_bytes as u32)
         .max_concurrent_streams(256);
     let grace = config.shutdown_grace;
-    let front = Arc::new(Front { routes, config });
+    let front = Arc::new(Front {
+        routes,
+        config,
+        streams,
+    });
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -197,7 +209,7 @@ impl Front {
                 self.config.body_read_timeout,
             )
             .await?;
-            exchange::forward(&route, head, body, &mut access, self.config.send_timeout).await
+            exchange::forward(&route, head, body, &mut access, &self.streams).await
         }
         .await;
         let response = result.unwrap_or_else(|e| {

@@ -257,6 +257,40 @@ async fn a_client_that_stops_reading_frees_its_worker() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_gets_its_whole_response_while_the_worker_moves_on() {
+    let node = Node::start().await;
+    let host = one_slot_site(&node, "big").await;
+    let pid = get(node.addr, &host, "/pid").await.unwrap().text();
+    // 16 MiB, more than the sockets hold, for a client that reads nothing for now.
+    const SIZE: usize = 16 << 20;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    let request =
+        format!("GET /download?bytes={SIZE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    reader.write_all(request.as_bytes()).await.unwrap();
+    // The node holds what the client has not taken: the only slot serves others.
+    for _ in 0..5 {
+        let r = get(node.addr, &host, "/pid").await.unwrap();
+        assert_eq!(r.status, 200, "the slow client held the slot: {}", r.text());
+        assert_eq!(r.text(), pid);
+    }
+    // And the slow client still gets every byte.
+    let mut answer = Vec::new();
+    reader.read_to_end(&mut answer).await.unwrap();
+    let body = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = &answer[body..];
+    let chunked_overhead = 1024; // chunk sizes between the 1 MiB blocks
+    assert!(
+        body.len() >= SIZE && body.len() < SIZE + chunked_overhead,
+        "{} bytes",
+        body.len()
+    );
+    assert_eq!(body.iter().filter(|&&b| b == b'x').count(), SIZE);
+    node.stop().await;
+}
+
 /// CVE-2023-44487: a client opening HTTP/2 streams and resetting them at once makes the
 /// server start work it never finishes. The node ends such a connection (h2's limit on
 /// pending resets), and few of the requests reach the app.
