@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Slow clients against roost and the peers, each with 2 worker processes of one thread:
-a few clients that upload a body a byte a second, or ask for a large response and never
-read it, while a probe makes one ordinary request every half second. Reports how many
+a few clients that upload a body a byte a second, or ask for a large response (8 or
+256 MiB) and never read it, while a probe makes one ordinary request every half second. Reports how many
 probes were answered 200 within 5 s, and their median latency. A server whose workers
 wait on slow clients answers none while they last.
 
@@ -42,17 +42,20 @@ def slow_upload(port, stop):
         s.close()
 
 
-def slow_reader(port, stop):
-    """Asks for 256 MiB and never reads a byte of it."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    s.sendall(b"GET /download?mib=256 HTTP/1.1\r\nHost: hello.bench\r\n\r\n")
-    stop.wait()
-    s.close()
+def slow_reader(mib):
+    """A client that asks for `mib` MiB and never reads a byte of it."""
+    def attack(port, stop):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /download?mib=%d HTTP/1.1\r\nHost: hello.bench\r\n\r\n" % mib)
+        stop.wait()
+        s.close()
+    return attack
 
 
-ATTACKS = {"slow uploads": slow_upload, "unread responses": slow_reader}
+ATTACKS = {"slow uploads": slow_upload, "unread 8 MiB": slow_reader(8),
+           "unread 256 MiB": slow_reader(256)}
 
 
 def probe(port, stop, out):
