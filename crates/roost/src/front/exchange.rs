@@ -18,6 +18,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::body::{PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
@@ -26,7 +27,6 @@ use super::FrontError;
 use crate::pool::{Lease, PoolHandle};
 use crate::route::Route;
 use crate::worker::{ConnError, FrameReader, SlotConn};
-use tokio_util::sync::CancellationToken;
 
 /// Headers that describe one hop; a WSGI app must not send them (PEP 3333) and the
 /// front drops them so they cannot confuse hyper's own framing.
@@ -235,18 +235,17 @@ pub async fn forward(
         state: State::Open,
     };
 
-    // The head and what the front has of the body go in one write (READ_AHEAD is
-    // below MAX_BODY_CHUNK: one frame).
+    // The head and what the front has of the body go in one write.
     let (first, rest) = match body {
         RequestBody::Whole(all) => (all, None),
         RequestBody::Partial { first, rest } => (first, Some(rest)),
     };
-    let mut out = BytesMut::with_capacity(head.len() + first.len() + 16);
+    let mut out = BytesMut::with_capacity(head.len() + first.len() + 32);
     encode_header(&mut out, Kind::RequestHead, head.len());
     out.extend_from_slice(&head);
-    if !first.is_empty() {
-        encode_header(&mut out, Kind::RequestBody, first.len());
-        out.extend_from_slice(&first);
+    for chunk in first.chunks(MAX_BODY_CHUNK) {
+        encode_header(&mut out, Kind::RequestBody, chunk.len());
+        out.extend_from_slice(chunk);
     }
     if rest.is_none() {
         encode_header(&mut out, Kind::RequestEnd, 0);
@@ -265,7 +264,7 @@ pub async fn forward(
         let task = tokio::spawn(pump_request_body(
             writer,
             rest,
-            Budget {
+            BodyLimit {
                 sent: first.len() as u64,
                 limit: site.pool.body_max,
             },
@@ -359,7 +358,7 @@ fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
 }
 
 /// The body bytes already sent to the worker, and the site's limit on them.
-struct Budget {
+struct BodyLimit {
     sent: u64,
     limit: u64,
 }
@@ -371,10 +370,10 @@ struct Budget {
 async fn pump_request_body(
     mut writer: OwnedWriteHalf,
     mut body: ClientBody,
-    Budget {
+    BodyLimit {
         sent: mut total,
         limit,
-    }: Budget,
+    }: BodyLimit,
     deadline: Instant,
     mut stop: oneshot::Receiver<()>,
     too_large: oneshot::Sender<()>,

@@ -14,8 +14,9 @@ use hyper::body::Incoming;
 
 use super::FrontError;
 
-/// Most bytes of a body read before a slot is checked out. Bodies up to this size
-/// (most form posts and API calls) reach the worker whole, in one write.
+/// Bytes of a body read before a slot is checked out (a little more when a frame
+/// straddles it). Bodies up to this size (most form posts and API calls) reach the
+/// worker whole, in one write.
 pub const READ_AHEAD: usize = 64 << 10;
 
 /// A request body still arriving from the client.
@@ -86,7 +87,7 @@ pub async fn read_ahead(
         if taken >= READ_AHEAD {
             break;
         }
-        let Some(data) = body.next().await.map_err(FrontError::from)? else {
+        let Some(data) = body.next().await? else {
             return Ok(RequestBody::Whole(glue(first, joined)));
         };
         if (taken + data.len()) as u64 > limit {
