@@ -1,8 +1,10 @@
 //! The response head a worker sends: `STATUS NUL NAME NUL VALUE NUL …`.
 //!
-//! The status is the WSGI status line (`"200 OK"`). This module only checks the
-//! structure and the byte classes RFC 9110 allows; the node converts the result into
-//! `http` types. Everything here comes from tenant code and is treated as hostile.
+//! The status is the WSGI status line (`"200 OK"`). This module checks the structure,
+//! the byte classes RFC 9110 allows, and what would make the client misread the
+//! response's framing (a 1xx status, a Content-Length that is not one plain number);
+//! the node converts the result into `http` types. Everything here comes from tenant
+//! code and is treated as hostile.
 
 /// A structurally valid response head, borrowing from the frame payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,8 +16,10 @@ pub struct ResponseHead<'a> {
 /// Why a worker's response head is refused (the request then gets a 502).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseHeadError {
-    #[error("status line {0:?} does not start with a 3-digit code from 100 to 599")]
+    #[error("status line {0:?} does not start with a 3-digit code from 200 to 599")]
     BadStatus(String),
+    #[error("Content-Length {0:?} is not one decimal number")]
+    BadContentLength(String),
     #[error("header fields are not in name/value pairs")]
     OddFields,
     #[error("header name {0:?} is not an HTTP token")]
@@ -55,6 +59,7 @@ impl<'a> ResponseHead<'a> {
             }
             headers.push((name, value));
         }
+        check_content_length(&headers)?;
         Ok(ResponseHead { status, headers })
     }
 }
@@ -72,10 +77,30 @@ fn parse_status(line: &[u8]) -> Result<u16, ResponseHeadError> {
     }
     let code =
         (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
-    if !(100..=599).contains(&code) {
+    // 1xx are interim answers the node gives itself (100 Continue); from an app, a 101
+    // would leave the client expecting another protocol on the connection.
+    if !(200..=599).contains(&code) {
         return Err(bad());
     }
     Ok(code)
+}
+
+/// Every Content-Length is digits only (no sign, space or `_`, which lenient parsers
+/// such as Python's `int` accept), of at most 19 (a u64), and all of them agree: a
+/// client or proxy must not be able to frame the body otherwise than the node does.
+fn check_content_length(headers: &[(&[u8], &[u8])]) -> Result<(), ResponseHeadError> {
+    let mut seen: Option<&[u8]> = None;
+    for (name, value) in headers {
+        if !name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        let plain = !value.is_empty() && value.len() <= 19 && value.iter().all(u8::is_ascii_digit);
+        if !plain || seen.is_some_and(|s| s != *value) {
+            return Err(ResponseHeadError::BadContentLength(lossy(value)));
+        }
+        seen = Some(value);
+    }
+    Ok(())
 }
 
 /// RFC 9110 token characters.
@@ -113,6 +138,7 @@ mod tests {
             b"20 OK",
             b"2000 OK",
             b"099 Low",
+            b"101 Switching Protocols",
             b"600 High",
             b"200\rOK",
             b"abc",
@@ -137,5 +163,23 @@ mod tests {
             ResponseHead::parse(b"200 OK\0X-Split\0a\r\nInjected: yes"),
             Err(ResponseHeadError::BadValue(_))
         ));
+        for bad in [
+            &b"200 OK\0Content-Length\0-1"[..],
+            b"200 OK\0Content-Length\0+5",
+            b"200 OK\0content-length\0 5",
+            b"200 OK\0Content-Length\05_0",
+            b"200 OK\0Content-Length\0",
+            b"200 OK\0Content-Length\099999999999999999999",
+            b"200 OK\0Content-Length\05\0CONTENT-LENGTH\050",
+        ] {
+            assert!(
+                matches!(
+                    ResponseHead::parse(bad),
+                    Err(ResponseHeadError::BadContentLength(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(ResponseHead::parse(b"200 OK\0Content-Length\05\0content-length\05").is_ok());
     }
 }

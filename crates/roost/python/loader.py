@@ -308,8 +308,9 @@ class Exchange(object):
         elif self.head is not None:
             raise AssertionError("start_response was already called without exc_info")
         check_header_text("status", status)
-        if len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
-            raise ValueError("status %r is not like '200 OK'" % status)
+        if (len(status) < 4 or not status[:3].isascii() or not status[:3].isdigit()
+                or status[3] != " " or not "200" <= status[:3] <= "599"):
+            raise ValueError("status %r is not like '200 OK' (a code from 200 to 599)" % status)
         if type(headers) is not list:
             raise TypeError("headers must be a list, not %s" % type(headers).__name__)
         remaining = None
@@ -321,10 +322,11 @@ class Exchange(object):
                 check_header_text("header name", name)
                 check_header_text("header value", value)
             if len(name) == 14 and name.lower() == "content-length":
-                try:
-                    remaining = int(value)
-                except ValueError:
-                    raise ValueError("Content-Length %r is not a number" % value)
+                # Digits only: int() would take "-1", "+5", " 5" and "5_0".
+                if not (value.isascii() and value.isdigit() and len(value) <= 19) or (
+                        remaining is not None and int(value) != remaining):
+                    raise ValueError("Content-Length %r is not one decimal number" % value)
+                remaining = int(value)
         head = head_text(status, headers)
         # One scan of the whole head for control characters; the culprit is looked
         # for only when there is one.

@@ -17,7 +17,13 @@ async fn protocol_violations_cost_the_worker_and_nothing_else() {
     node.add(node.spec("calm", &["calm.test"], &calm)).await;
     let worker = |text: String| -> u32 { text.trim_start_matches("ok ").parse().unwrap() };
 
-    for (path, expect) in [("/garbage", 502), ("/huge", 502), ("/order", 502)] {
+    for (path, expect) in [
+        ("/garbage", 502),
+        ("/huge", 502),
+        ("/order", 502),
+        ("/length", 502),
+        ("/switch", 502),
+    ] {
         let before = worker(get(node.addr, "evil.test", "/").await.unwrap().text());
         let started = tokio::time::Instant::now();
         let r = get(node.addr, "evil.test", path).await.unwrap();

@@ -168,6 +168,14 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
             "bytes-value",
             "TypeError: header value must be a str, not bytes",
         ),
+        (
+            "negative-length",
+            "ValueError: Content-Length '-1' is not one decimal number",
+        ),
+        (
+            "spaced-length",
+            "ValueError: Content-Length ' 5' is not one decimal number",
+        ),
     ] {
         let complaints = || node.log("errs", "error.log").matches(complaint).count();
         let before = complaints();
@@ -179,6 +187,19 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
         assert!(!r.text().contains("must not be sent"), "{what}");
         assert_eq!(complaints(), before + 1, "{what}: no new {complaint:?}");
     }
+    // A status that is no final response (101 would switch the client's protocol).
+    for line in ["101%20Switching%20Protocols", "999%20Weird"] {
+        let r = get(node.addr, "errs.test", &format!("/status?line={line}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 500, "{line}");
+    }
+    assert_eq!(
+        node.log("errs", "error.log")
+            .matches("ValueError: status")
+            .count(),
+        2
+    );
     // A failure after the head was sent breaks the response instead of faking success.
     let late = get(node.addr, "errs.test", "/late-error").await;
     assert!(
