@@ -167,10 +167,10 @@ mod tests {
             &b"200 OK\0Content-Length\0-1"[..],
             b"200 OK\0Content-Length\0+5",
             b"200 OK\0content-length\0 5",
-            b"200 OK\0Content-Length\05_0",
+            b"200 OK\0Content-Length\x005_0",
             b"200 OK\0Content-Length\0",
-            b"200 OK\0Content-Length\099999999999999999999",
-            b"200 OK\0Content-Length\05\0CONTENT-LENGTH\050",
+            b"200 OK\0Content-Length\x0099999999999999999999",
+            b"200 OK\0Content-Length\x005\0CONTENT-LENGTH\x0050",
         ] {
             assert!(
                 matches!(
@@ -180,6 +180,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(ResponseHead::parse(b"200 OK\0Content-Length\05\0content-length\05").is_ok());
+        assert!(ResponseHead::parse(b"200 OK\0Content-Length\x005\0content-length\x005").is_ok());
     }
 }
