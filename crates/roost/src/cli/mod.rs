@@ -88,7 +88,8 @@ pub struct ServeArgs {
     /// repeat for several.
     #[arg(long, value_name = "CIDR")]
     pub trusted_proxy: Vec<String>,
-    /// Longest time a client may take to send its request headers.
+    /// Longest time a client may take to send its request headers (and a new
+    /// connection its first byte).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
     /// Longest wait for the next bytes of a request body; then 408 (or, once the app

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use roost_registry::normalize_request_host;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{timeout, Instant};
 
 pub use body::ResponseBody;
 pub use error::FrontError;
@@ -113,6 +113,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32)
         .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
     let grace = config.shutdown_grace;
     let front = Arc::new(Front {
         routes,
@@ -134,31 +135,36 @@ pub async fn serve(
             _ = crate::stopping(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        // A client that stops reading must not hold its response's worker for long.
-        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-        stream.set_write_timeout(Some(front.config.send_timeout));
         let conn = Arc::new(ConnInfo { peer, local });
         let front = front.clone();
-        let service = service_fn(move |req| {
-            let front = front.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(front.handle(req, &conn).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(Box::pin(stream)), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            // hyper's header read timeout starts at a request's first byte: a client
+            // that connects and sends nothing would keep its connection, and one of
+            // the node's file descriptors, for ever.
+            let first_byte = front.config.header_read_timeout;
+            if !matches!(timeout(first_byte, stream.peek(&mut [0])).await, Ok(Ok(_))) {
+                return;
+            }
+            // A client that stops reading must not hold its response's worker for long.
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(front.config.send_timeout));
+            let service = service_fn(move |req| {
+                let front = front.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(front.handle(req, &conn).await) }
+            });
+            let connection = builder
+                .serve_connection(TokioIo::new(Box::pin(stream)), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     tracing::info!(%local, "listener closed; finishing open requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             ?grace,
             "requests still open after the shutdown grace period"

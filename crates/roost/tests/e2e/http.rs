@@ -50,6 +50,10 @@ async fn a_client_too_slow_with_its_headers_is_cut_off() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the node kept a half-sent request open");
+    // One that sends nothing at all is cut off too.
+    let mut mute = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), mute.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the node kept a silent connection open");
     node.stop().await;
 }
 
