@@ -15,13 +15,12 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, free_port, require_build, require_root, wait_port, workspace  # noqa: E402
+from common import ROOT, require_build, require_root, workspace  # noqa: E402
 import throughput  # noqa: E402
 
 APP = "body"
@@ -73,12 +72,7 @@ def probe(port, stop, out):
 
 
 def run_attack(command, work, attack, args):
-    port = free_port()
-    server = subprocess.Popen(command(work, port, APP), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd=work)
-    try:
-        wait_port(port)
-        time.sleep(1)
+    with throughput.serving(command, work, APP) as port:
         stop, out = threading.Event(), []
         attackers = [threading.Thread(target=ATTACKS[attack], args=(port, stop))
                      for _ in range(args.clients)]
@@ -92,13 +86,6 @@ def run_attack(command, work, attack, args):
         prober.join()
         for t in attackers:
             t.join()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     answered = [ms for ok, ms in out if ok]
     return {"probes": len(out), "answered": len(answered),
             "p50_ms": statistics.median(answered) if answered else None}

@@ -15,6 +15,7 @@ nobody.
   python3 bench/chart.py throughput tp.json throughput.png
 """
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -111,6 +112,26 @@ def installed(name):
     return peer not in PEER_FILES or os.path.exists(PEER_FILES[peer])
 
 
+@contextlib.contextmanager
+def serving(command, work, app):
+    """Runs one of SERVERS on `app` (a module in `work`) until the block ends; gives its
+    port, once it answers and has had a second to settle."""
+    port = free_port()
+    server = subprocess.Popen(command(work, port, app), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=work)
+    try:
+        wait_port(port)
+        time.sleep(1)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def canary(port, stop, out):
     while not stop.is_set():
         start = time.perf_counter()
@@ -167,12 +188,7 @@ def measure_app(app, args, work):
         if not installed(name):
             print("skipping %s: not installed" % name, file=sys.stderr)
             continue
-        port = free_port()
-        server = subprocess.Popen(command(work, port, app), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, cwd=work)
-        try:
-            wait_port(port)
-            time.sleep(1)
+        with serving(command, work, app) as port:
             wrk(port, 1)  # warm up
             rates, latencies, errors = [], [], 0
             for _ in range(args.runs):
@@ -197,9 +213,6 @@ def measure_app(app, args, work):
                   % (app, name, report[name]["req_per_s_median"], min(rates), max(rates),
                      report[name]["canary_p50_ms"], report[name]["canary_p99_ms"]),
                   file=sys.stderr, flush=True)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     return report
 
 

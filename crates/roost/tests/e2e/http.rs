@@ -5,23 +5,30 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2::SendRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{get, Node};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_with_prior_knowledge() {
-    let node = Node::start().await;
-    let app = node.app("tester.py");
-    node.add(node.spec("h2", &["h2.test"], &app)).await;
-    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+/// An HTTP/2 connection to the node (cleartext, prior knowledge).
+async fn h2_client(addr: std::net::SocketAddr) -> SendRequest<Empty<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
     )
     .await
     .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("h2", &["h2.test"], &app)).await;
+    let mut sender = h2_client(node.addr).await;
     for _ in 0..3 {
         let response = sender
             .send_request(
@@ -141,6 +148,19 @@ async fn one_slot_site(node: &Node, name: &str) -> String {
     host
 }
 
+/// The site's only slot answers at once, in the worker `pid`: `after` neither held the
+/// slot nor got the worker killed.
+async fn assert_served_by(node: &Node, host: &str, pid: &str, after: &str) {
+    let r = get(node.addr, host, "/pid").await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "after {after}, the slot was held: {}",
+        r.text()
+    );
+    assert_eq!(r.text(), pid, "after {after}, the worker was killed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_uploads_hold_no_slot() {
     let node = Node::start_with(|c| c.front.body_read_timeout = Duration::from_secs(2)).await;
@@ -161,9 +181,7 @@ async fn slow_uploads_hold_no_slot() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Meanwhile (3 s and more of dribbling) the site's only slot stays free.
-    let r = get(node.addr, &host, "/pid").await.unwrap();
-    assert_eq!(r.status, 200, "a slow upload held the slot: {}", r.text());
-    assert_eq!(r.text(), pid);
+    assert_served_by(&node, &host, &pid, "slow uploads").await;
     // Finished, each upload reaches the app whole.
     for s in &mut slow {
         s.write_all(&[b'x'; 10]).await.unwrap();
@@ -186,8 +204,7 @@ async fn slow_uploads_hold_no_slot() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    // The worker is the one from the start: nothing was killed.
-    assert_eq!(get(node.addr, &host, "/pid").await.unwrap().text(), pid);
+    assert_served_by(&node, &host, &pid, "a stalled upload").await;
     node.stop().await;
 }
 
@@ -209,29 +226,11 @@ async fn a_client_that_stops_reading_frees_its_worker() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // After the send timeout the connection is closed and the rest of the response
     // discarded: the slot is free again, with the same worker.
-    let r = get(node.addr, &host, "/pid").await.unwrap();
-    assert_eq!(
-        r.status,
-        200,
-        "the unread response held the slot: {}",
-        r.text()
-    );
-    assert_eq!(
-        r.text(),
-        pid,
-        "the worker was killed for its client's slowness"
-    );
+    assert_served_by(&node, &host, &pid, "an unread HTTP/1.1 response").await;
 
     // The same over HTTP/2, where the client's flow control window stalls the stream
     // and the connection itself stays writable.
-    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(node.addr).await;
     let unread = sender
         .send_request(
             Request::get(format!("http://{host}/download?bytes={}", 64 << 20))
@@ -242,18 +241,7 @@ async fn a_client_that_stops_reading_frees_its_worker() {
         .unwrap();
     assert_eq!(unread.status(), 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = get(node.addr, &host, "/pid").await.unwrap();
-    assert_eq!(
-        r.status,
-        200,
-        "the unread HTTP/2 stream held the slot: {}",
-        r.text()
-    );
-    assert_eq!(
-        r.text(),
-        pid,
-        "the worker was killed for its client's slowness"
-    );
+    assert_served_by(&node, &host, &pid, "an unread HTTP/2 stream").await;
     // The abandoned stream ends broken, never short and looking complete.
     let rest = unread.into_body().collect().await;
     assert!(rest.is_err(), "an abandoned response ended as if complete");
@@ -276,9 +264,7 @@ async fn a_slow_client_gets_its_whole_response_while_the_worker_moves_on() {
     reader.write_all(request.as_bytes()).await.unwrap();
     // The node holds what the client has not taken: the only slot serves others.
     for _ in 0..5 {
-        let r = get(node.addr, &host, "/pid").await.unwrap();
-        assert_eq!(r.status, 200, "the slow client held the slot: {}", r.text());
-        assert_eq!(r.text(), pid);
+        assert_served_by(&node, &host, &pid, "a response not read yet").await;
     }
     // And the slow client still gets every byte.
     let mut answer = Vec::new();
