@@ -78,10 +78,13 @@ impl<'a> Held<'a> {
         }
     }
 
-    /// Whether another frame may be read from the worker into this.
+    /// Whether another frame may be read from the worker into this. One always may:
+    /// the one handed on next (with a full budget the response still streams, at the
+    /// client's pace).
     fn has_room(&self) -> bool {
-        self.bytes < RESPONSE_HOLD_MAX
-            && self.policy.held.load(Ordering::Relaxed) < self.policy.held_max
+        self.pieces.is_empty()
+            || (self.bytes < RESPONSE_HOLD_MAX
+                && self.policy.held.load(Ordering::Relaxed) < self.policy.held_max)
     }
 
     fn push(&mut self, data: Bytes) {
@@ -166,6 +169,8 @@ async fn pump(
                 };
                 tokio::select! {
                     biased;
+                    // The client's side is gone; an open exchange is salvaged.
+                    _ = tx.closed() => return,
                     permit = tx.reserve(), if !held.is_empty() => match permit {
                         Ok(permit) => {
                             permit.send(Piece::Data(held.pop().expect("not empty")));

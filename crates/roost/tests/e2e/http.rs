@@ -281,6 +281,18 @@ async fn a_slow_client_gets_its_whole_response_while_the_worker_moves_on() {
     node.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_response_buffer_left_a_response_streams_at_the_clients_pace() {
+    let node = Node::start_with(|c| c.front.response_buffer = 0).await;
+    let host = one_slot_site(&node, "nobuf").await;
+    let r = get(node.addr, &host, &format!("/download?bytes={}", 3 << 20))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 3 << 20);
+    node.stop().await;
+}
+
 /// CVE-2023-44487: a client opening HTTP/2 streams and resetting them at once makes the
 /// server start work it never finishes. The node ends such a connection (h2's limit on
 /// pending resets), and few of the requests reach the app.
