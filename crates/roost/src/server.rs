@@ -194,9 +194,12 @@ pub async fn run(
 
     let mut fronts = JoinSet::new();
     // One budget of response bytes held for slow clients, whatever the listener.
+    let spool = (config.front.response_spool > 0)
+        .then(|| (config.front.spool_dir.clone(), config.front.response_spool));
     let streams = Arc::new(front::StreamPolicy::new(
         config.front.send_timeout,
         config.front.response_buffer,
+        spool,
     ));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {

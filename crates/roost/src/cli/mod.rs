@@ -51,7 +51,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node: serve every site of the registry until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Add, change, remove and inspect sites.
     #[command(subcommand)]
     Site(Box<site::SiteCommand>),
@@ -105,6 +105,13 @@ pub struct ServeArgs {
     /// clients; when full, workers wait.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     pub response_buffer: u64,
+    /// Most disk the node uses for such responses beyond memory, all together (one
+    /// response: at most 1GiB), in unlinked temporary files; 0 holds them in memory only.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub response_spool: u64,
+    /// Folder of those temporary files. Default: $TMPDIR, else /tmp.
+    #[arg(long)]
+    pub spool_dir: Option<PathBuf>,
     /// Largest request head (request line and headers); beyond: 431.
     #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
     pub max_header_size: u64,
@@ -193,7 +200,7 @@ pub fn init_tracing(verbose: u8, server: bool) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = registry_path(cli.registry.as_deref())?;
     match cli.command {
-        Command::Serve(args) => serve(registry, cli.min_uid, args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(registry, cli.min_uid, *args).map(|()| ExitCode::SUCCESS),
         Command::Site(command) => site::run(&registry, cli.min_uid, *command),
         Command::Apply(args) => apply::run(&registry, cli.min_uid, args),
         Command::Runtime(command) => runtime::run(&registry, command),
@@ -268,6 +275,10 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.front.body_read_timeout = args.body_timeout;
     config.front.send_timeout = args.send_timeout;
     config.front.response_buffer = usize::try_from(args.response_buffer).unwrap_or(usize::MAX);
+    config.front.response_spool = args.response_spool;
+    if let Some(dir) = &args.spool_dir {
+        config.front.spool_dir = absolute(dir.clone())?;
+    }
     config.front.max_header_bytes = args.max_header_size as usize;
     config.front.max_headers = args.max_headers;
     config.stop_grace = args.stop_grace;

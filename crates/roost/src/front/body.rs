@@ -30,6 +30,8 @@ pub enum BodyError {
     Timeout,
     #[error("the client took no byte of the response for the send timeout")]
     ClientTooSlow,
+    #[error("the part of the response spooled to disk could not be read back")]
+    Spool,
 }
 
 pub enum ResponseBody {

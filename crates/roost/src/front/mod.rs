@@ -52,9 +52,14 @@ pub struct FrontConfig {
     /// Longest time a client may leave a response unread: then its connection closes,
     /// and the worker's slot is freed (not the worker killed).
     pub send_timeout: Duration,
-    /// Most bytes of responses the node holds for clients slower than their workers,
-    /// all responses together.
+    /// Most bytes of responses the node holds in memory for clients slower than their
+    /// workers, all responses together.
     pub response_buffer: usize,
+    /// Most bytes of such responses spooled to disk beyond memory, all together; 0 is
+    /// none.
+    pub response_spool: u64,
+    /// Where the spool's temporary files are made (unlinked at once).
+    pub spool_dir: std::path::PathBuf,
     /// Most bytes of request line and headers (HTTP/1: read buffer; HTTP/2: header list).
     pub max_header_bytes: usize,
     /// Most header fields in one request.
@@ -71,6 +76,8 @@ impl Default for FrontConfig {
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             response_buffer: 256 << 20,
+            response_spool: 1 << 30,
+            spool_dir: std::env::temp_dir(),
             max_header_bytes: 64 << 10,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),

@@ -3,14 +3,18 @@
 //! A pump task reads the worker's frames, whether or not the client reads: hyper polls
 //! a body only when the client can take more (on HTTP/2, flow control may mean never),
 //! so the exchange's deadlines are kept here, not in the body. What the client has not
-//! taken yet is held in memory, within a node-wide budget, so the worker finishes at
-//! its own pace and its slot serves the next request while a slow client downloads (as
-//! nginx buffers its upstreams' responses). A full budget makes the pump wait for the
-//! client, which then holds the worker; a client that takes nothing for the send
-//! timeout is left, and the exchange salvaged.
+//! taken yet is held in memory, then in an unlinked temporary file, each within a
+//! node-wide budget, so the worker finishes at its own pace and its slot serves the
+//! next request while a slow client downloads (as nginx buffers its upstreams'
+//! responses). Full budgets make the pump wait for the client, which then holds the
+//! worker; a client that takes nothing for the send timeout is left, and the exchange
+//! salvaged.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -26,34 +30,58 @@ use super::body::{BodyError, PendingAccess, ResponseBody};
 use super::exchange::Exchange;
 use crate::worker::ConnError;
 
-/// Most bytes one response may hold for its client: a large download to a slow client
-/// cannot take the whole budget.
+/// Most bytes one response may hold in memory for its client: a large download to a
+/// slow client cannot take the whole budget.
 const RESPONSE_HOLD_MAX: usize = 32 << 20;
+
+/// Most bytes one response may spool to disk (nginx's `proxy_max_temp_file_size`).
+const RESPONSE_SPOOL_MAX: u64 = 1 << 30;
 
 /// How the front streams responses; shared by every request.
 #[derive(Debug)]
 pub struct StreamPolicy {
     /// Longest time a client may take nothing of a response that is ready for it.
     pub send_timeout: Duration,
-    /// Bytes held for slow clients, all responses together.
+    /// Bytes held in memory for slow clients, all responses together.
     held: AtomicUsize,
     held_max: usize,
+    /// Where responses beyond memory are spooled, and how many bytes at most.
+    spool: Option<(PathBuf, u64)>,
+    spooled: AtomicU64,
 }
 
 impl StreamPolicy {
-    pub fn new(send_timeout: Duration, held_max: usize) -> StreamPolicy {
+    /// `spool`: a folder for temporary files and the most bytes in them, all responses
+    /// together; `None` holds responses in memory only.
+    pub fn new(send_timeout: Duration, held_max: usize, spool: Option<(PathBuf, u64)>) -> Self {
         StreamPolicy {
             send_timeout,
             held: AtomicUsize::new(0),
             held_max,
+            spool,
+            spooled: AtomicU64::new(0),
         }
     }
 
-    /// Bytes of responses the node holds for their clients now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+    /// Bytes of responses the node holds for their clients now: in memory, on disk.
+    pub fn held(&self) -> (usize, u64) {
+        (
+            self.held.load(Ordering::Relaxed),
+            self.spooled.load(Ordering::Relaxed),
+        )
     }
 }
+
+/// The part of a response kept on disk: an unlinked temporary file, written at its
+/// end and read from its start.
+struct Spool {
+    file: Arc<File>,
+    written: u64,
+    read: u64,
+}
+
+/// Most bytes read back from a spool for the client at once.
+const SPOOL_READ: u64 = 1 << 20;
 
 /// What the pump hands to the client's side.
 enum Piece {
@@ -62,10 +90,15 @@ enum Piece {
     Fail(BodyError),
 }
 
-/// The response's bytes read from the worker and not yet taken by the client.
+/// The response's bytes read from the worker and not yet taken by the client: in
+/// memory, then (once memory is full) in a spool, which then takes everything after
+/// them until the client has caught up.
 struct Held<'a> {
     pieces: VecDeque<Bytes>,
     bytes: usize,
+    spool: Option<Spool>,
+    /// A spool failed (a full disk): memory only from then on.
+    no_spool: bool,
     policy: &'a StreamPolicy,
 }
 
@@ -74,40 +107,120 @@ impl<'a> Held<'a> {
         Held {
             pieces: VecDeque::new(),
             bytes: 0,
+            spool: None,
+            no_spool: false,
             policy,
         }
     }
 
-    /// Whether another frame may be read from the worker into this. One always may:
-    /// the one handed on next (with a full budget the response still streams, at the
-    /// client's pace).
-    fn has_room(&self) -> bool {
-        self.pieces.is_empty()
-            || (self.bytes < RESPONSE_HOLD_MAX
-                && self.policy.held.load(Ordering::Relaxed) < self.policy.held_max)
+    fn memory_has_room(&self) -> bool {
+        self.bytes < RESPONSE_HOLD_MAX
+            && self.policy.held.load(Ordering::Relaxed) < self.policy.held_max
     }
 
-    fn push(&mut self, data: Bytes) {
+    fn spool_has_room(&self) -> bool {
+        let Some((_, max)) = &self.policy.spool else {
+            return false;
+        };
+        let mine = self.spool.as_ref().map_or(0, |s| s.written - s.read);
+        !self.no_spool
+            && mine < RESPONSE_SPOOL_MAX
+            && self.policy.spooled.load(Ordering::Relaxed) < *max
+    }
+
+    /// Whether another frame may be read from the worker into this. One always may:
+    /// the one handed on next (with full budgets the response still streams, at the
+    /// client's pace).
+    fn has_room(&self) -> bool {
+        self.is_empty() || self.memory_has_room() || self.spool_has_room()
+    }
+
+    async fn push(&mut self, data: Bytes) {
+        if self.spool.is_some() || (!self.memory_has_room() && self.spool_has_room()) {
+            match self.spool_write(&data).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot spool a response for a slow client; holding it in memory");
+                    self.no_spool = true;
+                    if self.spool.is_some() {
+                        // What is spooled comes first: keep the order, wait for it.
+                        self.pieces.push_back(data.clone());
+                        self.bytes += data.len();
+                        self.policy.held.fetch_add(data.len(), Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }
         self.bytes += data.len();
         self.policy.held.fetch_add(data.len(), Ordering::Relaxed);
         self.pieces.push_back(data);
     }
 
-    fn pop(&mut self) -> Option<Bytes> {
-        let data = self.pieces.pop_front()?;
-        self.bytes -= data.len();
-        self.policy.held.fetch_sub(data.len(), Ordering::Relaxed);
-        Some(data)
+    async fn spool_write(&mut self, data: &Bytes) -> std::io::Result<()> {
+        let spool = match &mut self.spool {
+            Some(spool) => spool,
+            None => {
+                let (dir, _) = self.policy.spool.as_ref().expect("spool_has_room checked");
+                let dir = dir.clone();
+                let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                self.spool.insert(Spool {
+                    file: Arc::new(file),
+                    written: 0,
+                    read: 0,
+                })
+            }
+        };
+        let len = data.len() as u64;
+        let (file, at, data) = (spool.file.clone(), spool.written, data.clone());
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+            .await
+            .map_err(std::io::Error::other)??;
+        spool.written += len;
+        self.policy.spooled.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The next bytes for the client, memory first; `None` when nothing is held.
+    async fn pop(&mut self) -> std::io::Result<Option<Bytes>> {
+        if let Some(data) = self.pieces.pop_front() {
+            self.bytes -= data.len();
+            self.policy.held.fetch_sub(data.len(), Ordering::Relaxed);
+            return Ok(Some(data));
+        }
+        let Some(spool) = &mut self.spool else {
+            return Ok(None);
+        };
+        let n = (spool.written - spool.read).min(SPOOL_READ);
+        let (file, at) = (spool.file.clone(), spool.read);
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0; n as usize];
+            file.read_exact_at(&mut buf, at).map(|()| buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        spool.read += n;
+        self.policy.spooled.fetch_sub(n, Ordering::Relaxed);
+        if spool.read == spool.written {
+            self.spool = None; // caught up: the file goes, memory again
+        }
+        Ok(Some(data.into()))
     }
 
     fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
+        self.pieces.is_empty() && self.spool.is_none()
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.policy.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(spool) = &self.spool {
+            let left = spool.written - spool.read;
+            self.policy.spooled.fetch_sub(left, Ordering::Relaxed);
+        }
     }
 }
 
@@ -145,7 +258,7 @@ async fn pump(
     let gone = ex.gone();
     let mut held = Held::new(&policy);
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
-        held.push(chunk);
+        held.push(chunk).await;
     }
     // Since when the client has had something to take and taken nothing.
     let mut waiting_since = Instant::now();
@@ -173,7 +286,15 @@ async fn pump(
                     _ = tx.closed() => return,
                     permit = tx.reserve(), if !held.is_empty() => match permit {
                         Ok(permit) => {
-                            permit.send(Piece::Data(held.pop().expect("not empty")));
+                            match held.pop().await {
+                                Ok(Some(data)) => permit.send(Piece::Data(data)),
+                                Ok(None) => unreachable!("not empty"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot read back a spooled response");
+                                    permit.send(Piece::Fail(BodyError::Spool));
+                                    return;
+                                }
+                            }
                             waiting_since = Instant::now();
                             continue;
                         }
@@ -201,7 +322,7 @@ async fn pump(
                     waiting_since = Instant::now();
                 }
                 if !data.is_empty() {
-                    held.push(data);
+                    held.push(data).await;
                 }
                 continue;
             }

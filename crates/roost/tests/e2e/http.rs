@@ -210,7 +210,13 @@ async fn slow_uploads_hold_no_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_frees_its_worker() {
-    let node = Node::start_with(|c| c.front.send_timeout = Duration::from_secs(1)).await;
+    // Memory only: 64 MiB is more than one response may hold, so the worker waits for
+    // its client until the send timeout.
+    let node = Node::start_with(|c| {
+        c.front.send_timeout = Duration::from_secs(1);
+        c.front.response_spool = 0;
+    })
+    .await;
     let host = one_slot_site(&node, "dl").await;
     let pid = get(node.addr, &host, "/pid").await.unwrap().text();
     // 64 MiB, far more than the sockets between app and client can hold, and the
@@ -278,6 +284,41 @@ async fn a_slow_client_gets_its_whole_response_while_the_worker_moves_on() {
         body.len()
     );
     assert_eq!(body.iter().filter(|&&b| b == b'x').count(), SIZE);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_beyond_memory_is_spooled_for_a_slow_client() {
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_owned();
+    let node = Node::start_with(move |c| {
+        c.front.response_buffer = 1 << 20;
+        c.front.spool_dir = spool_dir;
+    })
+    .await;
+    let host = one_slot_site(&node, "spool").await;
+    let pid = get(node.addr, &host, "/pid").await.unwrap().text();
+    // 64 MiB for a client that reads nothing for now: 1 MiB in memory, the rest on disk.
+    const SIZE: usize = 64 << 20;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    let request =
+        format!("GET /download?bytes={SIZE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    reader.write_all(request.as_bytes()).await.unwrap();
+    node.eventually("the response to be spooled", || async {
+        get(node.addr, &host, "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert_served_by(&node, &host, &pid, "a response spooled for its client").await;
+    // The files are unlinked from the start: nothing is ever left in the folder.
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
+    let mut answer = Vec::new();
+    reader.read_to_end(&mut answer).await.unwrap();
+    let body = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(answer[body..].iter().filter(|&&b| b == b'x').count(), SIZE);
     node.stop().await;
 }
 
