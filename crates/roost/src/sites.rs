@@ -96,6 +96,7 @@ impl Sites {
                             site: site.clone(),
                             pool: live.route.pool.clone(),
                             logs: live.route.logs.clone(),
+                            hold: live.route.hold.clone(),
                         });
                     } else if let Ok(live) = self.start(site.clone()) {
                         self.live.insert(site.name.clone(), live);
@@ -151,7 +152,12 @@ impl Sites {
         };
         let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx);
         Ok(LiveSite {
-            route: Arc::new(Route { site, pool, logs }),
+            route: Arc::new(Route {
+                site,
+                pool,
+                logs,
+                hold: Default::default(),
+            }),
             task,
         })
     }

@@ -101,15 +101,16 @@ pub struct ServeArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub send_timeout: Duration,
     /// Most memory the node holds of responses its clients have not taken yet, all
-    /// together (one response: at most 32MiB), so that workers need not wait for slow
-    /// clients; when full, workers wait.
+    /// together (one response: at most 32MiB; one site: a quarter), so that workers
+    /// need not wait for slow clients; when full, workers wait.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     pub response_buffer: u64,
     /// Most disk the node uses for such responses beyond memory, all together (one
-    /// response: at most 1GiB), in unlinked temporary files; 0 holds them in memory only.
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    /// response: at most 1GiB; one site: a quarter), in unlinked temporary files; 0
+    /// holds them in memory only.
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
     pub response_spool: u64,
-    /// Folder of those temporary files. Default: $TMPDIR, else /tmp.
+    /// Folder of those temporary files. Default: /var/tmp, else $TMPDIR or /tmp.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
     /// Largest request head (request line and headers); beyond: 431.

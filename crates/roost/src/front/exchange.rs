@@ -338,7 +338,15 @@ pub async fn forward(
             other => break Some(other.map(|f| f.expect("matched above"))),
         }
     };
-    Ok(stream(ex, response, chunks, next, access, policy))
+    Ok(stream(
+        ex,
+        response,
+        chunks,
+        next,
+        access,
+        policy,
+        &route.hold,
+    ))
 }
 
 fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {

@@ -33,7 +33,7 @@ use tokio::time::{timeout, Instant};
 
 pub use body::ResponseBody;
 pub use error::FrontError;
-pub use stream::StreamPolicy;
+pub use stream::{SiteHold, StreamPolicy};
 
 use body::PendingAccess;
 use environ::ConnInfo;
@@ -76,8 +76,11 @@ impl Default for FrontConfig {
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             response_buffer: 256 << 20,
-            response_spool: 1 << 30,
-            spool_dir: std::env::temp_dir(),
+            response_spool: 4 << 30,
+            // On a disk by convention, where /tmp may be a tmpfs (memory).
+            spool_dir: Some(std::path::PathBuf::from("/var/tmp"))
+                .filter(|d| d.is_dir())
+                .unwrap_or_else(std::env::temp_dir),
             max_header_bytes: 64 << 10,
             max_headers: 100,
             shutdown_grace: Duration::from_secs(30),

@@ -37,6 +37,17 @@ const RESPONSE_HOLD_MAX: usize = 32 << 20;
 /// Most bytes one response may spool to disk (nginx's `proxy_max_temp_file_size`).
 const RESPONSE_SPOOL_MAX: u64 = 1 << 30;
 
+/// The share of each budget one site's responses may hold: one site's slow clients
+/// leave room for the others'.
+const SITE_SHARE: u64 = 4;
+
+/// What one site's responses hold for their clients now.
+#[derive(Debug, Default)]
+pub struct SiteHold {
+    memory: AtomicUsize,
+    disk: AtomicU64,
+}
+
 /// How the front streams responses; shared by every request.
 #[derive(Debug)]
 pub struct StreamPolicy {
@@ -100,22 +111,48 @@ struct Held<'a> {
     /// A spool failed (a full disk): memory only from then on.
     no_spool: bool,
     policy: &'a StreamPolicy,
+    site: &'a SiteHold,
 }
 
 impl<'a> Held<'a> {
-    fn new(policy: &'a StreamPolicy) -> Held<'a> {
+    fn new(policy: &'a StreamPolicy, site: &'a SiteHold) -> Held<'a> {
         Held {
             pieces: VecDeque::new(),
             bytes: 0,
             spool: None,
             no_spool: false,
             policy,
+            site,
         }
     }
 
     fn memory_has_room(&self) -> bool {
+        let max = self.policy.held_max;
         self.bytes < RESPONSE_HOLD_MAX
-            && self.policy.held.load(Ordering::Relaxed) < self.policy.held_max
+            && self.policy.held.load(Ordering::Relaxed) < max
+            && self.site.memory.load(Ordering::Relaxed) < max / SITE_SHARE as usize
+    }
+
+    fn add_memory(&mut self, n: usize) {
+        self.bytes += n;
+        self.policy.held.fetch_add(n, Ordering::Relaxed);
+        self.site.memory.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub_memory(&mut self, n: usize) {
+        self.bytes -= n;
+        self.policy.held.fetch_sub(n, Ordering::Relaxed);
+        self.site.memory.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn add_disk(&self, n: u64) {
+        self.policy.spooled.fetch_add(n, Ordering::Relaxed);
+        self.site.disk.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub_disk(&self, n: u64) {
+        self.policy.spooled.fetch_sub(n, Ordering::Relaxed);
+        self.site.disk.fetch_sub(n, Ordering::Relaxed);
     }
 
     fn spool_has_room(&self) -> bool {
@@ -126,6 +163,7 @@ impl<'a> Held<'a> {
         !self.no_spool
             && mine < RESPONSE_SPOOL_MAX
             && self.policy.spooled.load(Ordering::Relaxed) < *max
+            && self.site.disk.load(Ordering::Relaxed) < *max / SITE_SHARE
     }
 
     /// Whether another frame may be read from the worker into this. One always may:
@@ -144,16 +182,14 @@ impl<'a> Held<'a> {
                     self.no_spool = true;
                     if self.spool.is_some() {
                         // What is spooled comes first: keep the order, wait for it.
-                        self.pieces.push_back(data.clone());
-                        self.bytes += data.len();
-                        self.policy.held.fetch_add(data.len(), Ordering::Relaxed);
+                        self.add_memory(data.len());
+                        self.pieces.push_back(data);
                         return;
                     }
                 }
             }
         }
-        self.bytes += data.len();
-        self.policy.held.fetch_add(data.len(), Ordering::Relaxed);
+        self.add_memory(data.len());
         self.pieces.push_back(data);
     }
 
@@ -179,15 +215,14 @@ impl<'a> Held<'a> {
             .await
             .map_err(std::io::Error::other)??;
         spool.written += len;
-        self.policy.spooled.fetch_add(len, Ordering::Relaxed);
+        self.add_disk(len);
         Ok(())
     }
 
     /// The next bytes for the client, memory first; `None` when nothing is held.
     async fn pop(&mut self) -> std::io::Result<Option<Bytes>> {
         if let Some(data) = self.pieces.pop_front() {
-            self.bytes -= data.len();
-            self.policy.held.fetch_sub(data.len(), Ordering::Relaxed);
+            self.sub_memory(data.len());
             return Ok(Some(data));
         }
         let Some(spool) = &mut self.spool else {
@@ -202,10 +237,10 @@ impl<'a> Held<'a> {
         .await
         .map_err(std::io::Error::other)??;
         spool.read += n;
-        self.policy.spooled.fetch_sub(n, Ordering::Relaxed);
         if spool.read == spool.written {
             self.spool = None; // caught up: the file goes, memory again
         }
+        self.sub_disk(n);
         Ok(Some(data.into()))
     }
 
@@ -216,10 +251,9 @@ impl<'a> Held<'a> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.policy.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.sub_memory(self.bytes);
         if let Some(spool) = &self.spool {
-            let left = spool.written - spool.read;
-            self.policy.spooled.fetch_sub(left, Ordering::Relaxed);
+            self.sub_disk(spool.written - spool.read);
         }
     }
 }
@@ -233,9 +267,10 @@ pub(super) fn stream(
     next: Option<Result<Frame, ConnError>>,
     access: &mut Option<PendingAccess>,
     policy: &Arc<StreamPolicy>,
+    site: &Arc<SiteHold>,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(pump(ex, pending, next, tx, policy.clone()));
+    tokio::spawn(pump(ex, pending, next, tx, policy.clone(), site.clone()));
     let body = WorkerBody {
         status: response.status().as_u16(),
         rx,
@@ -253,10 +288,11 @@ async fn pump(
     mut next: Option<Result<Frame, ConnError>>,
     tx: mpsc::Sender<Piece>,
     policy: Arc<StreamPolicy>,
+    site: Arc<SiteHold>,
 ) {
     let deadline = ex.deadline;
     let gone = ex.gone();
-    let mut held = Held::new(&policy);
+    let mut held = Held::new(&policy, &site);
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
         held.push(chunk).await;
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use roost_registry::{HostPattern, Site};
 
+use crate::front::SiteHold;
 use crate::logs::SiteLogs;
 use crate::pool::PoolHandle;
 
@@ -17,6 +18,8 @@ pub struct Route {
     pub site: Arc<Site>,
     pub pool: PoolHandle,
     pub logs: Arc<SiteLogs>,
+    /// What the site's responses hold for slow clients.
+    pub hold: Arc<SiteHold>,
 }
 
 #[derive(Default)]
@@ -91,6 +94,7 @@ mod tests {
             site: Arc::new(site),
             pool: PoolHandle::detached(tx),
             logs: SiteLogs::detached(&dir),
+            hold: Default::default(),
         })
     }
 

@@ -322,6 +322,45 @@ async fn a_response_beyond_memory_is_spooled_for_a_slow_client() {
     node.stop().await;
 }
 
+/// A client that reads nothing of `size` bytes from `host` (kept open until dropped).
+async fn unread_download(node: &Node, host: &str, size: usize) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    let request = format!("GET /download?bytes={size} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    reader.write_all(request.as_bytes()).await.unwrap();
+    reader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sites_slow_clients_leave_room_for_the_others() {
+    // 64 MiB of memory for all responses, a quarter of it per site; no spool.
+    let node = Node::start_with(|c| {
+        c.front.response_buffer = 64 << 20;
+        c.front.response_spool = 0;
+    })
+    .await;
+    let app = node.app("tester.py");
+    let mut greedy = node.spec("greedy", &["greedy.test"], &app);
+    greedy.processes_max = Some(2);
+    node.add(greedy).await;
+    let host = one_slot_site(&node, "modest").await;
+    let pid = get(node.addr, &host, "/pid").await.unwrap().text();
+    // Two clients of one site leave 64 MiB responses unread: without a share, they
+    // would take all 64 MiB (32 MiB each).
+    let greedy = [
+        unread_download(&node, "greedy.test", 64 << 20).await,
+        unread_download(&node, "greedy.test", 64 << 20).await,
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The other site's 12 MiB for its own slow client are still held for it.
+    let modest = unread_download(&node, &host, 12 << 20).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_served_by(&node, &host, &pid, "another site's slow clients").await;
+    drop((greedy, modest));
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_response_buffer_left_a_response_streams_at_the_clients_pace() {
     let node = Node::start_with(|c| c.front.response_buffer = 0).await;
