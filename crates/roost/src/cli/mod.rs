@@ -92,8 +92,8 @@ pub struct ServeArgs {
     /// connection its first byte).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
-    /// Longest wait for the next bytes of a request body; then 408 (or, once the app
-    /// reads the body, the body ends early for it).
+    /// Longest wait for the next bytes of a request body; then 408 (past the first
+    /// 64KiB, which are read before a worker is involved: the app's read fails).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// Longest time a client may leave its response unread; then the connection is

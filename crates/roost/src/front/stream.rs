@@ -73,14 +73,6 @@ impl StreamPolicy {
             spooled: AtomicU64::new(0),
         }
     }
-
-    /// Bytes of responses the node holds for their clients now: in memory, on disk.
-    pub fn held(&self) -> (usize, u64) {
-        (
-            self.held.load(Ordering::Relaxed),
-            self.spooled.load(Ordering::Relaxed),
-        )
-    }
 }
 
 /// The part of a response kept on disk: an unlinked temporary file, written at its
