@@ -193,6 +193,15 @@ impl Front {
             Ok(h) => h,
             Err(e) => return e.response(),
         };
+        // The asterisk form asks about the server, not a resource: the front answers it,
+        // as Apache does (an app would get "*" as its PATH_INFO).
+        if req.uri().path() == "*" {
+            if req.method() == Method::OPTIONS {
+                return Response::new(ResponseBody::Full(None));
+            }
+            return FrontError::BadRequest("the request target \"*\" is for OPTIONS".into())
+                .response();
+        }
         let Some(route) = self.routes.load().lookup(&host).cloned() else {
             return FrontError::UnknownHost(host).response();
         };

@@ -45,6 +45,15 @@ async fn malformed_requests_get_400() {
         let response = raw(node.addr, bytes).await;
         assert_eq!(status_of(&response), "400", "{what}: {response:?}");
     }
+    // The asterisk form is about the server: answered by the front, never by an app.
+    let options = raw(
+        node.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: lim.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&options), "200", "{options:?}");
+    let star = raw(node.addr, b"GET * HTTP/1.1\r\nHost: lim.test\r\n\r\n").await;
+    assert_eq!(status_of(&star), "400", "{star:?}");
     // A tunnel is nothing a WSGI application can serve.
     let connect = raw(
         node.addr,
@@ -84,6 +93,10 @@ async fn malformed_requests_get_400() {
     })
     .await;
     let log = node.log("lim", "access.log");
+    assert!(
+        !log.contains("OPTIONS"),
+        "an app answered OPTIONS *:\n{log}"
+    );
     for line in log.lines().filter(|l| l.contains("%00")) {
         assert!(
             line.contains("\" 400 "),
