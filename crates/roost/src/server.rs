@@ -114,6 +114,12 @@ pub enum ServerError {
     AccessLog(#[source] std::io::Error),
     #[error("{0}")]
     Ksm(String),
+    #[error("cannot make temporary files in the spool folder {dir} (--spool-dir; --response-spool 0 turns spooling off)")]
+    Spool {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Serves until `shutdown` turns true; returns once every worker has exited.
@@ -157,6 +163,15 @@ pub async fn run(
         .flatten();
     if config.ksm {
         ksm::check().map_err(ServerError::Ksm)?;
+    }
+    if config.front.response_spool > 0 {
+        // A folder that cannot take the spool's files is said now, not at the first
+        // slow client.
+        let dir = &config.front.spool_dir;
+        tempfile::tempfile_in(dir).map_err(|source| ServerError::Spool {
+            dir: dir.clone(),
+            source,
+        })?;
     }
     let spawn_config = SpawnConfig {
         loader,

@@ -596,3 +596,42 @@ async fn the_demo_serves_its_three_sites() {
         .unwrap();
     assert!(out.contains("curl -H 'Host: hello.localhost'"), "{out}");
 }
+
+/// A spool folder that cannot take files is refused at start, with the reason, not
+/// found out at the first slow client.
+#[test]
+fn serve_refuses_a_spool_folder_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-cgroups"])
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--spool-dir")
+        .arg(dir.path().join("no such folder"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("the node started with a spool folder that does not exist");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot make temporary files in the spool folder"),
+        "{stderr}"
+    );
+}
