@@ -221,14 +221,7 @@ async fn a_client_that_stops_reading_frees_its_worker() {
     let pid = get(node.addr, &host, "/pid").await.unwrap().text();
     // 64 MiB, far more than the sockets between app and client can hold, and the
     // client never reads a byte of it.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut reader = socket.connect(node.addr).await.unwrap();
-    let request = format!(
-        "GET /download?bytes={} HTTP/1.1\r\nHost: {host}\r\n\r\n",
-        64 << 20
-    );
-    reader.write_all(request.as_bytes()).await.unwrap();
+    let reader = unread_download(&node, &host, 64 << 20).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // After the send timeout the connection is closed and the rest of the response
     // discarded: the slot is free again, with the same worker.
@@ -262,28 +255,13 @@ async fn a_slow_client_gets_its_whole_response_while_the_worker_moves_on() {
     let pid = get(node.addr, &host, "/pid").await.unwrap().text();
     // 16 MiB, more than the sockets hold, for a client that reads nothing for now.
     const SIZE: usize = 16 << 20;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut reader = socket.connect(node.addr).await.unwrap();
-    let request =
-        format!("GET /download?bytes={SIZE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    reader.write_all(request.as_bytes()).await.unwrap();
+    let mut reader = unread_download(&node, &host, SIZE).await;
     // The node holds what the client has not taken: the only slot serves others.
     for _ in 0..5 {
         assert_served_by(&node, &host, &pid, "a response not read yet").await;
     }
     // And the slow client still gets every byte.
-    let mut answer = Vec::new();
-    reader.read_to_end(&mut answer).await.unwrap();
-    let body = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let body = &answer[body..];
-    let chunked_overhead = 1024; // chunk sizes between the 1 MiB blocks
-    assert!(
-        body.len() >= SIZE && body.len() < SIZE + chunked_overhead,
-        "{} bytes",
-        body.len()
-    );
-    assert_eq!(body.iter().filter(|&&b| b == b'x').count(), SIZE);
+    assert_eq!(downloaded(&mut reader).await, SIZE);
     node.stop().await;
 }
 
@@ -300,12 +278,7 @@ async fn a_response_beyond_memory_is_spooled_for_a_slow_client() {
     let pid = get(node.addr, &host, "/pid").await.unwrap().text();
     // 64 MiB for a client that reads nothing for now: 1 MiB in memory, the rest on disk.
     const SIZE: usize = 64 << 20;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut reader = socket.connect(node.addr).await.unwrap();
-    let request =
-        format!("GET /download?bytes={SIZE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    reader.write_all(request.as_bytes()).await.unwrap();
+    let mut reader = unread_download(&node, &host, SIZE).await;
     node.eventually("the response to be spooled", || async {
         get(node.addr, &host, "/pid")
             .await
@@ -315,21 +288,29 @@ async fn a_response_beyond_memory_is_spooled_for_a_slow_client() {
     assert_served_by(&node, &host, &pid, "a response spooled for its client").await;
     // The files are unlinked from the start: nothing is ever left in the folder.
     assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
-    let mut answer = Vec::new();
-    reader.read_to_end(&mut answer).await.unwrap();
-    let body = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert_eq!(answer[body..].iter().filter(|&&b| b == b'x').count(), SIZE);
+    assert_eq!(downloaded(&mut reader).await, SIZE);
     node.stop().await;
 }
 
-/// A client that reads nothing of `size` bytes from `host` (kept open until dropped).
+/// A client that asks for `size` bytes from `host` and reads nothing of them (until
+/// [`downloaded`], or until dropped).
 async fn unread_download(node: &Node, host: &str, size: usize) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut reader = socket.connect(node.addr).await.unwrap();
-    let request = format!("GET /download?bytes={size} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let request =
+        format!("GET /download?bytes={size} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     reader.write_all(request.as_bytes()).await.unwrap();
     reader
+}
+
+/// Reads the rest of an [`unread_download`]: the bytes of its body (the app's `x`s,
+/// not the chunk sizes between them).
+async fn downloaded(reader: &mut tokio::net::TcpStream) -> usize {
+    let mut answer = Vec::new();
+    reader.read_to_end(&mut answer).await.unwrap();
+    let body = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    answer[body..].iter().filter(|&&b| b == b'x').count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
