@@ -30,7 +30,7 @@ pub enum BodyError {
     Timeout,
     #[error("the client took no byte of the response for the send timeout")]
     ClientTooSlow,
-    #[error("the part of the response spooled to disk could not be read back")]
+    #[error("the part of the response spooled to disk could not be written or read back")]
     Spool,
 }
 

@@ -165,24 +165,23 @@ impl<'a> Held<'a> {
         self.is_empty() || self.memory_has_room() || self.spool_has_room()
     }
 
-    async fn push(&mut self, data: Bytes) {
+    /// Holds `data` after what is held. Fails when the spool, holding bytes that come
+    /// first, cannot take it: in memory it would be handed on before them.
+    async fn push(&mut self, data: Bytes) -> std::io::Result<()> {
         if self.spool.is_some() || (!self.memory_has_room() && self.spool_has_room()) {
             match self.spool_write(&data).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
+                Err(e) if self.spool.as_ref().is_some_and(|s| s.written > s.read) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot spool a response for a slow client; holding it in memory");
                     self.no_spool = true;
-                    if self.spool.is_some() {
-                        // What is spooled comes first: keep the order, wait for it.
-                        self.add_memory(data.len());
-                        self.pieces.push_back(data);
-                        return;
-                    }
+                    self.spool = None;
                 }
             }
         }
         self.add_memory(data.len());
         self.pieces.push_back(data);
+        Ok(())
     }
 
     async fn spool_write(&mut self, data: &Bytes) -> std::io::Result<()> {
@@ -286,7 +285,9 @@ async fn pump(
     let gone = ex.gone();
     let mut held = Held::new(&policy, &site);
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
-        held.push(chunk).await;
+        if let Err(e) = held.push(chunk).await {
+            return cut_off(&tx, e);
+        }
     }
     // Since when the client has had something to take and taken nothing.
     let mut waiting_since = Instant::now();
@@ -350,7 +351,9 @@ async fn pump(
                     waiting_since = Instant::now();
                 }
                 if !data.is_empty() {
-                    held.push(data).await;
+                    if let Err(e) = held.push(data).await {
+                        return cut_off(&tx, e);
+                    }
                 }
                 continue;
             }
@@ -377,6 +380,13 @@ async fn pump(
             }
         });
     }
+}
+
+/// The spool failed with bytes still to hand on: the response cannot go on in order,
+/// so it ends broken (an open exchange is then salvaged).
+fn cut_off(tx: &mpsc::Sender<Piece>, e: std::io::Error) {
+    tracing::warn!(error = %e, "cannot spool a response for a slow client; it is cut off");
+    let _ = tx.try_send(Piece::Fail(BodyError::Spool));
 }
 
 /// A response body streamed from the worker as the client reads it.

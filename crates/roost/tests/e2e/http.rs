@@ -1,5 +1,6 @@
 //! HTTP features of the front: HTTP/2 over cleartext, slow clients, trusted proxies.
 
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -340,6 +341,76 @@ async fn one_sites_slow_clients_leave_room_for_the_others() {
     assert_served_by(&node, &host, &pid, "another site's slow clients").await;
     drop((greedy, modest));
     node.stop().await;
+}
+
+/// The spool fills up (a 2 MiB tmpfs) while it holds bytes the client has not taken:
+/// the response must end broken, never complete with its blocks out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a small tmpfs"]
+async fn a_full_spool_cuts_a_response_off_rather_than_reorder_it() {
+    assert!(
+        crate::harness::is_root(),
+        "this test needs root (it mounts a tmpfs); run the suite as root, as CI does"
+    );
+    let spool = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(spool.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "cannot mount a tmpfs");
+    let spool_dir = spool.path().to_owned();
+    let node = Node::start_with(move |c| {
+        c.front.response_buffer = 1 << 20;
+        c.front.spool_dir = spool_dir;
+    })
+    .await;
+    let host = one_slot_site(&node, "full").await;
+    const BLOCKS: usize = 16;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET /download?bytes={}&numbered=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        BLOCKS << 20
+    );
+    reader.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answer = Vec::new();
+    let _ = reader.read_to_end(&mut answer).await;
+    node.stop().await;
+    let _ = Command::new("umount").arg(spool.path()).status();
+    // Undo the chunked framing; a response without its last chunk is broken, and
+    // that is a right answer here.
+    let mut rest = &answer[answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let mut body = Vec::new();
+    let complete = loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            break false;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).unwrap();
+        if size == 0 {
+            break true;
+        }
+        let Some(chunk) = rest.get(eol + 2..eol + 2 + size) else {
+            break false;
+        };
+        body.extend_from_slice(chunk);
+        rest = &rest[eol + 2 + size + 2..];
+    };
+    let in_order = body
+        .iter()
+        .enumerate()
+        .all(|(at, &b)| b as usize == (at >> 20) % 251);
+    assert!(
+        in_order,
+        "the client got the response's blocks out of order"
+    );
+    assert!(
+        !complete || body.len() == BLOCKS << 20,
+        "{} bytes",
+        body.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
