@@ -460,13 +460,15 @@ class Worker(object):
                 if ex.head_only:
                     ex.sock.sendall(out)
                     break
+                if data:
+                    out += body_frames(data)
                 if ex.remaining == 0:
                     # The declared length is complete: stop iterating (PEP 3333), and
                     # the end goes with the last bytes, so a framework's one-chunk
                     # iterable (Flask's) is one write, like a list.
-                    ex.sock.sendall(out + body_frames(data) + END_FRAME if data else out + END_FRAME)
+                    ex.sock.sendall(out + END_FRAME)
                     return
-                ex.sock.sendall(out + body_frames(data) if data else out)
+                ex.sock.sendall(out)
             ex.sock.sendall((b"" if ex.head_sent else ex.head_frame()) + END_FRAME)
         except (BrokenPipeError, ConnectionResetError):
             raise

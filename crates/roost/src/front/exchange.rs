@@ -264,10 +264,8 @@ pub async fn forward(
         let task = tokio::spawn(pump_request_body(
             writer,
             rest,
-            BodyLimit {
-                sent: first.len() as u64,
-                limit: site.pool.body_max,
-            },
+            first.len() as u64,
+            site.pool.body_max,
             deadline,
             stop_rx,
             over,
@@ -365,27 +363,21 @@ fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
     Ok(response)
 }
 
-/// The body bytes already sent to the worker, and the site's limit on them.
-struct BodyLimit {
-    sent: u64,
-    limit: u64,
-}
-
-/// Streams the rest of the client's body to the worker as frames, bounded by the
-/// site's limit; a client that stops sending aborts the body (the app sees the
-/// request end early, and the slot stays clean).
+/// Streams the rest of the client's body (`sent` bytes of it already went with the
+/// head) to the worker as frames, bounded by the site's limit; a client that stops
+/// sending aborts the body (the app sees the request end early, and the slot stays
+/// clean).
 /// Returns the write half for reuse, or `None` if the slot can no longer be trusted.
 async fn pump_request_body(
     mut writer: OwnedWriteHalf,
     mut body: ClientBody,
-    BodyLimit {
-        sent: mut total,
-        limit,
-    }: BodyLimit,
+    sent: u64,
+    limit: u64,
     deadline: Instant,
     mut stop: oneshot::Receiver<()>,
     too_large: oneshot::Sender<()>,
 ) -> Option<OwnedWriteHalf> {
+    let mut total = sent;
     let mut too_large = Some(too_large);
     let mut header = BytesMut::with_capacity(5);
     let end = loop {

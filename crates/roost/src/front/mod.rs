@@ -189,18 +189,14 @@ pub fn describe(addr: &SocketAddr) -> String {
 
 impl Front {
     async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ResponseBody> {
-        let host = match request_host(&req) {
+        let host = match check_target(&req).and_then(|()| request_host(&req)) {
             Ok(h) => h,
             Err(e) => return e.response(),
         };
-        // The asterisk form asks about the server, not a resource: the front answers it,
-        // as Apache does (an app would get "*" as its PATH_INFO).
+        // `OPTIONS *` asks about the server, not a resource: the front answers it, as
+        // Apache does (an app would get "*" as its PATH_INFO).
         if req.uri().path() == "*" {
-            if req.method() == Method::OPTIONS {
-                return Response::new(ResponseBody::Full(None));
-            }
-            return FrontError::BadRequest("the request target \"*\" is for OPTIONS".into())
-                .response();
+            return Response::new(ResponseBody::Full(None));
         }
         let Some(route) = self.routes.load().lookup(&host).cloned() else {
             return FrontError::UnknownHost(host).response();
@@ -256,19 +252,31 @@ impl Front {
     }
 }
 
-/// The request's host, normalised; a missing or malformed one is a client error, and
-/// so is a request target naming a host other than the Host header's: the front and
-/// anything before it (a load balancer, a firewall) must agree on the site.
-fn request_host(req: &Request<Incoming>) -> Result<String, FrontError> {
+/// The request target's forms that belong to one method (RFC 9112 §3.2): CONNECT's
+/// (a tunnel, which no WSGI app can serve) and OPTIONS' asterisk.
+fn check_target(req: &Request<Incoming>) -> Result<(), FrontError> {
     if req.method() == Method::CONNECT {
         return Err(FrontError::NotImplemented("CONNECT"));
     }
-    let authority = req.uri().authority();
-    if authority.is_some() && req.uri().scheme().is_none() {
+    let uri = req.uri();
+    if uri.authority().is_some() && uri.scheme().is_none() {
         return Err(FrontError::BadRequest(
             "a request target of only host and port is for CONNECT".into(),
         ));
     }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Err(FrontError::BadRequest(
+            "the request target \"*\" is for OPTIONS".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The request's host, normalised; a missing or malformed one is a client error, and
+/// so is a request target naming a host other than the Host header's: the front and
+/// anything before it (a load balancer, a firewall) must agree on the site.
+fn request_host(req: &Request<Incoming>) -> Result<String, FrontError> {
+    let authority = req.uri().authority();
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let header = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => {

@@ -80,36 +80,18 @@ pub async fn read_ahead(
         return Ok(RequestBody::Whole(Bytes::new()));
     }
     let mut body = ClientBody::new(incoming, idle);
-    let mut first: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
-    loop {
-        let taken = first.as_ref().map_or(0, Bytes::len) + joined.len();
-        if taken >= READ_AHEAD {
-            break;
-        }
+    let mut first = BytesMut::new();
+    while first.len() < READ_AHEAD {
         let Some(data) = body.next().await? else {
-            return Ok(RequestBody::Whole(glue(first, joined)));
+            return Ok(RequestBody::Whole(first.freeze()));
         };
-        if (taken + data.len()) as u64 > limit {
+        if (first.len() + data.len()) as u64 > limit {
             return Err(FrontError::BodyTooLarge { limit });
         }
-        match first.take() {
-            // One frame, the usual case, is kept as it came: no copy.
-            None if joined.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    joined.extend_from_slice(&earlier);
-                }
-                joined.extend_from_slice(&data);
-            }
-        }
+        first.extend_from_slice(&data);
     }
     Ok(RequestBody::Partial {
-        first: glue(first, joined),
+        first: first.freeze(),
         rest: body,
     })
-}
-
-fn glue(first: Option<Bytes>, joined: BytesMut) -> Bytes {
-    first.unwrap_or_else(|| joined.freeze())
 }
