@@ -11,6 +11,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The roost binary the scripts run: the release build, or $ROOST_BIN (to compare two).
 ROOST = os.environ.get("ROOST_BIN") or os.path.join(ROOT, "target", "release", "roost")
+# gunicorn and Granian live in a virtualenv on Debian's python3 and its Flask
+# (install_peers.sh), the interpreter roost's, uWSGI's, mod_wsgi's and Passenger's
+# workers run: a peer on another Python or Flask would measure that instead.
+PEERS_VENV = os.environ.get("ROOST_BENCH_PEERS", "/opt/roost-bench/peers")
+
+
+def peer_tool(name):
+    """The path of a pip-installed peer's command (gunicorn, granian)."""
+    return os.path.join(PEERS_VENV, "bin", name)
 
 
 def require_root():

@@ -6,7 +6,7 @@ for one request: its latency shows whether newcomers are starved. Each server ge
 --runs loads; the report has the median and every run (the spread).
 
 Peers run when installed (bench/install_peers.sh installs them all): gunicorn and
-granian (pip), uWSGI behind its HTTP router, mod_wsgi in daemon mode under Apache, and
+granian (pip, in a virtualenv on Debian's python3), uWSGI behind its HTTP router, mod_wsgi in daemon mode under Apache, and
 Passenger under Apache (Debian). Workers of roost, uWSGI, mod_wsgi and Passenger run as
 nobody.
 
@@ -30,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOST, ROOT, apache_conf, free_port, passenger_app, passenger_settings, wait_port)
+    ROOST, ROOT, apache_conf, free_port, passenger_app, passenger_settings, peer_tool,
+    wait_port)
 
 
 def roost(work, port, app, threads):
@@ -83,10 +84,10 @@ SERVERS = {
     "roost (2 workers x 1 thread)": lambda w, p, a: roost(w, p, a, 1),
     "roost (2 workers x 4 threads)": lambda w, p, a: roost(w, p, a, 4),
     "gunicorn (2 sync workers)": lambda w, p, a: [
-        shutil.which("gunicorn") or "gunicorn", "-w", "2", "-b", "127.0.0.1:%d" % p, "--chdir", w,
+        peer_tool("gunicorn"), "-w", "2", "-b", "127.0.0.1:%d" % p, "--chdir", w,
         "--error-logfile", "/dev/null", "%s:application" % a],
     "granian (2 workers)": lambda w, p, a: [
-        shutil.which("granian") or "granian", "--interface", "wsgi", "--workers", "2", "--host",
+        peer_tool("granian"), "--interface", "wsgi", "--workers", "2", "--host",
         "127.0.0.1", "--port", str(p), "--working-dir", w, "--log-level", "error",
         "%s:application" % a],
     "uwsgi (HTTP router, 2 processes)": lambda w, p, a: [
@@ -96,8 +97,8 @@ SERVERS = {
     "mod_wsgi (daemon mode, 2 processes)": apache,
     "passenger (Apache, 2 processes)": passenger,
 }
-PEER_BINARIES = {"gunicorn": "gunicorn", "granian": "granian", "uwsgi": "uwsgi",
-                 "mod_wsgi": "/usr/sbin/apache2", "passenger": "/usr/sbin/apache2"}
+PEER_BINARIES = {"gunicorn": peer_tool("gunicorn"), "granian": peer_tool("granian"),
+                 "uwsgi": "uwsgi", "mod_wsgi": "/usr/sbin/apache2", "passenger": "/usr/sbin/apache2"}
 PEER_FILES = {"mod_wsgi": "/usr/lib/apache2/modules/mod_wsgi.so",
               "passenger": "/usr/lib/apache2/modules/mod_passenger.so"}
 APPS = {"hello": "hello", "flask": "flask_app"}
