@@ -208,13 +208,13 @@ pub async fn run(
     }
 
     let mut fronts = JoinSet::new();
-    // One budget of response bytes held for slow clients, whatever the listener.
-    let spool = (config.front.response_spool > 0)
-        .then(|| (config.front.spool_dir.clone(), config.front.response_spool));
-    let streams = Arc::new(front::StreamPolicy::new(
+    // One set of budgets for slow clients, whatever the listener.
+    let slow_clients = Arc::new(front::SlowClients::new(
         config.front.send_timeout,
+        config.front.request_buffer,
         config.front.response_buffer,
-        spool,
+        config.front.response_spool,
+        config.front.spool_dir.clone(),
     ));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
@@ -224,7 +224,7 @@ pub async fn run(
             listener,
             sites.routes(),
             config.front.clone(),
-            streams.clone(),
+            slow_clients.clone(),
             shutdown.clone(),
         ));
     }

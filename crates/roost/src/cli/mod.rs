@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// closed and the worker freed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub send_timeout: Duration,
+    /// Most memory the node holds of request bodies read before a worker is involved
+    /// (64KiB each), all requests together (one site: a quarter); when full, a body
+    /// goes to its worker as it arrives.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub request_buffer: u64,
     /// Most memory the node holds of responses its clients have not taken yet, all
     /// together (one response: at most 32MiB; one site: a quarter), so that workers
     /// need not wait for slow clients; when full, workers wait.
@@ -275,7 +280,8 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.front.header_read_timeout = args.header_timeout;
     config.front.body_read_timeout = args.body_timeout;
     config.front.send_timeout = args.send_timeout;
-    config.front.response_buffer = usize::try_from(args.response_buffer).unwrap_or(usize::MAX);
+    config.front.request_buffer = args.request_buffer;
+    config.front.response_buffer = args.response_buffer;
     config.front.response_spool = args.response_spool;
     if let Some(dir) = &args.spool_dir {
         config.front.spool_dir = absolute(dir.clone())?;

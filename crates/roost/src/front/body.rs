@@ -30,6 +30,8 @@ pub enum BodyError {
     Timeout,
     #[error("the client took no byte of the response for the send timeout")]
     ClientTooSlow,
+    #[error("the client read the response too slowly to have it within request_timeout")]
+    ClientTooSlowForTimeout,
     #[error("the part of the response spooled to disk could not be written or read back")]
     Spool,
 }

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
-use super::stream::{stream, StreamPolicy};
+use super::slow_clients::SlowClients;
+use super::stream::stream;
 use super::FrontError;
 use crate::pool::{Lease, PoolHandle};
 use crate::route::Route;
@@ -215,7 +216,7 @@ pub async fn forward(
     head: Bytes,
     body: RequestBody,
     access: &mut Option<PendingAccess>,
-    policy: &Arc<StreamPolicy>,
+    policy: &Arc<SlowClients>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
     let mut lease = route.pool.checkout(site).await?;

@@ -12,6 +12,7 @@ mod environ;
 mod error;
 mod exchange;
 mod request_body;
+mod slow_clients;
 mod stream;
 
 use std::convert::Infallible;
@@ -33,7 +34,7 @@ use tokio::time::{timeout, Instant};
 
 pub use body::ResponseBody;
 pub use error::FrontError;
-pub use stream::{SiteHold, StreamPolicy};
+pub use slow_clients::{SiteHold, SlowClients};
 
 use body::PendingAccess;
 use environ::ConnInfo;
@@ -52,9 +53,12 @@ pub struct FrontConfig {
     /// Longest time a client may leave a response unread: then its connection closes,
     /// and the worker's slot is freed (not the worker killed).
     pub send_timeout: Duration,
+    /// Most bytes of request bodies read ahead (before a slot is taken), all requests
+    /// together.
+    pub request_buffer: u64,
     /// Most bytes of responses the node holds in memory for clients slower than their
     /// workers, all responses together.
-    pub response_buffer: usize,
+    pub response_buffer: u64,
     /// Most bytes of such responses spooled to disk beyond memory, all together; 0 is
     /// none.
     pub response_spool: u64,
@@ -75,6 +79,7 @@ impl Default for FrontConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            request_buffer: 64 << 20,
             response_buffer: 256 << 20,
             response_spool: 4 << 30,
             // On a disk by convention, where /tmp may be a tmpfs (memory).
@@ -91,7 +96,7 @@ impl Default for FrontConfig {
 struct Front {
     routes: Routes,
     config: FrontConfig,
-    streams: Arc<StreamPolicy>,
+    slow_clients: Arc<SlowClients>,
 }
 
 /// Serves one listener until `shutdown` turns true, then lets open requests finish
@@ -100,7 +105,7 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     config: FrontConfig,
-    streams: Arc<StreamPolicy>,
+    slow_clients: Arc<SlowClients>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -128,7 +133,7 @@ pub async fn serve(
     let front = Arc::new(Front {
         routes,
         config,
-        streams,
+        slow_clients,
     });
     let graceful = GracefulShutdown::new();
     loop {
@@ -228,9 +233,11 @@ impl Front {
                 body,
                 route.site.pool.body_max,
                 self.config.body_read_timeout,
+                &self.slow_clients,
+                &route.hold,
             )
             .await?;
-            exchange::forward(&route, head, body, &mut access, &self.streams).await
+            exchange::forward(&route, head, body, &mut access, &self.slow_clients).await
         }
         .await;
         let response = result.unwrap_or_else(|e| {

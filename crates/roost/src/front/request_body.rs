@@ -4,7 +4,9 @@
 //!
 //! Reading ahead is the defence against slow uploads ("slow POST"): a client
 //! dribbling a form post a byte at a time holds only its connection, not one of the
-//! site's slots, as nginx's request buffering protects its upstreams.
+//! site's slots, as nginx's request buffering protects its upstreams. What is read
+//! ahead counts against a node-wide budget (a site: a quarter of it); when that is full,
+//! a body goes to its worker as it arrives.
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::slow_clients::{Claim, SiteHold, SlowClients};
 use super::FrontError;
 
 /// Bytes of a body read before a slot is checked out (a little more when a frame
@@ -69,18 +72,22 @@ pub enum RequestBody {
     Partial { first: Bytes, rest: ClientBody },
 }
 
-/// Reads up to [`READ_AHEAD`] bytes of the body; more than `limit` in all is refused
-/// (413) before any worker sees the request.
+/// Reads up to [`READ_AHEAD`] bytes of the body, fewer when the read-ahead budget is
+/// full; more than `limit` in all is refused (413) before any worker sees the request.
 pub async fn read_ahead(
     incoming: Incoming,
     limit: u64,
     idle: Duration,
+    budget: &SlowClients,
+    site: &SiteHold,
 ) -> Result<RequestBody, FrontError> {
     if http_body::Body::is_end_stream(&incoming) {
         return Ok(RequestBody::Whole(Bytes::new()));
     }
     let mut body = ClientBody::new(incoming, idle);
     let mut first = BytesMut::new();
+    // Held only while the client sends: the queue for a slot is bounded on its own.
+    let mut claim = Claim::new(&budget.read_ahead, &site.read_ahead);
     while first.len() < READ_AHEAD {
         let Some(data) = body.next().await? else {
             return Ok(RequestBody::Whole(first.freeze()));
@@ -89,6 +96,9 @@ pub async fn read_ahead(
             return Err(FrontError::BodyTooLarge { limit });
         }
         first.extend_from_slice(&data);
+        if !claim.take(data.len() as u64) {
+            break;
+        }
     }
     Ok(RequestBody::Partial {
         first: first.freeze(),

@@ -8,16 +8,16 @@
 //! next request while a slow client downloads (as nginx buffers its upstreams'
 //! responses). Full budgets make the pump wait for the client, which then holds the
 //! worker; a client that takes nothing for the send timeout is left, and the exchange
-//! salvaged.
+//! salvaged. While the pump waits for the client, the worker's request_timeout stops:
+//! a slow client is not the app's fault. The request as a whole still ends at its
+//! request_timeout: a client that holds it up past then is left (and the worker gets
+//! the rest of its own time to finish).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
@@ -28,6 +28,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 
 use super::body::{BodyError, PendingAccess, ResponseBody};
 use super::exchange::Exchange;
+use super::slow_clients::{SiteHold, SlowClients};
 use crate::worker::ConnError;
 
 /// Most bytes one response may hold in memory for its client: a large download to a
@@ -36,44 +37,6 @@ const RESPONSE_HOLD_MAX: usize = 32 << 20;
 
 /// Most bytes one response may spool to disk (nginx's `proxy_max_temp_file_size`).
 const RESPONSE_SPOOL_MAX: u64 = 1 << 30;
-
-/// The share of each budget one site's responses may hold: one site's slow clients
-/// leave room for the others'.
-const SITE_SHARE: u64 = 4;
-
-/// What one site's responses hold for their clients now.
-#[derive(Debug, Default)]
-pub struct SiteHold {
-    memory: AtomicUsize,
-    disk: AtomicU64,
-}
-
-/// How the front streams responses; shared by every request.
-#[derive(Debug)]
-pub struct StreamPolicy {
-    /// Longest time a client may take nothing of a response that is ready for it.
-    pub send_timeout: Duration,
-    /// Bytes held in memory for slow clients, all responses together.
-    held: AtomicUsize,
-    held_max: usize,
-    /// Where responses beyond memory are spooled, and how many bytes at most.
-    spool: Option<(PathBuf, u64)>,
-    spooled: AtomicU64,
-}
-
-impl StreamPolicy {
-    /// `spool`: a folder for temporary files and the most bytes in them, all responses
-    /// together; `None` holds responses in memory only.
-    pub fn new(send_timeout: Duration, held_max: usize, spool: Option<(PathBuf, u64)>) -> Self {
-        StreamPolicy {
-            send_timeout,
-            held: AtomicUsize::new(0),
-            held_max,
-            spool,
-            spooled: AtomicU64::new(0),
-        }
-    }
-}
 
 /// The part of a response kept on disk: an unlinked temporary file, written at its
 /// end and read from its start.
@@ -102,12 +65,12 @@ struct Held<'a> {
     spool: Option<Spool>,
     /// A spool failed (a full disk): memory only from then on.
     no_spool: bool,
-    policy: &'a StreamPolicy,
+    policy: &'a SlowClients,
     site: &'a SiteHold,
 }
 
 impl<'a> Held<'a> {
-    fn new(policy: &'a StreamPolicy, site: &'a SiteHold) -> Held<'a> {
+    fn new(policy: &'a SlowClients, site: &'a SiteHold) -> Held<'a> {
         Held {
             pieces: VecDeque::new(),
             bytes: 0,
@@ -119,43 +82,22 @@ impl<'a> Held<'a> {
     }
 
     fn memory_has_room(&self) -> bool {
-        let max = self.policy.held_max;
-        self.bytes < RESPONSE_HOLD_MAX
-            && self.policy.held.load(Ordering::Relaxed) < max
-            && self.site.memory.load(Ordering::Relaxed) < max / SITE_SHARE as usize
+        self.bytes < RESPONSE_HOLD_MAX && self.policy.memory.has_room(&self.site.memory)
     }
 
     fn add_memory(&mut self, n: usize) {
         self.bytes += n;
-        self.policy.held.fetch_add(n, Ordering::Relaxed);
-        self.site.memory.fetch_add(n, Ordering::Relaxed);
+        self.policy.memory.add(&self.site.memory, n as u64);
     }
 
     fn sub_memory(&mut self, n: usize) {
         self.bytes -= n;
-        self.policy.held.fetch_sub(n, Ordering::Relaxed);
-        self.site.memory.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    fn add_disk(&self, n: u64) {
-        self.policy.spooled.fetch_add(n, Ordering::Relaxed);
-        self.site.disk.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sub_disk(&self, n: u64) {
-        self.policy.spooled.fetch_sub(n, Ordering::Relaxed);
-        self.site.disk.fetch_sub(n, Ordering::Relaxed);
+        self.policy.memory.sub(&self.site.memory, n as u64);
     }
 
     fn spool_has_room(&self) -> bool {
-        let Some((_, max)) = &self.policy.spool else {
-            return false;
-        };
         let mine = self.spool.as_ref().map_or(0, |s| s.written - s.read);
-        !self.no_spool
-            && mine < RESPONSE_SPOOL_MAX
-            && self.policy.spooled.load(Ordering::Relaxed) < *max
-            && self.site.disk.load(Ordering::Relaxed) < *max / SITE_SHARE
+        !self.no_spool && mine < RESPONSE_SPOOL_MAX && self.policy.disk.has_room(&self.site.disk)
     }
 
     /// Whether another frame may be read from the worker into this. One always may:
@@ -188,8 +130,7 @@ impl<'a> Held<'a> {
         let spool = match &mut self.spool {
             Some(spool) => spool,
             None => {
-                let (dir, _) = self.policy.spool.as_ref().expect("spool_has_room checked");
-                let dir = dir.clone();
+                let dir = self.policy.spool_dir.clone();
                 let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
                     .await
                     .map_err(std::io::Error::other)??;
@@ -206,7 +147,7 @@ impl<'a> Held<'a> {
             .await
             .map_err(std::io::Error::other)??;
         spool.written += len;
-        self.add_disk(len);
+        self.policy.disk.add(&self.site.disk, len);
         Ok(())
     }
 
@@ -231,7 +172,7 @@ impl<'a> Held<'a> {
         if spool.read == spool.written {
             self.spool = None; // caught up: the file goes, memory again
         }
-        self.sub_disk(n);
+        self.policy.disk.sub(&self.site.disk, n);
         Ok(Some(data.into()))
     }
 
@@ -244,7 +185,8 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.sub_memory(self.bytes);
         if let Some(spool) = &self.spool {
-            self.sub_disk(spool.written - spool.read);
+            let n = spool.written - spool.read;
+            self.policy.disk.sub(&self.site.disk, n);
         }
     }
 }
@@ -257,7 +199,7 @@ pub(super) fn stream(
     pending: VecDeque<Bytes>,
     next: Option<Result<Frame, ConnError>>,
     access: &mut Option<PendingAccess>,
-    policy: &Arc<StreamPolicy>,
+    policy: &Arc<SlowClients>,
     site: &Arc<SiteHold>,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel(1);
@@ -276,17 +218,43 @@ pub(super) fn stream(
 async fn pump(
     mut ex: Exchange,
     pending: VecDeque<Bytes>,
-    mut next: Option<Result<Frame, ConnError>>,
+    next: Option<Result<Frame, ConnError>>,
     tx: mpsc::Sender<Piece>,
-    policy: Arc<StreamPolicy>,
+    policy: Arc<SlowClients>,
     site: Arc<SiteHold>,
 ) {
-    let deadline = ex.deadline;
+    let mut held_up_since = None;
+    pump_frames(
+        &mut ex,
+        &mut held_up_since,
+        pending,
+        next,
+        &tx,
+        &policy,
+        &site,
+    )
+    .await;
+    // An exchange left open is salvaged within the worker's own time.
+    restart_worker_clock(&mut ex, &mut held_up_since);
+}
+
+/// `ex.deadline` is the worker's: it moves on by the time the client holds the worker
+/// up (`held_up_since`). The request's own deadline is not stretched.
+async fn pump_frames(
+    ex: &mut Exchange,
+    held_up_since: &mut Option<Instant>,
+    pending: VecDeque<Bytes>,
+    mut next: Option<Result<Frame, ConnError>>,
+    tx: &mpsc::Sender<Piece>,
+    policy: &SlowClients,
+    site: &SiteHold,
+) {
+    let whole = ex.deadline;
     let gone = ex.gone();
-    let mut held = Held::new(&policy, &site);
+    let mut held = Held::new(policy, site);
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
         if let Err(e) = held.push(chunk).await {
-            return cut_off(&tx, e);
+            return cut_off(tx, e);
         }
     }
     // Since when the client has had something to take and taken nothing.
@@ -295,11 +263,20 @@ async fn pump(
     let mut last = None;
     loop {
         let open = last.is_none();
+        // The worker's turn: the pump reads its frames. Otherwise it waits for the
+        // client to take what is held, or it has ended.
+        let worker_turn = open && held.has_room();
+        if open && !worker_turn {
+            held_up_since.get_or_insert_with(Instant::now);
+        } else {
+            restart_worker_clock(ex, held_up_since);
+        }
         if !open && held.is_empty() {
             let by = Instant::now() + policy.send_timeout;
             let _ = timeout_at(by, tx.send(last.expect("checked above"))).await;
             return;
         }
+        let worker_deadline = ex.deadline;
         let frame = match next.take() {
             Some(frame) => frame,
             None => {
@@ -330,12 +307,18 @@ async fn pump(
                         // The client's side is gone; an open exchange is salvaged.
                         Err(_) => return,
                     },
-                    frame = reading, if open && held.has_room() => frame,
+                    frame = reading, if worker_turn => frame,
                     // The worker died while a child of its kept the socket open.
                     _ = gone.cancelled(), if open => Err(ConnError::Closed),
-                    _ = sleep_until(deadline), if open => {
+                    _ = sleep_until(worker_deadline), if worker_turn => {
                         ex.kill("it overran request_timeout while streaming".into());
                         let _ = tx.try_send(Piece::Fail(BodyError::Timeout));
+                        return;
+                    }
+                    _ = sleep_until(whole), if open && !worker_turn => {
+                        // The client made the request outlast request_timeout: leave
+                        // it; the worker has the rest of its own time to finish.
+                        let _ = tx.try_send(Piece::Fail(BodyError::ClientTooSlowForTimeout));
                         return;
                     }
                     _ = sleep_until(waiting_since + policy.send_timeout), if !held.is_empty() => {
@@ -352,7 +335,7 @@ async fn pump(
                 }
                 if !data.is_empty() {
                     if let Err(e) = held.push(data).await {
-                        return cut_off(&tx, e);
+                        return cut_off(tx, e);
                     }
                 }
                 continue;
@@ -379,6 +362,14 @@ async fn pump(
                 Piece::Fail(BodyError::Protocol)
             }
         });
+    }
+}
+
+/// The client holds the worker up no longer: the worker's request_timeout goes on,
+/// later by the time it waited.
+fn restart_worker_clock(ex: &mut Exchange, held_up_since: &mut Option<Instant>) {
+    if let Some(since) = held_up_since.take() {
+        ex.deadline += since.elapsed();
     }
 }
 

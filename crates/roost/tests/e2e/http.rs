@@ -209,6 +209,37 @@ async fn slow_uploads_hold_no_slot() {
     node.stop().await;
 }
 
+/// The read-ahead has a budget: past a site's quarter of it, a body goes to its worker
+/// as it arrives (a slow one holds the slot again), and the other sites still read
+/// ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_stops_at_the_sites_share_of_its_budget() {
+    // 128 KiB for the node: 32 KiB per site.
+    let node = Node::start_with(|c| c.front.request_buffer = 128 << 10).await;
+    let greedy = one_slot_site(&node, "greedy").await;
+    let other = one_slot_site(&node, "other").await;
+    let other_pid = get(node.addr, &other, "/pid").await.unwrap().text();
+    // Uploads that stop early: 48 KiB, more than the site's share, and 8 KiB.
+    let mut stalled = Vec::new();
+    for (host, sent) in [(&greedy, 48 << 10), (&other, 8 << 10)] {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1048576\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'x'; sent]).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = get(node.addr, &greedy, "/pid").await.unwrap();
+    assert_eq!(
+        r.status, 503,
+        "the upload past the share did not take the slot"
+    );
+    assert_served_by(&node, &other, &other_pid, "an upload within the share").await;
+    drop(stalled);
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_frees_its_worker() {
     // Memory only: 64 MiB is more than one response may hold, so the worker waits for
@@ -246,6 +277,54 @@ async fn a_client_that_stops_reading_frees_its_worker() {
     let rest = unread.into_body().collect().await;
     assert!(rest.is_err(), "an abandoned response ended as if complete");
     drop(reader);
+    node.stop().await;
+}
+
+/// A client that reads steadily, too slowly for a response larger than the node may hold
+/// for it: the worker waits for the client, and that wait is the client's, not the
+/// app's. At request_timeout the client is left; the worker is neither killed nor
+/// blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_past_request_timeout_is_left_and_the_worker_kept() {
+    let node = Node::start_with(|c| {
+        c.front.response_buffer = 0;
+        c.front.response_spool = 0;
+    })
+    .await;
+    let host = "steady.test";
+    let mut spec = node.spec("steady", &[host], &node.app("tester.py"));
+    spec.processes_max = Some(1);
+    spec.request_timeout = Some(Duration::from_secs(2));
+    node.add(spec).await;
+    let pid = get(node.addr, host, "/pid").await.unwrap().text();
+    const SIZE: usize = 64 << 20;
+    let mut reader = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request =
+        format!("GET /download?bytes={SIZE} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    reader.write_all(request.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let (mut got, mut buf) = (0, vec![0; 64 << 10]);
+    // At most 64 KiB every 20 ms: 20 s for all of it, long past request_timeout, yet
+    // never silent for the send timeout.
+    while let Ok(n @ 1..) = reader.read(&mut buf).await {
+        got += n;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the slow client was never left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        got < SIZE && started.elapsed() >= Duration::from_secs(2),
+        "{got} bytes in {:?}",
+        started.elapsed()
+    );
+    assert_served_by(&node, host, &pid, "a client reading past request_timeout").await;
+    let errors = node.log("steady", "error.log");
+    assert!(
+        !errors.contains("request_timeout"),
+        "the app was blamed: {errors}"
+    );
     node.stop().await;
 }
 
