@@ -28,10 +28,8 @@ pub enum BodyError {
     Protocol,
     #[error("the response overran the site's request_timeout")]
     Timeout,
-    #[error("the client took no byte of the response for the send timeout")]
+    #[error("the client took too long to read the response (send timeout or request_timeout)")]
     ClientTooSlow,
-    #[error("the client read the response too slowly to have it within request_timeout")]
-    ClientTooSlowForTimeout,
     #[error("the part of the response spooled to disk could not be written or read back")]
     Spool,
 }

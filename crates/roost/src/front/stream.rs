@@ -318,7 +318,6 @@ async fn pump_frames(
                     _ = sleep_until(whole), if open && !worker_turn => {
                         // The client made the request outlast request_timeout: leave
                         // it; the worker has the rest of its own time to finish.
-                        let _ = tx.try_send(Piece::Fail(BodyError::ClientTooSlowForTimeout));
                         return;
                     }
                     _ = sleep_until(waiting_since + policy.send_timeout), if !held.is_empty() => {
@@ -404,7 +403,7 @@ impl WorkerBody {
             }
             Some(Piece::End) => None,
             Some(Piece::Fail(e)) => Some(Err(e)),
-            // The pump left: this client took nothing for the send timeout.
+            // The pump left this client: too slow.
             None => Some(Err(BodyError::ClientTooSlow)),
         };
         self.ended = true;
