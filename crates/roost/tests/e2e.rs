@@ -7,6 +7,7 @@ mod harness;
 mod e2e {
     pub mod budget;
     pub mod cli;
+    pub mod faults;
     pub mod hostile;
     pub mod http;
     pub mod interpreters;

@@ -17,7 +17,18 @@ pub enum ConnError {
     #[error("worker broke the protocol")]
     Protocol(#[from] WireError),
     #[error("reading from the worker failed")]
-    Io(#[from] std::io::Error),
+    Io(#[source] std::io::Error),
+}
+
+impl ConnError {
+    /// A reset is how a killed worker's socket ends when a request was still unread
+    /// in it: the worker is gone, it broke no protocol.
+    fn from_read(e: std::io::Error) -> ConnError {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionReset => ConnError::Closed,
+            _ => ConnError::Io(e),
+        }
+    }
 }
 
 /// The node's end of one slot, idle between requests.
@@ -66,7 +77,9 @@ impl SlotConn {
             if let Some(frame) = decode_from_worker(&mut self.buf)? {
                 return Ok(frame);
             }
-            let n = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf).await?;
+            let n = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut self.buf)
+                .await
+                .map_err(ConnError::from_read)?;
             if n == 0 {
                 return Err(ConnError::Closed);
             }
@@ -96,7 +109,7 @@ impl FrameReader {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(ConnError::Closed)),
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(ConnError::from_read(e))),
             }
         }
     }

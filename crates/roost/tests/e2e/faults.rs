@@ -1,0 +1,150 @@
+//! Faults under load, the short form of `bench/faults.py` (which runs for a minute):
+//! workers are killed with SIGKILL while clients load several sites and sites are
+//! added to the registry.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::harness::http::get;
+use crate::harness::{comm, Node};
+
+const SITES: usize = 4;
+const CLIENTS: usize = 8;
+const LOAD: Duration = Duration::from_secs(5);
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    ok: usize,
+    failed: usize,
+    /// Requests that got no HTTP answer at all: the node must always answer.
+    unanswered: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_killed_under_load_fail_only_their_own_requests() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    for i in 0..SITES {
+        let host = format!("s{i}.test");
+        let mut spec = node.spec(&format!("s{i}"), &[&host], &app);
+        spec.processes_max = Some(2);
+        node.add(spec).await;
+    }
+    let end = Instant::now() + LOAD;
+
+    let clients = futures_util::future::join_all((0..CLIENTS).map(|c| async move {
+        let mut seen = Seen::default();
+        let mut n = c;
+        while Instant::now() < end {
+            n += 1;
+            // A few milliseconds in the app, so that kills land mid-request.
+            match get(node.addr, &format!("s{}.test", n % SITES), "/sleep?s=0.005").await {
+                Ok(r) if r.status == 200 => seen.ok += 1,
+                Ok(_) => seen.failed += 1,
+                Err(e) => seen.unanswered.push(e),
+            }
+        }
+        seen
+    }));
+    let killer = async {
+        let mut killed = HashSet::new();
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let workers: Vec<u32> = node
+                .worker_pids()
+                .into_iter()
+                .filter(|&p| comm(p) == "roost-worker")
+                .collect();
+            if let Some(&victim) = workers.get(killed.len() % workers.len().max(1)) {
+                if kill(Pid::from_raw(victim as i32), Signal::SIGKILL).is_ok() {
+                    killed.insert(victim);
+                }
+            }
+        }
+        killed
+    };
+    let writer = async {
+        let mut added = Vec::new();
+        while Instant::now() < end {
+            let name = format!("new{}", added.len());
+            let host = format!("{name}.test");
+            node.add(node.spec(&name, &[&host], &app)).await;
+            added.push(host);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        added
+    };
+    let (seen, killed, added) = tokio::join!(clients, killer, writer);
+
+    let (ok, failed) = seen
+        .iter()
+        .fold((0, 0), |(o, f), s| (o + s.ok, f + s.failed));
+    let unanswered: Vec<&String> = seen.iter().flat_map(|s| &s.unanswered).collect();
+    assert!(
+        unanswered.is_empty(),
+        "requests without an answer: {unanswered:?}"
+    );
+    assert!(killed.len() >= 20, "only {} workers killed", killed.len());
+    assert!(
+        ok > 0 && failed > 0,
+        "{ok} answered, {failed} failed: no kill hit a request"
+    );
+    // One slot per worker: a kill can fail at most the request on it.
+    assert!(
+        failed <= killed.len(),
+        "{failed} failed for {} kills",
+        killed.len()
+    );
+
+    // Every 5xx the node logged was on a worker that was killed, and the clients saw
+    // exactly those.
+    let mut logged_failures = 0;
+    node.eventually("every request in the access logs", || async {
+        let lines: usize = (0..SITES)
+            .map(|i| node.log(&format!("s{i}"), "access.log"))
+            .map(|log| log.lines().filter(|l| l.contains("/sleep?")).count())
+            .sum();
+        lines == ok + failed
+    })
+    .await;
+    for i in 0..SITES {
+        for line in node.log(&format!("s{i}"), "access.log").lines() {
+            let status: u16 = line
+                .split('"')
+                .nth(2)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            if status < 500 {
+                continue;
+            }
+            logged_failures += 1;
+            let pid = line.rsplit(' ').next().unwrap();
+            assert!(
+                pid.parse().is_ok_and(|p| killed.contains(&p)),
+                "a 5xx on a worker that was not killed: {line}"
+            );
+        }
+    }
+    assert_eq!(logged_failures, failed);
+    // The workers died of SIGKILL; none broke the protocol, and no app is blamed.
+    for i in 0..SITES {
+        let errors = node.log(&format!("s{i}"), "error.log");
+        assert!(!errors.contains("killing worker"), "s{i}: {errors}");
+    }
+
+    // The registry writes made during the run all took effect.
+    assert!(!added.is_empty());
+    for host in &added {
+        let r = get(node.addr, host, "/pid").await.unwrap();
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    node.stop().await;
+}
