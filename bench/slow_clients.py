@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Slow clients against roost and the peers, each with 2 worker processes of one thread:
 a few clients that upload a body a byte a second, or ask for a large response (8 or
-256 MiB) and never read it, while a probe makes one ordinary request every half second. Reports how many
-probes were answered 200 within 5 s, and their median latency. A server whose workers
-wait on slow clients answers none while they last.
+256 MiB) and never read it, or 1,000 connections that send their headers a byte at a
+time (slowloris), while a probe makes one ordinary request every half second. Reports
+how many probes were answered 200 within 5 s, and their median latency, beside a run
+with no attack. A server whose workers wait on slow clients answers none while they
+last.
 
   cargo build --release && bench/install_peers.sh
   python3 bench/slow_clients.py [--clients 4] [--seconds 20] [--json]     # as root
@@ -12,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -53,8 +56,31 @@ def slow_reader(mib):
     return attack
 
 
-ATTACKS = {"slow uploads": slow_upload, "unread 8 MiB": slow_reader(8),
-           "unread 256 MiB": slow_reader(256)}
+SLOWLORIS_CONNECTIONS = 250  # per client: 1,000 with the default 4
+
+
+def slowloris(port, stop):
+    """Connections that send a request's headers a byte every 2 s and never finish them;
+    one that the server closes is opened again."""
+    def connect():
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: hello.bench\r\n")
+        return s
+    conns = [connect() for _ in range(SLOWLORIS_CONNECTIONS)]
+    while not stop.wait(2.0):
+        for i, s in enumerate(conns):
+            try:
+                s.sendall(b"X")
+            except OSError:
+                s.close()
+                conns[i] = connect()
+    for s in conns:
+        s.close()
+
+
+ATTACKS = {"no attack": lambda port, stop: stop.wait(), "slow uploads": slow_upload,
+           "unread 8 MiB": slow_reader(8), "unread 256 MiB": slow_reader(256),
+           "slowloris": slowloris}
 
 
 def probe(port, stop, out):
@@ -100,6 +126,9 @@ def main():
     args = parser.parse_args()
     require_root()
     require_build()
+    # The slowloris clients' sockets.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = workspace()
     shutil.copy(os.path.join(ROOT, "bench", "apps", APP + ".py"), work)
     report = {}

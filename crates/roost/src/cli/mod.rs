@@ -329,6 +329,7 @@ fn run_node(
     threads: Option<usize>,
 ) -> anyhow::Result<()> {
     let threads = threads.unwrap_or_else(default_threads).max(1);
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -353,6 +354,33 @@ fn run_node(
         crate::server::run(config, listeners, shutdown).await?;
         Ok(())
     })
+}
+
+/// Every client connection costs the node a file descriptor, and the usual soft limit
+/// (1024) is less than a thousand idle keep-alive clients need: the node takes the
+/// hard limit, as Go programs do by themselves and nginx with `worker_rlimit_nofile`.
+/// Workers set their own.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // An unlimited hard limit still stops at the kernel's ceiling.
+    let target = if hard == RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    };
+    if soft >= target {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => tracing::info!(from = soft, to = target, "raised the open file limit"),
+        Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open file limit"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -635,3 +635,40 @@ fn serve_refuses_a_spool_folder_it_cannot_use() {
         "{stderr}"
     );
 }
+
+/// The node takes the hard limit on open files (a connection is a file descriptor;
+/// the usual soft limit of 1024 is less than a thousand clients need).
+#[test]
+fn serve_raises_its_open_file_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-cgroups"])
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs the node");
+    let limits = format!("/proc/{}/limits", node.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let raised = loop {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        let open_files = text.lines().find(|l| l.starts_with("Max open files"));
+        if open_files.is_some_and(|l| l.split_whitespace().nth(3) == Some("4096")) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || node.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(raised, "the node kept its soft limit of 256 open files");
+}
