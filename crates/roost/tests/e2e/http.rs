@@ -229,12 +229,14 @@ async fn read_ahead_stops_at_the_sites_share_of_its_budget() {
         s.write_all(&vec![b'x'; sent]).await.unwrap();
         stalled.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let r = get(node.addr, &greedy, "/pid").await.unwrap();
-    assert_eq!(
-        r.status, 503,
-        "the upload past the share did not take the slot"
-    );
+    // Once its read-ahead stops, the first upload takes the only slot and keeps it:
+    // requests then wait in vain (503 at the queue timeout).
+    node.eventually("the upload past the share to take the slot", || async {
+        get(node.addr, &greedy, "/pid")
+            .await
+            .is_ok_and(|r| r.status == 503)
+    })
+    .await;
     assert_served_by(&node, &other, &other_pid, "an upload within the share").await;
     drop(stalled);
     node.stop().await;

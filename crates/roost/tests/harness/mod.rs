@@ -110,13 +110,17 @@ impl Node {
         }
     }
 
-    /// Copies a fixture app into the node's folder (tests may then edit it).
+    /// Copies a fixture app into the node's folder (tests may then edit it), once: a
+    /// second copy would touch the entry file of the sites already using it, and
+    /// they would reload (as mod_wsgi's do) at a moment the test does not choose.
     pub fn app(&self, fixture_name: &str) -> PathBuf {
         let apps = self.dir.path().join("apps");
         std::fs::create_dir_all(&apps).unwrap();
         std::fs::set_permissions(&apps, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = apps.join(fixture_name);
-        std::fs::copy(fixture(fixture_name), &path).expect("copy fixture");
+        if !path.exists() {
+            std::fs::copy(fixture(fixture_name), &path).expect("copy fixture");
+        }
         path
     }
 
