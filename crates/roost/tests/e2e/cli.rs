@@ -603,13 +603,7 @@ async fn the_demo_serves_its_three_sites() {
 fn serve_refuses_a_spool_folder_it_cannot_use() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .arg("--registry")
-        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-cgroups"])
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
+        .args(serve_args(dir.path()))
         .arg("--spool-dir")
         .arg(dir.path().join("no such folder"))
         .stdout(std::process::Stdio::null())
@@ -644,13 +638,7 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
     let mut node = Command::new("prlimit")
         .arg("--nofile=256:4096")
         .arg(env!("CARGO_BIN_EXE_roost"))
-        .arg("--registry")
-        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-cgroups"])
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
+        .args(serve_args(dir.path()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -671,4 +659,21 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
     let _ = node.kill();
     let _ = node.wait();
     assert!(raised, "the node kept its soft limit of 256 open files");
+}
+
+/// The arguments of `roost serve` on port 0, without cgroups, its files in `dir`.
+fn serve_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let registry = format!("sqlite:{}", dir.join("r.db").display());
+    vec![
+        "--registry".into(),
+        registry.into(),
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-cgroups".into(),
+        "--log-dir".into(),
+        dir.join("logs").into(),
+        "--run-dir".into(),
+        dir.join("run").into(),
+    ]
 }
