@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// closed and the worker freed.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub send_timeout: Duration,
+    /// Longest time a client connection may stay open with no byte sent either way;
+    /// then it is closed gracefully (requests in flight finish). An HTTP/1.1
+    /// connection waiting for its next request is closed sooner, at --header-timeout.
+    #[arg(long, default_value = "75s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
     /// Most memory the node holds of request bodies read before a worker is involved
     /// (64KiB each), all requests together (one site: a quarter); when full, a body
     /// goes to its worker as it arrives.
@@ -280,6 +285,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.front.header_read_timeout = args.header_timeout;
     config.front.body_read_timeout = args.body_timeout;
     config.front.send_timeout = args.send_timeout;
+    config.front.keepalive_timeout = args.keepalive_timeout;
     config.front.request_buffer = args.request_buffer;
     config.front.response_buffer = args.response_buffer;
     config.front.response_spool = args.response_spool;

@@ -8,6 +8,7 @@
 //! ```
 
 mod body;
+mod connection;
 mod environ;
 mod error;
 mod exchange;
@@ -15,22 +16,21 @@ mod request_body;
 mod slow_clients;
 mod stream;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use ipnet::IpNet;
 use roost_registry::normalize_request_host;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use body::ResponseBody;
 pub use error::FrontError;
@@ -53,6 +53,9 @@ pub struct FrontConfig {
     /// Longest time a client may leave a response unread: then its connection closes,
     /// and the worker's slot is freed (not the worker killed).
     pub send_timeout: Duration,
+    /// Longest time a connection may stay open with no byte read or written; then it
+    /// is closed gracefully.
+    pub keepalive_timeout: Duration,
     /// Most bytes of request bodies read ahead (before a slot is taken), all requests
     /// together.
     pub request_buffer: u64,
@@ -79,6 +82,7 @@ impl Default for FrontConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(75),
             request_buffer: 64 << 20,
             response_buffer: 256 << 20,
             response_spool: 4 << 30,
@@ -135,7 +139,9 @@ pub async fn serve(
         config,
         slow_clients,
     });
-    let graceful = GracefulShutdown::new();
+    // Every connection's task, told to finish when the node stops.
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -151,35 +157,18 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ConnInfo { peer, local });
-        let front = front.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // hyper's header read timeout starts at a request's first byte: a client
-            // that connects and sends nothing would keep its connection, and one of
-            // the node's file descriptors, for ever.
-            let first_byte = front.config.header_read_timeout;
-            if !matches!(timeout(first_byte, stream.peek(&mut [0])).await, Ok(Ok(_))) {
-                return;
-            }
-            // A client that stops reading must not hold its response's worker for long.
-            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-            stream.set_write_timeout(Some(front.config.send_timeout));
-            let service = service_fn(move |req| {
-                let front = front.clone();
-                let conn = conn.clone();
-                async move { Ok::<_, Infallible>(front.handle(req, &conn).await) }
-            });
-            let connection = builder
-                .serve_connection(TokioIo::new(Box::pin(stream)), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        connections.spawn(connection::serve(
+            stream,
+            front.clone(),
+            conn,
+            builder.clone(),
+            closing.clone(),
+        ));
     }
     tracing::info!(%local, "listener closed; finishing open requests");
-    if timeout(grace, graceful.shutdown()).await.is_err() {
+    closing.cancel();
+    connections.close();
+    if timeout(grace, connections.wait()).await.is_err() {
         tracing::warn!(
             ?grace,
             "requests still open after the shutdown grace period"

@@ -24,6 +24,37 @@ async fn h2_client(addr: std::net::SocketAddr) -> SendRequest<Empty<Bytes>> {
     sender
 }
 
+/// An HTTP/2 connection with nothing on it is closed at the keep-alive timeout (hyper
+/// kept it for ever); one whose request takes longer than that is closed only after
+/// the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_gracefully() {
+    let node = Node::start_with(|c| c.front.keepalive_timeout = Duration::from_secs(1)).await;
+    let app = node.app("tester.py");
+    node.add(node.spec("idle", &["idle.test"], &app)).await;
+    let idle = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (_sender, connection) = h2::client::handshake(idle).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("an idle HTTP/2 connection was kept open")
+        .expect("closed with an error rather than GOAWAY");
+
+    // 2.5 s in the app, in silence: the connection goes idle, and the request finishes.
+    let mut sender = h2_client(node.addr).await;
+    let slow = sender
+        .send_request(
+            Request::get("http://idle.test/sleep?s=2.5")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let body = slow.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body).trim(), "slept");
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_with_prior_knowledge() {
     let node = Node::start().await;
