@@ -45,7 +45,12 @@ pub(super) async fn serve(
         config.send_timeout,
         config.keepalive_timeout,
     );
-    if !matches!(timeout(first_byte, stream.peek(&mut [0])).await, Ok(Ok(_))) {
+    let mut byte = [0];
+    let first = tokio::select! {
+        first = timeout(first_byte, stream.peek(&mut byte)) => first,
+        () = closing.cancelled() => return,
+    };
+    if !matches!(first, Ok(Ok(_))) {
         return;
     }
     let peer = conn.peer;
@@ -63,16 +68,18 @@ pub(super) async fn serve(
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
-    let mut idle = std::pin::pin!(quiet_for(&activity, keep_alive));
+    // Idle, or the node stops: finish what is in flight, then close.
+    let mut end = std::pin::pin!(async {
+        tokio::select! {
+            () = quiet_for(&activity, keep_alive) => {}
+            () = closing.cancelled() => {}
+        }
+    });
     let mut ending = false;
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
-            () = &mut idle, if !ending => {
-                connection.as_mut().graceful_shutdown();
-                ending = true;
-            }
-            () = closing.cancelled(), if !ending => {
+            () = &mut end, if !ending => {
                 connection.as_mut().graceful_shutdown();
                 ending = true;
             }
