@@ -578,3 +578,53 @@ async fn an_http2_rapid_reset_flood_is_cut_off() {
     assert!(served < 100, "{served} reset requests reached the app");
     node.stop().await;
 }
+
+/// The HTTP/2 CONTINUATION flood (CVE-2024-27316 and its kin): a header block that
+/// never ends, sent as endless CONTINUATION frames. The node stops it at its header
+/// size limit (64 KiB) and closes the connection long before 10 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_continuation_flood_is_cut_off() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("cf", &["cf.test"], &app)).await;
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // HEADERS without END_HEADERS: GET, http, /, :authority cf.test (HPACK).
+    s.write_all(&frame(0x1, 0x1, b"\x82\x86\x84\x01\x07cf.test"))
+        .await
+        .unwrap();
+    // CONTINUATION frames of literal fields "x-pad: <100 bytes>", never ending.
+    let field = [&b"\x00\x05x-pad\x64"[..], &[b'p'; 100]].concat();
+    let continuation = frame(0x9, 0, &field.repeat(150));
+    let (mut reader, mut writer) = s.into_split();
+    let flood = async {
+        let mut sent = 0;
+        while sent < 10 << 20 {
+            if writer.write_all(&continuation).await.is_err() {
+                break;
+            }
+            sent += continuation.len();
+        }
+        sent
+    };
+    let closed = async {
+        let mut buf = vec![0; 64 << 10];
+        while matches!(reader.read(&mut buf).await, Ok(1..)) {}
+    };
+    let (sent, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(flood, closed)
+    })
+    .await
+    .expect("the node kept reading the flood");
+    assert!(sent < 10 << 20, "the node took 10 MiB of one header block");
+    assert_eq!(get(node.addr, "cf.test", "/pid").await.unwrap().status, 200);
+    node.stop().await;
+}
