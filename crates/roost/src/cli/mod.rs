@@ -123,12 +123,12 @@ pub struct ServeArgs {
     /// Folder of those temporary files. Default: /var/tmp, else $TMPDIR or /tmp.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
-    /// Largest request head (request line and headers); beyond: 431.
-    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    /// Largest request head (request line and headers), 8KiB to 1MiB; beyond: 431.
+    #[arg(long, default_value = "64KiB", value_parser = parse_header_size)]
     pub max_header_size: u64,
-    /// Most header fields in a request; beyond: 431.
-    #[arg(long, default_value_t = 100)]
-    pub max_headers: usize,
+    /// Most header fields in a request, 1 to 10000; beyond: 431.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_headers: u64,
     /// How long a stopping worker may take before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
@@ -261,6 +261,16 @@ fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
     Ok(under(&current_dir()?, &path))
 }
 
+/// A request head limit that hyper can take (its read buffer is at least 8 KiB) and
+/// that does not invite floods: a head of over a megabyte is no browser's.
+fn parse_header_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if !(8 << 10..=1 << 20).contains(&bytes) {
+        return Err(format!("{text} is not between 8KiB and 1MiB"));
+    }
+    Ok(bytes)
+}
+
 /// `path` from `base` (unless it is absolute), without `.` components.
 fn under(base: &Path, path: &Path) -> PathBuf {
     base.join(path).components().collect()
@@ -293,7 +303,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
         config.front.spool_dir = absolute(dir.clone())?;
     }
     config.front.max_header_bytes = args.max_header_size as usize;
-    config.front.max_headers = args.max_headers;
+    config.front.max_headers = args.max_headers as usize;
     config.stop_grace = args.stop_grace;
     config.min_uid = min_uid;
     config.cgroup_name = args.cgroup_name.clone();

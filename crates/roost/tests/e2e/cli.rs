@@ -677,3 +677,25 @@ fn serve_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
         dir.join("run").into(),
     ]
 }
+
+/// Head limits out of range are refused with the range, before anything starts.
+#[test]
+fn serve_refuses_head_limits_out_of_range() {
+    for (flag, value) in [
+        ("--max-header-size", "5GiB"),
+        ("--max-header-size", "1KiB"),
+        ("--max-headers", "0"),
+        ("--max-headers", "1000000"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_roost"))
+            .args(["serve", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was taken");
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{stderr}"
+        );
+    }
+}
