@@ -90,20 +90,20 @@ pub struct ServeArgs {
     pub trusted_proxy: Vec<String>,
     /// Longest time a client may take to send its request headers (and a new
     /// connection its first byte).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub header_timeout: Duration,
     /// Longest wait for the next bytes of a request body; then 408 (past the first
     /// 64KiB, which are read before a worker is involved: the app's read fails).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub body_timeout: Duration,
     /// Longest time a client may leave its response unread; then the connection is
     /// closed and the worker freed.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub send_timeout: Duration,
     /// Longest time a client connection may stay open with no byte sent either way;
     /// then it is closed gracefully (requests in flight finish). An HTTP/1.1
     /// connection waiting for its next request is closed sooner, at --header-timeout.
-    #[arg(long, default_value = "75s", value_parser = parse_duration)]
+    #[arg(long, default_value = "75s", value_parser = parse_timeout)]
     pub keepalive_timeout: Duration,
     /// Most memory the node holds of request bodies read before a worker is involved
     /// (64KiB each), all requests together (one site: a quarter); when full, a body
@@ -259,6 +259,14 @@ fn current_dir() -> anyhow::Result<PathBuf> {
 /// `/srv/site/app.wsgi`). `..` stays: through a symbolic link it is not the parent.
 fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
     Ok(under(&current_dir()?, &path))
+}
+
+/// A client timeout: zero would close every connection at once.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("{text} is no time: a client needs some")),
+        d => Ok(d),
+    }
 }
 
 /// A request head limit that hyper can take (its read buffer is at least 8 KiB) and

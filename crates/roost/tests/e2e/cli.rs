@@ -678,10 +678,13 @@ fn serve_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
     ]
 }
 
-/// Head limits out of range are refused with the range, before anything starts.
+/// Head limits out of range, and client timeouts of zero, are refused with the reason,
+/// before anything starts.
 #[test]
-fn serve_refuses_head_limits_out_of_range() {
+fn serve_refuses_head_limits_out_of_range_and_zero_timeouts() {
     for (flag, value) in [
+        ("--keepalive-timeout", "0s"),
+        ("--header-timeout", "0s"),
         ("--max-header-size", "5GiB"),
         ("--max-header-size", "1KiB"),
         ("--max-headers", "0"),
