@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::Frame as BodyFrame;
 use roost_wire::Frame;
@@ -56,11 +56,20 @@ enum Piece {
     Fail(BodyError),
 }
 
+/// Body frames smaller than this are copied together before they are held. A frame's
+/// bytes are a slice of the buffer they were read into, which they keep alive whole,
+/// and each held piece is a queue entry (and a write when spooled): a worker sending
+/// one-byte frames made the node hold about 40 bytes of memory per byte it counted.
+const SMALL_PIECE: usize = 16 << 10;
+
 /// The response's bytes read from the worker and not yet taken by the client: in
 /// memory, then (once memory is full) in a spool, which then takes everything after
-/// them until the client has caught up.
+/// them until the client has caught up. The newest small frames wait in `tail`, after
+/// everything else, until they make a piece.
 struct Held<'a> {
     pieces: VecDeque<Bytes>,
+    tail: BytesMut,
+    /// In memory: the pieces and the tail.
     bytes: usize,
     spool: Option<Spool>,
     /// A spool failed (a full disk): memory only from then on.
@@ -73,6 +82,7 @@ impl<'a> Held<'a> {
     fn new(policy: &'a SlowClients, site: &'a SiteHold) -> Held<'a> {
         Held {
             pieces: VecDeque::new(),
+            tail: BytesMut::new(),
             bytes: 0,
             spool: None,
             no_spool: false,
@@ -110,6 +120,29 @@ impl<'a> Held<'a> {
     /// Holds `data` after what is held. Fails when the spool, holding bytes that come
     /// first, cannot take it: in memory it would be handed on before them.
     async fn push(&mut self, data: Bytes) -> std::io::Result<()> {
+        let small = data.len() < SMALL_PIECE;
+        if small {
+            self.tail.extend_from_slice(&data);
+            self.add_memory(data.len());
+            if self.tail.len() < SMALL_PIECE {
+                return Ok(());
+            }
+        }
+        // The tail is older than `data`: it goes first.
+        if !self.tail.is_empty() {
+            let tail = self.tail.split().freeze();
+            self.sub_memory(tail.len());
+            self.place(tail).await?;
+        }
+        if small {
+            return Ok(());
+        }
+        self.place(data).await
+    }
+
+    /// Holds a piece after the pieces and the spool: in memory while there is room,
+    /// else in the spool.
+    async fn place(&mut self, data: Bytes) -> std::io::Result<()> {
         if self.spool.is_some() || (!self.memory_has_room() && self.spool_has_room()) {
             match self.spool_write(&data).await {
                 Ok(()) => return Ok(()),
@@ -151,14 +184,20 @@ impl<'a> Held<'a> {
         Ok(())
     }
 
-    /// The next bytes for the client, memory first; `None` when nothing is held.
+    /// The next bytes for the client: the pieces, the spool, the tail; `None` when
+    /// nothing is held.
     async fn pop(&mut self) -> std::io::Result<Option<Bytes>> {
         if let Some(data) = self.pieces.pop_front() {
             self.sub_memory(data.len());
             return Ok(Some(data));
         }
         let Some(spool) = &mut self.spool else {
-            return Ok(None);
+            if self.tail.is_empty() {
+                return Ok(None);
+            }
+            let data = self.tail.split().freeze();
+            self.sub_memory(data.len());
+            return Ok(Some(data));
         };
         let n = (spool.written - spool.read).min(SPOOL_READ);
         let (file, at) = (spool.file.clone(), spool.read);
@@ -177,7 +216,7 @@ impl<'a> Held<'a> {
     }
 
     fn is_empty(&self) -> bool {
-        self.pieces.is_empty() && self.spool.is_none()
+        self.pieces.is_empty() && self.spool.is_none() && self.tail.is_empty()
     }
 }
 

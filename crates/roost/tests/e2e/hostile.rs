@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::harness::{alive, get, Node};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{alive, get, peak_rss_kib, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_cost_the_worker_and_nothing_else() {
@@ -60,5 +62,40 @@ async fn protocol_violations_cost_the_worker_and_nothing_else() {
     assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
     let log = node.log("evil", "error.log");
     assert!(log.contains("killing worker"), "{log}");
+    node.stop().await;
+}
+
+/// A worker streaming its response as one-byte frames to a client that reads nothing:
+/// the node holds a response's bytes for the client up to its budget, and must not
+/// hold many times that for the frames they came in (each a slice pinning the buffer
+/// it was read into, plus a queue entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_frames_cost_the_node_what_they_hold() {
+    // 4 MiB for all responses: one site may hold 1 MiB of its clients' responses.
+    let node = Node::start_with(|c| {
+        c.front.response_buffer = 4 << 20;
+        c.front.response_spool = 0;
+    })
+    .await;
+    let hostile = node.app("hostile.py");
+    node.add(node.spec("crumbs", &["crumbs.test"], &hostile))
+        .await;
+    let before = peak_rss_kib("self");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(node.addr).await.unwrap();
+    // 4 million frames of one byte (24 MB on the wire), far past what the node holds.
+    reader
+        .write_all(b"GET /crumbs?n=4000000 HTTP/1.1\r\nHost: crumbs.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The node reads until the site's share is held, then the worker waits.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let growth_kib = peak_rss_kib("self").saturating_sub(before);
+    assert!(
+        growth_kib < 16 << 10,
+        "the node grew by {growth_kib} KiB holding 1 MiB of one-byte frames"
+    );
+    drop(reader);
     node.stop().await;
 }
