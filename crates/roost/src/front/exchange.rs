@@ -402,10 +402,7 @@ async fn pump_request_body(
         for chunk in data.chunks(MAX_BODY_CHUNK) {
             header.clear();
             encode_header(&mut header, Kind::RequestBody, chunk.len());
-            let write = async {
-                writer.write_all(&header).await?;
-                writer.write_all(chunk).await
-            };
+            let write = write_frame(&mut writer, &header, chunk);
             if !matches!(timeout_at(deadline, write).await, Ok(Ok(()))) {
                 return None;
             }
@@ -417,4 +414,22 @@ async fn pump_request_body(
         Ok(Ok(())) => Some(writer),
         _ => None,
     }
+}
+
+/// Writes a frame's header and payload, in one system call when the socket takes both.
+async fn write_frame(
+    writer: &mut OwnedWriteHalf,
+    header: &[u8],
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let parts = [
+        std::io::IoSlice::new(header),
+        std::io::IoSlice::new(payload),
+    ];
+    let n = writer.write_vectored(&parts).await?;
+    if n < header.len() {
+        writer.write_all(&header[n..]).await?;
+        return writer.write_all(payload).await;
+    }
+    writer.write_all(&payload[n - header.len()..]).await
 }
