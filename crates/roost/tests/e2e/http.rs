@@ -24,6 +24,17 @@ async fn h2_client(addr: std::net::SocketAddr) -> SendRequest<Empty<Bytes>> {
     sender
 }
 
+/// A GET over an HTTP/2 connection: the status and the whole body.
+async fn h2_get(sender: &mut SendRequest<Empty<Bytes>>, uri: &str) -> (u16, Bytes) {
+    let request = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
 /// An HTTP/2 connection with nothing on it is closed at the keep-alive timeout (hyper
 /// kept it for ever); one whose request takes longer than that is closed only after
 /// the response.
@@ -41,16 +52,8 @@ async fn idle_http2_connections_are_closed_gracefully() {
 
     // 2.5 s in the app, in silence: the connection goes idle, and the request finishes.
     let mut sender = h2_client(node.addr).await;
-    let slow = sender
-        .send_request(
-            Request::get("http://idle.test/sleep?s=2.5")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(slow.status(), 200);
-    let body = slow.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = h2_get(&mut sender, "http://idle.test/sleep?s=2.5").await;
+    assert_eq!(status, 200);
     assert_eq!(String::from_utf8_lossy(&body).trim(), "slept");
     node.stop().await;
 }
@@ -62,16 +65,8 @@ async fn http2_with_prior_knowledge() {
     node.add(node.spec("h2", &["h2.test"], &app)).await;
     let mut sender = h2_client(node.addr).await;
     for _ in 0..3 {
-        let response = sender
-            .send_request(
-                Request::get("http://h2.test/environ")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let (status, body) = h2_get(&mut sender, "http://h2.test/environ").await;
+        assert_eq!(status, 200);
         let env: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(env["SERVER_PROTOCOL"], "HTTP/2");
         assert_eq!(env["HTTP_HOST"], "h2.test");
