@@ -1,8 +1,8 @@
 """roost loader: runs one site's WSGI application inside its own interpreter.
 
 The node starts this file (embedded in the roost binary) with the site's python, with
-one connected Unix stream socket per slot on file descriptors 3, 4, ... and the site's
-error log as stdout and stderr. Each slot serves one request at a time over the frame
+one connected Unix stream socket per slot on file descriptors 3, 4, ... and a pipe to
+the site's error log as stdout and stderr. Each slot serves one request at a time over the frame
 protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY

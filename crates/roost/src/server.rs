@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::front::{self, FrontConfig};
-use crate::logs::AccessLog;
+use crate::logs::NodeLogs;
 use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub registry: PathBuf,
     /// Parent of every site's log folder.
     pub log_dir: PathBuf,
+    /// A site's `error.log` past this many bytes becomes `error.log.old`.
+    pub error_log_size: u64,
     /// Where the node writes the loader for workers to run.
     pub run_dir: PathBuf,
     pub front: FrontConfig,
@@ -78,6 +80,7 @@ impl NodeConfig {
         NodeConfig {
             registry,
             log_dir,
+            error_log_size: 64 << 20,
             run_dir,
             front: FrontConfig::default(),
             stop_grace: Duration::from_secs(10),
@@ -110,8 +113,8 @@ pub enum ServerError {
     Watcher(#[source] std::io::Error),
     #[error("cannot listen for SIGUSR1 (reopen the logs)")]
     Signal(#[source] std::io::Error),
-    #[error("cannot start the access log thread")]
-    AccessLog(#[source] std::io::Error),
+    #[error("cannot start the log threads")]
+    Logs(#[source] std::io::Error),
     #[error("{0}")]
     Ksm(String),
     #[error("cannot make temporary files in the spool folder {dir} (--spool-dir; --response-spool 0 turns spooling off)")]
@@ -193,8 +196,8 @@ pub async fn run(
         spawner,
         cgroups.clone(),
         as_root,
-        config.log_dir.clone(),
-        AccessLog::start().map_err(ServerError::AccessLog)?,
+        NodeLogs::start(config.log_dir.clone(), config.error_log_size)
+            .map_err(ServerError::Logs)?,
         config.stop_grace,
         Budget::start(config.budget),
     );

@@ -5,7 +5,6 @@
 //! publishes a new route table in one atomic swap.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use arc_swap::ArcSwap;
 use roost_registry::{diff, Change, Registry, Site};
 use tokio::task::JoinHandle;
 
-use crate::logs::{AccessLog, SiteLogs};
+use crate::logs::NodeLogs;
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
@@ -27,8 +26,7 @@ pub struct Sites {
     cgroups: Arc<Cgroups>,
     /// The node is not root: a site's user is recorded but not switched to.
     users_enforced: bool,
-    log_dir: PathBuf,
-    access_log: AccessLog,
+    logs: NodeLogs,
     stop_grace: Duration,
     budget: Budget,
     /// Pools of removed sites that are still draining; awaited at shutdown.
@@ -45,8 +43,7 @@ impl Sites {
         spawner: Arc<dyn Spawn>,
         cgroups: Arc<Cgroups>,
         users_enforced: bool,
-        log_dir: PathBuf,
-        access_log: AccessLog,
+        logs: NodeLogs,
         stop_grace: Duration,
         budget: Budget,
     ) -> Sites {
@@ -57,8 +54,7 @@ impl Sites {
             spawner,
             cgroups,
             users_enforced,
-            log_dir,
-            access_log,
+            logs,
             stop_grace,
             budget,
             draining: Vec::new(),
@@ -121,7 +117,7 @@ impl Sites {
     }
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
-        let logs = SiteLogs::open(&self.log_dir, &site.name, &self.access_log)?;
+        let logs = self.logs.open_site(&site.name)?;
         if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
             for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
                 logs.error(&format!("warning: {conflict}"));
@@ -162,16 +158,13 @@ impl Sites {
         })
     }
 
-    /// After log rotation: every site's logs opened anew, and its workers (which hold
-    /// the old error log as their stderr) renewed gracefully, as Apache's graceful
-    /// restart does.
+    /// After log rotation: every site's logs opened anew. Workers need nothing: they
+    /// print into pipes, and the node writes the files.
     pub fn reopen_logs(&self) {
         for live in self.live.values() {
             if let Err(e) = live.route.logs.reopen() {
                 tracing::error!(site = %live.route.site.name, error = %e, "cannot reopen the site's logs; it keeps the old ones");
-                continue;
             }
-            live.route.pool.renew("its logs were reopened");
         }
         tracing::info!(sites = self.live.len(), "logs reopened");
     }
@@ -191,7 +184,7 @@ impl Sites {
             let _ = task.await;
         }
         // The last lines of every site.
-        let access_log = self.access_log;
-        let _ = tokio::task::spawn_blocking(move || access_log.stop()).await;
+        let logs = self.logs;
+        let _ = tokio::task::spawn_blocking(move || logs.stop()).await;
     }
 }

@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// the data folder's logs/.
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Size at which a site's error.log is renamed error.log.old (replacing the one
+    /// before) and a new one begun, so no site's printing fills the disk; at least
+    /// 64KiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_error_log_size)]
+    pub error_log_size: u64,
     /// Folder for the node's runtime files (the loader). Default: /run/roost as root,
     /// else the data folder's run/.
     #[arg(long)]
@@ -279,6 +284,15 @@ fn parse_header_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+fn parse_error_log_size(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        bytes if bytes < crate::logs::MIN_ERROR_LOG_SIZE => Err(format!(
+            "{text} is less than 64KiB: a few tracebacks would not fit"
+        )),
+        bytes => Ok(bytes),
+    }
+}
+
 /// `path` from `base` (unless it is absolute), without `.` components.
 fn under(base: &Path, path: &Path) -> PathBuf {
     base.join(path).components().collect()
@@ -300,6 +314,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
         }
     };
     let mut config = NodeConfig::new(registry, log_dir, run_dir);
+    config.error_log_size = args.error_log_size;
     config.front.header_read_timeout = args.header_timeout;
     config.front.body_read_timeout = args.body_timeout;
     config.front.send_timeout = args.send_timeout;

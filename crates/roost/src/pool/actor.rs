@@ -206,12 +206,6 @@ impl Pool {
                 self.entry_mtime = entry_mtime(&self.site);
                 self.renew("the site changed");
             }
-            PoolControl::Renew(reason) => {
-                if !self.workers.is_empty() || self.template.is_some() {
-                    tracing::info!(reason, "renewing the site's workers");
-                    self.renew(reason);
-                }
-            }
             PoolControl::Drain => {
                 tracing::info!(waiting = self.waiters.len(), "draining");
                 self.draining = true;

@@ -50,8 +50,6 @@ pub enum PoolControl {
     },
     Worker(WorkerEvent),
     Reconfigure(Arc<Site>),
-    /// Replace every worker (and the template) gracefully, for this reason.
-    Renew(&'static str),
     /// The site was removed: finish what is queued and in flight, then stop.
     Drain,
     /// The node budget grants room for one worker.
@@ -99,11 +97,6 @@ impl PoolHandle {
 
     pub fn reconfigure(&self, site: Arc<Site>) {
         let _ = self.tx.send(PoolControl::Reconfigure(site));
-    }
-
-    /// Replaces the site's workers gracefully: each finishes its request first.
-    pub fn renew(&self, reason: &'static str) {
-        let _ = self.tx.send(PoolControl::Renew(reason));
     }
 
     pub fn drain(&self) {

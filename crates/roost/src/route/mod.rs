@@ -89,11 +89,10 @@ mod tests {
             pool: PoolSettings::default(),
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let dir = std::env::temp_dir();
         Arc::new(Route {
             site: Arc::new(site),
             pool: PoolHandle::detached(tx),
-            logs: SiteLogs::detached(&dir),
+            logs: SiteLogs::detached(),
             hold: Default::default(),
         })
     }

@@ -74,9 +74,9 @@ pub struct SpawnRequest<'a> {
 }
 
 impl SpawnRequest<'_> {
-    /// The site's error log, opened for the new process's stdout and stderr.
-    pub fn error_log(&self) -> Result<std::fs::File, SpawnError> {
-        self.logs.error_log_file().map_err(SpawnError::ErrorLog)
+    /// A pipe into the site's error log, for the new process's stdout and stderr.
+    pub fn output(&self) -> Result<OwnedFd, SpawnError> {
+        self.logs.output().map_err(SpawnError::Output)
     }
 }
 
@@ -98,8 +98,8 @@ pub enum SpawnError {
     UnsafeCode(#[source] OwnerError),
     #[error("cannot join the site's cgroup")]
     Cgroup(#[from] cgroup::CgroupError),
-    #[error("cannot open the site's error log")]
-    ErrorLog(#[source] std::io::Error),
+    #[error("cannot make the pipe to the site's error log")]
+    Output(#[source] std::io::Error),
     #[error("cannot prepare the site's private temporary folder {path}")]
     TmpDir {
         path: PathBuf,

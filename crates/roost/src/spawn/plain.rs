@@ -33,7 +33,7 @@ impl PlainSpawner {
         };
         let (node_ends, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
-        let error_log = request.error_log()?;
+        let output = request.output()?;
 
         // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
         // ahead of the runtime's packages.
@@ -52,8 +52,8 @@ impl PlainSpawner {
             .envs(prepared.env.iter().map(|(k, v)| (k, v)))
             .envs(site_venv_path(site))
             .stdin(Stdio::null())
-            .stdout(error_log.try_clone().map_err(exec_err)?)
-            .stderr(error_log);
+            .stdout(output.try_clone().map_err(exec_err)?)
+            .stderr(output);
         let plan = ChildPlan {
             cgroup_procs: request.cgroup.open_procs()?,
             slots: raw_fds(&child_ends),

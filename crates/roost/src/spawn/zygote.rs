@@ -180,8 +180,7 @@ impl ZygoteSpawner {
                 .push(k, v.as_bytes())
                 .map_err(|e| SpawnError::Fork(e.to_string()))?;
         }
-        let error_log = request.error_log()?;
-        let mut fds: Vec<OwnedFd> = vec![OwnedFd::from(error_log)];
+        let mut fds: Vec<OwnedFd> = vec![request.output()?];
         fds.extend(cgroup_fds);
         fds.extend(child_ends);
         let forked = server

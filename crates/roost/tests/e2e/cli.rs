@@ -681,7 +681,7 @@ fn serve_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
 /// Head limits out of range, and client timeouts of zero, are refused with the reason,
 /// before anything starts.
 #[test]
-fn serve_refuses_head_limits_out_of_range_and_zero_timeouts() {
+fn serve_refuses_limits_out_of_range_and_zero_timeouts() {
     for (flag, value) in [
         ("--keepalive-timeout", "0s"),
         ("--header-timeout", "0s"),
@@ -689,6 +689,7 @@ fn serve_refuses_head_limits_out_of_range_and_zero_timeouts() {
         ("--max-header-size", "1KiB"),
         ("--max-headers", "0"),
         ("--max-headers", "1000000"),
+        ("--error-log-size", "1KiB"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_roost"))
             .args(["serve", flag, value])

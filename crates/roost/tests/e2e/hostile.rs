@@ -99,3 +99,55 @@ async fn one_byte_frames_cost_the_node_what_they_hold() {
     drop(reader);
     node.stop().await;
 }
+
+/// An app printing without end: its processes hold no log file, only a pipe to the
+/// node, which keeps the site's error log under its size limit (the full file becomes
+/// `error.log.old`) and the newest lines in it; the neighbour goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_printing_without_end_fills_no_disk() {
+    const LIMIT: u64 = 256 << 10;
+    let node = Node::start_with(|c| c.error_log_size = LIMIT).await;
+    let hostile = node.app("hostile.py");
+    let calm = node.app("tester.py");
+    node.add(node.spec("spew", &["spew.test"], &hostile)).await;
+    node.add(node.spec("calm", &["calm.test"], &calm)).await;
+    let answer = get(node.addr, "spew.test", "/").await.unwrap().text();
+    let pid: u32 = answer.trim_start_matches("ok ").parse().unwrap();
+    for fd in [1, 2] {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert!(
+            target.to_string_lossy().starts_with("pipe:"),
+            "the worker's fd {fd} is {}",
+            target.display()
+        );
+    }
+
+    // 8 MiB: 32 times the limit.
+    let r = get(node.addr, "spew.test", "/spew?mib=8").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    node.eventually("the last line in the error log", || async {
+        node.log("spew", "error.log").contains("spew done")
+    })
+    .await;
+    let dir = node.dir.path().join("logs/spew");
+    let size = |name: &str| std::fs::metadata(dir.join(name)).unwrap().len();
+    assert!(
+        size("error.log") <= LIMIT,
+        "error.log: {}",
+        size("error.log")
+    );
+    assert!(
+        size("error.log.old") <= LIMIT,
+        "error.log.old: {}",
+        size("error.log.old")
+    );
+    assert!(size("error.log.old") > LIMIT / 2);
+    let log = node.log("spew", "error.log");
+    assert!(
+        log.contains("[roost] the error log reached its limit of 262144 bytes"),
+        "{}",
+        &log[..log.len().min(400)]
+    );
+    assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
+    node.stop().await;
+}

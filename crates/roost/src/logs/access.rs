@@ -1,20 +1,17 @@
-//! Per-site log files: `access.log` (Apache combined plus duration) and `error.log`
-//! (the app's stdout/stderr, wsgi.errors, tracebacks, and the node's spawn failures).
-//!
-//! The request path only records an access: the facts of the request, as cheap clones,
-//! go through one bounded channel to the node's access log thread, which formats the
-//! lines and appends them to each site's file in batches (at most 20 ms behind). So
-//! neither formatting nor the disk is on a runtime thread, and the request path never
-//! waits: if the thread cannot keep up, records are dropped and counted, and the count
-//! lands in the site's error log. Each site may fill only a share of the queue, so the
-//! one that floods it loses its own lines, not its neighbours'.
+//! The access log. The request path only records an access: the facts of the request,
+//! as cheap clones, go through one bounded channel to the node's access log thread,
+//! which formats the lines and appends them to each site's file in batches (at most
+//! 20 ms behind). So neither formatting nor the disk is on a runtime thread, and the
+//! request path never waits: if the thread cannot keep up, records are dropped and
+//! counted, and the count lands in the site's error log. Each site may fill only a
+//! share of the queue, so the one that floods it loses its own lines, not its
+//! neighbours'.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
+
+use super::clf_time;
+use super::error::ErrorLog;
 
 /// Access records queued for the access log thread, for all sites, before new ones are
 /// dropped.
@@ -69,112 +69,84 @@ impl AccessLog {
     }
 }
 
-/// One site's `access.log`, shared by its [`SiteLogs`] and the records in flight.
+/// One site's `access.log`, shared by its [`SiteAccess`] and the records in flight.
 struct AccessFile {
-    /// Locked by the access log thread for each batch, and by [`SiteLogs::reopen`].
+    /// Locked by the access log thread for each batch, and by [`SiteAccess::reopen`].
     file: Mutex<File>,
+    path: PathBuf,
     /// Records of this site in the queue (at most [`ACCESS_SITE_SHARE`]).
     queued: AtomicUsize,
     /// Records lost because the thread fell behind; reported in the error log.
     dropped: AtomicU64,
-    error_log: PathBuf,
+    error_log: Arc<ErrorLog>,
     /// The last write failed (a full disk): said once in the node's log, not per batch.
     failing: AtomicBool,
 }
 
-pub struct SiteLogs {
-    dir: PathBuf,
-    access: SyncSender<AccessMessage>,
-    access_file: Arc<AccessFile>,
+/// What a site records its accesses with.
+pub struct SiteAccess {
+    tx: SyncSender<AccessMessage>,
+    file: Arc<AccessFile>,
 }
 
-impl SiteLogs {
-    /// Creates `root/<site>/` (mode 0750: the site's group may read, other tenants
-    /// not) and opens its access log for the node's access log thread.
-    pub fn open(root: &Path, site: &str, access_log: &AccessLog) -> std::io::Result<Arc<SiteLogs>> {
-        let dir = root.join(site);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
-        let access_file = Arc::new(AccessFile {
-            file: Mutex::new(append(&dir.join("access.log"))?),
-            queued: AtomicUsize::new(0),
-            dropped: AtomicU64::new(0),
-            error_log: dir.join("error.log"),
-            failing: AtomicBool::new(false),
-        });
-        Ok(Arc::new(SiteLogs {
-            dir,
-            access: access_log.tx.clone(),
-            access_file,
-        }))
+impl SiteAccess {
+    /// `file` is the site's `access.log`, open for append; dropped lines are counted
+    /// in `error_log`.
+    pub fn new(
+        access_log: &AccessLog,
+        path: PathBuf,
+        file: File,
+        error_log: Arc<ErrorLog>,
+    ) -> SiteAccess {
+        SiteAccess::sending_to(access_log.tx.clone(), path, file, error_log)
     }
 
-    /// Lets the site's group read its logs: the folder and files stay owned by the
-    /// node (a tenant cannot swap them for links) with the site's gid as group. A log
-    /// file not written yet (the error log before the first spawn) is created now, so
-    /// it has that group from the start.
-    pub fn grant(&self, gid: u32) {
-        let give = |path: &Path| -> std::io::Result<()> {
-            if path != self.dir {
-                return append_with_group(path, gid).map(drop);
-            }
-            if std::fs::symlink_metadata(path)?.gid() != gid {
-                std::os::unix::fs::lchown(path, None, Some(gid))?;
-            }
-            Ok(())
-        };
-        for path in [
-            self.dir.clone(),
-            self.dir.join("access.log"),
-            self.dir.join("error.log"),
-        ] {
-            if let Err(e) = give(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
-            }
+    /// Records that go nowhere, for tests of other modules.
+    #[cfg(test)]
+    pub fn detached(error_log: Arc<ErrorLog>) -> SiteAccess {
+        let null = File::open("/dev/null").expect("/dev/null opens");
+        let tx = mpsc::sync_channel(1).0;
+        SiteAccess::sending_to(tx, PathBuf::from("/dev/null"), null, error_log)
+    }
+
+    fn sending_to(
+        tx: SyncSender<AccessMessage>,
+        path: PathBuf,
+        file: File,
+        error_log: Arc<ErrorLog>,
+    ) -> SiteAccess {
+        SiteAccess {
+            tx,
+            file: Arc::new(AccessFile {
+                file: Mutex::new(file),
+                path,
+                queued: AtomicUsize::new(0),
+                dropped: AtomicU64::new(0),
+                error_log,
+                failing: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// Opens `access.log` anew, and creates `error.log` if it is gone, after log
-    /// rotation renamed them: later access lines go to the new file. Workers keep the
-    /// error log they were started with (the pool renews them). New files get the
-    /// folder's group, which [`SiteLogs::grant`] made the site's.
-    pub fn reopen(&self) -> std::io::Result<()> {
-        let gid = std::fs::metadata(&self.dir)?.gid();
-        let access = append_with_group(&self.dir.join("access.log"), gid)?;
-        append_with_group(&self.dir.join("error.log"), gid)?;
+    /// Later lines go to `file` (the log opened anew after rotation).
+    pub fn reopen(&self, file: File) {
         *self
-            .access_file
+            .file
             .file
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = access;
-        Ok(())
+            .unwrap_or_else(PoisonError::into_inner) = file;
     }
 
-    /// The error log for a worker's stdout and stderr.
-    pub fn error_log_file(&self) -> std::io::Result<File> {
-        append(&self.dir.join("error.log"))
-    }
-
-    /// One line from the node in the error log.
-    pub fn error(&self, message: &str) {
-        let line = format!("[{}] [roost] {message}\n", clf_time(SystemTime::now()));
-        if let Err(e) = self
-            .error_log_file()
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-        {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write to a site's error log");
-        }
-    }
-
-    pub fn access(&self, record: AccessRecord) {
-        let file = &self.access_file;
+    /// Queues one line, or counts it as dropped.
+    pub fn record(&self, record: AccessRecord) {
+        let file = &self.file;
         if file.queued.fetch_add(1, Ordering::Relaxed) >= ACCESS_SITE_SHARE {
             file.queued.fetch_sub(1, Ordering::Relaxed);
             file.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let message = AccessMessage::Record(file.clone(), record);
-        match self.access.try_send(message) {
+        match self.tx.try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 file.queued.fetch_sub(1, Ordering::Relaxed);
@@ -186,25 +158,6 @@ impl SiteLogs {
             }
         }
     }
-}
-
-/// Opens a log for append; never follows a symbolic link, new files get mode 0640.
-fn append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// [`append`], then the file's group set to `gid` if it is not already.
-fn append_with_group(path: &Path, gid: u32) -> std::io::Result<File> {
-    let file = append(path)?;
-    if file.metadata()?.gid() != gid {
-        std::os::unix::fs::fchown(&file, None, Some(gid))?;
-    }
-    Ok(file)
 }
 
 /// The access log thread: waits for a record, takes every record queued, appends each
@@ -241,20 +194,18 @@ fn write_access(rx: Receiver<AccessMessage>) {
             if file.failing.swap(written.is_err(), Ordering::Relaxed) != written.is_err() {
                 match written {
                     Err(e) => {
-                        tracing::warn!(log = %file.error_log.with_file_name("access.log").display(), error = %e, "cannot write to a site's access log; its lines are lost until it can")
+                        tracing::warn!(log = %file.path.display(), error = %e, "cannot write to a site's access log; its lines are lost until it can")
                     }
                     Ok(()) => {
-                        tracing::info!(log = %file.error_log.with_file_name("access.log").display(), "a site's access log can be written again")
+                        tracing::info!(log = %file.path.display(), "a site's access log can be written again")
                     }
                 }
             }
             let lost = file.dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
-                let note = format!(
-                    "[{}] [roost] {lost} access log lines were dropped: the access log fell behind (a slow disk?)\n",
-                    clf_time(SystemTime::now())
-                );
-                let _ = append(&file.error_log).and_then(|mut f| f.write_all(note.as_bytes()));
+                file.error_log.note(&format!(
+                    "{lost} access log lines were dropped: the access log fell behind (a slow disk?)"
+                ));
             }
         }
         if !stopping {
@@ -357,66 +308,10 @@ fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
-/// `27/Nov/2026:07:05:09 +0000`, the Common Log Format time, in UTC.
-pub fn clf_time(t: SystemTime) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
-        MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-impl SiteLogs {
-    /// Logs whose access records go nowhere, for tests of other modules.
-    pub fn detached(dir: &Path) -> Arc<SiteLogs> {
-        let (tx, _) = mpsc::sync_channel(1);
-        Arc::new(SiteLogs {
-            dir: dir.to_owned(),
-            access: tx,
-            access_file: Arc::new(AccessFile {
-                file: Mutex::new(File::open("/dev/null").expect("/dev/null opens")),
-                queued: AtomicUsize::new(0),
-                dropped: AtomicU64::new(0),
-                error_log: dir.join("error.log"),
-                failing: AtomicBool::new(false),
-            }),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clf_time_is_correct() {
-        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_763_109);
-        assert_eq!(clf_time(t), "27/Nov/2026:07:05:09 +0000");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
-    }
+    use crate::logs::NodeLogs;
 
     #[test]
     fn access_lines_stay_one_line() {
@@ -467,14 +362,14 @@ mod tests {
     #[test]
     fn a_flood_loses_no_line_without_saying_so() {
         let dir = tempfile::tempdir().unwrap();
-        let access_log = AccessLog::start().unwrap();
-        let logs = SiteLogs::open(dir.path(), "s", &access_log).unwrap();
+        let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
+        let logs = node.open_site("s").unwrap();
         // Far more than the queue holds, faster than one batch interval.
         let sent = 10 * ACCESS_QUEUE;
         for _ in 0..sent {
             logs.access(record(200));
         }
-        access_log.stop();
+        node.stop();
         let read = |name| std::fs::read_to_string(dir.path().join("s").join(name)).unwrap();
         let written = read("access.log").lines().count();
         let dropped = dropped_lines(&read("error.log"));
@@ -499,12 +394,12 @@ mod tests {
     #[test]
     fn a_flooding_site_leaves_room_for_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let access_log = AccessLog::start().unwrap();
-        let flood = SiteLogs::open(dir.path(), "flood", &access_log).unwrap();
-        let calm = SiteLogs::open(dir.path(), "calm", &access_log).unwrap();
+        let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
+        let flood = node.open_site("flood").unwrap();
+        let calm = node.open_site("calm").unwrap();
         // Hold the flooding site's file, as a stalled disk would: the thread blocks on
         // its first batch and everything after piles up in the queue.
-        let stalled = flood.access_file.file.lock().unwrap();
+        let stalled = flood.access.file.file.lock().unwrap();
         flood.access(record(200));
         std::thread::sleep(Duration::from_millis(100));
         let sent = 2 * ACCESS_QUEUE;
@@ -515,7 +410,7 @@ mod tests {
             calm.access(record(201));
         }
         drop(stalled);
-        access_log.stop();
+        node.stop();
         let read = |site: &str, name: &str| {
             std::fs::read_to_string(dir.path().join(site).join(name)).unwrap_or_default()
         };
@@ -530,16 +425,16 @@ mod tests {
     #[test]
     fn lines_reach_each_sites_file() {
         let dir = tempfile::tempdir().unwrap();
-        let access_log = AccessLog::start().unwrap();
+        let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
         let sites: Vec<_> = ["a", "b"]
             .iter()
-            .map(|name| SiteLogs::open(dir.path(), name, &access_log).unwrap())
+            .map(|name| node.open_site(name).unwrap())
             .collect();
         for (i, logs) in sites.iter().chain(sites.iter()).enumerate() {
             logs.access(record(200 + i as u16));
         }
         drop(sites);
-        access_log.stop();
+        node.stop();
         let read =
             |name: &str| std::fs::read_to_string(dir.path().join(name).join("access.log")).unwrap();
         let statuses = |text: String| -> Vec<String> {

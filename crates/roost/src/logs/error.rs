@@ -1,0 +1,256 @@
+//! One site's `error.log`, which only the node writes: what the site's processes print
+//! reaches it through a pipe (`output.rs`), so the node decides what lands on disk. A
+//! file that reaches its size limit is renamed `error.log.old` (replacing the one
+//! before) and a new one started: an app that prints without end costs its site at
+//! most twice the limit on disk, and the log folder's disk stays free for the others.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{append_with_group, clf_time};
+
+/// Bytes a second of one site's output the node copies to its error log, on average:
+/// the node's work (and disk writes) for one site's printing stay bounded. Beyond it,
+/// the node reads the site's pipes more slowly and the printing processes wait.
+const OUTPUT_RATE: u64 = 4 << 20;
+/// Bytes the site may print at once before [`OUTPUT_RATE`] applies: a burst of
+/// tracebacks goes through without waiting.
+const OUTPUT_BURST: u64 = 4 << 20;
+
+/// Smallest `--error-log-size`: a few tracebacks.
+pub const MIN_ERROR_LOG_SIZE: u64 = 64 << 10;
+
+pub struct ErrorLog {
+    path: PathBuf,
+    /// Past this many bytes the file is renamed `error.log.old` and a new one begun.
+    max_size: u64,
+    open: Mutex<OpenFile>,
+    pace: Mutex<Pace>,
+}
+
+struct OpenFile {
+    file: File,
+    /// Bytes in the file: its size when opened, plus what the node appended since
+    /// (nobody else writes to it).
+    size: u64,
+    /// The last write failed (a full disk): said once in the node's log, not per line.
+    failing: bool,
+}
+
+impl ErrorLog {
+    /// Opens (or creates) `path`, new files with the group of its folder.
+    pub fn open(path: PathBuf, max_size: u64) -> std::io::Result<ErrorLog> {
+        let open = OpenFile::new(&path)?;
+        Ok(ErrorLog {
+            path,
+            max_size,
+            open: Mutex::new(open),
+            pace: Mutex::new(Pace::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends what a site's process printed, as one write.
+    pub fn write(&self, bytes: &[u8]) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
+            self.start_anew(&mut open);
+        }
+        let written = open.file.write_all(bytes);
+        match &written {
+            Ok(()) => open.size += bytes.len() as u64,
+            Err(e) if !open.failing => {
+                tracing::warn!(log = %self.path.display(), error = %e, "cannot write to a site's error log; its lines are lost until it can")
+            }
+            Err(_) => {}
+        }
+        if open.failing && written.is_ok() {
+            tracing::info!(log = %self.path.display(), "a site's error log can be written again");
+        }
+        open.failing = written.is_err();
+    }
+
+    /// One line from the node: `[time] [roost] message`.
+    pub fn note(&self, message: &str) {
+        let line = format!("[{}] [roost] {message}\n", clf_time(SystemTime::now()));
+        self.write(line.as_bytes());
+    }
+
+    /// After log rotation renamed the file: later lines go to a new one.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let fresh = OpenFile::new(&self.path)?;
+        *self.open.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// How long the reader of a pipe waits before reading again, having just copied
+    /// `bytes` of this site's output.
+    pub fn pace(&self, bytes: usize) -> Duration {
+        self.pace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(bytes as u64, Instant::now())
+    }
+
+    /// The file reached `max_size`: it becomes `error.log.old` and a new one begins.
+    /// If rotation renamed it already, the file now at `path` is simply opened.
+    fn start_anew(&self, open: &mut OpenFile) {
+        let old = self.path.with_extension("log.old");
+        let ours = |at: &Path| {
+            let (Ok(here), Ok(mine)) = (std::fs::symlink_metadata(at), open.file.metadata()) else {
+                return false;
+            };
+            (here.dev(), here.ino()) == (mine.dev(), mine.ino())
+        };
+        let renamed = ours(&self.path);
+        if renamed {
+            if let Err(e) = std::fs::rename(&self.path, &old) {
+                tracing::warn!(log = %self.path.display(), error = %e, "cannot rename a full error log; it goes on growing");
+                return;
+            }
+        }
+        match OpenFile::new(&self.path) {
+            Ok(fresh) => *open = fresh,
+            Err(e) => {
+                tracing::warn!(log = %self.path.display(), error = %e, "cannot start a new error log; the full one goes on growing");
+                return;
+            }
+        }
+        if !renamed {
+            return;
+        }
+        let line = format!(
+            "[{}] [roost] the error log reached its limit of {} bytes (--error-log-size); the lines before are in {}\n",
+            clf_time(SystemTime::now()),
+            self.max_size,
+            old.file_name().unwrap_or_default().to_string_lossy(),
+        );
+        if open.file.write_all(line.as_bytes()).is_ok() {
+            open.size += line.len() as u64;
+        }
+    }
+}
+
+impl OpenFile {
+    fn new(path: &Path) -> std::io::Result<OpenFile> {
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let file = append_with_group(path, std::fs::metadata(folder)?.gid())?;
+        let size = file.metadata()?.len();
+        Ok(OpenFile {
+            file,
+            size,
+            failing: false,
+        })
+    }
+}
+
+/// A token bucket of bytes: [`OUTPUT_BURST`] at once, [`OUTPUT_RATE`] a second after.
+struct Pace {
+    /// Bytes that may still be copied without waiting; below zero, a debt.
+    allowance: i64,
+    refilled: Instant,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            allowance: OUTPUT_BURST as i64,
+            refilled: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        let earned =
+            now.saturating_duration_since(self.refilled).as_secs_f64() * OUTPUT_RATE as f64;
+        self.allowance = (self.allowance + earned as i64).min(OUTPUT_BURST as i64) - bytes as i64;
+        self.refilled = now;
+        if self.allowance >= 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(-self.allowance as f64 / OUTPUT_RATE as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_log_becomes_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.log");
+        std::fs::write(&path, "from before\n").unwrap();
+        let log = ErrorLog::open(path.clone(), 1000).unwrap();
+        let line = [b'x'; 99];
+        for _ in 0..25 {
+            log.write(&line);
+            log.write(b"\n");
+        }
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.path().join("error.log.old")).unwrap();
+        assert!(
+            now.len() <= 1000 && old.len() <= 1000,
+            "{} and {}",
+            now.len(),
+            old.len()
+        );
+        assert!(
+            now.contains("[roost] the error log reached its limit of 1000 bytes"),
+            "{now}"
+        );
+        // All 2,500 bytes were written; the oldest are gone with the first old file.
+        assert!(!old.contains("from before"), "{old}");
+        let lines = |text: &str| text.lines().filter(|l| l.len() == 99).count();
+        assert!(lines(&old) >= 8, "{old}");
+        assert!(lines(&now) >= 1, "{now}");
+    }
+
+    #[test]
+    fn rotation_by_rename_is_followed_not_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.log");
+        let log = ErrorLog::open(path.clone(), 100).unwrap();
+        log.write(b"first\n");
+        std::fs::rename(&path, dir.path().join("error.log.1")).unwrap();
+        // Full before the node was told: the renamed file is left alone.
+        log.write(&[b'y'; 100]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("error.log.1")).unwrap(),
+            "first\n"
+        );
+        assert!(!dir.path().join("error.log.old").exists());
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with(&"y".repeat(100)));
+        // Told: a new file, as after SIGUSR1.
+        std::fs::rename(&path, dir.path().join("error.log.2")).unwrap();
+        log.reopen().unwrap();
+        log.write(b"later\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "later\n");
+    }
+
+    #[test]
+    fn output_is_paced_past_its_burst() {
+        let start = Instant::now();
+        let mut pace = Pace {
+            allowance: OUTPUT_BURST as i64,
+            refilled: start,
+        };
+        assert_eq!(pace.take(OUTPUT_BURST, start), Duration::ZERO);
+        assert_eq!(pace.take(OUTPUT_RATE, start), Duration::from_secs(1));
+        // A second later the debt is paid, and the bucket refills no further than
+        // the burst however long the site was quiet.
+        let later = start + Duration::from_secs(1);
+        assert_eq!(pace.take(0, later), Duration::ZERO);
+        let much_later = start + Duration::from_secs(3600);
+        assert_eq!(pace.take(OUTPUT_BURST, much_later), Duration::ZERO);
+        assert!(pace.take(1, much_later) > Duration::ZERO);
+    }
+}
