@@ -212,13 +212,7 @@ pub async fn run(
 
     let mut fronts = JoinSet::new();
     // One set of budgets for slow clients, whatever the listener.
-    let slow_clients = Arc::new(front::SlowClients::new(
-        config.front.send_timeout,
-        config.front.request_buffer,
-        config.front.response_buffer,
-        config.front.response_spool,
-        config.front.spool_dir.clone(),
-    ));
+    let slow_clients = Arc::new(front::SlowClients::new(&config.front));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %front::describe(&addr), "listening");

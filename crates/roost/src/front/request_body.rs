@@ -88,7 +88,7 @@ pub async fn read_ahead(
     let mut first = BytesMut::new();
     // Held only while the client sends: the queue for a slot is bounded on its own.
     let mut claim = Claim::new(&budget.read_ahead, &site.read_ahead);
-    while first.len() < READ_AHEAD {
+    while first.len() < READ_AHEAD && claim.has_room() {
         let Some(data) = body.next().await? else {
             return Ok(RequestBody::Whole(first.freeze()));
         };
@@ -96,9 +96,7 @@ pub async fn read_ahead(
             return Err(FrontError::BodyTooLarge { limit });
         }
         first.extend_from_slice(&data);
-        if !claim.take(data.len() as u64) {
-            break;
-        }
+        claim.add(data.len() as u64);
     }
     Ok(RequestBody::Partial {
         first: first.freeze(),

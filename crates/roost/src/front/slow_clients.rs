@@ -8,13 +8,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::FrontConfig;
+
 /// The share of each budget one site may hold.
 const SITE_SHARE: u64 = 4;
 
 /// How the front serves slow clients; one for the node, shared by every request.
 #[derive(Debug)]
 pub struct SlowClients {
-    /// Longest time a client may take nothing of a response that is ready for it.
+    /// Longest time a client may take nothing of a response that is ready for it
+    /// (the front's `send_timeout`).
     pub send_timeout: Duration,
     /// Request bodies read ahead, all requests together.
     pub(super) read_ahead: Budget,
@@ -26,19 +29,13 @@ pub struct SlowClients {
 }
 
 impl SlowClients {
-    pub fn new(
-        send_timeout: Duration,
-        read_ahead: u64,
-        memory: u64,
-        disk: u64,
-        spool_dir: PathBuf,
-    ) -> Self {
+    pub fn new(config: &FrontConfig) -> Self {
         SlowClients {
-            send_timeout,
-            read_ahead: Budget::new(read_ahead),
-            memory: Budget::new(memory),
-            disk: Budget::new(disk),
-            spool_dir,
+            send_timeout: config.send_timeout,
+            read_ahead: Budget::new(config.request_buffer),
+            memory: Budget::new(config.response_buffer),
+            disk: Budget::new(config.response_spool),
+            spool_dir: config.spool_dir.clone(),
         }
     }
 }
@@ -81,17 +78,6 @@ impl Budget {
         self.used.fetch_sub(n, Ordering::Relaxed);
         site.fetch_sub(n, Ordering::Relaxed);
     }
-
-    /// Adds `n` bytes if both the node and the site stay within their limits.
-    fn try_add(&self, site: &AtomicU64, n: u64) -> bool {
-        let node = self.used.fetch_add(n, Ordering::Relaxed) + n;
-        let mine = site.fetch_add(n, Ordering::Relaxed) + n;
-        if node > self.max || mine > self.max / SITE_SHARE {
-            self.sub(site, n);
-            return false;
-        }
-        true
-    }
 }
 
 /// Bytes one request holds against a budget; given back when it is dropped.
@@ -110,13 +96,16 @@ impl<'a> Claim<'a> {
         }
     }
 
-    /// Claims `n` more bytes; false (and nothing claimed) when the budget is full.
-    pub(super) fn take(&mut self, n: u64) -> bool {
-        let taken = self.budget.try_add(self.site, n);
-        if taken {
-            self.bytes += n;
-        }
-        taken
+    /// Whether the site may read more ahead: its share and the node's budget have
+    /// room. The piece read next is counted whole, so each claim may pass the limit by
+    /// the one piece it read last: what is held is always what is counted.
+    pub(super) fn has_room(&self) -> bool {
+        self.budget.has_room(self.site)
+    }
+
+    pub(super) fn add(&mut self, n: u64) {
+        self.budget.add(self.site, n);
+        self.bytes += n;
     }
 }
 
@@ -135,17 +124,19 @@ mod tests {
         let budget = Budget::new(100);
         let sites: Vec<AtomicU64> = (0..5).map(|_| AtomicU64::new(0)).collect();
         let mut claims: Vec<Claim> = sites.iter().map(|s| Claim::new(&budget, s)).collect();
-        assert!(claims[0].take(25));
-        assert!(!claims[0].take(1), "past the site's quarter");
+        assert!(claims[0].has_room());
+        claims[0].add(20);
+        assert!(claims[0].has_room());
+        // The piece that passes the share is counted.
+        claims[0].add(10);
+        assert_eq!(sites[0].load(Ordering::Relaxed), 30);
+        assert!(!claims[0].has_room(), "past the site's quarter");
         for claim in &mut claims[1..4] {
-            assert!(claim.take(25));
+            assert!(claim.has_room());
+            claim.add(25);
         }
-        assert!(!claims[4].take(1), "past the node's budget");
-        assert_eq!(
-            sites[4].load(Ordering::Relaxed),
-            0,
-            "a refused claim holds nothing"
-        );
+        assert_eq!(budget.used.load(Ordering::Relaxed), 105);
+        assert!(!claims[4].has_room(), "past the node's budget");
         drop(claims);
         assert_eq!(budget.used.load(Ordering::Relaxed), 0);
         assert!(sites.iter().all(|s| s.load(Ordering::Relaxed) == 0));
