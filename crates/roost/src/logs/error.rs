@@ -21,6 +21,9 @@ const OUTPUT_RATE: u64 = 4 << 20;
 /// tracebacks goes through without waiting.
 const OUTPUT_BURST: u64 = 4 << 20;
 
+/// A site whose output is being slowed is told so in its error log, at most this often.
+const SLOWED_NOTE_EVERY: Duration = Duration::from_secs(60);
+
 /// Smallest `--error-log-size`: a few tracebacks.
 pub const MIN_ERROR_LOG_SIZE: u64 = 64 << 10;
 
@@ -93,10 +96,19 @@ impl ErrorLog {
     /// How long the reader of a pipe waits before reading again, having just copied
     /// `bytes` of this site's output.
     pub fn pace(&self, bytes: usize) -> Duration {
-        self.pace
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(bytes as u64, Instant::now())
+        let now = Instant::now();
+        let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = pace.take(bytes as u64, now);
+        if wait.is_zero() || pace.noted.is_some_and(|at| now - at < SLOWED_NOTE_EVERY) {
+            return wait;
+        }
+        pace.noted = Some(now);
+        drop(pace);
+        self.note(&format!(
+            "the site prints more than {} MiB a second: its processes now wait for the node to take what they print",
+            OUTPUT_RATE >> 20
+        ));
+        wait
     }
 
     /// The file reached `max_size`: it becomes `error.log.old` and a new one begins.
@@ -156,6 +168,8 @@ struct Pace {
     /// Bytes that may still be copied without waiting; below zero, a debt.
     allowance: i64,
     refilled: Instant,
+    /// When the site was last told its output is slowed.
+    noted: Option<Instant>,
 }
 
 impl Pace {
@@ -163,6 +177,7 @@ impl Pace {
         Pace {
             allowance: OUTPUT_BURST as i64,
             refilled: Instant::now(),
+            noted: None,
         }
     }
 
@@ -242,6 +257,7 @@ mod tests {
         let mut pace = Pace {
             allowance: OUTPUT_BURST as i64,
             refilled: start,
+            noted: None,
         };
         assert_eq!(pace.take(OUTPUT_BURST, start), Duration::ZERO);
         assert_eq!(pace.take(OUTPUT_RATE, start), Duration::from_secs(1));
@@ -252,5 +268,23 @@ mod tests {
         let much_later = start + Duration::from_secs(3600);
         assert_eq!(pace.take(OUTPUT_BURST, much_later), Duration::ZERO);
         assert!(pace.take(1, much_later) > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_slowed_site_is_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.log");
+        let log = ErrorLog::open(path.clone(), 1 << 20).unwrap();
+        assert!(log.pace(OUTPUT_BURST as usize).is_zero());
+        assert!(std::fs::read_to_string(&path).unwrap().is_empty());
+        assert!(!log.pace(1 << 20).is_zero());
+        assert!(!log.pace(1 << 20).is_zero());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.matches("the site prints more than 4 MiB a second")
+                .count(),
+            1,
+            "{text}"
+        );
     }
 }
