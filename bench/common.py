@@ -57,13 +57,20 @@ Group nogroup
 """
 
 
+# Debian's stock Apache loads mod_reqtimeout with these limits (reqtimeout.conf): a
+# client gets 20 s for its headers, 40 s if it keeps sending 500 bytes a second.
+APACHE_REQTIMEOUT = """RequestReadTimeout header=20-40,minrate=500
+RequestReadTimeout body=10,minrate=500
+"""
+
+
 def apache_conf(work, port, modules, body):
     """A configuration of Apache's own for one benchmark (its files in `work`, listening
     on 127.0.0.1:port, children as nobody), loading mod_<name>.so for each of
-    `modules`, then `body`."""
+    `modules` and mod_reqtimeout with Debian's limits, then `body`."""
     loads = "".join("LoadModule %s_module /usr/lib/apache2/modules/mod_%s.so\n" % (m, m)
-                    for m in modules)
-    return APACHE_HEAD.format(work=work, port=port) + loads + body
+                    for m in list(modules) + ["reqtimeout"])
+    return APACHE_HEAD.format(work=work, port=port) + loads + APACHE_REQTIMEOUT + body
 
 
 PASSENGER_SETTINGS = """PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini

@@ -82,7 +82,7 @@ pub struct ServeArgs {
     pub log_dir: Option<PathBuf>,
     /// Size at which a site's error.log is renamed error.log.old (replacing the one
     /// before) and a new one begun, so no site's printing fills the disk; at least
-    /// 64KiB.
+    /// 1MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_error_log_size)]
     pub error_log_size: u64,
     /// Folder for the node's runtime files (the loader). Default: /run/roost as root,
@@ -286,9 +286,9 @@ fn parse_header_size(text: &str) -> Result<u64, String> {
 
 fn parse_error_log_size(text: &str) -> Result<u64, String> {
     match parse_bytes(text)? {
-        bytes if bytes < crate::logs::MIN_ERROR_LOG_SIZE => Err(format!(
-            "{text} is less than 64KiB: a few tracebacks would not fit"
-        )),
+        bytes if bytes < crate::logs::MIN_ERROR_LOG_SIZE => {
+            Err(format!("{text} is less than 1MiB"))
+        }
         bytes => Ok(bytes),
     }
 }

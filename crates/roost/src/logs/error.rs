@@ -24,8 +24,9 @@ const OUTPUT_BURST: u64 = 4 << 20;
 /// A site whose output is being slowed is told so in its error log, at most this often.
 const SLOWED_NOTE_EVERY: Duration = Duration::from_secs(60);
 
-/// Smallest `--error-log-size`: a few tracebacks.
-pub const MIN_ERROR_LOG_SIZE: u64 = 64 << 10;
+/// Smallest `--error-log-size`: many times what the node copies in one write (64 KiB,
+/// a pipe's worth), so that a file stays within the limit after the line that begins it.
+pub const MIN_ERROR_LOG_SIZE: u64 = 1 << 20;
 
 pub struct ErrorLog {
     path: PathBuf,

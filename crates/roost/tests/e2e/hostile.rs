@@ -105,7 +105,7 @@ async fn one_byte_frames_cost_the_node_what_they_hold() {
 /// `error.log.old`) and the newest lines in it; the neighbour goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_printing_without_end_fills_no_disk() {
-    const LIMIT: u64 = 256 << 10;
+    const LIMIT: u64 = 1 << 20;
     let node = Node::start_with(|c| c.error_log_size = LIMIT).await;
     let hostile = node.app("hostile.py");
     let calm = node.app("tester.py");
@@ -122,8 +122,8 @@ async fn an_app_printing_without_end_fills_no_disk() {
         );
     }
 
-    // 8 MiB: 32 times the limit.
-    let r = get(node.addr, "spew.test", "/spew?mib=8").await.unwrap();
+    // 12 MiB: 12 times the limit, and past what the node copies without slowing it.
+    let r = get(node.addr, "spew.test", "/spew?mib=12").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     node.eventually("the last line in the error log", || async {
         node.log("spew", "error.log").contains("spew done")
@@ -144,7 +144,7 @@ async fn an_app_printing_without_end_fills_no_disk() {
     assert!(size("error.log.old") > LIMIT / 2);
     let log = node.log("spew", "error.log");
     assert!(
-        log.contains("[roost] the error log reached its limit of 262144 bytes"),
+        log.contains("[roost] the error log reached its limit of 1048576 bytes"),
         "{}",
         &log[..log.len().min(400)]
     );
