@@ -105,7 +105,7 @@ pub struct ServeArgs {
     /// closed and the worker freed.
     #[arg(long, default_value = "60s", value_parser = parse_timeout)]
     pub send_timeout: Duration,
-    /// Longest time a client connection may stay open with no byte sent either way;
+    /// Longest time a client connection may stay open with no request begun on it;
     /// then it is closed gracefully (requests in flight finish). An HTTP/1.1
     /// connection waiting for its next request is closed sooner, at --header-timeout.
     #[arg(long, default_value = "75s", value_parser = parse_timeout)]

@@ -35,9 +35,9 @@ async fn h2_get(sender: &mut SendRequest<Empty<Bytes>>, uri: &str) -> (u16, Byte
     )
 }
 
-/// An HTTP/2 connection with nothing on it is closed at the keep-alive timeout (hyper
-/// kept it for ever); one whose request takes longer than that is closed only after
-/// the response.
+/// An HTTP/2 connection with no request on it is closed at the keep-alive timeout
+/// (hyper kept it for ever), PINGs or not; one whose request takes longer than that is
+/// closed only after the response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_are_closed_gracefully() {
     let node = Node::start_with(|c| c.front.keepalive_timeout = Duration::from_secs(1)).await;
@@ -49,6 +49,27 @@ async fn idle_http2_connections_are_closed_gracefully() {
         .await
         .expect("an idle HTTP/2 connection was kept open")
         .expect("closed with an error rather than GOAWAY");
+
+    // PINGs every 200 ms move bytes, but begin no request.
+    let pinged = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let (_sender, mut connection) = h2::client::handshake(pinged).await.unwrap();
+    let mut pinger = connection.ping_pong().expect("the first to ask");
+    let pinging = async {
+        while pinger.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            _ = &mut connection => {}
+            () = pinging => {}
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "PINGs kept an HTTP/2 connection without requests open"
+    );
 
     // 2.5 s in the app, in silence: the connection goes idle, and the request finishes.
     let mut sender = h2_client(node.addr).await;
