@@ -15,7 +15,8 @@ use super::{append_with_group, clf_time};
 
 /// Bytes a second of one site's output the node copies to its error log, on average:
 /// the node's work (and disk writes) for one site's printing stay bounded. Beyond it,
-/// the node reads the site's pipes more slowly and the printing processes wait.
+/// the node reads the site's pipes more slowly and the printing processes wait. (The
+/// reader counts each read as at least a full one, `output.rs`.)
 const OUTPUT_RATE: u64 = 4 << 20;
 /// Bytes the site may print at once before [`OUTPUT_RATE`] applies: a burst of
 /// tracebacks goes through without waiting.
@@ -106,7 +107,7 @@ impl ErrorLog {
         pace.noted = Some(now);
         drop(pace);
         self.note(&format!(
-            "the site prints more than {} MiB a second: its processes now wait for the node to take what they print",
+            "the site prints more than the node copies (a burst, then {} MiB a second, each read of a pipe counted as 64 KiB): its processes now wait for the node to take what they print",
             OUTPUT_RATE >> 20
         ));
         wait
@@ -282,7 +283,7 @@ mod tests {
         assert!(!log.pace(1 << 20).is_zero());
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
-            text.matches("the site prints more than 4 MiB a second")
+            text.matches("the site prints more than the node copies")
                 .count(),
             1,
             "{text}"

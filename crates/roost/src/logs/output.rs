@@ -24,6 +24,12 @@ use super::error::ErrorLog;
 
 /// Bytes read from a pipe at once (a Linux pipe holds 64 KiB).
 const READ_SIZE: usize = 64 << 10;
+/// Bytes each read counts against the site's pace, however few it brought: a whole
+/// read's worth. An app writing a byte at a time would otherwise cost the node a
+/// wake-up, a read and a write per byte (a whole CPU for one busy loop); past its
+/// burst a site's pipes are now read at most 64 times a second, and lines printed
+/// meanwhile wait in the pipe and come in the next read together.
+const READ_CHARGE: usize = READ_SIZE;
 /// At the node's stop, how long the thread waits for the pipes of processes that
 /// are gone to be read to their end: an orphan of a worker may hold one open.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
@@ -109,34 +115,57 @@ thread_local! {
 
 /// Copies one pipe into `log` until every process holding its write end is gone.
 async fn copy(read: OwnedFd, log: Arc<ErrorLog>) {
-    let pipe = match pipe::Receiver::from_owned_fd(read) {
+    let fail = |e: std::io::Error| {
+        tracing::error!(log = %log.path().display(), error = %e, "cannot read a worker's output any more; it is lost");
+    };
+    let mut pipe = match pipe::Receiver::from_owned_fd(read) {
         Ok(pipe) => pipe,
-        Err(e) => {
-            tracing::error!(log = %log.path().display(), error = %e, "cannot read a worker's output; it is lost");
-            return;
-        }
+        Err(e) => return fail(e),
     };
     loop {
-        if pipe.readable().await.is_err() {
-            return;
-        }
+        let wait = match copy_while_allowed(&pipe, &log).await {
+            Ok(Some(wait)) => wait,
+            Ok(None) => return,
+            Err(e) => return fail(e),
+        };
+        // Out of the reactor while it waits: each write into a watched pipe wakes its
+        // watcher, so an app writing a byte at a time would cost the node a wake-up
+        // per byte even though nobody reads.
+        let fd = match pipe.into_nonblocking_fd() {
+            Ok(fd) => fd,
+            Err(e) => return fail(e),
+        };
+        tokio::time::sleep(wait).await;
+        pipe = match pipe::Receiver::from_owned_fd_unchecked(fd) {
+            Ok(pipe) => pipe,
+            Err(e) => return fail(e),
+        };
+    }
+}
+
+/// Copies what arrives until the site's pace asks for a wait (returned), or the pipe
+/// ends (`None`).
+async fn copy_while_allowed(
+    pipe: &pipe::Receiver,
+    log: &ErrorLog,
+) -> std::io::Result<Option<Duration>> {
+    loop {
+        pipe.readable().await?;
         // No await while the buffer is borrowed: the copy is one synchronous step.
-        let copied = BUFFER.with_borrow_mut(|buffer| match pipe.try_read(buffer) {
-            Ok(0) => None,
-            Ok(n) => {
-                log.write(&buffer[..n]);
-                Some(n)
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Some(0),
-            Err(e) => {
-                tracing::warn!(log = %log.path().display(), error = %e, "cannot read a worker's output any more");
-                None
-            }
+        let copied = BUFFER.with_borrow_mut(|buffer| {
+            let n = pipe.try_read(buffer)?;
+            log.write(&buffer[..n]);
+            Ok::<_, std::io::Error>(n)
         });
-        let Some(n) = copied else { return };
-        let wait = log.pace(n);
+        let n = match copied {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let wait = log.pace(n.max(READ_CHARGE));
         if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+            return Ok(Some(wait));
         }
     }
 }

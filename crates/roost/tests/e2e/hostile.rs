@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{alive, get, peak_rss_kib, Node};
+use crate::harness::{alive, get, peak_rss_kib, thread_cpu, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_cost_the_worker_and_nothing_else() {
@@ -149,5 +149,27 @@ async fn an_app_printing_without_end_fills_no_disk() {
         &log[..log.len().min(400)]
     );
     assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
+    node.stop().await;
+}
+
+/// An app writing its stderr a byte at a time: the node reads its pipes at the pace of
+/// what they bring, so a write that costs the app one system call does not cost the
+/// node one read, one write and one wake-up each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_printing_a_byte_at_a_time_costs_the_node_little() {
+    let node = Node::start().await;
+    let hostile = node.app("hostile.py");
+    node.add(node.spec("drip", &["drip.test"], &hostile)).await;
+    assert_eq!(get(node.addr, "drip.test", "/").await.unwrap().status, 200);
+    let before = thread_cpu("worker-output");
+    let r = get(node.addr, "drip.test", "/drip?s=3").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spent = thread_cpu("worker-output") - before;
+    eprintln!("the node's output thread spent {spent:?} copying 3 s of one-byte writes");
+    // Unbounded, a read per byte or so: about all of a CPU for the 3 s.
+    assert!(
+        spent < Duration::from_millis(500),
+        "the node spent {spent:?} of CPU reading one-byte writes"
+    );
     node.stop().await;
 }

@@ -347,3 +347,24 @@ pub fn peak_rss_kib(pid: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmHWM")
 }
+
+/// CPU time (user and system) the test process's thread named `name` has used: the
+/// node runs in the test's own process, so its threads are there.
+pub fn thread_cpu(name: &str) -> Duration {
+    let tick = Duration::from_secs(1)
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .expect("sysconf")
+            .expect("CLK_TCK") as u32;
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let dir = task.expect("a task").path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+            let stat = std::fs::read_to_string(dir.join("stat")).expect("task stat");
+            // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+            let fields: Vec<&str> = stat[stat.rfind(')').expect(")") + 2..].split(' ').collect();
+            let ticks: u64 =
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            return tick * ticks as u32;
+        }
+    }
+    panic!("no thread named {name}");
+}
