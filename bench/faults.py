@@ -4,8 +4,9 @@ every 100 ms and sites are added through the registry. Checks that failed reques
 never outnumber the requests that can have been on a killed worker (one per kill, as
 each worker has one slot), that every request the node answered with a 5xx was on a
 worker that was killed (the access log names each request's worker pid), that the
-node never stops answering, and that every registry write made during the run is
-present afterwards.
+node never stops answering, that every registry write made during the run is
+present afterwards, and that the node keeps no pipe of a worker that is gone (each
+worker prints into a pipe the node reads).
 
   cargo build --release && python3 bench/faults.py [--seconds 60]     # as root
 """
@@ -120,6 +121,12 @@ def main():
                         pid = fields[-1].strip()
                         if not pid.isdigit() or int(pid) not in killed:
                             misattributed.append(line.strip())
+        # The node reads one pipe per live worker (and per zygote spare): a killed
+        # worker's pipe ends with it. Counted once the killed workers are reaped.
+        time.sleep(2)
+        live = processes(loader)[0]
+        pipes = sum(1 for fd in os.listdir("/proc/%d/fd" % node.pid)
+                    if os.readlink("/proc/%d/fd/%s" % (node.pid, fd)).startswith("pipe:"))
     finally:
         node.terminate()
         node.wait(timeout=60)
@@ -132,8 +139,9 @@ def main():
         print("  " + line)
     print("sites added      %d (missing afterwards: %d; answering 200: %d)"
           % (len(added), len(missing), served.count(200)))
+    print("node's pipes     %d, for %d live workers" % (pipes, len(live)))
     bad = (counts["failed"] > counts["kills"] or missing or misattributed
-           or served.count(200) != len(added))
+           or served.count(200) != len(added) or pipes > len(live) + 8)
     print("RESULT", "FAIL" if bad else "PASS")
     sys.exit(1 if bad else 0)
 
