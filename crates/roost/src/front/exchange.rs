@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::{PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
 use super::slow_clients::SlowClients;
-use super::stream::stream;
+use super::stream::{stream, UNCOUNTED_MAX};
 use super::FrontError;
 use crate::pool::{Lease, PoolHandle};
 use crate::route::Route;
@@ -306,12 +306,20 @@ pub async fn forward(
         }
     };
 
-    // Fast path: the whole response is already buffered (the usual small page).
+    // Fast path: the whole response is already buffered (the usual small page), and
+    // small enough to go to hyper at once, uncounted.
     let mut chunks = VecDeque::new();
+    let mut buffered = 0;
     let reader = ex.reader.as_mut().expect("set above");
     let next = loop {
         match reader.buffered() {
-            Ok(Some(Frame::ResponseBody(b))) => chunks.push_back(b),
+            Ok(Some(Frame::ResponseBody(b))) => {
+                buffered += b.len();
+                chunks.push_back(b);
+            }
+            Ok(Some(Frame::ResponseEnd)) if buffered > UNCOUNTED_MAX => {
+                break Some(Ok(Frame::ResponseEnd));
+            }
             Ok(Some(Frame::ResponseEnd)) => {
                 ex.finish();
                 let body = if chunks.len() <= 1 {

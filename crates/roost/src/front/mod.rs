@@ -131,7 +131,9 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(config.max_header_bytes as u32)
-        .max_concurrent_streams(256);
+        // Each stream may hold a small response beyond the budgets
+        // (stream::UNCOUNTED_MAX); 100 as Apache and h2o (nginx: 128).
+        .max_concurrent_streams(100);
     let builder = Arc::new(builder);
     let grace = config.shutdown_grace;
     let front = Arc::new(Front {

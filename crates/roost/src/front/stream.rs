@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -23,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use http::Response;
 use http_body::Frame as BodyFrame;
 use roost_wire::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use super::body::{BodyError, PendingAccess, ResponseBody};
@@ -49,11 +50,47 @@ struct Spool {
 /// Most bytes read back from a spool for the client at once.
 const SPOOL_READ: u64 = 1 << 20;
 
+/// A response that arrives whole with its head goes to hyper at once, without a pump,
+/// if it is at most this big: it is not counted against the budgets, so a client
+/// that reads nothing (an HTTP/2 stream with a closed window) holds at most this much
+/// of the node per response beyond them.
+pub(super) const UNCOUNTED_MAX: usize = 64 << 10;
+
 /// What the pump hands to the client's side.
 enum Piece {
-    Data(Bytes),
+    /// Bytes for the client, counted against the memory budget until hyper asks for
+    /// the next piece: till then they wait in the channel or in hyper's buffers, which
+    /// a client with a closed flow-control window can keep full until the send
+    /// timeout (an HTTP/2 connection once per stream).
+    Data(Bytes, Release),
     End,
     Fail(BodyError),
+}
+
+/// Bytes handed on, given back to the memory budget when dropped.
+struct Release {
+    bytes: u64,
+    policy: Arc<SlowClients>,
+    site: Arc<SiteHold>,
+    in_flight: Arc<InFlight>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.policy.memory.sub(&self.site.memory, self.bytes);
+        self.in_flight
+            .bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+        self.in_flight.taken.notify_one();
+    }
+}
+
+/// What one response has handed on and the client's side not yet given back.
+#[derive(Default)]
+struct InFlight {
+    bytes: AtomicU64,
+    /// Some was given back: the pump may read from the worker again.
+    taken: Notify,
 }
 
 /// Body frames smaller than this are copied together before they are held. A frame's
@@ -110,11 +147,13 @@ impl<'a> Held<'a> {
         !self.no_spool && mine < RESPONSE_SPOOL_MAX && self.policy.disk.has_room(&self.site.disk)
     }
 
-    /// Whether another frame may be read from the worker into this. One always may:
-    /// the one handed on next (with full budgets the response still streams, at the
-    /// client's pace).
-    fn has_room(&self) -> bool {
-        self.is_empty() || self.memory_has_room() || self.spool_has_room()
+    /// Whether another frame may be read from the worker into this. One always may
+    /// once the client has taken everything, handed on or held (with full budgets
+    /// the response still streams, at the client's pace).
+    fn has_room(&self, in_flight: &InFlight) -> bool {
+        (self.is_empty() && in_flight.bytes.load(Ordering::Relaxed) == 0)
+            || self.memory_has_room()
+            || self.spool_has_room()
     }
 
     /// Holds `data` after what is held. Fails when the spool, holding bytes that come
@@ -185,10 +224,11 @@ impl<'a> Held<'a> {
     }
 
     /// The next bytes for the client: the pieces, the spool, the tail; `None` when
-    /// nothing is held.
+    /// nothing is held. They stay counted against the memory budget: the [`Release`]
+    /// that goes with them gives them back.
     async fn pop(&mut self) -> std::io::Result<Option<Bytes>> {
         if let Some(data) = self.pieces.pop_front() {
-            self.sub_memory(data.len());
+            self.bytes -= data.len();
             return Ok(Some(data));
         }
         let Some(spool) = &mut self.spool else {
@@ -196,7 +236,7 @@ impl<'a> Held<'a> {
                 return Ok(None);
             }
             let data = self.tail.split().freeze();
-            self.sub_memory(data.len());
+            self.bytes -= data.len();
             return Ok(Some(data));
         };
         let n = (spool.written - spool.read).min(SPOOL_READ);
@@ -212,6 +252,7 @@ impl<'a> Held<'a> {
             self.spool = None; // caught up: the file goes, memory again
         }
         self.policy.disk.sub(&self.site.disk, n);
+        self.policy.memory.add(&self.site.memory, n);
         Ok(Some(data.into()))
     }
 
@@ -248,6 +289,7 @@ pub(super) fn stream(
         rx,
         ended: false,
         sent: 0,
+        handed: None,
         access: access.take(),
     };
     *response.body_mut() = ResponseBody::Worker(Box::new(body));
@@ -285,12 +327,13 @@ async fn pump_frames(
     pending: VecDeque<Bytes>,
     mut next: Option<Result<Frame, ConnError>>,
     tx: &mpsc::Sender<Piece>,
-    policy: &SlowClients,
-    site: &SiteHold,
+    policy: &Arc<SlowClients>,
+    site: &Arc<SiteHold>,
 ) {
     let whole = ex.deadline;
     let gone = ex.gone();
     let mut held = Held::new(policy, site);
+    let in_flight = Arc::new(InFlight::default());
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
         if let Err(e) = held.push(chunk).await {
             return cut_off(tx, e);
@@ -304,7 +347,7 @@ async fn pump_frames(
         let open = last.is_none();
         // The worker's turn: the pump reads its frames. Otherwise it waits for the
         // client to take what is held, or it has ended.
-        let worker_turn = open && held.has_room();
+        let worker_turn = open && held.has_room(&in_flight);
         if open && !worker_turn {
             held_up_since.get_or_insert_with(Instant::now);
         } else {
@@ -332,7 +375,17 @@ async fn pump_frames(
                     permit = tx.reserve(), if !held.is_empty() => match permit {
                         Ok(permit) => {
                             match held.pop().await {
-                                Ok(Some(data)) => permit.send(Piece::Data(data)),
+                                Ok(Some(data)) => {
+                                    let bytes = data.len() as u64;
+                                    in_flight.bytes.fetch_add(bytes, Ordering::Relaxed);
+                                    let release = Release {
+                                        bytes,
+                                        policy: policy.clone(),
+                                        site: site.clone(),
+                                        in_flight: in_flight.clone(),
+                                    };
+                                    permit.send(Piece::Data(data, release));
+                                }
                                 Ok(None) => unreachable!("not empty"),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "cannot read back a spooled response");
@@ -347,6 +400,8 @@ async fn pump_frames(
                         Err(_) => return,
                     },
                     frame = reading, if worker_turn => frame,
+                    // The client's side took what was handed on: room again, maybe.
+                    () = in_flight.taken.notified(), if open && !worker_turn => continue,
                     // The worker died while a child of its kept the socket open.
                     _ = gone.cancelled(), if open => Err(ConnError::Closed),
                     _ = sleep_until(worker_deadline), if worker_turn => {
@@ -424,6 +479,8 @@ pub struct WorkerBody {
     rx: mpsc::Receiver<Piece>,
     ended: bool,
     sent: u64,
+    /// The piece hyper took last: counted until it asks for the next.
+    handed: Option<Release>,
     access: Option<PendingAccess>,
 }
 
@@ -432,12 +489,16 @@ impl WorkerBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<BodyFrame<Bytes>, BodyError>>> {
+        // Asked for more, hyper has written the last piece or buffered it within
+        // its own small limits (HTTP/1.1: 64 KiB; HTTP/2: the stream's window).
+        self.handed = None;
         if self.ended {
             return Poll::Ready(None);
         }
         let result = match ready!(self.rx.poll_recv(cx)) {
-            Some(Piece::Data(data)) => {
+            Some(Piece::Data(data, release)) => {
                 self.sent += data.len() as u64;
+                self.handed = Some(release);
                 return Poll::Ready(Some(Ok(BodyFrame::data(data))));
             }
             Some(Piece::End) => None,

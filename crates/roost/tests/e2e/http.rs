@@ -644,3 +644,52 @@ async fn an_http2_continuation_flood_is_cut_off() {
     assert_eq!(get(node.addr, "cf.test", "/pid").await.unwrap().status, 200);
     node.stop().await;
 }
+
+/// An HTTP/2 client that asks for many responses on one connection and keeps its flow
+/// control windows all but closed: what the node holds for it must be what it counts
+/// against its response budget, not a response's worth per stream inside hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_http2_streams_cost_the_node_what_it_counts() {
+    // 8 MiB for all responses: one site may hold 2 MiB of its clients' responses.
+    let node = Node::start_with(|c| {
+        c.front.response_buffer = 8 << 20;
+        c.front.response_spool = 0;
+    })
+    .await;
+    let app = node.app("tester.py");
+    node.add(node.spec("wide", &["wide.test"], &app)).await;
+    assert_eq!(
+        get(node.addr, "wide.test", "/pid").await.unwrap().status,
+        200
+    );
+    let before = crate::harness::peak_rss_kib("self");
+    let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    // A window of one byte per stream: the node may send a byte of each response.
+    let (mut sender, connection) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // As many streams as the node allows at once, each a response of two 1 MiB frames
+    // that a worker finishes at once if the node takes them.
+    let mut responses = Vec::new();
+    for _ in 0..100 {
+        sender = sender.ready().await.unwrap();
+        let request = Request::get("http://wide.test/download?bytes=2097152")
+            .body(())
+            .unwrap();
+        let (response, _) = sender.send_request(request, true).unwrap();
+        responses.push(response);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let growth_kib = crate::harness::peak_rss_kib("self").saturating_sub(before);
+    eprintln!("the node grew by {growth_kib} KiB for 100 unread responses of 2 MiB");
+    // Each stream may hold two pieces beyond the budget: 100 × 128 KiB.
+    assert!(
+        growth_kib < 32 << 10,
+        "the node grew by {growth_kib} KiB holding 100 unread responses of 2 MiB"
+    );
+    drop(responses);
+    node.stop().await;
+}
