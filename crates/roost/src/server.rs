@@ -213,6 +213,15 @@ pub async fn run(
     let mut fronts = JoinSet::new();
     // One set of budgets for slow clients, whatever the listener.
     let slow_clients = Arc::new(front::SlowClients::new(&config.front));
+    // One limit of connections, whatever the listener; the other half of the open
+    // file limit is for the sites: log files, slot sockets, pipes, spool files.
+    let max_connections = config
+        .front
+        .max_connections
+        .unwrap_or_else(|| open_file_limit() / 2)
+        .max(1);
+    tracing::info!(max_connections, "accepting client connections");
+    let connection_permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %front::describe(&addr), "listening");
@@ -222,6 +231,7 @@ pub async fn run(
             sites.routes(),
             config.front.clone(),
             slow_clients.clone(),
+            connection_permits.clone(),
             shutdown.clone(),
         ));
     }
@@ -246,6 +256,12 @@ pub async fn run(
     cgroups.remove_bases();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The process's open file limit now (the CLI raises it to the hard limit first).
+fn open_file_limit() -> usize {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft.min(usize::MAX as u64) as usize)
 }
 
 fn favor_dynmods(run_dir: &std::path::Path) -> Option<favordynmods::FavorDynmods> {

@@ -128,6 +128,11 @@ pub struct ServeArgs {
     /// Folder of those temporary files. Default: /var/tmp, else $TMPDIR or /tmp.
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
+    /// Most client connections open at once, all listeners together; past it new ones
+    /// wait in the listen backlog until some close. Default: half the open file limit
+    /// (the other half is for the sites' files, sockets and pipes).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
     /// Largest request head (request line and headers), 8KiB to 1MiB; beyond: 431.
     #[arg(long, default_value = "64KiB", value_parser = parse_header_size)]
     pub max_header_size: u64,
@@ -327,6 +332,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     }
     config.front.max_header_bytes = args.max_header_size as usize;
     config.front.max_headers = args.max_headers as usize;
+    config.front.max_connections = args.max_connections.map(|n| n as usize);
     config.stop_grace = args.stop_grace;
     config.min_uid = min_uid;
     config.cgroup_name = args.cgroup_name.clone();

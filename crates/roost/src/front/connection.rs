@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, timeout, Instant};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,8 @@ pub(super) async fn serve(
     conn: Arc<ConnInfo>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     closing: CancellationToken,
+    // One of --max-connections, held while the connection is open.
+    _permit: OwnedSemaphorePermit,
 ) {
     let config = &front.config;
     let (first_byte, send, keep_alive) = (

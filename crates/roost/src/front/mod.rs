@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use ipnet::IpNet;
 use roost_registry::normalize_request_host;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +41,9 @@ use environ::ConnInfo;
 
 use crate::route::Routes;
 
+/// A node at `--max-connections` says so in its log at most this often.
+const FULL_NOTE_EVERY: Duration = Duration::from_secs(60);
+
 /// The front's settings (see `docs/configure.md`).
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
@@ -53,9 +56,12 @@ pub struct FrontConfig {
     /// Longest time a client may leave a response unread: then its connection closes,
     /// and the worker's slot is freed (not the worker killed).
     pub send_timeout: Duration,
-    /// Longest time a connection may stay open with no byte read or written; then it
+    /// Longest time a connection may stay open with no request begun on it; then it
     /// is closed gracefully.
     pub keepalive_timeout: Duration,
+    /// Most client connections open at once, all listeners together; past it new ones
+    /// wait in the listen backlog. `None`: half the open file limit.
+    pub max_connections: Option<usize>,
     /// Most bytes of request bodies read ahead (before a slot is taken), all requests
     /// together.
     pub request_buffer: u64,
@@ -83,6 +89,7 @@ impl Default for FrontConfig {
             body_read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
+            max_connections: None,
             request_buffer: 64 << 20,
             response_buffer: 256 << 20,
             response_spool: 4 << 30,
@@ -110,6 +117,7 @@ pub async fn serve(
     routes: Routes,
     config: FrontConfig,
     slow_clients: Arc<SlowClients>,
+    connection_permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -144,7 +152,22 @@ pub async fn serve(
     // Every connection's task, told to finish when the node stops.
     let connections = TaskTracker::new();
     let closing = CancellationToken::new();
+    let mut said_full: Option<Instant> = None;
     loop {
+        if connection_permits.available_permits() == 0
+            && said_full.is_none_or(|at| at.elapsed() >= FULL_NOTE_EVERY)
+        {
+            tracing::warn!(
+                "at --max-connections: new connections wait in the listen backlog until some close"
+            );
+            said_full = Some(Instant::now());
+        }
+        let permit = tokio::select! {
+            permit = connection_permits.clone().acquire_owned() => {
+                permit.expect("the connection semaphore is never closed")
+            }
+            _ = crate::stopping(&mut shutdown) => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -165,6 +188,7 @@ pub async fn serve(
             conn,
             builder.clone(),
             closing.clone(),
+            permit,
         ));
     }
     tracing::info!(%local, "listener closed; finishing open requests");

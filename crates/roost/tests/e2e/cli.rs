@@ -631,18 +631,31 @@ fn serve_refuses_a_spool_folder_it_cannot_use() {
 }
 
 /// The node takes the hard limit on open files (a connection is a file descriptor;
-/// the usual soft limit of 1024 is less than a thousand clients need).
+/// the usual soft limit of 1024 is less than a thousand clients need), and accepts
+/// connections up to half of it by default.
 #[test]
 fn serve_raises_its_open_file_limit_to_the_hard_limit() {
+    use std::io::BufRead;
+
     let dir = tempfile::tempdir().unwrap();
     let mut node = Command::new("prlimit")
         .arg("--nofile=256:4096")
         .arg(env!("CARGO_BIN_EXE_roost"))
         .args(serve_args(dir.path()))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("prlimit (util-linux) runs the node");
+    let (said, heard) = std::sync::mpsc::channel();
+    let stderr = node.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = said.send(line);
+        }
+    });
     let limits = format!("/proc/{}/limits", node.id());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let raised = loop {
@@ -656,9 +669,19 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    let limit_line = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match heard.recv_timeout(left) {
+            Ok(line) if line.contains("accepting client connections") => break Some(line),
+            Ok(_) => continue,
+            Err(_) => break None,
+        }
+    };
     let _ = node.kill();
     let _ = node.wait();
     assert!(raised, "the node kept its soft limit of 256 open files");
+    let limit_line = limit_line.expect("the node says how many connections it accepts");
+    assert!(limit_line.contains("max_connections=2048"), "{limit_line}");
 }
 
 /// The arguments of `roost serve` on port 0, without cgroups, its files in `dir`.
@@ -690,6 +713,7 @@ fn serve_refuses_limits_out_of_range_and_zero_timeouts() {
         ("--max-headers", "0"),
         ("--max-headers", "1000000"),
         ("--error-log-size", "1KiB"),
+        ("--max-connections", "0"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_roost"))
             .args(["serve", flag, value])

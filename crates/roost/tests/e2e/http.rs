@@ -693,3 +693,37 @@ async fn unread_http2_streams_cost_the_node_what_it_counts() {
     drop(responses);
     node.stop().await;
 }
+
+/// Past `--max-connections` a new connection waits in the listen backlog (the node
+/// keeps the rest of its file descriptors for its sites) and is served once another
+/// closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_one_to_close() {
+    let node = Node::start_with(|c| {
+        c.front.max_connections = Some(3);
+        c.front.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let app = node.app("tester.py");
+    node.add(node.spec("lim", &["lim.test"], &app)).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(tokio::net::TcpStream::connect(node.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = node.addr;
+    let fourth = tokio::spawn(async move { get(addr, "lim.test", "/pid").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !fourth.is_finished(),
+        "a fourth connection was served with three open and a limit of three"
+    );
+    drop(open.pop());
+    let r = tokio::time::timeout(Duration::from_secs(10), fourth)
+        .await
+        .expect("the waiting connection was not served once one closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    node.stop().await;
+}
