@@ -4,6 +4,7 @@
 //! before) and a new one started: an app that prints without end costs its site at
 //! most twice the limit on disk, and the log folder's disk stays free for the others.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -62,8 +63,10 @@ impl ErrorLog {
         &self.path
     }
 
-    /// Appends what a site's process printed, as one write.
+    /// Appends what a site's process printed, as one write, its control characters
+    /// escaped ([`escape_controls`]).
     pub fn write(&self, bytes: &[u8]) {
+        let bytes = &*escape_controls(bytes);
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
             self.start_anew(&mut open);
@@ -165,6 +168,39 @@ impl OpenFile {
     }
 }
 
+/// Keeps what a tenant prints from driving the terminal of whoever reads the log: the
+/// control characters but tab and newline (C0, DEL and C1, which some terminals obey as
+/// escape sequences) and bytes that are not UTF-8 (a lone C1 byte is a control to an
+/// 8-bit terminal) are written as `\xNN`, as Apache writes them in its error log.
+fn escape_controls(bytes: &[u8]) -> Cow<'_, [u8]> {
+    let plain = |c: char| !c.is_control() || c == '\t' || c == '\n';
+    let clean = bytes
+        .utf8_chunks()
+        .all(|chunk| chunk.invalid().is_empty() && chunk.valid().chars().all(plain));
+    if clean {
+        return Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let escape = |out: &mut Vec<u8>, raw: &[u8]| {
+        for b in raw {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    };
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let mut utf8 = [0; 4];
+            let encoded = c.encode_utf8(&mut utf8).as_bytes();
+            if plain(c) {
+                out.extend_from_slice(encoded);
+            } else {
+                escape(&mut out, encoded);
+            }
+        }
+        escape(&mut out, chunk.invalid());
+    }
+    Cow::Owned(out)
+}
+
 /// A token bucket of bytes: [`OUTPUT_BURST`] at once, [`OUTPUT_RATE`] a second after.
 struct Pace {
     /// Bytes that may still be copied without waiting; below zero, a debt.
@@ -227,6 +263,21 @@ mod tests {
         let lines = |text: &str| text.lines().filter(|l| l.len() == 99).count();
         assert!(lines(&old) >= 8, "{old}");
         assert!(lines(&now) >= 1, "{now}");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let printed = "a\x1b[31mred\x07\r\n\tok \u{9b}2J é\n".as_bytes();
+        assert_eq!(
+            &*escape_controls(printed),
+            b"a\\x1b[31mred\\x07\\x0d\n\tok \\xc2\\x9b2J \xc3\xa9\n"
+        );
+        // A lone C1 byte, as an 8-bit terminal reads it.
+        assert_eq!(&*escape_controls(b"x\x9b2Jy"), b"x\\x9b2Jy");
+        assert!(matches!(
+            escape_controls(b"Traceback:\n\tline\n"),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
