@@ -64,14 +64,17 @@ impl ErrorLog {
     }
 
     /// Appends what a site's process printed, as one write, its control characters
-    /// escaped ([`escape_controls`]).
+    /// escaped ([`escape_controls`]). While the file is full and cannot be started
+    /// anew, or cannot be written, lines are dropped: the disk comes first.
     pub fn write(&self, bytes: &[u8]) {
         let bytes = &*escape_controls(bytes);
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
-            self.start_anew(&mut open);
+        let written = if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
+            self.start_anew(&mut open)
+        } else {
+            Ok(())
         }
-        let written = open.file.write_all(bytes);
+        .and_then(|()| open.file.write_all(bytes));
         match &written {
             Ok(()) => open.size += bytes.len() as u64,
             Err(e) if !open.failing => {
@@ -118,40 +121,27 @@ impl ErrorLog {
 
     /// The file reached `max_size`: it becomes `error.log.old` and a new one begins.
     /// If rotation renamed it already, the file now at `path` is simply opened.
-    fn start_anew(&self, open: &mut OpenFile) {
+    fn start_anew(&self, open: &mut OpenFile) -> std::io::Result<()> {
         let old = self.path.with_extension("log.old");
-        let ours = |at: &Path| {
-            let (Ok(here), Ok(mine)) = (std::fs::symlink_metadata(at), open.file.metadata()) else {
-                return false;
-            };
-            (here.dev(), here.ino()) == (mine.dev(), mine.ino())
+        let ours = match (std::fs::symlink_metadata(&self.path), open.file.metadata()) {
+            (Ok(here), Ok(mine)) => (here.dev(), here.ino()) == (mine.dev(), mine.ino()),
+            _ => false,
         };
-        let renamed = ours(&self.path);
-        if renamed {
-            if let Err(e) = std::fs::rename(&self.path, &old) {
-                tracing::warn!(log = %self.path.display(), error = %e, "cannot rename a full error log; it goes on growing");
-                return;
-            }
+        if ours {
+            std::fs::rename(&self.path, &old)?;
         }
-        match OpenFile::new(&self.path) {
-            Ok(fresh) => *open = fresh,
-            Err(e) => {
-                tracing::warn!(log = %self.path.display(), error = %e, "cannot start a new error log; the full one goes on growing");
-                return;
-            }
-        }
-        if !renamed {
-            return;
-        }
-        let line = format!(
-            "[{}] [roost] the error log reached its limit of {} bytes (--error-log-size); the lines before are in {}\n",
-            clf_time(SystemTime::now()),
-            self.max_size,
-            old.file_name().unwrap_or_default().to_string_lossy(),
-        );
-        if open.file.write_all(line.as_bytes()).is_ok() {
+        *open = OpenFile::new(&self.path)?;
+        if ours {
+            let line = format!(
+                "[{}] [roost] the error log reached its limit of {} bytes (--error-log-size); the lines before are in {}\n",
+                clf_time(SystemTime::now()),
+                self.max_size,
+                old.file_name().unwrap_or_default().to_string_lossy(),
+            );
+            open.file.write_all(line.as_bytes())?;
             open.size += line.len() as u64;
         }
+        Ok(())
     }
 }
 

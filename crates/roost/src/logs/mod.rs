@@ -91,15 +91,17 @@ impl SiteLogs {
             }
             Ok(())
         };
-        for path in [
+        let mut paths = vec![
             self.dir.clone(),
             self.dir.join("access.log"),
             self.dir.join("error.log"),
-            self.dir.join("error.log.old"),
-        ] {
-            if path.ends_with("error.log.old") && !path.exists() {
-                continue;
-            }
+        ];
+        // Only if it is there: giving a file a group creates it.
+        let old = self.dir.join("error.log.old");
+        if old.exists() {
+            paths.push(old);
+        }
+        for path in paths {
             if let Err(e) = give(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
             }
