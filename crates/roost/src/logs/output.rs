@@ -154,7 +154,9 @@ async fn copy_while_allowed(
         // No await while the buffer is borrowed: the copy is one synchronous step.
         let copied = BUFFER.with_borrow_mut(|buffer| {
             let n = pipe.try_read(buffer)?;
-            log.write(&buffer[..n]);
+            if n > 0 {
+                log.write(&buffer[..n]);
+            }
             Ok::<_, std::io::Error>(n)
         });
         let n = match copied {
