@@ -89,7 +89,7 @@ async fn every_request_shape_passes_the_wsgiref_validator() {
     assert_eq!(r.status, 500);
     assert_eq!(r.text(), "recovered with exc_info\n");
 
-    let errors = node.log("pep", "error.log");
+    let errors = node.error_log_with("pep", "pep3333 handled").await;
     assert!(
         errors.contains("pep3333 handled"),
         "wsgi.errors did not reach the error log"

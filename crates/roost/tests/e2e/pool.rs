@@ -154,9 +154,8 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
         !r.text().contains("RuntimeError"),
         "the page leaked the error"
     );
-    assert!(node
-        .log("errs", "error.log")
-        .contains("RuntimeError: tester asked for an error"));
+    node.error_log_with("errs", "RuntimeError: tester asked for an error")
+        .await;
     // Response splitting: a header with a control character (or not a str) is the
     // app's error, never passed on.
     for (what, complaint) in [
@@ -177,15 +176,14 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
             "ValueError: Content-Length ' 5' is not one decimal number",
         ),
     ] {
-        let complaints = || node.log("errs", "error.log").matches(complaint).count();
-        let before = complaints();
+        let before = node.log("errs", "error.log").matches(complaint).count();
         let r = get(node.addr, "errs.test", &format!("/bad-header?what={what}"))
             .await
             .unwrap();
         assert_eq!(r.status, 500, "{what}");
         assert!(!r.headers.contains_key("set-cookie"), "{what}");
         assert!(!r.text().contains("must not be sent"), "{what}");
-        assert_eq!(complaints(), before + 1, "{what}: no new {complaint:?}");
+        node.error_log_count("errs", complaint, before + 1).await;
     }
     // A status that is no final response (101 would switch the client's protocol).
     for line in ["101%20Switching%20Protocols", "999%20Weird"] {
@@ -194,12 +192,7 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
             .unwrap();
         assert_eq!(r.status, 500, "{line}");
     }
-    assert_eq!(
-        node.log("errs", "error.log")
-            .matches("ValueError: status")
-            .count(),
-        2
-    );
+    node.error_log_count("errs", "ValueError: status", 2).await;
     // A failure after the head was sent breaks the response instead of faking success.
     let late = get(node.addr, "errs.test", "/late-error").await;
     assert!(
@@ -211,9 +204,8 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
         get(node.addr, "errs.test", "/stderr").await.unwrap().status,
         200
     );
-    assert!(node
-        .log("errs", "error.log")
-        .contains("tester wrote to wsgi.errors"));
+    node.error_log_with("errs", "tester wrote to wsgi.errors")
+        .await;
     assert_eq!(
         pid_of(&get(node.addr, "errs.test", "/pid").await.unwrap()),
         pid
@@ -251,11 +243,12 @@ async fn an_import_error_answers_500_at_once_then_recovers_when_the_file_is_fixe
         );
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    let log = node.log("broken", "error.log");
-    assert!(
-        log.contains("ModuleNotFoundError: No module named 'no_such_module_xyz'"),
-        "{log}"
-    );
+    let log = node
+        .error_log_with(
+            "broken",
+            "ModuleNotFoundError: No module named 'no_such_module_xyz'",
+        )
+        .await;
     let attempts = log.matches("cannot load the application").count();
     assert!(
         attempts <= 3,

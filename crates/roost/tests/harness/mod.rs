@@ -185,6 +185,26 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The site's error log once `needle` appears in it: what a worker prints reaches
+    /// the file through the node's output thread, a moment after the worker printed
+    /// it (and so possibly after the response that followed).
+    pub async fn error_log_with(&self, site: &str, needle: &str) -> String {
+        self.eventually(&format!("{needle:?} in {site}'s error log"), || async {
+            self.log(site, "error.log").contains(needle)
+        })
+        .await;
+        self.log(site, "error.log")
+    }
+
+    /// How many times `needle` is in the site's error log, once that is `count`.
+    pub async fn error_log_count(&self, site: &str, needle: &str, count: usize) {
+        self.eventually(
+            &format!("{count} × {needle:?} in {site}'s error log"),
+            || async { self.log(site, "error.log").matches(needle).count() == count },
+        )
+        .await;
+    }
+
     /// Stops the node and waits until it has finished.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
