@@ -122,9 +122,9 @@ impl SiteLogs {
         self.output.open(self.error_log.clone())
     }
 
-    /// One line from the node in the error log.
+    /// One line from the node in the error log, written by the output thread.
     pub fn error(&self, message: &str) {
-        self.error_log.note(message);
+        self.output.note(self.error_log.clone(), message.to_owned());
     }
 
     pub fn access(&self, record: AccessRecord) {

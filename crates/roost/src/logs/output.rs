@@ -37,6 +37,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 enum OutputMessage {
     /// Copy what arrives on this pipe into this log.
     Copy(OwnedFd, Arc<ErrorLog>),
+    /// A line of the node's in this log (`ErrorLog::note`).
+    Note(Arc<ErrorLog>, String),
     /// Read the pipes to their end (within [`DRAIN_LIMIT`]), then end.
     Stop,
 }
@@ -91,6 +93,13 @@ impl OutputPipes {
         Ok(write)
     }
 
+    /// Writes a line of the node's into `log` on the output thread, so that a slow
+    /// disk never holds up the thread that noticed what the line says.
+    pub fn note(&self, log: Arc<ErrorLog>, message: String) {
+        // Sent after the node's stop: no site is left to read it.
+        let _ = self.tx.send(OutputMessage::Note(log, message));
+    }
+
     /// Pipes that lead nowhere: [`OutputPipes::open`] fails (tests of other modules).
     #[cfg(test)]
     pub fn detached() -> OutputPipes {
@@ -102,8 +111,14 @@ impl OutputPipes {
 
 async fn copy_all(mut rx: mpsc::UnboundedReceiver<OutputMessage>) {
     let readers = TaskTracker::new();
-    while let Some(OutputMessage::Copy(read, log)) = rx.recv().await {
-        readers.spawn(copy(read, log));
+    while let Some(message) = rx.recv().await {
+        match message {
+            OutputMessage::Copy(read, log) => {
+                readers.spawn(copy(read, log));
+            }
+            OutputMessage::Note(log, message) => log.note(&message),
+            OutputMessage::Stop => break,
+        }
     }
     readers.close();
     let _ = tokio::time::timeout(DRAIN_LIMIT, readers.wait()).await;

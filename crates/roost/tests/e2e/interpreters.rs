@@ -170,10 +170,10 @@ async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
     // The site's venv is layered above (siteonly found); the preloaded package stays
     // the runtime's, and the error log says so.
     assert_eq!(answer("layered.test").await, "True runtime site venv");
-    let log = node.log("layered", "error.log");
-    assert!(
-        log.contains("sharedpkg: the runtime shared preloads 1.0, the site's virtualenv has 2.0"),
-        "{log}"
-    );
+    node.error_log_with(
+        "layered",
+        "sharedpkg: the runtime shared preloads 1.0, the site's virtualenv has 2.0",
+    )
+    .await;
     node.stop().await;
 }
