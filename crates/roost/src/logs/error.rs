@@ -256,6 +256,27 @@ mod tests {
     }
 
     #[test]
+    fn a_full_log_that_cannot_be_started_anew_drops_lines_rather_than_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.log");
+        let log = ErrorLog::open(path.clone(), 100).unwrap();
+        log.write(&[b'a'; 60]);
+        // A folder where the old file goes: the rename fails (EISDIR).
+        let blocker = dir.path().join("error.log.old");
+        std::fs::create_dir(&blocker).unwrap();
+        std::fs::write(blocker.join("x"), "").unwrap();
+        log.write(&[b'b'; 60]);
+        assert_eq!(std::fs::read(&path).unwrap(), [b'a'; 60]);
+        // Once it can, it does.
+        std::fs::remove_dir_all(&blocker).unwrap();
+        log.write(&[b'c'; 60]);
+        assert_eq!(std::fs::read(&blocker).unwrap(), [b'a'; 60]);
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .ends_with(&"c".repeat(60)));
+    }
+
+    #[test]
     fn control_characters_are_escaped() {
         let printed = "a\x1b[31mred\x07\r\n\tok \u{9b}2J é\n".as_bytes();
         assert_eq!(
