@@ -83,6 +83,9 @@ impl Node {
         config.stop_grace = Duration::from_secs(2);
         config.registry_poll = Duration::from_millis(100);
         config.front.shutdown_grace = Duration::from_secs(5);
+        // Not half of whatever open file limit the test runs under (a test of a
+        // thousand clients must not wait in the backlog); the CLI tests the default.
+        config.front.max_connections = Some(10_000);
         // Tests run nodes side by side: each gets cgroup folders of its own.
         static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
