@@ -4,9 +4,10 @@
 //! at its pace. Tenant code never holds a log file: it cannot fill the disk, and a
 //! rotated log needs no new workers.
 //!
-//! The thread runs a small tokio runtime of its own, so a slow disk stalls the pipes
-//! (and the processes printing into them), never the request path. One read buffer
-//! serves every pipe; a waiting pipe costs a task, not a buffer.
+//! The node's own notes on a site's workers come to the same thread as messages. The
+//! thread runs a small tokio runtime of its own, so a slow disk stalls the pipes (and
+//! the processes printing into them), never the request path. One read buffer serves
+//! every pipe; a waiting pipe costs a task, not a buffer.
 
 use std::cell::RefCell;
 use std::io::ErrorKind;
