@@ -70,27 +70,39 @@ enum Piece {
 /// Bytes handed on, given back to the memory budget when dropped.
 struct Release {
     bytes: u64,
-    policy: Arc<SlowClients>,
-    site: Arc<SiteHold>,
     in_flight: Arc<InFlight>,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
-        self.policy.memory.sub(&self.site.memory, self.bytes);
-        self.in_flight
-            .bytes
-            .fetch_sub(self.bytes, Ordering::Relaxed);
-        self.in_flight.taken.notify_one();
+        let in_flight = &self.in_flight;
+        in_flight
+            .policy
+            .memory
+            .sub(&in_flight.site.memory, self.bytes);
+        in_flight.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        in_flight.taken.notify_one();
     }
 }
 
 /// What one response has handed on and the client's side not yet given back.
-#[derive(Default)]
 struct InFlight {
     bytes: AtomicU64,
     /// Some was given back: the pump may read from the worker again.
     taken: Notify,
+    policy: Arc<SlowClients>,
+    site: Arc<SiteHold>,
+}
+
+impl InFlight {
+    /// `bytes` (counted against the memory budget already) handed on.
+    fn hand_on(self: &Arc<Self>, bytes: u64) -> Release {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Release {
+            bytes,
+            in_flight: self.clone(),
+        }
+    }
 }
 
 /// Body frames smaller than this are copied together before they are held. A frame's
@@ -333,7 +345,12 @@ async fn pump_frames(
     let whole = ex.deadline;
     let gone = ex.gone();
     let mut held = Held::new(policy, site);
-    let in_flight = Arc::new(InFlight::default());
+    let in_flight = Arc::new(InFlight {
+        bytes: AtomicU64::new(0),
+        taken: Notify::new(),
+        policy: policy.clone(),
+        site: site.clone(),
+    });
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
         if let Err(e) = held.push(chunk).await {
             return cut_off(tx, e);
@@ -376,14 +393,7 @@ async fn pump_frames(
                         Ok(permit) => {
                             match held.pop().await {
                                 Ok(Some(data)) => {
-                                    let bytes = data.len() as u64;
-                                    in_flight.bytes.fetch_add(bytes, Ordering::Relaxed);
-                                    let release = Release {
-                                        bytes,
-                                        policy: policy.clone(),
-                                        site: site.clone(),
-                                        in_flight: in_flight.clone(),
-                                    };
+                                    let release = in_flight.hand_on(data.len() as u64);
                                     permit.send(Piece::Data(data, release));
                                 }
                                 Ok(None) => unreachable!("not empty"),

@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
 
-use super::clf_time;
 use super::error::ErrorLog;
+use super::{clf_time, say_write_outcome};
 
 /// Access records queued for the access log thread, for all sites, before new ones are
 /// dropped.
@@ -191,16 +191,8 @@ fn write_access(rx: Receiver<AccessMessage>) {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .write_all(&lines);
-            if file.failing.swap(written.is_err(), Ordering::Relaxed) != written.is_err() {
-                match written {
-                    Err(e) => {
-                        tracing::warn!(log = %file.path.display(), error = %e, "cannot write to a site's access log; its lines are lost until it can")
-                    }
-                    Ok(()) => {
-                        tracing::info!(log = %file.path.display(), "a site's access log can be written again")
-                    }
-                }
-            }
+            let was_failing = file.failing.swap(written.is_err(), Ordering::Relaxed);
+            say_write_outcome(&file.path, was_failing, &written);
             let lost = file.dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 file.error_log.note(&format!(

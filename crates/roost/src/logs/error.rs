@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{append_with_group, clf_time};
+use super::{append_with_group, clf_time, say_write_outcome};
 
 /// Bytes a second of one site's output the node copies to its error log, on average:
 /// the node's work (and disk writes) for one site's printing stay bounded. Beyond it,
@@ -75,16 +75,10 @@ impl ErrorLog {
             Ok(())
         }
         .and_then(|()| open.file.write_all(bytes));
-        match &written {
-            Ok(()) => open.size += bytes.len() as u64,
-            Err(e) if !open.failing => {
-                tracing::warn!(log = %self.path.display(), error = %e, "cannot write to a site's error log; its lines are lost until it can")
-            }
-            Err(_) => {}
+        if written.is_ok() {
+            open.size += bytes.len() as u64;
         }
-        if open.failing && written.is_ok() {
-            tracing::info!(log = %self.path.display(), "a site's error log can be written again");
-        }
+        say_write_outcome(&self.path, open.failing, &written);
         open.failing = written.is_err();
     }
 

@@ -132,6 +132,20 @@ impl SiteLogs {
     }
 }
 
+/// Says in the node's log when a site's log file stops taking writes (a full disk) and
+/// when it takes them again: once each time, not once per write.
+fn say_write_outcome(log: &Path, was_failing: bool, written: &std::io::Result<()>) {
+    match written {
+        Err(e) if !was_failing => {
+            tracing::warn!(log = %log.display(), error = %e, "cannot write to a site's log; its lines are lost until it can")
+        }
+        Ok(()) if was_failing => {
+            tracing::info!(log = %log.display(), "a site's log can be written again")
+        }
+        _ => {}
+    }
+}
+
 /// Opens a log for append; never follows a symbolic link, new files get mode 0640.
 fn append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
