@@ -1,9 +1,11 @@
 """roost loader: runs one site's WSGI application inside its own interpreter.
 
 The node starts this file (embedded in the roost binary) with the site's python, with
-one connected Unix stream socket per slot on file descriptors 3, 4, ... and a pipe to
-the site's error log as stdout and stderr. Each slot serves one request at a time over the frame
-protocol of docs/protocol.md. Standard library only; must run on any python3 >= 3.8.
+one connected Unix stream socket per slot on file descriptors 3, 4, ..., then (up to 64
+slots) one inbox pipe per slot, and a pipe to the site's error log as stdout and stderr.
+Each slot serves one request at a time over the frame protocol of docs/protocol.md; a
+slot's inbox may hold the request that follows the one it is busy with. Standard
+library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
        loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
@@ -20,7 +22,7 @@ import time
 
 FRAME = struct.Struct(">BI")
 HEADER_LEN = FRAME.size
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # node -> worker
 REQUEST_HEAD, REQUEST_BODY, REQUEST_END, REQUEST_ABORT = 0x01, 0x02, 0x03, 0x04
@@ -221,15 +223,48 @@ class SlotReader(object):
     that wake-up out.
     """
 
-    __slots__ = ("_sock", "_poll", "_buf", "_pos")
+    __slots__ = ("_sock", "_poll", "_buf", "_pos", "inbox", "_either")
 
-    def __init__(self, sock):
+    def __init__(self, sock, inbox=None):
         import select
         self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._buf = b""
         self._pos = 0
+        self.inbox = inbox
+        self._either = select.poll()
+        self._either.register(sock, select.POLLIN)
+        if inbox is not None:
+            self._either.register(inbox, select.POLLIN)
+
+    def ready(self):
+        """True if a frame (or the end of the slot) can be read without waiting."""
+        return self._pos < len(self._buf) or bool(self._poll.poll(0))
+
+    def wait(self):
+        """Sleeps until the slot or its inbox has something."""
+        self._either.poll()
+
+    def take_inbox(self):
+        """The head of the request waiting in the inbox, or None. The node posts one
+        request without a body (head and end frames) in one write of at most PIPE_BUF
+        bytes, which one read takes whole."""
+        try:
+            data = os.read(self.inbox, RECV_SIZE)
+        except BlockingIOError:
+            return None
+        if not data:
+            # The node closed it (the slot closes too): stop watching it.
+            self._either.unregister(self.inbox)
+            self.inbox = None
+            return None
+        kind, length = FRAME.unpack_from(data) if len(data) >= HEADER_LEN else (None, 0)
+        if (kind != REQUEST_HEAD or len(data) != 2 * HEADER_LEN + length
+                or data[HEADER_LEN + length:] != REQUEST_END_FRAME):
+            raise ProtocolError("the inbox held %d bytes that are not one request without a body"
+                                % len(data))
+        return data[HEADER_LEN:HEADER_LEN + length]
 
     def end_follows(self):
         """Takes a REQUEST_END already read, if it is next: a request without a body
@@ -401,12 +436,27 @@ class Worker(object):
         self.app = app
         self.base = base_environ
 
-    def serve(self, sock):
-        """Serves requests on one slot until the node closes it."""
+    def serve(self, sock, inbox=None):
+        """Serves requests on one slot until the node closes it.
+
+        The slot's own socket comes first: the node posts a request to the inbox only
+        once the one before it is written whole to the socket, so a request taken from
+        the inbox waits while the socket has one (docs/protocol.md, "Inbox")."""
         sock.setblocking(True)
-        reader = SlotReader(sock)
+        reader = SlotReader(sock, inbox)
+        early = None
         try:
             while True:
+                if reader.inbox is not None or early is not None:
+                    if not reader.ready():
+                        if early is not None:
+                            payload, early = early, None
+                            self.handle(sock, reader, payload, True)
+                            continue
+                        early = reader.take_inbox()
+                        if early is None and reader.inbox is not None:
+                            reader.wait()
+                        continue
                 try:
                     kind, payload = reader.read_frame()
                 except EOFError:
@@ -420,12 +470,12 @@ class Worker(object):
         finally:
             sock.close()
 
-    def handle(self, sock, reader, payload):
+    def handle(self, sock, reader, payload, bodiless=False):
         pairs = iter(payload.decode("latin-1").split("\0"))
         environ = dict(zip(pairs, pairs))
         environ.update(self.base)
         body = Input(reader)
-        body.done = reader.end_follows()
+        body.done = bodiless or reader.end_follows()
         environ["wsgi.input"] = body
         ex = Exchange(sock, environ["REQUEST_METHOD"] == "HEAD")
         try:
@@ -528,7 +578,7 @@ def load_app(kind, target, directory):
     return app
 
 
-def run_worker(socks, kind, target, directory, role="worker"):
+def run_worker(socks, inboxes, kind, target, directory, role="worker"):
     """Imports the app, then serves it on the slots (or, as a template, forks the
     workers that will) until the node closes them."""
     started = time.perf_counter()
@@ -549,7 +599,18 @@ def run_worker(socks, kind, target, directory, role="worker"):
     import_micros = int((time.perf_counter() - started) * 1e6)
     if role == "template":
         return run_template(socks[0], app, import_micros)
-    return serve(socks, app, import_micros)
+    return serve(socks, inboxes, app, import_micros)
+
+
+def slot_channels(fds, slots):
+    """The slot sockets' descriptors and the inboxes' (none past 64 slots) among `fds`,
+    which hold the sockets first."""
+    if len(fds) == 2 * slots:
+        return fds[:slots], fds[slots:]
+    if len(fds) == slots:
+        return fds, [None] * slots
+    raise ValueError("expected %d slot sockets and as many inboxes, got %d descriptors"
+                     % (slots, len(fds)))
 
 
 def base_environ(slots):
@@ -565,17 +626,18 @@ def base_environ(slots):
     }
 
 
-def serve(socks, app, import_micros):
+def serve(socks, inboxes, app, import_micros):
     """Announces READY on every slot, serves until the slots close."""
     worker = Worker(app, base_environ(len(socks)))
     ready = frame(READY, struct.pack(">HIQ", PROTOCOL_VERSION, os.getpid(), import_micros))
     for sock in socks:
         sock.sendall(ready)
     if len(socks) == 1:
-        worker.serve(socks[0])
+        worker.serve(socks[0], inboxes[0])
     else:
         import threading
-        threads = [threading.Thread(target=worker.serve, args=(s,), daemon=True) for s in socks]
+        threads = [threading.Thread(target=worker.serve, args=pair, daemon=True)
+                   for pair in zip(socks, inboxes)]
         for t in threads:
             t.start()
         for t in threads:
@@ -684,9 +746,8 @@ def become_worker(request, fds, zygote_pid):
         _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
         fields = dict(request)
         n_cgroup, n_slots = int(fields["cgroups"]), int(fields["slots"])
-        log_fd, cgroup_fds, slot_fds = fds[0], fds[1:1 + n_cgroup], fds[1 + n_cgroup:]
-        if len(slot_fds) != n_slots:
-            raise ValueError("expected %d slot sockets, got %d" % (n_slots, len(slot_fds)))
+        log_fd, cgroup_fds = fds[0], fds[1:1 + n_cgroup]
+        slot_fds, inboxes = slot_channels(fds[1 + n_cgroup:], n_slots)
         close_fds_except(set(fds))
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -753,7 +814,8 @@ def become_worker(request, fds, zygote_pid):
         role = fields.get("role", "worker")
         if role not in ("worker", "template"):
             raise ValueError("unknown role %r" % role)
-        code = run_worker(socks, fields["kind"], fields["target"], fields["directory"], role)
+        code = run_worker(socks, inboxes, fields["kind"], fields["target"], fields["directory"],
+                          role)
     except BaseException:
         import traceback
         try:
@@ -1070,8 +1132,8 @@ def run_template(ctl, app, import_micros):
                 raise ValueError("unknown template message 0x%02x" % msg[0])
             fields = dict(pairs_decode(msg[1:]))
             req_id = fields.get("id", "?")
-            if len(fds) != int(fields["slots"]):
-                raise ValueError("expected %s slot sockets, got %d" % (fields["slots"], len(fds)))
+            slots = int(fields["slots"])
+            slot_channels(fds, slots)
             _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
             sys.stdout.flush()
             sys.stderr.flush()
@@ -1079,7 +1141,7 @@ def run_template(ctl, app, import_micros):
             if pid == 0:
                 code = 1
                 try:
-                    code = become_forked_worker(app, fds, me)
+                    code = become_forked_worker(app, fds, slots, me)
                 finally:
                     try:
                         sys.stdout.flush()
@@ -1099,7 +1161,7 @@ def run_template(ctl, app, import_micros):
     return 0
 
 
-def become_forked_worker(app, fds, template_pid):
+def become_forked_worker(app, fds, slots, template_pid):
     """In a child of the template: its own session, tied to the template, serving."""
     import signal as _signal
     import socket
@@ -1112,12 +1174,13 @@ def become_forked_worker(app, fds, template_pid):
         if os.getppid() != template_pid:
             raise OSError("the template exited during the fork")
         name_process(b"roost-worker")
-        socks = [socket.socket(fileno=fd) for fd in fds]
+        slot_fds, inboxes = slot_channels(fds, slots)
+        socks = [socket.socket(fileno=fd) for fd in slot_fds]
     except BaseException:
         import traceback
         log("worker setup failed after the template's fork:\n%s" % traceback.format_exc())
         return 1
-    return serve(socks, app, 0)
+    return serve(socks, inboxes, app, 0)
 
 
 def main(argv):
@@ -1131,7 +1194,15 @@ def main(argv):
     role, slots, kind, target, directory = argv[1], int(argv[2]), argv[3], argv[4], argv[5]
     import socket
     socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
-    return run_worker(socks, kind, target, directory, role)
+    # Inboxes follow the sockets, unless the worker has too many slots for them.
+    inboxes = [FIRST_SLOT_FD + slots + i for i in range(slots)]
+    try:
+        import stat
+        if role != "worker" or not stat.S_ISFIFO(os.fstat(inboxes[0]).st_mode):
+            inboxes = [None] * slots
+    except OSError:
+        inboxes = [None] * slots
+    return run_worker(socks, inboxes, kind, target, directory, role)
 
 
 if __name__ == "__main__":

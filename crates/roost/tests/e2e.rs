@@ -8,6 +8,7 @@ mod e2e {
     pub mod budget;
     pub mod cli;
     pub mod faults;
+    pub mod follow;
     pub mod hostile;
     pub mod http;
     pub mod interpreters;

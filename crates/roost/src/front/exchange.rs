@@ -25,9 +25,9 @@ use super::request_body::{ClientBody, RequestBody};
 use super::slow_clients::SlowClients;
 use super::stream::{stream, UNCOUNTED_MAX};
 use super::FrontError;
-use crate::pool::{Lease, PoolHandle};
+use crate::pool::{CheckoutError, Lease, PoolHandle};
 use crate::route::Route;
-use crate::worker::{ConnError, FrameReader, SlotConn};
+use crate::worker::{ConnError, FrameReader, SlotConn, INBOX_MAX};
 
 /// Headers that describe one hop; a WSGI app must not send them (PEP 3333) and the
 /// front drops them so they cannot confuse hyper's own framing.
@@ -219,23 +219,6 @@ pub async fn forward(
     policy: &Arc<SlowClients>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
-    let mut lease = route.pool.checkout(site).await?;
-    if let Some(access) = access.as_mut() {
-        access.worker_pid = Some(lease.pid);
-    }
-    let lease_gone = lease.gone.clone();
-    let deadline = Instant::now() + site.pool.request_timeout;
-    let (reader, mut writer) = lease.take().split();
-    let pool = lease.pool();
-    let mut ex = Exchange {
-        lease: Some(lease),
-        pool,
-        reader: Some(reader),
-        writer: Writer::Gone,
-        deadline,
-        state: State::Open,
-    };
-
     // The head and what the front has of the body go in one write.
     let (first, rest) = match body {
         RequestBody::Whole(all) => (all, None),
@@ -251,12 +234,53 @@ pub async fn forward(
     if rest.is_none() {
         encode_header(&mut out, Kind::RequestEnd, 0);
     }
-    if timeout_at(deadline, writer.write_all(&out))
-        .await
-        .map_or(true, |r| r.is_err())
-    {
-        ex.lose();
-        return Err(FrontError::WorkerGone);
+    let out = out.freeze();
+    // A request without a body may follow a busy slot's request (pool/actor/follow.rs).
+    let may_follow = rest.is_none() && first.is_empty() && out.len() <= INBOX_MAX;
+    let checkout = route
+        .pool
+        .checkout(site, may_follow.then(|| out.clone()))
+        .await;
+    let mut lease = match checkout {
+        Ok(lease) => lease,
+        Err(CheckoutError::WorkerLost { pid, .. }) => {
+            if let Some(access) = access.as_mut() {
+                access.worker_pid = Some(pid);
+            }
+            return Err(FrontError::WorkerGone);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(access) = access.as_mut() {
+        access.worker_pid = Some(lease.pid);
+    }
+    let lease_gone = lease.gone.clone();
+    let deadline = Instant::now() + site.pool.request_timeout;
+    let delivered = lease.delivered;
+    let (reader, mut writer) = lease.take().split();
+    let pool = lease.pool();
+    let mut ex = Exchange {
+        lease: Some(lease),
+        pool,
+        reader: Some(reader),
+        writer: Writer::Gone,
+        deadline,
+        state: State::Open,
+    };
+
+    if !delivered {
+        if timeout_at(deadline, writer.write_all(&out))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            ex.lose();
+            return Err(FrontError::WorkerGone);
+        }
+        if rest.is_none() {
+            if let Some(lease) = &ex.lease {
+                lease.request_sent();
+            }
+        }
     }
     let mut too_large = None;
     if let Some(rest) = rest {

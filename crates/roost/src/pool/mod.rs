@@ -3,15 +3,18 @@
 //! One actor task per site owns all of the pool's state (`actor`); the front talks
 //! to it through a cheap, cloneable [`PoolHandle`]. A request checks out a [`Lease`]
 //! on one slot, uses the slot's socket directly (the actor is not on the data path),
-//! and the lease goes back to the actor when dropped.
+//! and the lease goes back to the actor when dropped. When every slot is busy, a
+//! request without a body may be handed to a busy slot's inbox instead of waiting in
+//! the queue: it "follows" the request there (`actor/follow.rs`, `worker/inbox.rs`).
 
 mod actor;
 mod budget;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use roost_registry::Site;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -32,15 +35,24 @@ pub enum CheckoutError {
     AppFailing { site: String, retry_in: Duration },
     #[error("site {0:?} is being removed")]
     Draining(String),
+    /// The request was handed to a busy worker's inbox, and the worker died after it
+    /// read it.
+    #[error("worker pid {pid} of site {site:?} died with the request")]
+    WorkerLost { site: String, pid: u32 },
 }
 
 /// One message per [`PoolHandle`] method, plus what worker tasks report.
 #[derive(Debug)]
 pub enum PoolControl {
-    Checkout(oneshot::Sender<Result<Lease, CheckoutError>>),
+    /// `request`: the request's frames, when it has no body and fits an inbox.
+    Checkout {
+        reply: oneshot::Sender<Result<Lease, CheckoutError>>,
+        request: Option<Bytes>,
+    },
     /// A lease came back: `conn` is `None` when the slot is unusable.
     Checkin {
         worker: WorkerId,
+        slot: usize,
         conn: Option<SlotConn>,
     },
     /// The worker broke the protocol or overran its request: SIGKILL it.
@@ -74,12 +86,19 @@ impl PoolHandle {
         self.waiting.load(Ordering::Relaxed) > 0
     }
 
-    /// Waits for a slot, at most `queue_timeout`.
-    pub async fn checkout(&self, site: &Site) -> Result<Lease, CheckoutError> {
+    /// Waits for a slot, at most `queue_timeout`. `request` is the request's frames
+    /// when it may follow a busy slot's request (no body, at most
+    /// [`INBOX_MAX`](crate::worker::INBOX_MAX) bytes); the lease then may say it is
+    /// [`delivered`](Lease::delivered) already.
+    pub async fn checkout(
+        &self,
+        site: &Site,
+        request: Option<Bytes>,
+    ) -> Result<Lease, CheckoutError> {
         let (reply, rx) = oneshot::channel();
         let draining = || CheckoutError::Draining(site.name.clone());
         self.tx
-            .send(PoolControl::Checkout(reply))
+            .send(PoolControl::Checkout { reply, request })
             .map_err(|_| draining())?;
         match tokio::time::timeout(site.pool.queue_timeout, rx).await {
             Ok(Ok(result)) => result,
@@ -114,19 +133,32 @@ pub struct Lease {
     pub worker: WorkerId,
     /// The worker's process id, for the access log.
     pub pid: u32,
+    slot: usize,
     conn: Option<SlotConn>,
     pool: PoolHandle,
     /// Cancelled when the worker's process is gone: a socket it handed to a child
     /// of its own may never close, so the exchange must not wait for end of file.
     pub gone: CancellationToken,
+    /// The request went through the slot's inbox and the worker has it, or will read
+    /// it next: only its answer is to be read.
+    pub delivered: bool,
+    /// Set once the whole request is written (a request may follow it then).
+    sent: Arc<AtomicBool>,
 }
 
 impl Lease {
     /// The slot's socket; the lease then holds nothing until [`put_back`](Self::put_back).
     pub fn take(&mut self) -> SlotConn {
+        self.delivered = false;
         self.conn
             .take()
             .expect("a lease is taken once per exchange")
+    }
+
+    /// The whole request is written to the slot: another request may be posted to
+    /// follow it.
+    pub fn request_sent(&self) {
+        self.sent.store(true, Ordering::Release);
     }
 
     pub fn put_back(&mut self, conn: SlotConn) {
@@ -140,9 +172,12 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // A delivered request nobody read the answer of: the slot is not clean.
+        let conn = self.conn.take().filter(|_| !self.delivered);
         let _ = self.pool.tx.send(PoolControl::Checkin {
             worker: self.worker,
-            conn: self.conn.take(),
+            slot: self.slot,
+            conn,
         });
     }
 }

@@ -119,7 +119,7 @@ fn place_slots(fds: &[RawFd]) -> nix::Result<()> {
     // Move every socket above the target range first, so that placing slot i on
     // fd 3+i never overwrites a socket still to be placed.
     let above = FIRST_SLOT_FD + fds.len() as RawFd;
-    let mut high = [0 as RawFd; 256];
+    let mut high = [0 as RawFd; 512];
     for (i, fd) in fds.iter().enumerate() {
         high[i] = fcntl(*fd, FcntlArg::F_DUPFD_CLOEXEC(above))?;
     }

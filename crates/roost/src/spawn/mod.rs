@@ -43,11 +43,12 @@ pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;
 
 use crate::logs::SiteLogs;
+use crate::worker::Inbox;
 
 /// What the new process is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// A worker with this many slots (one stream socket each).
+    /// A worker with this many slots (one stream socket and one inbox each).
     Worker { slots: u32 },
     /// A site's template: it imports the app, then forks the site's workers on orders
     /// that arrive over one SOCK_SEQPACKET control socket.
@@ -60,6 +61,14 @@ impl Role {
         match self {
             Role::Worker { .. } => "worker",
             Role::Template => "template",
+        }
+    }
+
+    /// How many slots the loader is told of (a template's control socket counts as one).
+    pub fn slots(self) -> u32 {
+        match self {
+            Role::Worker { slots } => slots,
+            Role::Template => 1,
         }
     }
 }
@@ -86,6 +95,9 @@ pub struct SpawnedWorker {
     /// The node's end of each slot, in slot order (non-blocking); for a template, of
     /// its control socket.
     pub sockets: Vec<OwnedFd>,
+    /// Each slot's inbox, in slot order; none for a template, or past
+    /// [`INBOX_MAX_SLOTS`](crate::worker::INBOX_MAX_SLOTS) slots.
+    pub inboxes: Vec<Inbox>,
 }
 
 #[derive(Debug, thiserror::Error)]

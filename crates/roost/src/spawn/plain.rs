@@ -13,6 +13,7 @@ use super::child::{raw_fds, ChildPlan};
 use super::forkserver::control_pair;
 use super::prepare::{prepare, SpawnConfig};
 use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
+use crate::worker::{Inbox, INBOX_MAX_SLOTS};
 
 /// Starts the loader as `python loader.py worker …` with a clean environment.
 pub struct PlainSpawner {
@@ -31,7 +32,7 @@ impl PlainSpawner {
             python: site.python.clone(),
             source,
         };
-        let (node_ends, child_ends) = socket_pairs(request.role)?;
+        let (node, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
         let output = request.output()?;
 
@@ -44,7 +45,7 @@ impl PlainSpawner {
         let mut cmd = std::process::Command::new(&python);
         cmd.arg(&self.config.loader)
             .arg(request.role.name())
-            .arg(child_ends.len().to_string())
+            .arg(request.role.slots().to_string())
             .arg(kind)
             .arg(target)
             .arg(&site.directory)
@@ -83,7 +84,8 @@ impl PlainSpawner {
         drop(child_ends);
         Ok(SpawnedWorker {
             process: WorkerProcess::Child(child),
-            sockets: node_ends,
+            sockets: node.sockets,
+            inboxes: node.inboxes,
         })
     }
 }
@@ -94,27 +96,49 @@ impl Spawn for PlainSpawner {
     }
 }
 
-/// The node's ends and the child's ends of the sockets a role needs: one stream pair
-/// per slot, or one SOCK_SEQPACKET control pair for a template. All are created
-/// close-on-exec, so no other child inherits them; the node's ends are non-blocking.
-pub(super) fn socket_pairs(role: Role) -> Result<(Vec<OwnedFd>, Vec<OwnedFd>), SpawnError> {
+/// What the node keeps of the channels a new process gets.
+pub(super) struct NodeEnds {
+    pub sockets: Vec<OwnedFd>,
+    pub inboxes: Vec<Inbox>,
+}
+
+/// The node's ends and the child's ends of the channels a role needs: one stream pair
+/// and one inbox per slot (none past [`INBOX_MAX_SLOTS`]; the child gets the sockets,
+/// then the inboxes), or one SOCK_SEQPACKET control pair for a template. All are
+/// created close-on-exec, so no other child inherits them; the node's ends are
+/// non-blocking.
+pub(super) fn socket_pairs(role: Role) -> Result<(NodeEnds, Vec<OwnedFd>), SpawnError> {
     match role {
         Role::Template => {
             let (ours, theirs) =
                 control_pair().map_err(|e| SpawnError::SocketPair(std::io::Error::other(e)))?;
-            Ok((vec![ours], vec![theirs]))
+            let node = NodeEnds {
+                sockets: vec![ours],
+                inboxes: Vec::new(),
+            };
+            Ok((node, vec![theirs]))
         }
         Role::Worker { slots } => {
-            let mut node_ends = Vec::new();
+            let mut node = NodeEnds {
+                sockets: Vec::new(),
+                inboxes: Vec::new(),
+            };
             let mut child_ends = Vec::new();
             for _ in 0..slots {
-                let (node, child) =
+                let (ours, theirs) =
                     std::os::unix::net::UnixStream::pair().map_err(SpawnError::SocketPair)?;
-                node.set_nonblocking(true).map_err(SpawnError::SocketPair)?;
-                node_ends.push(OwnedFd::from(node));
-                child_ends.push(OwnedFd::from(child));
+                ours.set_nonblocking(true).map_err(SpawnError::SocketPair)?;
+                node.sockets.push(OwnedFd::from(ours));
+                child_ends.push(OwnedFd::from(theirs));
             }
-            Ok((node_ends, child_ends))
+            if slots <= INBOX_MAX_SLOTS {
+                for _ in 0..slots {
+                    let (inbox, theirs) = Inbox::new().map_err(SpawnError::SocketPair)?;
+                    node.inboxes.push(inbox);
+                    child_ends.push(theirs);
+                }
+            }
+            Ok((node, child_ends))
         }
     }
 }

@@ -107,10 +107,10 @@ impl SiteTemplate {
         server.ready().await.map_err(SpawnError::Template)?;
         // The template's stderr already is the site's error log, and its children
         // inherit its cgroup: only the slot sockets go with the order.
-        let (node_ends, child_ends) = socket_pairs(request.role)?;
+        let (node, child_ends) = socket_pairs(request.role)?;
         let mut payload = EnvironWriter::with_capacity(16);
         payload
-            .push("slots", child_ends.len().to_string().as_bytes())
+            .push("slots", request.role.slots().to_string().as_bytes())
             .expect("digits have no NUL");
         let forked = server
             .fork(payload, child_ends)
@@ -118,7 +118,8 @@ impl SiteTemplate {
             .map_err(SpawnError::Template)?;
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
-            sockets: node_ends,
+            sockets: node.sockets,
+            inboxes: node.inboxes,
         })
     }
 }

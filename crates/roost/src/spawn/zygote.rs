@@ -148,13 +148,13 @@ impl ZygoteSpawner {
 
         let site = request.site;
         let prepared = prepare(&self.config, &request)?;
-        let (node_ends, child_ends) = socket_pairs(request.role)?;
+        let (node, child_ends) = socket_pairs(request.role)?;
         let cgroup_fds = request.cgroup.open_procs()?;
         let (kind, target) = entry_args(&site.entry);
         let mut fields: Vec<(String, String)> = vec![
             ("role".into(), request.role.name().into()),
             ("cgroups".into(), cgroup_fds.len().to_string()),
-            ("slots".into(), child_ends.len().to_string()),
+            ("slots".into(), request.role.slots().to_string()),
             ("nofile".into(), WORKER_NOFILE.to_string()),
             ("sched".into(), self.config.sched_policy().into()),
             ("kind".into(), kind.into()),
@@ -192,7 +192,8 @@ impl ZygoteSpawner {
             })?;
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
-            sockets: node_ends,
+            sockets: node.sockets,
+            inboxes: node.inboxes,
         })
     }
 }

@@ -38,14 +38,21 @@ pub struct SlotConn {
     /// Bytes read past the last frame of the previous exchange; a well-behaved worker
     /// leaves none, so a non-empty buffer at check-in ends the worker.
     buf: BytesMut,
+    /// Its place among the worker's slots (and inboxes).
+    slot: usize,
 }
 
 impl SlotConn {
-    pub fn new(stream: UnixStream) -> SlotConn {
+    pub fn new(stream: UnixStream, slot: usize) -> SlotConn {
         SlotConn {
             stream,
             buf: BytesMut::with_capacity(8 << 10),
+            slot,
         }
+    }
+
+    pub fn slot(&self) -> usize {
+        self.slot
     }
 
     pub fn split(self) -> (FrameReader, OwnedWriteHalf) {
@@ -54,6 +61,7 @@ impl SlotConn {
             FrameReader {
                 half: read,
                 buf: self.buf,
+                slot: self.slot,
             },
             write,
         )
@@ -64,6 +72,7 @@ impl SlotConn {
         Some(SlotConn {
             stream,
             buf: reader.buf,
+            slot: reader.slot,
         })
     }
 
@@ -92,6 +101,7 @@ impl SlotConn {
 pub struct FrameReader {
     half: OwnedReadHalf,
     buf: BytesMut,
+    slot: usize,
 }
 
 impl FrameReader {

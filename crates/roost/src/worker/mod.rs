@@ -12,6 +12,7 @@
 //! ```
 
 mod conn;
+mod inbox;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 pub use conn::{ConnError, FrameReader, SlotConn};
+pub use inbox::{Inbox, Reclaim, INBOX_MAX, INBOX_MAX_SLOTS};
 
 use crate::logs::SiteLogs;
 use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};
@@ -80,6 +82,8 @@ pub enum WorkerEvent {
         id: WorkerId,
         pid: u32,
         slots: Vec<SlotConn>,
+        /// One per slot, or none (see [`INBOX_MAX_SLOTS`]).
+        inboxes: Vec<Inbox>,
         import_time: Duration,
     },
     StartFailed {
@@ -142,17 +146,18 @@ async fn run(
         let slots = s
             .sockets
             .into_iter()
-            .map(|fd| {
+            .enumerate()
+            .map(|(i, fd)| {
                 tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-                    .map(SlotConn::new)
+                    .map(|stream| SlotConn::new(stream, i))
             })
             .collect::<Result<Vec<_>, _>>();
         match slots {
-            Ok(slots) => Ok((s.process, slots)),
+            Ok(slots) => Ok((s.process, slots, s.inboxes)),
             Err(e) => Err(StartError::Spawn(crate::spawn::SpawnError::SocketPair(e))),
         }
     });
-    let (mut process, mut slots) = match spawned {
+    let (mut process, mut slots, inboxes) = match spawned {
         Ok(s) => s,
         Err(error) => {
             logs.error(&format!(
@@ -199,6 +204,7 @@ async fn run(
                 id,
                 pid,
                 slots,
+                inboxes,
                 import_time,
             });
         }

@@ -17,11 +17,14 @@
 //! worker recycled (max_requests, memory.worker_soft) or lost is replaced by a new fork
 //! of the same template.
 
+mod follow;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use roost_registry::Site;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -59,6 +62,13 @@ pub struct PoolContext {
 
 type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
 
+/// A request waiting for a slot; `request` its frames, if it may follow a busy slot's
+/// request.
+struct Waiter {
+    reply: Reply,
+    request: Option<Bytes>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Starting,
@@ -72,6 +82,8 @@ struct WorkerEntry {
     pid: u32,
     idle: Vec<SlotConn>,
     busy: u32,
+    /// What the pool knows of each slot besides its socket (empty until ready).
+    slots: Vec<follow::SlotState>,
     served: u64,
     last_used: Instant,
     /// The pool ordered SIGKILL: its death is expected, not news.
@@ -94,7 +106,7 @@ struct Pool {
     /// Given to leases and worker tasks so they can report back.
     handle: PoolHandle,
     workers: BTreeMap<WorkerId, WorkerEntry>,
-    waiters: VecDeque<Reply>,
+    waiters: VecDeque<Waiter>,
     failure: Option<Failure>,
     /// Modification time of the entry file when the current workers were started.
     entry_mtime: Option<SystemTime>,
@@ -181,8 +193,8 @@ impl Pool {
 
     fn handle(&mut self, msg: PoolControl) {
         match msg {
-            PoolControl::Checkout(reply) => self.checkout(reply),
-            PoolControl::Checkin { worker, conn } => self.checkin(worker, conn),
+            PoolControl::Checkout { reply, request } => self.checkout(reply, request),
+            PoolControl::Checkin { worker, slot, conn } => self.checkin(worker, slot, conn),
             PoolControl::Kill { worker, reason } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     tracing::error!(pid = w.pid, %reason, "killing worker");
@@ -232,7 +244,7 @@ impl Pool {
         }
     }
 
-    fn checkout(&mut self, reply: Reply) {
+    fn checkout(&mut self, reply: Reply, request: Option<Bytes>) {
         if let Some(retry_in) = self.failing() {
             let _ = reply.send(Err(CheckoutError::AppFailing {
                 site: self.site.name.clone(),
@@ -245,15 +257,24 @@ impl Pool {
             let _ = reply.send(Ok(lease));
             return;
         }
-        self.waiters.retain(|w| !w.is_closed());
-        if self.waiters.len() >= self.site.pool.queue_max as usize {
+        self.waiters.retain(|w| !w.reply.is_closed());
+        // Followers wait for a slot too.
+        if self.waiters.len() + self.followers() >= self.site.pool.queue_max as usize {
             let _ = reply.send(Err(CheckoutError::QueueFull {
                 site: self.site.name.clone(),
                 max: self.site.pool.queue_max,
             }));
             return;
         }
-        self.waiters.push_back(reply);
+        let (reply, request) = match request {
+            // Behind a busy slot's request, when nobody waits before it.
+            Some(request) if self.waiters.is_empty() => match self.follow(reply, request) {
+                Ok(()) => return,
+                Err((reply, request)) => (reply, Some(request)),
+            },
+            request => (reply, request),
+        };
+        self.waiters.push_back(Waiter { reply, request });
         self.spawn_as_needed();
     }
 
@@ -282,37 +303,48 @@ impl Pool {
         w.busy += 1;
         w.last_used = Instant::now();
         let id = *id;
-        Some(self.lease(id, conn))
+        Some(self.lease(id, conn, false))
     }
 
-    fn lease(&self, worker: WorkerId, conn: SlotConn) -> Lease {
+    /// A lease on `conn`, a slot of `worker` now busy; `delivered` when the request is
+    /// in the slot's inbox or with the worker already.
+    fn lease(&mut self, worker: WorkerId, conn: SlotConn, delivered: bool) -> Lease {
+        let slot = conn.slot();
+        let w = self.workers.get_mut(&worker);
+        let state = w.as_ref().and_then(|w| w.slots.get(slot));
+        let sent = state.map_or_else(Default::default, |s| s.sent.clone());
+        sent.store(delivered, Ordering::Release);
+        let (pid, gone) = w.map_or((0, Default::default()), |w| {
+            if let Some(s) = w.slots.get_mut(slot) {
+                s.busy_since = Some(Instant::now());
+            }
+            (w.pid, w.gone.clone())
+        });
         Lease {
             worker,
-            pid: self.workers.get(&worker).map_or(0, |w| w.pid),
+            pid,
+            slot,
             conn: Some(conn),
             pool: self.handle.clone(),
-            gone: self
-                .workers
-                .get(&worker)
-                .map(|w| w.gone.clone())
-                .unwrap_or_default(),
+            gone,
+            delivered,
+            sent,
         }
     }
 
-    fn checkin(&mut self, id: WorkerId, conn: Option<SlotConn>) {
-        let max_requests = self.site.pool.max_requests;
-        // Another site waits for room on a full node while this pool asks for none:
-        // give this worker's room back rather than keep it for our own queue, so a
-        // busy site cannot hold the whole budget (permits are granted first come).
-        let yield_room = conn.is_some()
-            && self.asked == 0
-            && self.ctx.budget.under_pressure()
-            && self.active_workers() > self.site.pool.processes_min as usize;
-        let over_soft = conn.is_some()
-            && self
-                .workers
-                .get(&id)
-                .is_some_and(|w| self.over_soft_limit(w.pid));
+    fn checkin(&mut self, id: WorkerId, slot: usize, conn: Option<SlotConn>) {
+        let leaving = conn.as_ref().and_then(|_| self.why_leave(id));
+        let conn = match self.hand_to_follower(id, slot, conn, leaving) {
+            Ok(()) => return self.follow_waiters(),
+            Err(conn) => conn,
+        };
+        if let Some(s) = self
+            .workers
+            .get_mut(&id)
+            .and_then(|w| w.slots.get_mut(slot))
+        {
+            s.busy_since = None;
+        }
         let Some(w) = self.workers.get_mut(&id) else {
             return; // the worker is gone; its slot with it
         };
@@ -331,14 +363,8 @@ impl Pool {
                 });
             }
             Some(_) if w.state != State::Running => {}
-            Some(_) if max_requests > 0 && w.served >= max_requests => {
-                self.retire(id, "it served max_requests");
-            }
-            Some(_) if over_soft => {
-                self.retire(id, "its memory is above memory.worker_soft");
-            }
-            Some(_) if yield_room => {
-                self.retire(id, "another site waits for room in the node budget");
+            Some(_) if leaving.is_some() => {
+                self.retire(id, leaving.expect("matched"));
             }
             Some(c) => {
                 self.give_slot(id, c);
@@ -352,10 +378,33 @@ impl Pool {
         self.spawn_as_needed();
     }
 
-    /// Hands a free slot to the first live waiter, or keeps it idle.
+    /// Why worker `id` should retire now that it finished a request, if it should.
+    fn why_leave(&self, id: WorkerId) -> Option<&'static str> {
+        let w = self.workers.get(&id)?;
+        let max_requests = self.site.pool.max_requests;
+        if max_requests > 0 && w.served + 1 >= max_requests {
+            return Some("it served max_requests");
+        }
+        if self.over_soft_limit(w.pid) {
+            return Some("its memory is above memory.worker_soft");
+        }
+        // Another site waits for room on a full node while this pool asks for none:
+        // give this worker's room back rather than keep it for our own queue, so a
+        // busy site cannot hold the whole budget (permits are granted first come).
+        let yield_room = self.asked == 0
+            && self.ctx.budget.under_pressure()
+            && self.active_workers() > self.site.pool.processes_min as usize;
+        yield_room.then_some("another site waits for room in the node budget")
+    }
+
+    /// Hands a free slot to the oldest follower no worker has read yet, else to the
+    /// first live waiter, or keeps it idle.
     fn give_slot(&mut self, id: WorkerId, conn: SlotConn) {
-        while let Some(reply) = self.waiters.pop_front() {
-            if reply.is_closed() {
+        let Some(conn) = self.move_follower(id, conn) else {
+            return;
+        };
+        while let Some(waiter) = self.waiters.pop_front() {
+            if waiter.reply.is_closed() {
                 continue;
             }
             let w = self
@@ -364,7 +413,8 @@ impl Pool {
                 .expect("give_slot is called for live workers");
             w.busy += 1;
             w.last_used = Instant::now();
-            let _ = reply.send(Ok(self.lease(id, conn)));
+            let lease = self.lease(id, conn, false);
+            let _ = waiter.reply.send(Ok(lease));
             return;
         }
         if let Some(w) = self.workers.get_mut(&id) {
@@ -378,12 +428,14 @@ impl Pool {
                 id,
                 pid,
                 slots,
+                inboxes,
                 import_time,
             } => {
                 let Some(w) = self.workers.get_mut(&id) else {
                     return;
                 };
                 w.pid = pid;
+                w.slots = follow::slot_states(slots.len(), inboxes);
                 self.failure = None;
                 if w.state == State::Retiring {
                     drop(slots);
@@ -427,8 +479,8 @@ impl Pool {
                 });
                 self.entry_mtime = entry_mtime(&self.site);
                 if !self.workers.values().any(|w| w.state == State::Running) {
-                    for reply in self.waiters.drain(..) {
-                        let _ = reply.send(Err(CheckoutError::AppFailing {
+                    for waiter in self.waiters.drain(..) {
+                        let _ = waiter.reply.send(Err(CheckoutError::AppFailing {
                             site: self.site.name.clone(),
                             retry_in: backoff,
                         }));
@@ -436,10 +488,11 @@ impl Pool {
                 }
             }
             WorkerEvent::Exited { id, status } => {
-                let Some(w) = self.workers.remove(&id) else {
+                let Some(mut w) = self.workers.remove(&id) else {
                     return;
                 };
                 w.gone.cancel();
+                self.release_followers(&mut w);
                 let clean = status.is_some_and(|s| s.success());
                 if clean || w.killed {
                     tracing::info!(pid = w.pid, "worker stopped");
@@ -627,6 +680,7 @@ impl Pool {
                 pid: 0,
                 idle: Vec::new(),
                 busy: 0,
+                slots: Vec::new(),
                 served: 0,
                 last_used: Instant::now(),
                 killed: false,

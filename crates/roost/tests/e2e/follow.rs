@@ -1,0 +1,93 @@
+//! Followers: a request without a body that comes while every slot of its site is busy
+//! waits in the inbox of the slot busy the longest, and moves to whichever slot comes
+//! free first (pool/actor/follow.rs, worker/inbox.rs).
+
+use std::time::Duration;
+
+use crate::harness::{get, pid_of, Node};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_in_the_inbox_of_a_busy_worker_and_is_answered_after() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("one", &["one.test"], &app);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    let pid = pid_of(&get(node.addr, "one.test", "/pid").await.unwrap());
+
+    let addr = node.addr;
+    let busy =
+        tokio::spawn(async move { get(addr, "one.test", "/sleep?s=1&report=1").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = get(addr, "one.test", "/pid").await.unwrap();
+    let busy = busy.await.unwrap();
+    // The worker saw the next request in its inbox while it answered the first.
+    assert_eq!(busy.text(), format!("slept in {pid}; inbox: waiting"));
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(pid_of(&next), pid);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_moves_to_the_first_worker_that_comes_free() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("two", &["two.test"], &app);
+    spec.processes_min = Some(2);
+    spec.processes_max = Some(2);
+    node.add(spec).await;
+    node.eventually("two warm workers", || async {
+        node.worker_pids().len() == 2
+    })
+    .await;
+
+    let addr = node.addr;
+    let sleep = |path: &'static str| {
+        tokio::spawn(async move { get(addr, "two.test", path).await.unwrap() })
+    };
+    let long = sleep("/sleep?s=3&report=1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let short = sleep("/sleep?s=0.8&report=1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Posted behind the long request (busy the longest), read back when the short
+    // one ends, and answered by the short one's worker: not after three seconds.
+    let next = get(addr, "two.test", "/pid").await.unwrap();
+    let (long, short) = (long.await.unwrap().text(), short.await.unwrap().text());
+    let worker_of = |text: &str| -> u32 {
+        let pid = text
+            .strip_prefix("slept in ")
+            .and_then(|t| t.split(';').next());
+        pid.and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    assert_ne!(worker_of(&long), worker_of(&short));
+    assert_eq!(
+        pid_of(&next),
+        worker_of(&short),
+        "long: {long}; short: {short}"
+    );
+    assert!(long.ends_with("inbox: empty"), "{long}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_behind_a_killed_one_is_served_by_the_next_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("hang", &["hang.test"], &app);
+    spec.processes_max = Some(1);
+    spec.request_timeout = Some(Duration::from_secs(1));
+    node.add(spec).await;
+    let first = pid_of(&get(node.addr, "hang.test", "/pid").await.unwrap());
+
+    let addr = node.addr;
+    let hung = tokio::spawn(async move { get(addr, "hang.test", "/sleep?s=30").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It waits in the hung worker's inbox; the kill at request_timeout gives it back
+    // unread, and a new worker answers it.
+    let next = get(addr, "hang.test", "/pid").await.unwrap();
+    assert_eq!(hung.await.unwrap().status, 504);
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_ne!(pid_of(&next), first);
+    node.stop().await;
+}
