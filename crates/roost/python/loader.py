@@ -223,7 +223,7 @@ class SlotReader(object):
     that wake-up out.
     """
 
-    __slots__ = ("_sock", "_poll", "_buf", "_pos", "inbox", "_either")
+    __slots__ = ("_sock", "_poll", "_buf", "_pos", "_inbox", "_either", "_early", "_readable")
 
     def __init__(self, sock, inbox=None):
         import select
@@ -232,32 +232,45 @@ class SlotReader(object):
         self._poll.register(sock, select.POLLIN)
         self._buf = b""
         self._pos = 0
-        self.inbox = inbox
+        self._inbox = inbox
         self._either = select.poll()
         self._either.register(sock, select.POLLIN)
         if inbox is not None:
             self._either.register(inbox, select.POLLIN)
+        self._early = None  # a request taken from the inbox while the socket had one
+        self._readable = False  # poll() just said the socket has something
 
-    def ready(self):
-        """True if a frame (or the end of the slot) can be read without waiting."""
-        return self._pos < len(self._buf) or bool(self._poll.poll(0))
+    def next_request(self):
+        """What to serve next: the head of a request taken from the inbox, or None to
+        read the next request's frames from the slot's socket (it comes first: the
+        node posts to the inbox only once the request before is written whole to the
+        socket). Sleeps while neither has anything."""
+        if self._early is not None:
+            if self._pos < len(self._buf) or self._poll.poll(0):
+                return None
+            early, self._early = self._early, None
+            return early
+        if self._inbox is None or self._pos < len(self._buf):
+            return None
+        for fd, _events in self._either.poll(0) or self._either.poll():
+            if fd != self._inbox:
+                self._readable = True
+                return None
+        self._early = self._take_inbox()
+        return self.next_request()
 
-    def wait(self):
-        """Sleeps until the slot or its inbox has something."""
-        self._either.poll()
-
-    def take_inbox(self):
+    def _take_inbox(self):
         """The head of the request waiting in the inbox, or None. The node posts one
         request without a body (head and end frames) in one write of at most PIPE_BUF
         bytes, which one read takes whole."""
         try:
-            data = os.read(self.inbox, RECV_SIZE)
+            data = os.read(self._inbox, RECV_SIZE)
         except BlockingIOError:
-            return None
+            return None  # the node read it back first
         if not data:
             # The node closed it (the slot closes too): stop watching it.
-            self._either.unregister(self.inbox)
-            self.inbox = None
+            self._either.unregister(self._inbox)
+            self._inbox = None
             return None
         kind, length = FRAME.unpack_from(data) if len(data) >= HEADER_LEN else (None, 0)
         if (kind != REQUEST_HEAD or len(data) != 2 * HEADER_LEN + length
@@ -303,7 +316,10 @@ class SlotReader(object):
         return bytes(joined)
 
     def _recv(self, size):
-        self._poll.poll()
+        if self._readable:
+            self._readable = False
+        else:
+            self._poll.poll()
         data = self._sock.recv(size)
         if not data:
             raise EOFError("the node closed the slot")
@@ -439,24 +455,15 @@ class Worker(object):
     def serve(self, sock, inbox=None):
         """Serves requests on one slot until the node closes it.
 
-        The slot's own socket comes first: the node posts a request to the inbox only
-        once the one before it is written whole to the socket, so a request taken from
-        the inbox waits while the socket has one (docs/protocol.md, "Inbox")."""
+        A request may also come through the slot's inbox (docs/protocol.md, "Inbox")."""
         sock.setblocking(True)
         reader = SlotReader(sock, inbox)
-        early = None
         try:
             while True:
-                if reader.inbox is not None or early is not None:
-                    if not reader.ready():
-                        if early is not None:
-                            payload, early = early, None
-                            self.handle(sock, reader, payload, True)
-                            continue
-                        early = reader.take_inbox()
-                        if early is None and reader.inbox is not None:
-                            reader.wait()
-                        continue
+                head = reader.next_request()
+                if head is not None:
+                    self.handle(sock, reader, head, True)
+                    continue
                 try:
                     kind, payload = reader.read_frame()
                 except EOFError:

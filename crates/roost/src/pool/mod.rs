@@ -144,6 +144,8 @@ pub struct Lease {
     pub delivered: bool,
     /// Set once the whole request is written (a request may follow it then).
     sent: Arc<AtomicBool>,
+    /// How long the worker may take to answer a delivered request nobody waits for.
+    request_timeout: Duration,
 }
 
 impl Lease {
@@ -172,13 +174,36 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // A delivered request nobody read the answer of: the slot is not clean.
-        let conn = self.conn.take().filter(|_| !self.delivered);
-        let _ = self.pool.tx.send(PoolControl::Checkin {
-            worker: self.worker,
-            slot: self.slot,
-            conn,
-        });
+        let (worker, slot, pool) = (self.worker, self.slot, self.pool.clone());
+        let checkin = move |conn| {
+            let _ = pool.tx.send(PoolControl::Checkin { worker, slot, conn });
+        };
+        let conn = self.conn.take();
+        let runtime = tokio::runtime::Handle::try_current();
+        match (conn, runtime) {
+            // The worker answers a request nobody waits for any more: its answer is
+            // skipped before the slot is used again.
+            (Some(conn), Ok(runtime)) if self.delivered => {
+                let (pool, timeout) = (self.pool.clone(), self.request_timeout);
+                let gone = self.gone.clone();
+                runtime.spawn(async move {
+                    let skipped = tokio::select! {
+                        skipped = conn.skip_response(timeout) => skipped,
+                        _ = gone.cancelled() => Err(String::new()),
+                    };
+                    match skipped {
+                        Ok(conn) => checkin(Some(conn)),
+                        Err(why) => {
+                            if !why.is_empty() {
+                                pool.kill(worker, why);
+                            }
+                            checkin(None);
+                        }
+                    }
+                });
+            }
+            (conn, _) => checkin(conn.filter(|_| !self.delivered)),
+        }
     }
 }
 
@@ -190,5 +215,71 @@ impl PoolHandle {
             tx,
             waiting: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use roost_wire::{encode_header, Kind};
+    use tokio::io::AsyncWriteExt;
+
+    /// A lease on one end of a socket pair, as the pool hands a follower its slot.
+    fn delivered_lease(tx: mpsc::UnboundedSender<PoolControl>) -> (Lease, tokio::net::UnixStream) {
+        let (node, worker) = tokio::net::UnixStream::pair().unwrap();
+        let lease = Lease {
+            worker: 7,
+            pid: 0,
+            slot: 0,
+            conn: Some(SlotConn::new(node, 0)),
+            pool: PoolHandle::detached(tx),
+            gone: CancellationToken::new(),
+            delivered: true,
+            sent: Default::default(),
+            request_timeout: Duration::from_secs(5),
+        };
+        (lease, worker)
+    }
+
+    #[tokio::test]
+    async fn a_delivered_answer_nobody_reads_is_skipped_before_the_slot_goes_back() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (lease, mut worker) = delivered_lease(tx);
+        drop(lease);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "checked in before the answer came");
+        let mut answer = BytesMut::new();
+        encode_header(&mut answer, Kind::ResponseHead, 0);
+        encode_header(&mut answer, Kind::ResponseBody, 3);
+        answer.extend_from_slice(b"abc");
+        encode_header(&mut answer, Kind::ResponseEnd, 0);
+        worker.write_all(&answer).await.unwrap();
+        match rx.recv().await {
+            Some(PoolControl::Checkin {
+                worker: 7,
+                slot: 0,
+                conn: Some(conn),
+            }) => assert!(!conn.has_stray_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_answer_that_breaks_the_protocol_kills_the_worker() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (lease, mut worker) = delivered_lease(tx);
+        drop(lease);
+        let mut answer = BytesMut::new();
+        encode_header(&mut answer, Kind::Ready, 0);
+        worker.write_all(&answer).await.unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Some(PoolControl::Kill { worker: 7, .. })
+        ));
+        assert!(matches!(
+            rx.recv().await,
+            Some(PoolControl::Checkin { conn: None, .. })
+        ));
     }
 }

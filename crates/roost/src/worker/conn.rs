@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use roost_wire::{decode_from_worker, Frame, WireError};
@@ -79,6 +80,27 @@ impl SlotConn {
     /// True if the worker sent bytes nobody asked for.
     pub fn has_stray_bytes(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// Reads one response and drops it (its request was delivered, and nobody waits for
+    /// the answer any more): the slot back, clean, or `None` if the worker did not end
+    /// it within `timeout` (the error says why).
+    pub async fn skip_response(mut self, timeout: Duration) -> Result<SlotConn, String> {
+        let skip = async {
+            loop {
+                match self.read_frame().await {
+                    Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
+                    Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
+                    Ok(other) => return Err(format!("unexpected {:?} frame", other.kind())),
+                    Err(e) => return Err(crate::error_chain(&e)),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, skip).await {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err("request_timeout passed after the client left".into()),
+        }
     }
 
     pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {

@@ -14,7 +14,7 @@
 //!    │                                                    already read: served there,
 //!    │                                                    or 502 if the worker died
 //!    └──its client leaves──────────────────────────────► read back, or its answer is
-//!                                                          never read (the worker retires)
+//!                                                          read and dropped (pool/mod.rs)
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -183,8 +183,7 @@ impl Pool {
         w.served += 1;
         w.last_used = Instant::now();
         let lease = self.lease(id, conn, true);
-        // If its client left meanwhile, the lease comes back without the slot: the
-        // answer on it is unread, so the worker retires.
+        // If its client left meanwhile, the lease skips the answer before it comes back.
         let _ = follower.reply.send(Ok(lease));
         if let Some(why) = leaving {
             self.retire(id, why);

@@ -329,6 +329,7 @@ impl Pool {
             gone,
             delivered,
             sent,
+            request_timeout: self.site.pool.request_timeout,
         }
     }
 
@@ -376,6 +377,7 @@ impl Pool {
         }
         self.stop_if_done(id);
         self.spawn_as_needed();
+        self.follow_waiters();
     }
 
     /// Why worker `id` should retire now that it finished a request, if it should.
