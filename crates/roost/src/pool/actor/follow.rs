@@ -223,14 +223,7 @@ impl Pool {
                     if follower.reply.is_closed() {
                         continue;
                     }
-                    let w = self
-                        .workers
-                        .get_mut(&id)
-                        .expect("a free slot's worker is live");
-                    w.busy += 1;
-                    w.last_used = Instant::now();
-                    let lease = self.lease(id, conn, false);
-                    let _ = follower.reply.send(Ok(lease));
+                    self.lend(id, conn, follower.reply);
                     return None;
                 }
             }

@@ -380,6 +380,17 @@ impl Pool {
         self.follow_waiters();
     }
 
+    /// Lends a free slot of worker `id` to a request.
+    fn lend(&mut self, id: WorkerId, conn: SlotConn, reply: Reply) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.busy += 1;
+            w.last_used = Instant::now();
+        }
+        let lease = self.lease(id, conn, false);
+        // If the requester gave up meanwhile, the returned lease checks itself in.
+        let _ = reply.send(Ok(lease));
+    }
+
     /// Why worker `id` should retire now that it finished a request, if it should.
     fn why_leave(&self, id: WorkerId) -> Option<&'static str> {
         let w = self.workers.get(&id)?;
@@ -409,15 +420,7 @@ impl Pool {
             if waiter.reply.is_closed() {
                 continue;
             }
-            let w = self
-                .workers
-                .get_mut(&id)
-                .expect("give_slot is called for live workers");
-            w.busy += 1;
-            w.last_used = Instant::now();
-            let lease = self.lease(id, conn, false);
-            let _ = waiter.reply.send(Ok(lease));
-            return;
+            return self.lend(id, conn, waiter.reply);
         }
         if let Some(w) = self.workers.get_mut(&id) {
             w.idle.push(conn);
