@@ -219,28 +219,18 @@ pub async fn forward(
     policy: &Arc<SlowClients>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
-    // The head and what the front has of the body go in one write.
     let (first, rest) = match body {
         RequestBody::Whole(all) => (all, None),
         RequestBody::Partial { first, rest } => (first, Some(rest)),
     };
-    let mut out = BytesMut::with_capacity(head.len() + first.len() + 32);
-    encode_header(&mut out, Kind::RequestHead, head.len());
-    out.extend_from_slice(&head);
-    for chunk in first.chunks(MAX_BODY_CHUNK) {
-        encode_header(&mut out, Kind::RequestBody, chunk.len());
-        out.extend_from_slice(chunk);
-    }
-    if rest.is_none() {
-        encode_header(&mut out, Kind::RequestEnd, 0);
-    }
-    let out = out.freeze();
-    // A request without a body may follow a busy slot's request (pool/actor/follow.rs).
-    let may_follow = rest.is_none() && first.is_empty() && out.len() <= INBOX_MAX;
-    let checkout = route
-        .pool
-        .checkout(site, may_follow.then(|| out.clone()))
-        .await;
+    // A request without a body may follow a busy slot's request (pool/actor/follow.rs):
+    // its frames go with the checkout. Others are encoded once they have a slot, so a
+    // queued body is not held twice.
+    let bodiless = rest.is_none() && first.is_empty();
+    let small = bodiless
+        .then(|| request_frames(&head, &first, true))
+        .filter(|frames| frames.len() <= INBOX_MAX);
+    let checkout = route.pool.checkout(site, small.clone()).await;
     let mut lease = match checkout {
         Ok(lease) => lease,
         Err(CheckoutError::WorkerLost { pid, .. }) => {
@@ -269,6 +259,7 @@ pub async fn forward(
     };
 
     if !delivered {
+        let out = small.unwrap_or_else(|| request_frames(&head, &first, rest.is_none()));
         if timeout_at(deadline, writer.write_all(&out))
             .await
             .map_or(true, |r| r.is_err())
@@ -378,6 +369,22 @@ pub async fn forward(
         policy,
         &route.hold,
     ))
+}
+
+/// The frames that start a request: its head, what the front has of its body, and its
+/// end when that is all of it; the node sends them in one write.
+fn request_frames(head: &[u8], first: &[u8], whole: bool) -> Bytes {
+    let mut out = BytesMut::with_capacity(head.len() + first.len() + 32);
+    encode_header(&mut out, Kind::RequestHead, head.len());
+    out.extend_from_slice(head);
+    for chunk in first.chunks(MAX_BODY_CHUNK) {
+        encode_header(&mut out, Kind::RequestBody, chunk.len());
+        out.extend_from_slice(chunk);
+    }
+    if whole {
+        encode_header(&mut out, Kind::RequestEnd, 0);
+    }
+    out.freeze()
 }
 
 fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {

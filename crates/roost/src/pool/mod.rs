@@ -150,6 +150,7 @@ pub struct Lease {
 
 impl Lease {
     /// The slot's socket; the lease then holds nothing until [`put_back`](Self::put_back).
+    /// Whoever takes it reads the answer to a delivered request.
     pub fn take(&mut self) -> SlotConn {
         self.delivered = false;
         self.conn
