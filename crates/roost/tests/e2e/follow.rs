@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::harness::http::post;
 use crate::harness::{get, pid_of, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,5 +90,48 @@ async fn a_request_waiting_behind_a_killed_one_is_served_by_the_next_worker() {
     assert_eq!(hung.await.unwrap().status, 504);
     assert_eq!(next.status, 200, "{}", next.text());
     assert_ne!(pid_of(&next), first);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_every_answer_is_its_own_requests() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("load", &["load.test"], &app);
+    spec.processes_min = Some(2);
+    spec.processes_max = Some(2);
+    node.add(spec).await;
+
+    // Many more clients than slots, requests of uneven length (so followers move
+    // between workers), and uploads among them (which never follow).
+    let clients: Vec<_> = (0..16)
+        .map(|client| {
+            let addr = node.addr;
+            tokio::spawn(async move {
+                let mut wrong = Vec::new();
+                for n in 0..40 {
+                    let (got, want) = if n % 5 == 4 {
+                        let size = 1000 * client + n;
+                        let r = post(addr, "load.test", "/upload", vec![b'x'; size]).await;
+                        (r.map(|r| r.text()), format!("{size} "))
+                    } else {
+                        let text = format!("{client}-{n}");
+                        let path = format!("/echo?text={text}&s=0.00{}", (client + n) % 10);
+                        (get(addr, "load.test", &path).await.map(|r| r.text()), text)
+                    };
+                    match got {
+                        Ok(got) if got == want || got.starts_with(&want) && want.ends_with(' ') => {
+                        }
+                        other => wrong.push(format!("{want:?}: {other:?}")),
+                    }
+                }
+                wrong
+            })
+        })
+        .collect();
+    for client in clients {
+        let wrong = client.await.unwrap();
+        assert!(wrong.is_empty(), "answers not their request's: {wrong:?}");
+    }
     node.stop().await;
 }
