@@ -135,3 +135,23 @@ async fn under_load_every_answer_is_its_own_requests() {
     }
     node.stop().await;
 }
+
+/// The loader's side of the order rules, driven without a node (fixtures/loader_inbox.py):
+/// the socket before the inbox, a request posted while busy or idle, a closed inbox, a
+/// broken inbox message.
+#[test]
+fn the_loader_serves_its_socket_before_its_inbox() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(crate::harness::python())
+        .arg(dir.join("tests/fixtures/loader_inbox.py"))
+        .arg(dir.join("python/loader.py"))
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
