@@ -374,6 +374,14 @@ fn run_node(
     threads: Option<usize>,
 ) -> anyhow::Result<()> {
     let threads = threads.unwrap_or_else(default_threads).max(1);
+    match crate::spawn::seal_inherited_fds() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            n,
+            "inherited descriptors marked close-on-exec: no worker gets them"
+        ),
+        Err(e) => anyhow::bail!("cannot mark inherited descriptors close-on-exec: {e}"),
+    }
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

@@ -21,6 +21,7 @@ pub mod cgroup;
 mod child;
 pub mod favordynmods;
 mod forkserver;
+mod inherited;
 pub mod ksm;
 mod plain;
 mod prepare;
@@ -36,6 +37,7 @@ use std::pin::Pin;
 use roost_registry::{OwnerError, Site};
 
 pub use cgroup::{Cgroups, SiteCgroup};
+pub use inherited::seal_inherited_fds;
 pub use plain::PlainSpawner;
 pub use prepare::SpawnConfig;
 pub use process::WorkerProcess;

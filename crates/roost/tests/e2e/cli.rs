@@ -635,8 +635,6 @@ fn serve_refuses_a_spool_folder_it_cannot_use() {
 /// connections up to half of it by default.
 #[test]
 fn serve_raises_its_open_file_limit_to_the_hard_limit() {
-    use std::io::BufRead;
-
     let dir = tempfile::tempdir().unwrap();
     let mut node = Command::new("prlimit")
         .arg("--nofile=256:4096")
@@ -646,16 +644,7 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("prlimit (util-linux) runs the node");
-    let (said, heard) = std::sync::mpsc::channel();
-    let stderr = node.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = said.send(line);
-        }
-    });
+    let heard = stderr_lines(&mut node);
     let limits = format!("/proc/{}/limits", node.id());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let raised = loop {
@@ -682,6 +671,59 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
     assert!(raised, "the node kept its soft limit of 256 open files");
     let limit_line = limit_line.expect("the node says how many connections it accepts");
     assert!(limit_line.contains("max_connections=2048"), "{limit_line}");
+}
+
+/// The lines a child writes to its (piped) stderr, as they come.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+
+    let (said, heard) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = said.send(line);
+        }
+    });
+    heard
+}
+
+/// Descriptors the node's parent left open reach no worker: the node marks them
+/// close-on-exec before it starts anything.
+#[test]
+fn serve_keeps_what_it_inherited_from_its_workers() {
+    use std::os::fd::AsRawFd;
+
+    let dir = tempfile::tempdir().unwrap();
+    // Not close-on-exec: the node inherits both ends, as from a careless parent.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(serve_args(dir.path()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let heard = stderr_lines(&mut node);
+    let ready = heard
+        .iter()
+        .find(|line| line.contains("accepting client connections"));
+    let flags = |fd: i32| {
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", node.id()))
+            .expect("the node holds what it inherited");
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:"));
+        u32::from_str_radix(flags.expect("fdinfo has flags").trim(), 8).unwrap()
+    };
+    let sealed = [read.as_raw_fd(), write.as_raw_fd()].map(|fd| flags(fd) & 0o2000000 != 0);
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(ready.is_some(), "the node did not start");
+    assert_eq!(
+        sealed,
+        [true, true],
+        "inherited descriptors left open to exec"
+    );
 }
 
 /// The arguments of `roost serve` on port 0, without cgroups, its files in `dir`.
