@@ -178,7 +178,7 @@ impl Pool {
                 Reclaim::Taken => {}
             }
         }
-        let conn = conn.expect("a follower stays only on a clean slot");
+        let conn = conn.expect("a follower stays only on a slot that came back");
         let w = self.workers.get_mut(&id).expect("looked up above");
         w.served += 1;
         w.last_used = Instant::now();
