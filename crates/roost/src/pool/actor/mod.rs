@@ -81,8 +81,8 @@ struct WorkerEntry {
     state: State,
     pid: u32,
     idle: Vec<SlotConn>,
-    busy: u32,
-    /// What the pool knows of each slot besides its socket (empty until ready).
+    /// What the pool knows of each slot besides its socket (empty until ready); a
+    /// slot is busy while it is lent.
     slots: Vec<follow::SlotState>,
     served: u64,
     last_used: Instant,
@@ -92,6 +92,13 @@ struct WorkerEntry {
     _permit: Permit,
     /// Cancelled when the process exits; every lease on it carries a clone.
     gone: tokio_util::sync::CancellationToken,
+}
+
+impl WorkerEntry {
+    /// How many of its slots are lent.
+    fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.busy_since.is_some()).count()
+    }
 }
 
 /// The site cannot start workers; requests fail fast until `retry_at`.
@@ -173,7 +180,7 @@ impl Pool {
                 let busy = self
                     .workers
                     .values()
-                    .any(|w| w.busy > 0 || w.state == State::Starting);
+                    .any(|w| w.busy() > 0 || w.state == State::Starting);
                 if !busy {
                     self.retire_all("the site was removed");
                 }
@@ -236,7 +243,7 @@ impl Pool {
                 let idle = self
                     .workers
                     .get(&id)
-                    .is_some_and(|w| w.state == State::Running && w.busy == 0);
+                    .is_some_and(|w| w.state == State::Running && w.busy() == 0);
                 if idle && self.active_workers() > self.site.pool.processes_min as usize {
                     self.retire_quiet(id, "the node budget needs room for another site");
                 }
@@ -300,7 +307,6 @@ impl Pool {
             .filter(|(_, w)| w.state == State::Running && !w.idle.is_empty())
             .max_by_key(|(_, w)| w.last_used)?;
         let conn = w.idle.pop()?;
-        w.busy += 1;
         w.last_used = Instant::now();
         let id = *id;
         Some(self.lease(id, conn, false))
@@ -349,7 +355,6 @@ impl Pool {
         let Some(w) = self.workers.get_mut(&id) else {
             return; // the worker is gone; its slot with it
         };
-        w.busy = w.busy.saturating_sub(1);
         w.served += 1;
         w.last_used = Instant::now();
         match conn {
@@ -369,7 +374,7 @@ impl Pool {
             }
             Some(c) => {
                 self.give_slot(id, c);
-                let idle_now = self.workers.get(&id).is_some_and(|w| w.busy == 0);
+                let idle_now = self.workers.get(&id).is_some_and(|w| w.busy() == 0);
                 if idle_now && self.ctx.budget.under_pressure() {
                     self.ctx.budget.worker_idle();
                 }
@@ -383,7 +388,6 @@ impl Pool {
     /// Lends a free slot of worker `id` to a request.
     fn lend(&mut self, id: WorkerId, conn: SlotConn, reply: Reply) {
         if let Some(w) = self.workers.get_mut(&id) {
-            w.busy += 1;
             w.last_used = Instant::now();
         }
         let lease = self.lease(id, conn, false);
@@ -565,7 +569,7 @@ impl Pool {
         let idle: Vec<WorkerId> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.state == State::Running && w.busy == 0)
+            .filter(|(_, w)| w.state == State::Running && w.busy() == 0)
             .filter(|(_, w)| now.duration_since(w.last_used) >= idle_timeout)
             .map(|(id, _)| *id)
             .collect();
@@ -644,7 +648,7 @@ impl Pool {
         let idle = self
             .workers
             .iter()
-            .filter(|(_, w)| evictable && w.state == State::Running && w.busy == 0)
+            .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
             .min_by_key(|(_, w)| w.last_used)
             .map(|(id, w)| (w.last_used, *id));
         let rss = self
@@ -684,7 +688,6 @@ impl Pool {
                 state: State::Starting,
                 pid: 0,
                 idle: Vec::new(),
-                busy: 0,
                 slots: Vec::new(),
                 served: 0,
                 last_used: Instant::now(),
@@ -732,7 +735,7 @@ impl Pool {
     /// A retiring worker with nothing in flight gets the order to stop.
     fn stop_if_done(&mut self, id: WorkerId) {
         if let Some(w) = self.workers.get(&id) {
-            if w.state == State::Retiring && w.busy == 0 && w.pid != 0 {
+            if w.state == State::Retiring && w.busy() == 0 && w.pid != 0 {
                 w.handle.stop();
             }
         }
