@@ -3,7 +3,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The wire version this build speaks; carried by [`Frame::Ready`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes before every payload: one kind byte and a big-endian u32 length.
 pub const FRAME_HEADER_LEN: usize = 5;

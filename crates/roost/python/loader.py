@@ -4,7 +4,7 @@ The node starts this file (embedded in the roost binary) with the site's python,
 one connected Unix stream socket per slot on file descriptors 3, 4, ..., then (up to 64
 slots) one inbox pipe per slot, and a pipe to the site's error log as stdout and stderr.
 Each slot serves one request at a time over the frame protocol of docs/protocol.md; a
-slot's inbox may hold the request that follows the one it is busy with. Standard
+slot's inbox may hold the requests that follow the one it is busy with. Standard
 library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
@@ -22,7 +22,8 @@ import time
 
 FRAME = struct.Struct(">BI")
 HEADER_LEN = FRAME.size
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+INBOX_TAG_LEN = 8  # after each request in an inbox (docs/protocol.md, "Inbox")
 
 # node -> worker
 REQUEST_HEAD, REQUEST_BODY, REQUEST_END, REQUEST_ABORT = 0x01, 0x02, 0x03, 0x04
@@ -260,9 +261,10 @@ class SlotReader(object):
         return self.next_request()
 
     def _take_inbox(self):
-        """The head of the request waiting in the inbox, or None. The node posts one
-        request without a body (head and end frames) in one write of at most PIPE_BUF
-        bytes, which one read takes whole."""
+        """The head of the first request waiting in the inbox, or None. The node posts
+        each request without a body (head and end frames, then its tag) as one packet
+        of at most PIPE_BUF bytes (the pipe is in packet mode), and one read takes one
+        whole."""
         try:
             data = os.read(self._inbox, RECV_SIZE)
         except BlockingIOError:
@@ -273,8 +275,10 @@ class SlotReader(object):
             self._inbox = None
             return None
         kind, length = FRAME.unpack_from(data) if len(data) >= HEADER_LEN else (None, 0)
-        if (kind != REQUEST_HEAD or len(data) != 2 * HEADER_LEN + length
-                or data[HEADER_LEN + length:] != REQUEST_END_FRAME):
+        end = HEADER_LEN + length
+        # The node's tag ends the packet; it is for the node's eyes only.
+        if (kind != REQUEST_HEAD or len(data) != end + HEADER_LEN + INBOX_TAG_LEN
+                or data[end:end + HEADER_LEN] != REQUEST_END_FRAME):
             raise ProtocolError("the inbox held %d bytes that are not one request without a body"
                                 % len(data))
         return data[HEADER_LEN:HEADER_LEN + length]

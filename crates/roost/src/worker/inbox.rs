@@ -1,31 +1,45 @@
-//! A slot's inbox: the pipe through which a busy slot is handed its next request, and
-//! from which the node can take that request back for as long as no worker read it.
+//! A slot's inbox: the pipe through which a busy slot is handed the requests that
+//! follow the one it is busy with, and from which the node can take them back for as
+//! long as no worker read them.
 //!
 //! Under load a worker that finishes a request and finds the next one already waiting
 //! goes on without sleeping; one that finds nothing sleeps, and waking it again costs
 //! more than the request itself on a small app (docs/benchmarks.md). So when every slot
-//! of a site is busy, a request without a body is posted to the inbox of the slot
-//! busy the longest (the pool's "follower"), and the worker reads it once it answered
-//! the request before it. Should another slot come free first, the node reads the
-//! request back and sends it there instead.
+//! of a site is busy, a request without a body is posted to the inbox of a busy slot
+//! (the pool's "follower"), and the worker reads it once it answered the requests before
+//! it. Should another slot come free first, the node reads one back and sends it there.
 //!
-//! The kernel decides who has it: a write of at most `PIPE_BUF` bytes into a pipe is
-//! never split, and a read takes what is in the pipe whole, so either the worker has
-//! the whole request (and answers it on the slot, after the one it is busy with) or the
-//! node's read brings it back untouched and no process has seen any of it.
+//! The kernel decides who has a request. The pipe is in packet mode (`O_DIRECT`): a
+//! write of at most `PIPE_BUF` bytes is one packet, and a read takes one packet whole,
+//! so a request is either with the worker whole or in the pipe untouched. Both read
+//! the packets in the order they were written, and each packet ends with a tag the
+//! node chose: the packet the node reads back is the oldest no worker took, and every
+//! packet posted before it is with the worker.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-/// The largest request an inbox takes: what one write into a pipe keeps whole.
-pub const INBOX_MAX: usize = nix::libc::PIPE_BUF;
+/// The tag that ends every packet, so the node can tell which request it read back.
+pub const TAG_LEN: usize = 8;
+
+/// The largest request an inbox takes: what one packet of a pipe holds, but the tag.
+pub const INBOX_MAX: usize = nix::libc::PIPE_BUF - TAG_LEN;
+
+/// How many requests may wait in one inbox besides the slot's own. Four let a worker
+/// answer a burst without sleeping between requests (docs/benchmarks.md, "Ninth
+/// session"); a pipe holds sixteen packets.
+pub const INBOX_DEPTH: usize = 4;
 
 /// A worker with more slots than this has no inboxes: a worker's descriptors travel in
 /// one message to its zygote or template, which carries at most 253.
 pub const INBOX_MAX_SLOTS: u32 = 64;
+
+/// Packets a pipe holds at the kernel's default size: no worker can make the node read
+/// more than this from one inbox, even by writing into it.
+const PIPE_PACKETS: usize = 16;
 
 /// The node's ends of one slot's inbox; both non-blocking.
 #[derive(Debug)]
@@ -36,80 +50,142 @@ pub struct Inbox {
     read: OwnedFd,
 }
 
-/// What [`Inbox::reclaim`] found.
+/// What one read back found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Reclaim {
-    /// The request came back whole: no worker has any of it.
-    Back,
-    /// The worker read it; its answer follows the one it is busy with.
-    Taken,
-    /// The worker read part of it: it broke the protocol, and the request never
-    /// reached it whole.
-    Torn,
+pub enum ReadBack {
+    /// Nothing: the worker took every request posted.
+    Empty,
+    /// The oldest request no worker took, by its tag.
+    Tag(u64),
+    /// A packet the node did not write: the worker wrote into its own inbox.
+    Foreign,
 }
 
 impl Inbox {
     /// A new inbox, and the worker's end of it.
     pub fn new() -> std::io::Result<(Inbox, OwnedFd)> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_DIRECT;
+        let (read, write) = nix::unistd::pipe2(flags)?;
         let worker_end = read.try_clone()?;
         Ok((Inbox { write, read }, worker_end))
     }
 
-    /// True when no request waits in it.
-    pub fn is_empty(&self) -> bool {
-        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
-        matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(0))
-    }
-
-    /// Posts a request's frames (at most [`INBOX_MAX`] bytes) into an empty inbox;
+    /// Posts a request's frames (at most [`INBOX_MAX`] bytes) and its tag as one packet;
     /// false if the pipe did not take them.
-    pub fn post(&self, frames: &[u8]) -> bool {
+    pub fn post(&self, frames: &[u8], tag: u64) -> bool {
         debug_assert!(frames.len() <= INBOX_MAX);
-        matches!(nix::unistd::write(&self.write, frames), Ok(n) if n == frames.len())
+        let tag = tag.to_be_bytes();
+        let iov = [IoSlice::new(frames), IoSlice::new(&tag)];
+        matches!(nix::sys::uio::writev(&self.write, &iov), Ok(n) if n == frames.len() + TAG_LEN)
     }
 
-    /// Reads back a posted request of `len` bytes, if no worker read it first.
-    pub fn reclaim(&self, len: usize) -> Reclaim {
-        let mut buf = [0u8; INBOX_MAX + 1];
-        match nix::unistd::read(self.read.as_raw_fd(), &mut buf[..len + 1]) {
-            Ok(n) if n == len => Reclaim::Back,
-            Err(Errno::EAGAIN) => Reclaim::Taken,
-            Err(Errno::EINTR) => self.reclaim(len),
-            _ => Reclaim::Torn,
+    /// Bytes in the pipe now: the packets no worker took yet (the node reads nothing
+    /// meanwhile, and the worker can only take from the front).
+    #[allow(unsafe_code)] // nix has no FIONREAD
+    pub fn queued(&self) -> usize {
+        let mut n: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which lives meanwhile.
+        let rc = unsafe { nix::libc::ioctl(self.read.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+        if rc == 0 {
+            usize::try_from(n).unwrap_or(0)
+        } else {
+            0
         }
     }
+
+    /// Reads back the oldest request no worker took.
+    pub fn read_back(&self) -> ReadBack {
+        let mut buf = [0u8; nix::libc::PIPE_BUF];
+        loop {
+            return match nix::unistd::read(self.read.as_raw_fd(), &mut buf) {
+                Ok(n) if n > TAG_LEN => {
+                    let tag: [u8; TAG_LEN] = buf[n - TAG_LEN..n].try_into().expect("TAG_LEN");
+                    ReadBack::Tag(u64::from_be_bytes(tag))
+                }
+                Err(Errno::EINTR) => continue,
+                Err(_) => ReadBack::Empty,
+                Ok(_) => ReadBack::Foreign,
+            };
+        }
+    }
+
+    /// Reads back every request no worker took, oldest first; stops at what a pipe
+    /// can hold.
+    pub fn read_back_all(&self) -> Result<Vec<u64>, Foreign> {
+        let mut tags = Vec::new();
+        while tags.len() <= PIPE_PACKETS {
+            match self.read_back() {
+                ReadBack::Empty => return Ok(tags),
+                ReadBack::Tag(tag) => tags.push(tag),
+                ReadBack::Foreign => return Err(Foreign),
+            }
+        }
+        Err(Foreign)
+    }
 }
+
+/// An inbox held what the node never posted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Foreign;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_request_comes_back_whole_or_not_at_all() {
-        let (inbox, worker_end) = Inbox::new().unwrap();
-        assert!(inbox.is_empty());
-        assert!(inbox.post(b"first"));
-        assert!(!inbox.is_empty());
-        assert_eq!(inbox.reclaim(5), Reclaim::Back);
-        assert!(inbox.is_empty());
-
-        assert!(inbox.post(b"second"));
-        let mut got = [0u8; INBOX_MAX];
-        let n = nix::unistd::read(worker_end.as_raw_fd(), &mut got).unwrap();
-        assert_eq!(&got[..n], b"second");
-        assert_eq!(inbox.reclaim(6), Reclaim::Taken);
-
-        assert!(inbox.post(b"third"));
-        nix::unistd::read(worker_end.as_raw_fd(), &mut got[..2]).unwrap();
-        assert_eq!(inbox.reclaim(5), Reclaim::Torn);
+    fn worker_reads(worker_end: &OwnedFd, buf: &mut [u8]) -> Vec<u8> {
+        let n = nix::unistd::read(worker_end.as_raw_fd(), buf).unwrap();
+        buf[..n].to_vec()
     }
 
     #[test]
-    fn the_largest_request_goes_in_one_write() {
+    fn requests_come_back_whole_in_order_by_their_tags() {
+        let (inbox, worker_end) = Inbox::new().unwrap();
+        assert_eq!(inbox.read_back(), ReadBack::Empty);
+        for (tag, r) in [&b"first"[..], b"second", b"third"].iter().enumerate() {
+            assert!(inbox.post(r, tag as u64));
+        }
+        assert_eq!(inbox.queued(), 5 + 6 + 5 + 3 * TAG_LEN);
+        let mut buf = [0u8; 4096];
+        // One read takes one request and its tag, however large the buffer.
+        assert_eq!(
+            worker_reads(&worker_end, &mut buf),
+            b"first\0\0\0\0\0\0\0\0"
+        );
+        assert_eq!(inbox.queued(), 6 + 5 + 2 * TAG_LEN);
+        assert_eq!(inbox.read_back(), ReadBack::Tag(1));
+        assert_eq!(inbox.read_back_all(), Ok(vec![2]));
+        assert_eq!(inbox.queued(), 0);
+
+        // A worker that reads part of one loses the rest: the node never sees half.
+        assert!(inbox.post(b"fourth", 3));
+        assert!(inbox.post(b"fifth", 4));
+        assert_eq!(worker_reads(&worker_end, &mut buf[..2]), b"fo");
+        assert_eq!(inbox.read_back_all(), Ok(vec![4]));
+    }
+
+    #[test]
+    fn the_largest_request_goes_in_one_packet_and_depth_fits() {
         let (inbox, _worker_end) = Inbox::new().unwrap();
         let frames = vec![7u8; INBOX_MAX];
-        assert!(inbox.post(&frames));
-        assert_eq!(inbox.reclaim(INBOX_MAX), Reclaim::Back);
+        for tag in 0..=INBOX_DEPTH as u64 {
+            assert!(inbox.post(&frames, tag));
+        }
+        let back = inbox.read_back_all().unwrap();
+        assert_eq!(back, (0..=INBOX_DEPTH as u64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_packet_the_node_did_not_write_is_foreign() {
+        let (inbox, _worker_end) = Inbox::new().unwrap();
+        // The worker could reopen its end for writing through /proc.
+        nix::unistd::write(&inbox.write, b"short").unwrap();
+        assert_eq!(inbox.read_back(), ReadBack::Foreign);
+        // Nor can a worker that enlarged its pipe keep the node reading.
+        let bigger = nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20);
+        nix::fcntl::fcntl(inbox.write.as_raw_fd(), bigger).unwrap();
+        for _ in 0..2 * PIPE_PACKETS {
+            assert!(inbox.post(b"x", 1));
+        }
+        assert_eq!(inbox.read_back_all(), Err(Foreign));
     }
 }

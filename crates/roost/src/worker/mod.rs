@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 pub use conn::{ConnError, FrameReader, SlotConn};
-pub use inbox::{Inbox, Reclaim, INBOX_MAX, INBOX_MAX_SLOTS};
+pub use inbox::{Foreign, Inbox, ReadBack, INBOX_DEPTH, INBOX_MAX, INBOX_MAX_SLOTS, TAG_LEN};
 
 use crate::logs::SiteLogs;
 use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};

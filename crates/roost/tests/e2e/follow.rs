@@ -23,9 +23,61 @@ async fn a_request_waits_in_the_inbox_of_a_busy_worker_and_is_answered_after() {
     let next = get(addr, "one.test", "/pid").await.unwrap();
     let busy = busy.await.unwrap();
     // The worker saw the next request in its inbox while it answered the first.
-    assert_eq!(busy.text(), format!("slept in {pid}; inbox: waiting"));
+    let busy = busy.text();
+    assert!(
+        busy.starts_with(&format!("slept in {pid}; inbox: ")),
+        "{busy}"
+    );
+    assert!(busy.ends_with(" bytes"), "{busy}");
     assert_eq!(next.status, 200, "{}", next.text());
     assert_eq!(pid_of(&next), pid);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_requests_wait_in_one_inbox_and_are_answered_in_turn() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("deep", &["deep.test"], &app);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    get(node.addr, "deep.test", "/pid").await.unwrap();
+
+    let addr = node.addr;
+    // Bytes waiting in the only worker's inbox while it sleeps, with `followers`
+    // requests sent meanwhile.
+    let waiting_behind = |followers: usize| async move {
+        let busy =
+            tokio::spawn(
+                async move { get(addr, "deep.test", "/sleep?s=1&report=1").await.unwrap() },
+            );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let echoes: Vec<_> = (0..followers)
+            .map(|n| {
+                tokio::spawn(async move {
+                    let path = format!("/echo?text=follower-{n}");
+                    get(addr, "deep.test", &path).await.unwrap().text()
+                })
+            })
+            .collect();
+        let report = busy.await.unwrap().text();
+        for (n, echo) in echoes.into_iter().enumerate() {
+            assert_eq!(echo.await.unwrap(), format!("follower-{n}"));
+        }
+        let bytes = report
+            .rsplit("inbox: ")
+            .next()
+            .and_then(|r| r.strip_suffix(" bytes"))
+            .and_then(|b| b.parse::<usize>().ok());
+        bytes.unwrap_or_else(|| panic!("{report}"))
+    };
+    let one = waiting_behind(1).await;
+    let three = waiting_behind(3).await;
+    // Three requests of about one's size wait together: none waited in the node.
+    assert!(
+        three > 2 * one,
+        "one follower: {one} bytes, three: {three} bytes"
+    );
     node.stop().await;
 }
 
