@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 pub use conn::{ConnError, FrameReader, SlotConn};
-pub use inbox::{Foreign, Inbox, ReadBack, INBOX_DEPTH, INBOX_MAX, INBOX_MAX_SLOTS, TAG_LEN};
+pub use inbox::{inbox_depth, Foreign, Inbox, ReadBack, INBOX_MAX, INBOX_MAX_SLOTS, TAG_LEN};
 
 use crate::logs::SiteLogs;
 use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};

@@ -43,42 +43,60 @@ async fn several_requests_wait_in_one_inbox_and_are_answered_in_turn() {
     node.add(spec).await;
     get(node.addr, "deep.test", "/pid").await.unwrap();
 
-    let addr = node.addr;
-    // Bytes waiting in the only worker's inbox while it sleeps, with `followers`
-    // requests sent meanwhile.
-    let waiting_behind = |followers: usize| async move {
-        let busy =
-            tokio::spawn(
-                async move { get(addr, "deep.test", "/sleep?s=1&report=1").await.unwrap() },
-            );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let echoes: Vec<_> = (0..followers)
-            .map(|n| {
-                tokio::spawn(async move {
-                    let path = format!("/echo?text=follower-{n}");
-                    get(addr, "deep.test", &path).await.unwrap().text()
-                })
-            })
-            .collect();
-        let report = busy.await.unwrap().text();
-        for (n, echo) in echoes.into_iter().enumerate() {
-            assert_eq!(echo.await.unwrap(), format!("follower-{n}"));
-        }
-        let bytes = report
-            .rsplit("inbox: ")
-            .next()
-            .and_then(|r| r.strip_suffix(" bytes"))
-            .and_then(|b| b.parse::<usize>().ok());
-        bytes.unwrap_or_else(|| panic!("{report}"))
-    };
-    let one = waiting_behind(1).await;
-    let three = waiting_behind(3).await;
+    let one = waiting_behind(&node, "deep.test", 1, 1).await;
+    let three = waiting_behind(&node, "deep.test", 1, 3).await;
     // Three requests of about one's size wait together: none waited in the node.
     assert!(
         three > 2 * one,
         "one follower: {one} bytes, three: {three} bytes"
     );
+
+    // A worker of two threads takes one per slot: the others wait in the node.
+    let mut spec = node.spec("threads", &["threads.test"], &app);
+    spec.processes_max = Some(1);
+    spec.threads = Some(2);
+    node.add(spec).await;
+    get(node.addr, "threads.test", "/pid").await.unwrap();
+    let two_slots = waiting_behind(&node, "threads.test", 2, 4).await;
+    assert!(
+        two_slots > one && two_slots < 3 * one,
+        "one follower: {one} bytes, four behind two slots: {two_slots} bytes"
+    );
     node.stop().await;
+}
+
+/// Bytes waiting in a site's only worker's inboxes at the end of a one-second request
+/// (as its app sees them), with `busy` such requests and then `followers` short ones
+/// sent meanwhile; each short one gets its own answer.
+async fn waiting_behind(node: &Node, host: &'static str, busy: usize, followers: usize) -> usize {
+    let addr = node.addr;
+    let busy: Vec<_> = (0..busy)
+        .map(|_| tokio::spawn(async move { get(addr, host, "/sleep?s=1&report=1").await.unwrap() }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echoes: Vec<_> = (0..followers)
+        .map(|n| {
+            tokio::spawn(async move {
+                let path = format!("/echo?text=follower-{n}");
+                get(addr, host, &path).await.unwrap().text()
+            })
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for b in busy {
+        reports.push(b.await.unwrap().text());
+    }
+    for (n, echo) in echoes.into_iter().enumerate() {
+        assert_eq!(echo.await.unwrap(), format!("follower-{n}"));
+    }
+    // Every report is the whole worker's; the first one sees the most.
+    let report = &reports[0];
+    let bytes = report
+        .rsplit("inbox: ")
+        .next()
+        .and_then(|r| r.strip_suffix(" bytes"))
+        .and_then(|b| b.parse::<usize>().ok());
+    bytes.unwrap_or_else(|| panic!("{reports:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
