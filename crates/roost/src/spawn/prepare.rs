@@ -106,21 +106,63 @@ fn private_tmp(
         source,
     };
     std::fs::create_dir_all(tmp_root).map_err(fail)?;
-    match std::fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
-            return Err(fail(std::io::Error::other(
-                "exists and is not a plain folder",
-            )));
-        }
-        Ok(_) => {}
-        Err(_) => std::fs::create_dir(&path).map_err(fail)?,
+    match std::fs::create_dir(&path) {
+        // Made by an earlier worker of the site, or by one starting at the same time.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        made => made.map_err(fail)?,
+    }
+    let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        return Err(fail(std::io::Error::other(
+            "exists and is not a plain folder",
+        )));
     }
     if let Some(id) = identity {
-        let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
         if meta.uid() != id.uid || meta.gid() != id.gid {
             std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
         }
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_starting_together_share_the_private_tmp() {
+        let root = tempfile::tempdir().unwrap();
+        // Two workers of a site start at once (processes.min 2): each prepares the
+        // same folder, and neither may fail because the other made it first.
+        for round in 0..100 {
+            let site = format!("site{round}");
+            let barrier = std::sync::Barrier::new(4);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let starts: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            private_tmp(root.path(), &site, None).map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                starts.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            for r in results {
+                assert_eq!(r, Ok(root.path().join(&site)), "round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_private_tmp_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", root.path().join("site")).unwrap();
+        let err = private_tmp(root.path(), "site", None).unwrap_err();
+        assert!(
+            err.to_string().contains("private temporary folder"),
+            "{err}"
+        );
+    }
 }
