@@ -1,8 +1,9 @@
 """roost loader: runs one site's WSGI application inside its own interpreter.
 
 The node starts this file (embedded in the roost binary) with the site's python, with
-one connected Unix stream socket per slot on file descriptors 3, 4, ..., then (up to 64
-slots) one inbox pipe per slot, and a pipe to the site's error log as stdout and stderr.
+one connected Unix stream socket per slot on file descriptors 3, 4, ..., then (for a
+worker of one slot) its inbox pipe, and a pipe to the site's error log as stdout and
+stderr.
 Each slot serves one request at a time over the frame protocol of docs/protocol.md; a
 slot's inbox may hold the requests that follow the one it is busy with. Standard
 library only; must run on any python3 >= 3.8.
@@ -614,7 +615,7 @@ def run_worker(socks, inboxes, kind, target, directory, role="worker"):
 
 
 def slot_channels(fds, slots):
-    """The slot sockets' descriptors and the inboxes' (none past 64 slots) among `fds`,
+    """The slot sockets' descriptors and the inboxes' (a worker of one slot has one) among `fds`,
     which hold the sockets first."""
     if len(fds) == 2 * slots:
         return fds[:slots], fds[slots:]
@@ -1205,7 +1206,7 @@ def main(argv):
     role, slots, kind, target, directory = argv[1], int(argv[2]), argv[3], argv[4], argv[5]
     import socket
     socks = [socket.socket(fileno=FIRST_SLOT_FD + i) for i in range(slots)]
-    # Inboxes follow the sockets, unless the worker has too many slots for them.
+    # Inboxes follow the sockets, in a worker of one slot.
     inboxes = [FIRST_SLOT_FD + slots + i for i in range(slots)]
     try:
         import stat

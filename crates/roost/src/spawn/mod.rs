@@ -97,8 +97,8 @@ pub struct SpawnedWorker {
     /// The node's end of each slot, in slot order (non-blocking); for a template, of
     /// its control socket.
     pub sockets: Vec<OwnedFd>,
-    /// Each slot's inbox, in slot order; none for a template, or past
-    /// [`INBOX_MAX_SLOTS`](crate::worker::INBOX_MAX_SLOTS) slots.
+    /// Each slot's inbox, in slot order; none for a template or a worker of several
+    /// slots ([`has_inbox`](crate::worker::has_inbox)).
     pub inboxes: Vec<Inbox>,
 }
 

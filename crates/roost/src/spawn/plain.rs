@@ -13,7 +13,7 @@ use super::child::{raw_fds, ChildPlan};
 use super::forkserver::control_pair;
 use super::prepare::{prepare, SpawnConfig};
 use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
-use crate::worker::{Inbox, INBOX_MAX_SLOTS};
+use crate::worker::{has_inbox, Inbox};
 
 /// Starts the loader as `python loader.py worker …` with a clean environment.
 pub struct PlainSpawner {
@@ -103,8 +103,8 @@ pub(super) struct NodeEnds {
 }
 
 /// The node's ends and the child's ends of the channels a role needs: one stream pair
-/// and one inbox per slot (none past [`INBOX_MAX_SLOTS`]; the child gets the sockets,
-/// then the inboxes), or one SOCK_SEQPACKET control pair for a template. All are
+/// and one inbox per slot (if [`has_inbox`]; the child gets the sockets, then the
+/// inboxes), or one SOCK_SEQPACKET control pair for a template. All are
 /// created close-on-exec, so no other child inherits them; the node's ends are
 /// non-blocking.
 pub(super) fn socket_pairs(role: Role) -> Result<(NodeEnds, Vec<OwnedFd>), SpawnError> {
@@ -131,7 +131,7 @@ pub(super) fn socket_pairs(role: Role) -> Result<(NodeEnds, Vec<OwnedFd>), Spawn
                 node.sockets.push(OwnedFd::from(ours));
                 child_ends.push(OwnedFd::from(theirs));
             }
-            if slots <= INBOX_MAX_SLOTS {
+            if has_inbox(slots) {
                 for _ in 0..slots {
                     let (inbox, theirs) = Inbox::new().map_err(SpawnError::SocketPair)?;
                     node.inboxes.push(inbox);

@@ -28,26 +28,18 @@ pub const TAG_LEN: usize = 8;
 /// The largest request an inbox takes: what one packet of a pipe holds, but the tag.
 pub const INBOX_MAX: usize = nix::libc::PIPE_BUF - TAG_LEN;
 
-/// How many requests may wait in the inbox of a worker's only slot, besides the one it
-/// is busy with: it then answers bursts of up to eight without sleeping between them
+/// How many requests may wait in an inbox besides the one its slot is busy with: the
+/// worker then answers bursts of up to eight without sleeping between them
 /// (docs/benchmarks.md, "Ninth session"). A pipe holds sixteen packets.
-pub const SINGLE_SLOT_DEPTH: usize = 8;
+pub const INBOX_DEPTH: usize = 8;
 
-/// How many requests may wait in each inbox of a worker of `slots`. Threads share one
-/// interpreter lock: a thread that finds its next request waiting keeps the lock while
-/// its siblings' requests wait, so a worker of several slots gets one per slot (with
-/// more, Flask's canary p99 under load went from about 20 to 46–81 ms).
-pub fn inbox_depth(slots: usize) -> usize {
-    if slots <= 1 {
-        SINGLE_SLOT_DEPTH
-    } else {
-        1
-    }
+/// Only a worker of one slot has an inbox. A threaded worker's threads share one
+/// interpreter lock, and one that finds its next request waiting keeps the lock while
+/// its siblings' requests wait: with followers, Flask on four threads had a canary p99
+/// of 20–82 ms under load, against 10 ms without (docs/benchmarks.md, "Ninth session").
+pub fn has_inbox(slots: u32) -> bool {
+    slots == 1
 }
-
-/// A worker with more slots than this has no inboxes: a worker's descriptors travel in
-/// one message to its zygote or template, which carries at most 253.
-pub const INBOX_MAX_SLOTS: u32 = 64;
 
 /// Packets a pipe holds at the kernel's default size: no worker can make the node read
 /// more than this from one inbox, even by writing into it.
@@ -179,11 +171,11 @@ mod tests {
     fn the_largest_request_goes_in_one_packet_and_depth_fits() {
         let (inbox, _worker_end) = Inbox::new().unwrap();
         let frames = vec![7u8; INBOX_MAX];
-        for tag in 0..=SINGLE_SLOT_DEPTH as u64 {
+        for tag in 0..=INBOX_DEPTH as u64 {
             assert!(inbox.post(&frames, tag));
         }
         let back = inbox.read_back_all().unwrap();
-        assert_eq!(back, (0..=SINGLE_SLOT_DEPTH as u64).collect::<Vec<_>>());
+        assert_eq!(back, (0..=INBOX_DEPTH as u64).collect::<Vec<_>>());
     }
 
     #[test]

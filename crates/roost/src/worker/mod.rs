@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 pub use conn::{ConnError, FrameReader, SlotConn};
-pub use inbox::{inbox_depth, Foreign, Inbox, ReadBack, INBOX_MAX, INBOX_MAX_SLOTS, TAG_LEN};
+pub use inbox::{has_inbox, Foreign, Inbox, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
 
 use crate::logs::SiteLogs;
 use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};
@@ -82,7 +82,7 @@ pub enum WorkerEvent {
         id: WorkerId,
         pid: u32,
         slots: Vec<SlotConn>,
-        /// One per slot, or none (see [`INBOX_MAX_SLOTS`]).
+        /// One per slot, or none (see [`has_inbox`]).
         inboxes: Vec<Inbox>,
         import_time: Duration,
     },

@@ -5,8 +5,8 @@
 //! before it, and when the site runs as many workers as it may (otherwise a new worker
 //! serves it sooner); it follows the busy slot with the fewest followers (the one busy
 //! the longest among equals), once that slot's own request is written whole, and at
-//! most eight requests wait in an inbox, one if the worker has several slots
-//! (`inbox_depth`). What happens to a follower:
+//! most eight requests wait in an inbox (only workers of one slot have one). What
+//! happens to a follower:
 //!
 //! ```text
 //! posted ──the requests before it end cleanly────────────► served on that slot
@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::{Pool, PoolControl, Reply, State, Waiter, WorkerEntry};
 use crate::pool::CheckoutError;
-use crate::worker::{inbox_depth, Foreign, Inbox, ReadBack, SlotConn, WorkerId, TAG_LEN};
+use crate::worker::{Foreign, Inbox, ReadBack, SlotConn, WorkerId, INBOX_DEPTH, TAG_LEN};
 
 /// What the pool knows of one slot besides its socket.
 pub(super) struct SlotState {
@@ -216,9 +216,8 @@ impl Pool {
             .iter()
             .filter(|(_, w)| w.state == State::Running)
             .flat_map(|(id, w)| {
-                let depth = inbox_depth(w.slots.len());
                 w.slots.iter().enumerate().filter_map(move |(i, s)| {
-                    let open = s.inbox.is_some() && s.followers.len() < depth;
+                    let open = s.inbox.is_some() && s.followers.len() < INBOX_DEPTH;
                     let since = s
                         .busy_since
                         .filter(|_| open && s.sent.load(Ordering::Acquire))?;
