@@ -41,8 +41,9 @@ pub fn has_inbox(slots: u32) -> bool {
     slots == 1
 }
 
-/// Packets a pipe holds at the kernel's default size: no worker can make the node read
-/// more than this from one inbox, even by writing into it.
+/// Packets a pipe holds at the kernel's default size: an inbox the node filled never
+/// holds more, so a read back stops past it (a worker could enlarge its pipe and keep
+/// writing into it).
 const PIPE_PACKETS: usize = 16;
 
 /// The node's ends of one slot's inbox; both non-blocking.
@@ -84,17 +85,14 @@ impl Inbox {
     }
 
     /// Bytes in the pipe now: the packets no worker took yet (the node reads nothing
-    /// meanwhile, and the worker can only take from the front).
+    /// meanwhile, and the worker can only take from the front). `None` if the kernel
+    /// would not say.
     #[allow(unsafe_code)] // nix has no FIONREAD
-    pub fn queued(&self) -> usize {
+    pub fn queued(&self) -> Option<usize> {
         let mut n: nix::libc::c_int = 0;
         // SAFETY: FIONREAD writes one c_int through the pointer, which lives meanwhile.
         let rc = unsafe { nix::libc::ioctl(self.read.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
-        if rc == 0 {
-            usize::try_from(n).unwrap_or(0)
-        } else {
-            0
-        }
+        (rc == 0).then(|| usize::try_from(n).ok()).flatten()
     }
 
     /// Reads back the oldest request no worker took.
@@ -148,17 +146,17 @@ mod tests {
         for (tag, r) in [&b"first"[..], b"second", b"third"].iter().enumerate() {
             assert!(inbox.post(r, tag as u64));
         }
-        assert_eq!(inbox.queued(), 5 + 6 + 5 + 3 * TAG_LEN);
+        assert_eq!(inbox.queued(), Some(5 + 6 + 5 + 3 * TAG_LEN));
         let mut buf = [0u8; 4096];
         // One read takes one request and its tag, however large the buffer.
         assert_eq!(
             worker_reads(&worker_end, &mut buf),
             b"first\0\0\0\0\0\0\0\0"
         );
-        assert_eq!(inbox.queued(), 6 + 5 + 2 * TAG_LEN);
+        assert_eq!(inbox.queued(), Some(6 + 5 + 2 * TAG_LEN));
         assert_eq!(inbox.read_back(), ReadBack::Tag(1));
         assert_eq!(inbox.read_back_all(), Ok(vec![2]));
-        assert_eq!(inbox.queued(), 0);
+        assert_eq!(inbox.queued(), Some(0));
 
         // A worker that reads part of one loses the rest: the node never sees half.
         assert!(inbox.post(b"fourth", 3));
