@@ -1,6 +1,7 @@
 //! Followers: a request without a body that comes while every slot of its site is busy
-//! waits in the inbox of the slot busy the longest, and moves to whichever slot comes
-//! free first (pool/actor/follow.rs, worker/inbox.rs).
+//! waits in the inbox of the busy slot with the fewest such requests (up to eight, in
+//! workers of one slot), and moves to whichever slot comes free first
+//! (pool/actor/follow.rs, worker/inbox.rs).
 
 use std::time::Duration;
 
