@@ -55,13 +55,22 @@ pub struct Inbox {
     read: OwnedFd,
 }
 
+/// One request posted to an inbox, as the node knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    pub tag: u64,
+    /// Its length in the pipe, tag included: bytes a worker wrote into the pipe run
+    /// together with the next packet, and change its length.
+    pub len: usize,
+}
+
 /// What one read back found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadBack {
     /// Nothing: the worker took every request posted.
     Empty,
-    /// The oldest request no worker took, by its tag.
-    Tag(u64),
+    /// The oldest request no worker took.
+    Packet(Packet),
     /// A packet the node did not write: the worker wrote into its own inbox.
     Foreign,
 }
@@ -102,7 +111,10 @@ impl Inbox {
             return match nix::unistd::read(self.read.as_raw_fd(), &mut buf) {
                 Ok(n) if n > TAG_LEN => {
                     let tag: [u8; TAG_LEN] = buf[n - TAG_LEN..n].try_into().expect("TAG_LEN");
-                    ReadBack::Tag(u64::from_be_bytes(tag))
+                    ReadBack::Packet(Packet {
+                        tag: u64::from_be_bytes(tag),
+                        len: n,
+                    })
                 }
                 Err(Errno::EINTR) => continue,
                 Err(_) => ReadBack::Empty,
@@ -113,12 +125,12 @@ impl Inbox {
 
     /// Reads back every request no worker took, oldest first; stops at what a pipe
     /// can hold.
-    pub fn read_back_all(&self) -> Result<Vec<u64>, Foreign> {
-        let mut tags = Vec::new();
-        while tags.len() <= PIPE_PACKETS {
+    pub fn read_back_all(&self) -> Result<Vec<Packet>, Foreign> {
+        let mut packets = Vec::new();
+        while packets.len() <= PIPE_PACKETS {
             match self.read_back() {
-                ReadBack::Empty => return Ok(tags),
-                ReadBack::Tag(tag) => tags.push(tag),
+                ReadBack::Empty => return Ok(packets),
+                ReadBack::Packet(p) => packets.push(p),
                 ReadBack::Foreign => return Err(Foreign),
             }
         }
@@ -154,15 +166,19 @@ mod tests {
             b"first\0\0\0\0\0\0\0\0"
         );
         assert_eq!(inbox.queued(), Some(6 + 5 + 2 * TAG_LEN));
-        assert_eq!(inbox.read_back(), ReadBack::Tag(1));
-        assert_eq!(inbox.read_back_all(), Ok(vec![2]));
+        let packet = |tag, len| Packet {
+            tag,
+            len: len + TAG_LEN,
+        };
+        assert_eq!(inbox.read_back(), ReadBack::Packet(packet(1, 6)));
+        assert_eq!(inbox.read_back_all(), Ok(vec![packet(2, 5)]));
         assert_eq!(inbox.queued(), Some(0));
 
         // A worker that reads part of one loses the rest: the node never sees half.
         assert!(inbox.post(b"fourth", 3));
         assert!(inbox.post(b"fifth", 4));
         assert_eq!(worker_reads(&worker_end, &mut buf[..2]), b"fo");
-        assert_eq!(inbox.read_back_all(), Ok(vec![4]));
+        assert_eq!(inbox.read_back_all(), Ok(vec![packet(4, 5)]));
     }
 
     #[test]
@@ -173,14 +189,26 @@ mod tests {
             assert!(inbox.post(&frames, tag));
         }
         let back = inbox.read_back_all().unwrap();
-        assert_eq!(back, (0..=INBOX_DEPTH as u64).collect::<Vec<_>>());
+        let tags: Vec<u64> = back.iter().map(|p| p.tag).collect();
+        assert_eq!(tags, (0..=INBOX_DEPTH as u64).collect::<Vec<_>>());
+        assert!(back.iter().all(|p| p.len == INBOX_MAX + TAG_LEN));
     }
 
     #[test]
-    fn a_packet_the_node_did_not_write_is_foreign() {
-        let (inbox, _worker_end) = Inbox::new().unwrap();
-        // The worker could reopen its end for writing through /proc.
-        nix::unistd::write(&inbox.write, b"short").unwrap();
+    fn what_a_worker_writes_into_its_inbox_shows() {
+        let (inbox, worker_end) = Inbox::new().unwrap();
+        // A worker of the node's own user can reopen its end for writing through
+        // /proc, without packet mode: its bytes run together with the next packet.
+        let path = format!("/proc/self/fd/{}", worker_end.as_raw_fd());
+        let forged = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        nix::unistd::write(&forged, b"junk").unwrap();
+        assert!(inbox.post(b"x", 5));
+        let merged = Packet {
+            tag: 5,
+            len: 4 + 1 + TAG_LEN,
+        };
+        assert_eq!(inbox.read_back(), ReadBack::Packet(merged));
+        nix::unistd::write(&forged, b"short").unwrap();
         assert_eq!(inbox.read_back(), ReadBack::Foreign);
         // Nor can a worker that enlarged its pipe keep the node reading.
         let bigger = nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20);

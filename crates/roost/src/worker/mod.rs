@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
 pub use conn::{ConnError, FrameReader, SlotConn};
-pub use inbox::{has_inbox, Foreign, Inbox, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
+pub use inbox::{has_inbox, Foreign, Inbox, Packet, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
 
 use crate::logs::SiteLogs;
 use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::harness::http::post;
-use crate::harness::{get, pid_of, Node};
+use crate::harness::{get, is_root, pid_of, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waits_in_the_inbox_of_a_busy_worker_and_is_answered_after() {
@@ -199,6 +199,42 @@ async fn under_load_every_answer_is_its_own_requests() {
     for client in clients {
         let wrong = client.await.unwrap();
         assert!(wrong.is_empty(), "answers not their request's: {wrong:?}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_slip_a_packet_into_its_inbox() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("forger", &["forger.test"], &app);
+    spec.processes_max = Some(1);
+    spec.request_timeout = Some(Duration::from_secs(1));
+    node.add(spec).await;
+    let first = pid_of(&get(node.addr, "forger.test", "/pid").await.unwrap());
+
+    if is_root() {
+        // The site runs as its own user, and the pipe is the node's (root's, 0600):
+        // the worker cannot open its end again for writing.
+        let forge = get(node.addr, "forger.test", "/forge-inbox?s=0")
+            .await
+            .unwrap();
+        assert_eq!(forge.text(), "Permission denied");
+    } else {
+        // Sites run as the node's user: the worker can write into its inbox. It does,
+        // then hangs; a request is posted behind what it wrote (and runs together
+        // with it). When the worker is killed at request_timeout, the node reads the
+        // inbox back, finds a packet it never posted, and trusts nothing there: the
+        // request fails with the worker. The site serves again from a new worker.
+        let addr = node.addr;
+        let hung = tokio::spawn(async move { get(addr, "forger.test", "/forge-inbox?s=30").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = get(addr, "forger.test", "/pid").await.unwrap();
+        assert_eq!(hung.await.unwrap().unwrap().status, 504);
+        assert_eq!(next.status, 502, "{}", next.text());
+        node.error_log_with("forger", "wrote into its inbox").await;
+        let after = get(node.addr, "forger.test", "/pid").await.unwrap();
+        assert_ne!(pid_of(&after), first);
     }
     node.stop().await;
 }

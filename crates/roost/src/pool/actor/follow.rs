@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::{Pool, PoolControl, Reply, State, Waiter, WorkerEntry};
 use crate::pool::CheckoutError;
-use crate::worker::{Foreign, Inbox, ReadBack, SlotConn, WorkerId, INBOX_DEPTH, TAG_LEN};
+use crate::worker::{Foreign, Inbox, Packet, ReadBack, SlotConn, WorkerId, INBOX_DEPTH, TAG_LEN};
 
 /// What the pool knows of one slot besides its socket.
 pub(super) struct SlotState {
@@ -49,14 +49,6 @@ pub(super) struct SlotState {
     followers: VecDeque<Follower>,
     /// The tag of the next packet posted.
     next_tag: u64,
-}
-
-/// One request posted to an inbox.
-#[derive(Clone, Copy)]
-struct Packet {
-    tag: u64,
-    /// Its length in the pipe, tag included.
-    len: usize,
 }
 
 struct Follower {
@@ -147,8 +139,8 @@ impl SlotState {
         let Some(inbox) = &self.inbox else {
             return Ok(None);
         };
-        let tag = match inbox.read_back() {
-            ReadBack::Tag(tag) => tag,
+        let packet = match inbox.read_back() {
+            ReadBack::Packet(packet) => packet,
             ReadBack::Empty => {
                 self.followers.iter_mut().for_each(|f| f.taken = true);
                 return Ok(None);
@@ -158,7 +150,7 @@ impl SlotState {
         let at = self
             .followers
             .iter()
-            .position(|f| !f.taken && f.packet.tag == tag);
+            .position(|f| !f.taken && f.packet == packet);
         let at = at.ok_or(Foreign)?;
         self.followers
             .iter_mut()
@@ -173,28 +165,25 @@ impl SlotState {
         let Some(inbox) = &self.inbox else {
             return Ok(Vec::new());
         };
-        let tags = inbox.read_back_all()?;
-        let mut tags = tags.into_iter().peekable();
-        if let (Some(current), Some(&tag)) = (self.current, tags.peek()) {
-            if current.tag == tag {
-                tags.next();
-            }
+        let mut packets = inbox.read_back_all()?.into_iter().peekable();
+        if self.current.is_some() && packets.peek() == self.current.as_ref() {
+            packets.next();
         }
         self.current = None;
         let mut back = Vec::new();
         let mut kept = VecDeque::new();
         for mut f in self.followers.drain(..) {
-            if !f.taken && tags.peek() == Some(&f.packet.tag) {
-                tags.next();
+            if !f.taken && packets.peek() == Some(&f.packet) {
+                packets.next();
                 back.push(f);
             } else {
                 f.taken = true;
                 kept.push_back(f);
             }
         }
-        if tags.next().is_some() {
-            // Tags come in posting order: one left over was never posted here. Nothing
-            // read back can be trusted; all fail with the worker.
+        if packets.next().is_some() {
+            // Packets come in posting order: one left over was never posted here as it
+            // is. Nothing read back can be trusted; all fail with the worker.
             kept.extend(back.into_iter().map(|f| Follower { taken: true, ..f }));
             self.followers = kept;
             return Err(Foreign);
@@ -368,9 +357,14 @@ impl Pool {
     /// them is queued again; what it read is lost with it.
     pub(super) fn release_followers(&mut self, w: &mut WorkerEntry) {
         for state in &mut w.slots {
-            // If it wrote into its inbox, nothing there can be trusted: all fail.
-            if let Ok(back) = state.take_back_all() {
-                self.queue_first(back);
+            match state.take_back_all() {
+                Ok(back) => self.queue_first(back),
+                // Nothing there can be trusted: all fail.
+                Err(Foreign) => {
+                    let note = format!("worker pid {} wrote into its inbox", w.pid);
+                    tracing::error!("{note}");
+                    self.ctx.logs.error(&note);
+                }
             }
             for follower in std::mem::take(&mut state.followers) {
                 let _ = follower.reply.send(Err(CheckoutError::WorkerLost {
@@ -408,7 +402,7 @@ mod tests {
     use super::*;
 
     /// A slot with an inbox, and the worker's end of it.
-    fn slot() -> (SlotState, OwnedFd) {
+    fn slot_with_inbox() -> (SlotState, OwnedFd) {
         let (inbox, worker_end) = Inbox::new().unwrap();
         let mut states = slot_states(1, vec![inbox]);
         (states.pop().unwrap(), worker_end)
@@ -435,7 +429,7 @@ mod tests {
 
     #[test]
     fn a_read_back_never_takes_the_current_request_from_the_worker() {
-        let (mut slot, worker_end) = slot();
+        let (mut slot, worker_end) = slot_with_inbox();
         post(&mut slot, b"a");
         post(&mut slot, b"b");
         post(&mut slot, b"c");
@@ -453,7 +447,7 @@ mod tests {
 
     #[test]
     fn what_the_worker_read_stays_with_the_slot_in_its_order() {
-        let (mut slot, worker_end) = slot();
+        let (mut slot, worker_end) = slot_with_inbox();
         for r in [&b"a"[..], b"b", b"c", b"d"] {
             let (reply, _) = tokio::sync::oneshot::channel();
             assert!(slot.post(reply, Bytes::from_static(r)).is_ok());
@@ -472,14 +466,24 @@ mod tests {
 
     #[test]
     fn a_packet_the_node_never_posted_is_refused() {
-        let (mut slot, worker_end) = slot();
+        let (mut slot, worker_end) = slot_with_inbox();
         post(&mut slot, b"a");
-        // A worker can open its end of the pipe again for writing.
+        // A worker of the node's own user can open its end of the pipe again for
+        // writing: a packet of its own, with a tag the node never used.
         let path = format!("/proc/self/fd/{}", worker_end.as_raw_fd());
         let forged = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         std::io::Write::write_all(&mut &forged, b"forged\0\0\0\0\0\0\0\x07").unwrap();
         assert!(slot.take_back_all().is_err());
         // Nothing read back is trusted: every follower fails with the worker.
         assert_eq!(requests(&slot.followers), [(&b"a"[..], true)]);
+
+        // Bytes written just before the node posts run together with its packet,
+        // which then keeps its tag but not its length.
+        let (mut slot, worker_end) = slot_with_inbox();
+        let path = format!("/proc/self/fd/{}", worker_end.as_raw_fd());
+        let forged = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        std::io::Write::write_all(&mut &forged, b"junk").unwrap();
+        post(&mut slot, b"b");
+        assert!(matches!(slot.take_oldest(), Err(Foreign)));
     }
 }
