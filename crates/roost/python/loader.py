@@ -282,7 +282,7 @@ class SlotReader(object):
                 or data[end:end + HEADER_LEN] != REQUEST_END_FRAME):
             raise ProtocolError("the inbox held %d bytes that are not one request without a body"
                                 % len(data))
-        return data[HEADER_LEN:HEADER_LEN + length]
+        return data[HEADER_LEN:end]
 
     def end_follows(self):
         """Takes a REQUEST_END already read, if it is next: a request without a body

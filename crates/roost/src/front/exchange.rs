@@ -168,33 +168,10 @@ async fn salvage(
         }
         Writer::Gone => return,
     };
-    let gone = lease.gone.clone();
-    let drained = timeout_at(deadline, async {
-        loop {
-            let frame = tokio::select! {
-                frame = reader.next_frame() => frame,
-                _ = gone.cancelled() => Err(ConnError::Closed),
-            };
-            match frame {
-                Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
-                Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
-                Ok(other) => return Err(format!("unexpected {:?} frame", other.kind())),
-                Err(ConnError::Closed) => return Err(String::new()),
-                Err(e) => return Err(crate::error_chain(&e)),
-            }
-        }
-    })
-    .await;
-    match drained {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) if why.is_empty() => return,
-        Ok(Err(why)) => return pool.kill(lease.worker, why),
-        Err(_) => {
-            return pool.kill(
-                lease.worker,
-                "request_timeout passed after the client left".into(),
-            )
-        }
+    match reader.skip_response(deadline, &lease.gone).await {
+        Ok(()) => {}
+        Err(None) => return,
+        Err(Some(why)) => return pool.kill(lease.worker, why),
     }
     let writer = match writer {
         WriterOutcome::Ready(w) => Some(w),

@@ -185,17 +185,15 @@ impl Drop for Lease {
             // The worker answers a request nobody waits for any more: its answer is
             // skipped before the slot is used again.
             (Some(conn), Ok(runtime)) if self.delivered => {
-                let (pool, timeout) = (self.pool.clone(), self.request_timeout);
+                let pool = self.pool.clone();
+                let deadline = tokio::time::Instant::now() + self.request_timeout;
                 let gone = self.gone.clone();
                 runtime.spawn(async move {
-                    let skipped = tokio::select! {
-                        skipped = conn.skip_response(timeout) => skipped,
-                        _ = gone.cancelled() => Err(String::new()),
-                    };
-                    match skipped {
-                        Ok(conn) => checkin(Some(conn)),
+                    let (mut reader, writer) = conn.split();
+                    match reader.skip_response(deadline, &gone).await {
+                        Ok(()) => checkin(SlotConn::join(reader, writer)),
                         Err(why) => {
-                            if !why.is_empty() {
+                            if let Some(why) = why {
                                 pool.kill(worker, why);
                             }
                             checkin(None);

@@ -2,13 +2,14 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use roost_wire::{decode_from_worker, Frame, WireError};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
+use tokio_util::sync::CancellationToken;
 
 /// Why reading a frame from a worker failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,27 +83,6 @@ impl SlotConn {
         !self.buf.is_empty()
     }
 
-    /// Reads one response and drops it (its request was delivered, and nobody waits for
-    /// the answer any more): the slot back, clean, or `None` if the worker did not end
-    /// it within `timeout` (the error says why).
-    pub async fn skip_response(mut self, timeout: Duration) -> Result<SlotConn, String> {
-        let skip = async {
-            loop {
-                match self.read_frame().await {
-                    Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
-                    Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
-                    Ok(other) => return Err(format!("unexpected {:?} frame", other.kind())),
-                    Err(e) => return Err(crate::error_chain(&e)),
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, skip).await {
-            Ok(Ok(())) => Ok(self),
-            Ok(Err(why)) => Err(why),
-            Err(_) => Err("request_timeout passed after the client left".into()),
-        }
-    }
-
     pub async fn read_frame(&mut self) -> Result<Frame, ConnError> {
         loop {
             if let Some(frame) = decode_from_worker(&mut self.buf)? {
@@ -148,5 +128,33 @@ impl FrameReader {
 
     pub async fn next_frame(&mut self) -> Result<Frame, ConnError> {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// Reads the rest of a response and drops it: its client left. `Err(None)` if the
+    /// worker is gone (its slot closed, or `gone` fired); `Err(Some(why))` if it broke
+    /// the protocol or did not end the response by `deadline`: it is to be killed.
+    pub async fn skip_response(
+        &mut self,
+        deadline: Instant,
+        gone: &CancellationToken,
+    ) -> Result<(), Option<String>> {
+        let skip = async {
+            loop {
+                let frame = tokio::select! {
+                    frame = self.next_frame() => frame,
+                    _ = gone.cancelled() => Err(ConnError::Closed),
+                };
+                match frame {
+                    Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
+                    Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
+                    Ok(other) => return Err(Some(format!("unexpected {:?} frame", other.kind()))),
+                    Err(ConnError::Closed) => return Err(None),
+                    Err(e) => return Err(Some(crate::error_chain(&e))),
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, skip)
+            .await
+            .unwrap_or_else(|_| Err(Some("request_timeout passed after the client left".into())))
     }
 }

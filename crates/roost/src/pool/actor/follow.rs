@@ -196,7 +196,11 @@ impl SlotState {
 impl Pool {
     /// Posts `request` to the inbox of the busy slot with the fewest followers, if it
     /// may follow; gives both back otherwise.
-    pub(super) fn follow(&mut self, reply: Reply, request: Bytes) -> Result<(), (Reply, Bytes)> {
+    pub(super) fn follow(
+        &mut self,
+        mut reply: Reply,
+        mut request: Bytes,
+    ) -> Result<(), (Reply, Bytes)> {
         let at_most = self.active_workers() + self.asked >= self.site.pool.processes_max as usize;
         if !at_most || self.failure.is_some() {
             return Err((reply, request));
@@ -216,7 +220,6 @@ impl Pool {
             })
             .collect();
         candidates.sort_unstable();
-        let (mut reply, mut request) = (reply, request);
         for (_, _, id, i) in candidates {
             let Some(slot) = self.workers.get_mut(&id).and_then(|w| w.slots.get_mut(i)) else {
                 continue;
