@@ -4,6 +4,7 @@ import os
 import shutil
 import statistics
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -129,6 +130,18 @@ def wait_port(port, limit=20.0):
             if time.time() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def serve(registry, port, work, name, *options):
+    """Starts `roost serve` on 127.0.0.1:port, with its logs and run folder in `work`
+    and a cgroup folder of its own (roost-bench-<name>)."""
+    if ":" not in registry:
+        registry = "sqlite:" + registry
+    return subprocess.Popen([ROOST, "--registry", registry, "serve", "--listen",
+                             "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-" + name,
+                             "--log-dir", os.path.join(work, "logs"),
+                             "--run-dir", os.path.join(work, "run")] + list(options),
+                            stderr=subprocess.DEVNULL)
 
 
 def pss_kib(pid):

@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOST, free_port, install_app, processes, require_root, workspace)
+    ROOST, free_port, install_app, processes, require_root, serve, workspace)
 
 
 def main():
@@ -45,10 +45,7 @@ def main():
         add("s%d" % i)
     port = free_port()
     run = os.path.join(work, "run")
-    node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
-                             "--cgroup-name", "roost-bench-faults", "--log-dir",
-                             os.path.join(work, "logs"), "--run-dir", run],
-                            stderr=subprocess.DEVNULL)
+    node = serve(reg, port, work, "faults")
     stop = threading.Event()
     lock = threading.Lock()
     counts = {"ok": 0, "failed": 0, "kills": 0}

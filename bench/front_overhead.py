@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOST, ROOT, free_port, install_app, require_root, timed_get, wait_port, workspace)
+    ROOST, ROOT, free_port, install_app, require_root, serve, timed_get, wait_port, workspace)
 
 DIRECT = os.path.join(ROOT, "target", "release", "examples", "direct_worker")
 LOADER = os.path.join(ROOT, "crates", "roost", "python", "loader.py")
@@ -63,10 +63,7 @@ def main():
                     "--entry", app, "--user", "nobody", "--processes-max", "1",
                     "--processes-min", "1"], check=True, stdout=subprocess.DEVNULL)
     port = free_port()
-    node = subprocess.Popen([ROOST, "--registry", registry, "serve", "--listen",
-                             "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-overhead",
-                             "--log-dir", os.path.join(work, "logs"),
-                             "--run-dir", os.path.join(work, "run")], stderr=subprocess.DEVNULL)
+    node = serve(registry, port, work, "overhead")
     runs = {"direct_us": [], "front_us": []}
     try:
         wait_port(port)

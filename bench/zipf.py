@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ROOST, free_port, install_app, processes, pss_kib, require_root, wait_port, workspace)
+    ROOST, free_port, install_app, processes, pss_kib, require_root, serve, wait_port, workspace)
 
 
 def register(registry, app, sites):
@@ -58,11 +58,7 @@ def main():
     register(registry, app, args.sites)
     port = free_port()
     run = os.path.join(work, "run")
-    node = subprocess.Popen([ROOST, "--registry", "sqlite:" + registry, "serve", "--listen",
-                             "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-zipf",
-                             "--max-workers", str(args.max_workers), "--log-dir",
-                             os.path.join(work, "logs"), "--run-dir", run],
-                            stderr=subprocess.DEVNULL)
+    node = serve(registry, port, work, "zipf", "--max-workers", str(args.max_workers))
     weights = [1 / (k ** 1.1) for k in range(1, args.visited + 1)]
     cumulative = []
     total = 0

@@ -25,6 +25,9 @@ pub mod sites;
 pub mod spawn;
 pub mod worker;
 
+#[cfg(test)]
+mod testing;
+
 /// An error and its causes on one line: "what failed: because: because".
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

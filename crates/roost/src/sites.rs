@@ -29,8 +29,9 @@ pub struct Sites {
     logs: NodeLogs,
     stop_grace: Duration,
     budget: Budget,
-    /// Pools of removed sites that are still draining; awaited at shutdown.
-    draining: Vec<JoinHandle<()>>,
+    /// Pools of removed sites, draining or ending; awaited at shutdown. A site added
+    /// back meanwhile revives its draining pool, or waits for the ending ones.
+    draining: Vec<LiveSite>,
 }
 
 struct LiveSite {
@@ -75,6 +76,10 @@ impl Sites {
             match change {
                 Change::Added(site) => {
                     tracing::info!(site = %site.name, hosts = ?site.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "site added");
+                    if let Some(live) = self.revive(site) {
+                        self.live.insert(site.name.clone(), live);
+                        continue;
+                    }
                     match self.start(site.clone()) {
                         Ok(live) => {
                             self.live.insert(site.name.clone(), live);
@@ -88,12 +93,7 @@ impl Sites {
                     tracing::info!(site = %site.name, "site changed");
                     if let Some(live) = self.live.get_mut(&site.name) {
                         live.route.pool.reconfigure(site.clone());
-                        live.route = Arc::new(Route {
-                            site: site.clone(),
-                            pool: live.route.pool.clone(),
-                            logs: live.route.logs.clone(),
-                            hold: live.route.hold.clone(),
-                        });
+                        live.route = live.route.serving(site.clone());
                     } else if let Ok(live) = self.start(site.clone()) {
                         self.live.insert(site.name.clone(), live);
                     }
@@ -102,18 +102,32 @@ impl Sites {
                     tracing::info!(site = %name, "site removed; draining");
                     if let Some(live) = self.live.remove(name) {
                         live.route.pool.drain();
-                        self.draining.push(live.task);
+                        self.draining.push(live);
                     }
                 }
             }
         }
-        self.draining.retain(|t| !t.is_finished());
+        self.draining.retain(|d| !d.task.is_finished());
         self.registry = next;
         let sites: Vec<&Site> = self.registry.sites.values().map(|s| &**s).collect();
         self.spawner.retain(&sites);
         self.routes.store(Arc::new(RouteTable::new(
             self.live.values().map(|l| l.route.clone()),
         )));
+    }
+
+    /// The pool of `site` if it was removed and still drains: it serves the site again.
+    fn revive(&mut self, site: &Arc<Site>) -> Option<LiveSite> {
+        let i = self
+            .draining
+            .iter()
+            .position(|d| d.route.site.name == site.name && d.route.pool.revive(site.clone()))?;
+        tracing::info!(site = %site.name, "its pool was still draining: it serves the site again");
+        let old = self.draining.swap_remove(i);
+        Some(LiveSite {
+            route: old.route.serving(site.clone()),
+            task: old.task,
+        })
     }
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
@@ -146,7 +160,12 @@ impl Sites {
             poll_memory: !self.cgroups.has(Controller::Memory),
             budget: self.budget.clone(),
         };
-        let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx);
+        // Pools of the same name still ending remove its cgroup: this one waits.
+        let after = (self.draining.iter())
+            .filter(|d| d.route.site.name == site.name)
+            .map(|d| d.route.pool.clone())
+            .collect();
+        let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx, after);
         Ok(LiveSite {
             route: Arc::new(Route {
                 site,
@@ -179,7 +198,7 @@ impl Sites {
             .live
             .drain()
             .map(|(_, l)| l.task)
-            .chain(self.draining.drain(..));
+            .chain(self.draining.drain(..).map(|d| d.task));
         for task in tasks {
             let _ = task.await;
         }

@@ -10,13 +10,13 @@
 mod actor;
 mod budget;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use roost_registry::Site;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use actor::{spawn_pool, PoolContext};
@@ -78,7 +78,17 @@ pub struct PoolHandle {
     tx: mpsc::UnboundedSender<PoolControl>,
     /// Requests waiting in the pool's queue, as the actor last counted them.
     waiting: Arc<AtomicUsize>,
+    /// [`SERVING`], [`DRAINING`] or [`ENDED`]: shared so that a site added back while
+    /// its pool drains either revives the pool or waits for its end, never both.
+    phase: Arc<AtomicU8>,
+    /// Closed when the actor's task is over, its cgroup removed.
+    done: watch::Receiver<()>,
 }
+
+const SERVING: u8 = 0;
+const DRAINING: u8 = 1;
+/// The actor no longer takes the site back: it is removing the site's cgroup.
+const ENDED: u8 = 2;
 
 impl PoolHandle {
     /// True when requests wait for a slot: one checked in now goes to them.
@@ -119,7 +129,39 @@ impl PoolHandle {
     }
 
     pub fn drain(&self) {
+        self.phase.store(DRAINING, Ordering::SeqCst);
         let _ = self.tx.send(PoolControl::Drain);
+    }
+
+    /// The site was added back while this pool drains: the pool serves it again, as
+    /// after a change. False when the pool has ended already (its task is finishing:
+    /// a new pool for the site must wait for [`ended`](Self::ended)).
+    pub fn revive(&self, site: Arc<Site>) -> bool {
+        let revived = self
+            .phase
+            .compare_exchange(DRAINING, SERVING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if revived {
+            self.reconfigure(site);
+        }
+        revived
+    }
+
+    /// Resolves when the actor's task is over (at once if it is).
+    pub async fn ended(&self) {
+        let mut done = self.done.clone();
+        while done.changed().await.is_ok() {}
+    }
+
+    fn draining(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) == DRAINING
+    }
+
+    /// The drained actor's last word: it ends unless it was revived meanwhile.
+    fn end(&self) -> bool {
+        self.phase
+            .compare_exchange(DRAINING, ENDED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 }
 
@@ -208,12 +250,17 @@ impl Drop for Lease {
 
 #[cfg(test)]
 impl PoolHandle {
-    /// A handle whose actor is the test holding `tx`'s receiver.
-    pub fn detached(tx: mpsc::UnboundedSender<PoolControl>) -> PoolHandle {
-        PoolHandle {
+    /// A handle whose actor is the test holding `tx`'s receiver, and the sender whose
+    /// drop says the actor ended.
+    pub fn detached(tx: mpsc::UnboundedSender<PoolControl>) -> (PoolHandle, watch::Sender<()>) {
+        let (done_tx, done) = watch::channel(());
+        let handle = PoolHandle {
             tx,
             waiting: Default::default(),
-        }
+            phase: Default::default(),
+            done,
+        };
+        (handle, done_tx)
     }
 }
 
@@ -232,13 +279,50 @@ mod tests {
             pid: 0,
             slot: 0,
             conn: Some(SlotConn::new(node, 0)),
-            pool: PoolHandle::detached(tx),
+            pool: PoolHandle::detached(tx).0,
             gone: CancellationToken::new(),
             delivered: true,
             sent: Default::default(),
             request_timeout: Duration::from_secs(5),
         };
         (lease, worker)
+    }
+
+    fn site() -> Arc<Site> {
+        Arc::new(crate::testing::site("again", &["again.test"]))
+    }
+
+    #[tokio::test]
+    async fn a_draining_pool_is_revived_or_ends_never_both() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (pool, done) = PoolHandle::detached(tx);
+        assert!(!pool.revive(site()), "a serving pool was revived");
+        pool.drain();
+        assert!(pool.draining());
+        assert!(pool.revive(site()));
+        assert!(!pool.draining());
+        assert!(!pool.end(), "a revived pool ended");
+        assert!(matches!(rx.recv().await, Some(PoolControl::Drain)));
+        assert!(matches!(rx.recv().await, Some(PoolControl::Reconfigure(_))));
+
+        pool.drain();
+        assert!(pool.end());
+        assert!(!pool.revive(site()), "an ended pool was revived");
+        assert!(!pool.draining());
+        let ended = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.ended().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !ended.is_finished(),
+            "ended before the actor's task was over"
+        );
+        drop(done);
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("ended() did not resolve when the actor's task was over")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -22,6 +22,18 @@ pub struct Route {
     pub hold: Arc<SiteHold>,
 }
 
+impl Route {
+    /// The same pool, logs and holds for the site's new settings.
+    pub fn serving(&self, site: Arc<Site>) -> Arc<Route> {
+        Arc::new(Route {
+            site,
+            pool: self.pool.clone(),
+            logs: self.logs.clone(),
+            hold: self.hold.clone(),
+        })
+    }
+}
+
 #[derive(Default)]
 pub struct RouteTable {
     exact: HashMap<String, Arc<Route>>,
@@ -69,29 +81,12 @@ impl RouteTable {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use roost_registry::{Entry, PoolSettings};
 
     fn route(name: &str, hosts: &[&str]) -> Arc<Route> {
-        let site = Site {
-            name: name.into(),
-            hosts: hosts
-                .iter()
-                .map(|h| HostPattern::parse(h).unwrap())
-                .collect(),
-            entry: Entry::File("/srv/app.py".into()),
-            python: "/usr/bin/python3".into(),
-            interpreter: "/usr/bin/python3".into(),
-            directory: "/srv".into(),
-            env: Default::default(),
-            user: None,
-            group: None,
-            runtime: None,
-            pool: PoolSettings::default(),
-        };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Route {
-            site: Arc::new(site),
-            pool: PoolHandle::detached(tx),
+            site: Arc::new(crate::testing::site(name, hosts)),
+            pool: PoolHandle::detached(tx).0,
             logs: SiteLogs::detached(),
             hold: Default::default(),
         })

@@ -183,15 +183,13 @@ impl Cgroups {
 
     /// The cgroup of one site in every usable hierarchy (created if needed).
     pub fn site(&self, site: &str) -> Result<SiteCgroup, CgroupError> {
-        let mut dirs = Vec::new();
-        for p in &self.placements {
-            let dir = p.base.join(site);
-            if !dir.is_dir() {
-                std::fs::create_dir(&dir).map_err(io_err(&dir))?;
-            }
-            dirs.push((p.controller, p.version, dir));
-        }
-        Ok(SiteCgroup { dirs })
+        let cgroup = SiteCgroup {
+            dirs: (self.placements.iter())
+                .map(|p| (p.controller, p.version, p.base.join(site)))
+                .collect(),
+        };
+        cgroup.create()?;
+        Ok(cgroup)
     }
 
     /// Removes this node's folders at shutdown (their site cgroups are gone by then).
@@ -230,6 +228,17 @@ pub struct SiteCgroup {
 }
 
 impl SiteCgroup {
+    /// Makes the site's folders that do not exist; again after a pool of the same
+    /// site name removed them.
+    pub fn create(&self) -> Result<(), CgroupError> {
+        for (_, _, dir) in &self.dirs {
+            if !dir.is_dir() {
+                std::fs::create_dir(dir).map_err(io_err(dir))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the site's limits; called when the site is added or changed.
     pub fn apply(&self, limits: &PoolSettings) -> Result<(), CgroupError> {
         for (controller, version, dir) in &self.dirs {

@@ -192,3 +192,71 @@ async fn sigusr1_reopens_the_logs_and_keeps_the_workers() {
     }
     node.stop().await;
 }
+
+/// A site removed and added back under the same name while its old self still drains a
+/// request: it is served again at once (its draining pool takes it back, as after a
+/// change), and the drain's end (the site's cgroup removed, its room in the budget
+/// given up) does not reach it: it keeps its worker and gets room for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_added_back_while_its_old_self_drains_is_left_alone_by_the_drain() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let spec = node.spec("again", &["again.test"], &app);
+    node.add(spec.clone()).await;
+    let old_pid = pid_of(&get(node.addr, "again.test", "/pid").await.unwrap());
+    let addr = node.addr;
+    let in_flight =
+        tokio::spawn(async move { get(addr, "again.test", "/sleep?s=3").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.store().remove("again").unwrap();
+    node.eventually("the removed site to answer 404", || async {
+        get(node.addr, "again.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 404)
+    })
+    .await;
+    node.store()
+        .add(&spec.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.eventually("the site added back", || async {
+        get(node.addr, "again.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let new_pid = pid_of(&get(node.addr, "again.test", "/pid").await.unwrap());
+    assert!(
+        !in_flight.is_finished(),
+        "the site added back waited for its old self's drain"
+    );
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "the drained request: {}", r.text());
+    assert_ne!(
+        new_pid, old_pid,
+        "the site added back is served by the old worker"
+    );
+    node.eventually("the old worker to exit", || async { !alive(old_pid) })
+        .await;
+    // The old pool ends right after its last worker: its cgroup goes, its budget entry
+    // with it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        alive(new_pid),
+        "the old site's end killed the worker of the site added back"
+    );
+    assert_eq!(
+        pid_of(&get(node.addr, "again.test", "/pid").await.unwrap()),
+        new_pid
+    );
+    // A new worker needs room from the budget.
+    let _ = get(node.addr, "again.test", "/exit").await;
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(node.addr, "again.test", "/pid"),
+    )
+    .await
+    .expect("no new worker for the site added back within 10 s")
+    .unwrap();
+    assert_eq!(next.status, 200, "{}", next.text());
+    node.stop().await;
+}

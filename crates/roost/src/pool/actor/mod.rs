@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use roost_registry::Site;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -117,7 +117,6 @@ struct Pool {
     failure: Option<Failure>,
     /// Modification time of the entry file when the current workers were started.
     entry_mtime: Option<SystemTime>,
-    draining: bool,
     /// Budget permits granted and not yet used by a worker.
     permits: Vec<Permit>,
     /// Permits asked for and not granted yet.
@@ -130,11 +129,20 @@ struct Pool {
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
-pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<()>) {
+/// `after`: pools of the same site name still ending; they remove the site's cgroup,
+/// so this one starts its workers after them, in a cgroup made anew.
+pub fn spawn_pool(
+    site: Arc<Site>,
+    ctx: PoolContext,
+    after: Vec<PoolHandle>,
+) -> (PoolHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (done_tx, done) = watch::channel(());
     let handle = PoolHandle {
-        tx: tx.clone(),
+        tx,
         waiting: Default::default(),
+        phase: Default::default(),
+        done,
     };
     let span = tracing::info_span!("pool", site = %site.name);
     let template = new_template(&site, &ctx);
@@ -146,19 +154,39 @@ pub fn spawn_pool(site: Arc<Site>, ctx: PoolContext) -> (PoolHandle, JoinHandle<
         workers: BTreeMap::new(),
         waiters: VecDeque::new(),
         failure: None,
-        draining: false,
         permits: Vec::new(),
         asked: 0,
         template,
         empty_since: None,
     };
-    pool.ctx.budget.register(&pool.site.name, tx.clone());
-    let task = tokio::spawn(tracing::Instrument::instrument(pool.run(rx), span));
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        pool.run(rx, after, done_tx),
+        span,
+    ));
     (handle, task)
 }
 
 impl Pool {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<PoolControl>) {
+    /// `done` is dropped on return, which ends [`PoolHandle::ended`].
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<PoolControl>,
+        after: Vec<PoolHandle>,
+        _done: watch::Sender<()>,
+    ) {
+        if !after.is_empty() {
+            for previous in &after {
+                previous.ended().await;
+            }
+            let cgroup = &self.ctx.cgroup;
+            if let Err(e) = cgroup.create().and_then(|()| cgroup.apply(&self.site.pool)) {
+                tracing::error!(error = %crate::error_chain(&e), "cannot make the site's cgroup again");
+            }
+        }
+        // Registered by the site's name: any pool of that name before it has ended.
+        self.ctx
+            .budget
+            .register(&self.site.name, self.handle.tx.clone());
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.spawn_as_needed();
@@ -176,7 +204,7 @@ impl Pool {
             self.handle
                 .waiting
                 .store(self.waiters.len(), std::sync::atomic::Ordering::Relaxed);
-            if self.draining && self.waiters.is_empty() {
+            if self.handle.draining() && self.waiters.is_empty() {
                 let busy = self
                     .workers
                     .values()
@@ -184,7 +212,7 @@ impl Pool {
                 if !busy {
                     self.retire_all("the site was removed");
                 }
-                if self.workers.is_empty() {
+                if self.workers.is_empty() && self.handle.end() {
                     break;
                 }
             }
@@ -227,7 +255,6 @@ impl Pool {
             }
             PoolControl::Drain => {
                 tracing::info!(waiting = self.waiters.len(), "draining");
-                self.draining = true;
             }
             PoolControl::Permit(permit) => {
                 self.asked = self.asked.saturating_sub(1);
@@ -619,7 +646,7 @@ impl Pool {
             .len()
             .saturating_sub((starting + self.asked) * threads);
         let active = self.active_workers() + self.asked;
-        let floor = if self.draining {
+        let floor = if self.handle.draining() {
             0
         } else {
             self.site.pool.processes_min as usize

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Worker churn: does the node's memory stay flat while workers start and stop for
+ever? Many sites on a node whose budget holds few workers, visited at random, so nearly
+every request starts a worker and evicts another; with `--replace N`, N sites are also
+removed from the registry and added again under a new name each round. Prints the node's memory (RSS and PSS)
+after each round, and the growth per thousand worker starts between the second round
+and the last (the first one fills the allocator's pools and the node's tables).
+
+  cargo build --release && python3 bench/churn.py [--rounds 10] [--json]   # as root
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    ROOST, free_port, install_app, pss_kib, require_root, serve, wait_port, workspace)
+from zipf import register  # noqa: E402
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=200)
+    parser.add_argument("--max-workers", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=2000, help="per round")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--replace", type=int, default=0, metavar="N",
+                        help="sites removed and added again (same host, new name) per round")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    require_root()
+    work = workspace()
+    app = install_app(work, "pid.py")
+    registry = os.path.join(work, "registry.db")
+    register(registry, app, args.sites)
+    port = free_port()
+    node = serve(registry, port, work, "churn", "--max-workers", str(args.max_workers))
+    names = ["s%d" % i for i in range(args.sites)]
+
+    def replace(rng, n):
+        """Removes a site and adds it back under a new name, through the CLI."""
+        i = rng.randrange(args.sites)
+        roost = [ROOST, "--registry", "sqlite:" + registry, "site"]
+        subprocess.run(roost + ["rm", names[i]], check=True, stdout=subprocess.DEVNULL)
+        names[i] = "s%d-%d" % (i, n)
+        subprocess.run(roost + ["add", names[i], "--host", "s%d.bench" % i, "--entry", app,
+                                "--user", "nobody", "--idle-timeout", "5s"],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    lock = threading.Lock()
+    # A request between a replaced site's removal and its addition is answered 404,
+    # rightly: counted apart from errors.
+    errors, starts, gaps = [], [0], [0]
+    last_pid = {}
+
+    def client(sites):
+        for site in sites:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", "/", headers={"Host": "s%d.bench" % site})
+                r = conn.getresponse()
+                body = r.read()
+                conn.close()
+            except OSError as exc:
+                with lock:
+                    errors.append(str(exc))
+                continue
+            with lock:
+                if r.status == 404 and args.replace:
+                    gaps[0] += 1
+                elif r.status != 200:
+                    errors.append("s%d %d" % (site, r.status))
+                elif last_pid.get(site) != body:
+                    last_pid[site] = body
+                    starts[0] += 1
+
+    rounds = []
+    try:
+        wait_port(port)
+        time.sleep(1)
+        rng = random.Random(7)
+        for n in range(args.rounds):
+            plan = [rng.randrange(args.sites) for _ in range(args.requests)]
+            threads = [threading.Thread(target=client, args=(plan[i::args.clients],))
+                       for i in range(args.clients)]
+            started = time.time()
+            for t in threads:
+                t.start()
+            for k in range(args.replace):
+                replace(rng, n * args.replace + k)
+            for t in threads:
+                t.join()
+            rounds.append({"round": n + 1, "seconds": time.time() - started,
+                           "worker_starts": starts[0], "errors": len(errors), "not_found": gaps[0],
+                           "node_rss_kib": rss_kib(node.pid), "node_pss_kib": pss_kib(node.pid)})
+            if not args.json:
+                r = rounds[-1]
+                print("round %2d  %6.1f s  %6d worker starts  %d errors  %d 404 while replaced  "
+                      "node RSS %.2f MiB  PSS %.2f MiB"
+                      % (r["round"], r["seconds"], r["worker_starts"], r["errors"], r["not_found"],
+                         r["node_rss_kib"] / 1024, r["node_pss_kib"] / 1024), flush=True)
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    first, last = rounds[min(1, len(rounds) - 1)], rounds[-1]
+    thousands = max(last["worker_starts"] - first["worker_starts"], 1) / 1000
+    report = {
+        "rounds": rounds,
+        "rss_kib_per_1000_starts": (last["node_rss_kib"] - first["node_rss_kib"]) / thousands,
+        "pss_kib_per_1000_starts": (last["node_pss_kib"] - first["node_pss_kib"]) / thousands,
+        "first_errors": errors[:5],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("growth from round %d to %d: RSS %.1f KiB, PSS %.1f KiB per 1,000 worker starts; %d errors"
+              % (first["round"], last["round"], report["rss_kib_per_1000_starts"],
+                 report["pss_kib_per_1000_starts"], len(errors)))
+
+
+if __name__ == "__main__":
+    main()
