@@ -94,7 +94,9 @@ pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepa
     Ok(Prepared { identity, env })
 }
 
-/// `<tmp_root>/<site>`, owned by the site user, mode 0700.
+/// `<tmp_root>/<site>`, owned by the site user, mode 0700. A folder another user owns
+/// was left by the site's previous owner (the site changed hands, or its name was
+/// reused): it is removed with what is in it, not handed over.
 fn private_tmp(
     tmp_root: &Path,
     site: &str,
@@ -119,6 +121,15 @@ fn private_tmp(
     }
     if let Some(id) = identity {
         if meta.uid() != id.uid || meta.gid() != id.gid {
+            // Workers of a site start together: one looks again and hands over at a time.
+            static HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
+            let owner = std::fs::symlink_metadata(&path).map_err(fail)?.uid();
+            // Root owns a folder only between its making and this chown.
+            if owner != 0 && owner != id.uid {
+                std::fs::remove_dir_all(&path).map_err(fail)?;
+                std::fs::create_dir(&path).map_err(fail)?;
+            }
             std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
         }
     }

@@ -513,3 +513,38 @@ async fn a_root_node_favours_cgroup_moves_while_it_runs() {
         "the hierarchy outlived the node"
     );
 }
+
+/// A site given to another user (or its name reused by another user's site) gets a
+/// private TMPDIR of its own: the previous owner's files are not handed over with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users"]
+async fn a_site_that_changes_hands_does_not_hand_over_its_tmpdir() {
+    need_root();
+    let node = Node::start().await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    node.add(tenant_site(&node, "shop", &alice)).await;
+    let written = text(&node, "shop.test", "/tmp-write?name=orders.csv").await;
+    assert!(written.starts_with("ok"), "{written}");
+    assert_eq!(text(&node, "shop.test", "/tmp-list").await, "orders.csv");
+
+    let given = tenant_site(&node, "shop", &bob);
+    node.store()
+        .replace(&given.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.eventually("the site to run as its new owner", || async {
+        let whoami: serde_json::Value =
+            serde_json::from_str(&text(&node, "shop.test", "/whoami").await).unwrap();
+        whoami["uid"] == bob.uid
+    })
+    .await;
+    let whoami: serde_json::Value =
+        serde_json::from_str(&text(&node, "shop.test", "/whoami").await).unwrap();
+    assert_eq!(whoami["tmp_owner"], bob.uid);
+    assert_eq!(whoami["tmp_mode"], 0o700);
+    assert_eq!(
+        text(&node, "shop.test", "/tmp-list").await,
+        "",
+        "the new owner sees the previous owner's files"
+    );
+    node.stop().await;
+}
