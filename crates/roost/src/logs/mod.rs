@@ -9,7 +9,7 @@ mod output;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +20,12 @@ pub use error::MIN_ERROR_LOG_SIZE;
 use access::{AccessLog, SiteAccess};
 use error::ErrorLog;
 use output::{OutputPipes, WorkerOutput};
+
+const ACCESS_LOG: &str = "access.log";
+const ERROR_LOG: &str = "error.log";
+/// Where an error log past its size goes (`error.rs`).
+const OLD_ERROR_LOG: &str = "error.log.old";
+const LOG_FILES: [&str; 3] = [ACCESS_LOG, ERROR_LOG, OLD_ERROR_LOG];
 
 /// The node's side of every site's logs: the access log thread and the output thread.
 pub struct NodeLogs {
@@ -47,8 +53,8 @@ impl NodeLogs {
         let dir = self.root.join(site);
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
-        let error_log = Arc::new(ErrorLog::open(dir.join("error.log"), self.error_log_size)?);
-        let access_path = dir.join("access.log");
+        let error_log = Arc::new(ErrorLog::open(dir.join(ERROR_LOG), self.error_log_size)?);
+        let access_path = dir.join(ACCESS_LOG);
         let access = SiteAccess::new(
             &self.access,
             access_path.clone(),
@@ -80,8 +86,12 @@ pub struct SiteLogs {
 
 impl SiteLogs {
     /// Lets the site's group read its logs: the folder and files stay owned by the
-    /// node (a tenant cannot swap them for links) with the site's gid as group.
+    /// node (a tenant cannot swap them for links) with the site's gid as group. Logs
+    /// another group was given were the site's previous owner's: set aside first.
     pub fn grant(&self, gid: u32) {
+        if let Err(e) = self.set_aside_from_previous_owner(gid) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot set aside the logs of a site's previous owner");
+        }
         let give = |path: &Path| -> std::io::Result<()> {
             if path != self.dir {
                 return append_with_group(path, gid).map(drop);
@@ -91,21 +101,42 @@ impl SiteLogs {
             }
             Ok(())
         };
-        let mut paths = vec![
-            self.dir.clone(),
-            self.dir.join("access.log"),
-            self.dir.join("error.log"),
-        ];
+        let files = LOG_FILES.iter().map(|name| self.dir.join(name));
         // Only if it is there: giving a file a group creates it.
-        let old = self.dir.join("error.log.old");
-        if old.exists() {
-            paths.push(old);
-        }
-        for path in paths {
+        let old = |path: &PathBuf| path.ends_with(OLD_ERROR_LOG) && !path.exists();
+        for path in std::iter::once(self.dir.clone()).chain(files.filter(|p| !old(p))) {
             if let Err(e) = give(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
             }
         }
+    }
+
+    /// The site changed hands (its group changed, or a removed site's name was reused
+    /// by another owner's site): what its logs hold (tracebacks, whatever the app
+    /// printed) moves to `previous-gid<G>-<unix time>/`, which only root can open, and
+    /// the site starts new files. Nothing is lost; the operator still has it.
+    fn set_aside_from_previous_owner(&self, gid: u32) -> std::io::Result<()> {
+        // Workers of a site start together: one looks and sets aside at a time.
+        static HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::fs::symlink_metadata(&self.dir)?.gid();
+        // Root's group: the folder was made and never given to a site.
+        if previous == gid || previous == 0 {
+            return Ok(());
+        }
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = self.dir.join(format!("previous-gid{previous}-{stamp}"));
+        std::fs::DirBuilder::new().mode(0o700).create(&aside)?;
+        for name in LOG_FILES {
+            match std::fs::rename(self.dir.join(name), aside.join(name)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                moved => moved?,
+            }
+        }
+        std::os::unix::fs::lchown(&self.dir, None, Some(gid))?;
+        self.reopen()
     }
 
     /// Opens both logs anew after log rotation renamed them: later lines go to the
@@ -113,7 +144,7 @@ impl SiteLogs {
     pub fn reopen(&self) -> std::io::Result<()> {
         let gid = std::fs::metadata(&self.dir)?.gid();
         self.access
-            .reopen(append_with_group(&self.dir.join("access.log"), gid)?);
+            .reopen(append_with_group(&self.dir.join(ACCESS_LOG), gid)?);
         self.error_log.reopen()
     }
 

@@ -96,7 +96,9 @@ pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepa
 
 /// `<tmp_root>/<site>`, owned by the site user, mode 0700. A folder another user owns
 /// was left by the site's previous owner (the site changed hands, or its name was
-/// reused): it is removed with what is in it, not handed over.
+/// reused): it is moved out of the way and removed with what is in it, not handed
+/// over. Moved first: the previous owner's workers may still be finishing requests and
+/// writing there, which would keep a removal in place from ever ending.
 fn private_tmp(
     tmp_root: &Path,
     site: &str,
@@ -127,7 +129,13 @@ fn private_tmp(
             let owner = std::fs::symlink_metadata(&path).map_err(fail)?.uid();
             // Root owns a folder only between its making and this chown.
             if owner != 0 && owner != id.uid {
-                std::fs::remove_dir_all(&path).map_err(fail)?;
+                let aside = tmp_root.join(format!(".previous-{site}-{owner}"));
+                // One left by an earlier handover that could not be removed goes now.
+                let _ = std::fs::remove_dir_all(&aside);
+                std::fs::rename(&path, &aside).map_err(fail)?;
+                if let Err(e) = std::fs::remove_dir_all(&aside) {
+                    tracing::warn!(path = %aside.display(), error = %e, "cannot remove the site's previous owner's TMPDIR");
+                }
                 std::fs::create_dir(&path).map_err(fail)?;
             }
             std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
