@@ -125,13 +125,16 @@ def main():
         "rounds": rounds,
         "rss_kib_per_1000_starts": (last["node_rss_kib"] - first["node_rss_kib"]) / thousands,
         "pss_kib_per_1000_starts": (last["node_pss_kib"] - first["node_pss_kib"]) / thousands,
+        "sites_replaced": (last["round"] - first["round"]) * args.replace,
         "first_errors": errors[:5],
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print("growth from round %d to %d: RSS %.1f KiB, PSS %.1f KiB per 1,000 worker starts; %d errors"
-              % (first["round"], last["round"], report["rss_kib_per_1000_starts"],
+        print("growth from round %d to %d (%d worker starts, %d sites replaced): RSS %.1f KiB, "
+              "PSS %.1f KiB per 1,000 worker starts; %d errors"
+              % (first["round"], last["round"], last["worker_starts"] - first["worker_starts"],
+                 report["sites_replaced"], report["rss_kib_per_1000_starts"],
                  report["pss_kib_per_1000_starts"], len(errors)))
 
 
