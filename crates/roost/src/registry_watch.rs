@@ -2,9 +2,13 @@
 //! SQLite registry (by any process) and sends fresh snapshots to the node.
 //!
 //! `PRAGMA data_version` is a cheap per-connection counter, so polling it every
-//! `interval` costs next to nothing; a full reload happens only when it moves.
+//! `interval` costs next to nothing; a full reload happens only when it moves. The
+//! file's identity is checked as often: a registry replaced by another file (a backup
+//! restored, a configuration tool that writes a copy and renames it over) is opened
+//! anew and loaded, where the open connection would go on reading the old file.
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use roost_registry::{Loaded, SqliteStore};
@@ -17,7 +21,8 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
     std::thread::Builder::new()
         .name("registry-watch".into())
         .spawn(move || {
-            let store = match SqliteStore::open(&path) {
+            let mut file = identity(&path);
+            let mut store = match SqliteStore::open(&path) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "registry watcher cannot open the registry; live changes stop");
@@ -29,6 +34,24 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
             loop {
                 if tx.is_closed() {
                     return;
+                }
+                match identity(&path) {
+                    Some(now) if Some(now) != file => {
+                        // Said once per file: the next attempt is when it is replaced again.
+                        file = Some(now);
+                        match SqliteStore::open(&path) {
+                            Ok(reopened) => {
+                                tracing::info!(path = %path.display(), "the registry file was replaced; loading the new one");
+                                (store, version) = (reopened, i64::MIN);
+                            }
+                            Err(e) => tracing::error!(error = %crate::error_chain(&e), "the registry file was replaced by one that cannot be opened; serving the sites loaded last"),
+                        }
+                    }
+                    None if file.is_some() => {
+                        tracing::warn!(path = %path.display(), "the registry file is gone; serving the sites loaded last until it is back");
+                        file = None;
+                    }
+                    _ => {}
                 }
                 let now = match store.data_version() {
                     Ok(v) => v,
@@ -55,4 +78,9 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
             }
         })?;
     Ok(rx)
+}
+
+/// The file's device and inode, or None when it is not there.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

@@ -209,21 +209,11 @@ async fn a_site_added_back_while_its_old_self_drains_is_left_alone_by_the_drain(
         tokio::spawn(async move { get(addr, "again.test", "/sleep?s=3").await.unwrap() });
     tokio::time::sleep(Duration::from_millis(200)).await;
     node.store().remove("again").unwrap();
-    node.eventually("the removed site to answer 404", || async {
-        get(node.addr, "again.test", "/pid")
-            .await
-            .is_ok_and(|r| r.status == 404)
-    })
-    .await;
+    node.until_status("again.test", "/pid", 404).await;
     node.store()
         .add(&spec.validate(FsChecks::Full).unwrap())
         .unwrap();
-    node.eventually("the site added back", || async {
-        get(node.addr, "again.test", "/pid")
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
+    node.until_status("again.test", "/pid", 200).await;
     let new_pid = pid_of(&get(node.addr, "again.test", "/pid").await.unwrap());
     assert!(
         !in_flight.is_finished(),
@@ -258,5 +248,29 @@ async fn a_site_added_back_while_its_old_self_drains_is_left_alone_by_the_drain(
     .expect("no new worker for the site added back within 10 s")
     .unwrap();
     assert_eq!(next.status, 200, "{}", next.text());
+    node.stop().await;
+}
+
+/// A registry replaced by another file (a backup restored; a configuration tool that
+/// writes a copy and renames it over the old one): the node serves the new file's
+/// sites, not the old file's it had open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_file_replaced_by_another_is_loaded() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("before", &["before.test"], &app)).await;
+
+    let copy = node.registry.with_extension("new");
+    let mut store = roost_registry::SqliteStore::open(&copy).unwrap();
+    let spec = node.spec("after", &["after.test"], &app);
+    store.add(&spec.validate(FsChecks::Full).unwrap()).unwrap();
+    drop(store);
+    std::fs::rename(&copy, &node.registry).unwrap();
+
+    node.until_status("after.test", "/pid", 200).await;
+    node.until_status("before.test", "/pid", 404).await;
+    // And the new file is the one watched from now on.
+    node.store().remove("after").unwrap();
+    node.until_status("after.test", "/pid", 404).await;
     node.stop().await;
 }

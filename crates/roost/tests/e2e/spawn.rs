@@ -56,12 +56,7 @@ async fn workers_are_forked_by_the_zygote_which_restarts_when_killed() {
         !alive(worker)
     })
     .await;
-    node.eventually("a new worker from a new zygote", || async {
-        get(node.addr, "z.test", "/pid")
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
+    node.until_status("z.test", "/pid", 200).await;
     let next = pid_of(&get(node.addr, "z.test", "/pid").await.unwrap());
     assert_ne!(next, worker);
     let again = zygotes(&node);

@@ -179,6 +179,17 @@ impl Node {
     }
 
     /// Pids of this node's workers (processes running this node's loader).
+    /// Waits until `host` answers `path` with `status`.
+    pub async fn until_status(&self, host: &str, path: &str, status: u16) {
+        let what = format!("{host}{path} to answer {status}");
+        self.eventually(&what, || async {
+            get(self.addr, host, path)
+                .await
+                .is_ok_and(|r| r.status == status)
+        })
+        .await
+    }
+
     pub fn worker_pids(&self) -> Vec<u32> {
         pids_running(&self.dir.path().join("run/loader.py").display().to_string())
     }
