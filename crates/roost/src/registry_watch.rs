@@ -23,7 +23,7 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
         .spawn(move || {
             let mut file = identity(&path);
             let mut store = match SqliteStore::open(&path) {
-                Ok(s) => s,
+                Ok(s) => Some(s),
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "registry watcher cannot open the registry; live changes stop");
                     return;
@@ -31,53 +31,61 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
             };
             // Never equal to a real data_version: the first pass always loads.
             let mut version = i64::MIN;
-            loop {
-                if tx.is_closed() {
-                    return;
-                }
-                match identity(&path) {
-                    Some(now) if Some(now) != file => {
-                        // Said once per file: the next attempt is when it is replaced again.
-                        file = Some(now);
+            while !tx.is_closed() {
+                let now = identity(&path);
+                if now != file {
+                    file = now;
+                    if file.is_none() {
+                        tracing::warn!(path = %path.display(), "the registry file is gone; serving the sites loaded last until it is back");
+                    } else {
+                        // Closed first: the last connection to the old file takes its
+                        // write-ahead log with it. SQLite pairs a database with its WAL
+                        // by name, and would read the new file through the old one's.
+                        store = None;
                         match SqliteStore::open(&path) {
                             Ok(reopened) => {
                                 tracing::info!(path = %path.display(), "the registry file was replaced; loading the new one");
-                                (store, version) = (reopened, i64::MIN);
+                                (store, version) = (Some(reopened), i64::MIN);
                             }
+                            // Said once per file: tried again when it is replaced again.
                             Err(e) => tracing::error!(error = %crate::error_chain(&e), "the registry file was replaced by one that cannot be opened; serving the sites loaded last"),
                         }
                     }
-                    None if file.is_some() => {
-                        tracing::warn!(path = %path.display(), "the registry file is gone; serving the sites loaded last until it is back");
-                        file = None;
-                    }
-                    _ => {}
                 }
-                let now = match store.data_version() {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot poll the registry");
-                        std::thread::sleep(interval);
-                        continue;
+                if let Some(store) = &store {
+                    if !reload_if_changed(store, &mut version, &tx) {
+                        return;
                     }
-                };
-                if now == version {
-                    std::thread::sleep(interval);
-                    continue;
-                }
-                match store.load() {
-                    Ok(loaded) => {
-                        version = now;
-                        if tx.blocking_send(loaded).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot reload the registry"),
                 }
                 std::thread::sleep(interval);
             }
         })?;
     Ok(rx)
+}
+
+/// Sends a fresh snapshot when the registry's data_version moved past `version`;
+/// false when nobody listens any more.
+fn reload_if_changed(store: &SqliteStore, version: &mut i64, tx: &mpsc::Sender<Loaded>) -> bool {
+    let now = match store.data_version() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot poll the registry");
+            return true;
+        }
+    };
+    if now == *version {
+        return true;
+    }
+    match store.load() {
+        Ok(loaded) => {
+            *version = now;
+            tx.blocking_send(loaded).is_ok()
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot reload the registry");
+            true
+        }
+    }
 }
 
 /// The file's device and inode, or None when it is not there.
