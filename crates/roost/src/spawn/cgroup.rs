@@ -297,6 +297,14 @@ impl SiteCgroup {
     }
 
     /// Kills anything left and removes the directories (the site was removed).
+    /// SIGKILL to every process in the site's cgroup; how many there were.
+    pub fn kill_all(&self) -> usize {
+        (self.dirs.iter())
+            .map(|(_, _, dir)| kill_all(dir))
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn remove(&self) {
         for (_, _, dir) in &self.dirs {
             kill_all(dir);

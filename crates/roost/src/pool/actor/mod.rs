@@ -126,6 +126,8 @@ struct Pool {
     /// When the last worker went (none started since): a template left without
     /// workers this long (idle_timeout) goes too.
     empty_since: Option<Instant>,
+    /// What the workers left behind was killed since the last one went.
+    swept: bool,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -158,6 +160,7 @@ pub fn spawn_pool(
         asked: 0,
         template,
         empty_since: None,
+        swept: false,
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         pool.run(rx, after, done_tx),
@@ -542,6 +545,7 @@ impl Pool {
                 if self.workers.is_empty() {
                     self.empty_since = Some(Instant::now());
                 }
+                self.sweep_if_empty();
                 self.spawn_as_needed();
             }
         }
@@ -614,7 +618,27 @@ impl Pool {
         if self.workers.is_empty() && deserted {
             self.retire_template();
         }
+        self.sweep_if_empty();
         self.spawn_as_needed();
+    }
+
+    /// Nothing of a site without workers runs: a process a worker left behind in a
+    /// session of its own escaped the worker's process group (killed with it), not the
+    /// site's cgroup, and is killed once the last worker and the template are gone.
+    /// Before any new worker is forked, which would join the cgroup after this reads it.
+    fn sweep_if_empty(&mut self) {
+        let template = self.template.as_ref().is_some_and(|t| t.is_live());
+        if self.swept || !self.workers.is_empty() || template {
+            return;
+        }
+        self.swept = true;
+        let killed = self.ctx.cgroup.kill_all();
+        if killed > 0 {
+            tracing::warn!(killed, "killed processes the site's workers left behind");
+            self.ctx.logs.error(&format!(
+                "killed {killed} process(es) left behind by the site's workers, which had all exited"
+            ));
+        }
     }
 
     fn active_workers(&self) -> usize {
@@ -689,6 +713,7 @@ impl Pool {
 
     fn start_worker(&mut self, permit: Permit) {
         self.empty_since = None;
+        self.swept = false;
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let spawner = match &self.template {
             Some(template) => template.clone() as Arc<dyn Spawn>,
