@@ -176,9 +176,10 @@ pub async fn run(
             source,
         })?;
     }
+    let tmp_root = config.run_dir.join("tmp");
     let spawn_config = SpawnConfig {
         loader,
-        tmp_root: config.run_dir.join("tmp"),
+        tmp_root: tmp_root.clone(),
         as_root,
         min_uid: config.min_uid,
         base_env: worker_base_env(),
@@ -200,6 +201,7 @@ pub async fn run(
             .map_err(ServerError::Logs)?,
         config.stop_grace,
         Budget::start(config.budget),
+        tmp_root,
     );
     let mut updates = registry_watch::spawn(config.registry.clone(), config.registry_poll)
         .map_err(ServerError::Watcher)?;

@@ -5,6 +5,7 @@
 //! publishes a new route table in one atomic swap.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::logs::NodeLogs;
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
-use crate::spawn::{Cgroups, Spawn};
+use crate::spawn::{private_tmp_path, Cgroups, Spawn};
 
 pub struct Sites {
     registry: Registry,
@@ -29,6 +30,8 @@ pub struct Sites {
     logs: NodeLogs,
     stop_grace: Duration,
     budget: Budget,
+    /// Parent of every site's private TMPDIR.
+    tmp_root: PathBuf,
     /// Pools of removed sites, draining or ending; awaited at shutdown. A site added
     /// back meanwhile revives its draining pool, or waits for the ending ones.
     draining: Vec<LiveSite>,
@@ -47,6 +50,7 @@ impl Sites {
         logs: NodeLogs,
         stop_grace: Duration,
         budget: Budget,
+        tmp_root: PathBuf,
     ) -> Sites {
         Sites {
             registry: Registry::default(),
@@ -58,6 +62,7 @@ impl Sites {
             logs,
             stop_grace,
             budget,
+            tmp_root,
             draining: Vec::new(),
         }
     }
@@ -159,6 +164,7 @@ impl Sites {
             stop_grace: self.stop_grace,
             poll_memory: !self.cgroups.has(Controller::Memory),
             budget: self.budget.clone(),
+            tmp: private_tmp_path(&self.tmp_root, &site.name),
         };
         // Pools of the same name still ending remove its cgroup: this one waits.
         let after = (self.draining.iter())

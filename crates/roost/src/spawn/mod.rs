@@ -39,7 +39,7 @@ use roost_registry::{OwnerError, Site};
 pub use cgroup::{Cgroups, SiteCgroup};
 pub use inherited::seal_inherited_fds;
 pub use plain::PlainSpawner;
-pub use prepare::SpawnConfig;
+pub use prepare::{private_tmp_path, SpawnConfig};
 pub use process::WorkerProcess;
 pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;

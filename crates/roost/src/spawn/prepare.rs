@@ -94,6 +94,12 @@ pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepa
     Ok(Prepared { identity, env })
 }
 
+/// The private TMPDIR of `site`: its workers' temporary files, removed with the site
+/// (and when the node stops, as systemd's PrivateTmp is with its service).
+pub fn private_tmp_path(tmp_root: &Path, site: &str) -> PathBuf {
+    tmp_root.join(site)
+}
+
 /// `<tmp_root>/<site>`, owned by the site user, mode 0700. A folder another user owns
 /// was left by the site's previous owner (the site changed hands, or its name was
 /// reused): it is moved out of the way and removed with what is in it, not handed
@@ -104,7 +110,7 @@ fn private_tmp(
     site: &str,
     identity: Option<&Identity>,
 ) -> Result<PathBuf, SpawnError> {
-    let path = tmp_root.join(site);
+    let path = private_tmp_path(tmp_root, site);
     let fail = |source| SpawnError::TmpDir {
         path: path.clone(),
         source,

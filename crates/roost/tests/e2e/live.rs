@@ -274,3 +274,24 @@ async fn a_registry_file_replaced_by_another_is_loaded() {
     node.until_status("after.test", "/pid", 404).await;
     node.stop().await;
 }
+
+/// A removed site's TMPDIR goes with it, with what its workers left there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_site_takes_its_tmpdir_with_it() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("temp", &["temp.test"], &app)).await;
+    let tmp = get(node.addr, "temp.test", "/osenv?key=TMPDIR")
+        .await
+        .unwrap();
+    let tmp = std::path::PathBuf::from(tmp.text());
+    assert!(tmp.is_dir(), "{tmp:?}");
+    std::fs::write(tmp.join("cache"), b"left behind").unwrap();
+    node.store().remove("temp").unwrap();
+    node.until_status("temp.test", "/pid", 404).await;
+    node.eventually("the removed site's TMPDIR to go", || async {
+        !tmp.exists()
+    })
+    .await;
+    node.stop().await;
+}

@@ -20,6 +20,7 @@
 mod follow;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -58,6 +59,8 @@ pub struct PoolContext {
     pub poll_memory: bool,
     /// The node-wide budget every worker needs a permit from.
     pub budget: Budget,
+    /// The site's private TMPDIR, removed with what is in it when the pool ends.
+    pub tmp: PathBuf,
 }
 
 type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
@@ -223,8 +226,17 @@ impl Pool {
         self.retire_template();
         // Removal kills what is left and retries rmdir while it dies (up to a second):
         // not on a runtime thread, which every other site shares.
-        let cgroup = self.ctx.cgroup.clone();
-        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+        let (cgroup, tmp) = (self.ctx.cgroup.clone(), self.ctx.tmp.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            cgroup.remove();
+            match std::fs::remove_dir_all(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove the site's TMPDIR");
+                }
+                _ => {}
+            }
+        })
+        .await;
         self.ctx.budget.unregister(&self.site.name);
         tracing::info!("pool stopped");
     }
