@@ -116,11 +116,12 @@ fn private_tmp(
         source,
     };
     std::fs::create_dir_all(tmp_root).map_err(fail)?;
-    match std::fs::create_dir(&path) {
-        // Made by an earlier worker of the site, or by one starting at the same time.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        made => made.map_err(fail)?,
-    }
+    // Made by an earlier worker of the site, or by one starting at the same time.
+    let make = || match std::fs::create_dir(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        made => made.map_err(fail),
+    };
+    make()?;
     let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
     if meta.file_type().is_symlink() || !meta.is_dir() {
         return Err(fail(std::io::Error::other(
@@ -142,7 +143,7 @@ fn private_tmp(
                 if let Err(e) = std::fs::remove_dir_all(&aside) {
                     tracing::warn!(path = %aside.display(), error = %e, "cannot remove the site's previous owner's TMPDIR");
                 }
-                std::fs::create_dir(&path).map_err(fail)?;
+                make()?;
             }
             std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
         }

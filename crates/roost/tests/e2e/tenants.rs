@@ -609,3 +609,60 @@ async fn nothing_of_a_site_runs_on_once_it_is_idle() {
     text(&node, "alice.test", "/pid").await;
     node.stop().await;
 }
+
+/// A site handed from one user to another and back, six times, while eight clients
+/// load it: no request fails (its code is root's, so either user may run it). The
+/// workers of the new owner start together, and used to race to make its TMPDIR: the
+/// losers failed to start and the site answered 500 until its backoff ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users"]
+async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
+    need_root();
+    let node = Node::start().await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    let spec = tenant_site(&node, "shop", &alice);
+    let code = node.dir.path().join("sites").join("shop");
+    for path in [code.clone(), code.join("app.py")] {
+        std::os::unix::fs::chown(path, Some(0), Some(0)).unwrap();
+    }
+    node.add(spec.clone()).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, "shop.test", "/pid").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let owner = if round % 2 == 0 { &bob } else { &alice };
+        let given = SiteSpec {
+            user: Some(owner.name.clone()),
+            ..spec.clone()
+        };
+        node.store()
+            .replace(&given.validate(FsChecks::Full).unwrap())
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} ok, {failed} failed while the site changed hands six times");
+    assert!(ok > 100, "the load did not run ({ok} requests)");
+    assert_eq!(failed, 0);
+    node.stop().await;
+}
