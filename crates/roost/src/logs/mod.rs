@@ -113,7 +113,7 @@ impl SiteLogs {
 
     /// The site changed hands (its group changed, or a removed site's name was reused
     /// by another owner's site): what its logs hold (tracebacks, whatever the app
-    /// printed) moves to `previous-gid<G>-<unix time>/`, which only root can open, and
+    /// printed) moves to `previous-gid<G>-<seconds.nanoseconds>/`, which only root can open, and
     /// the site starts new files. Nothing is lost; the operator still has it.
     fn set_aside_from_previous_owner(&self, gid: u32) -> std::io::Result<()> {
         // Workers of a site start together: one looks and sets aside at a time.
@@ -124,9 +124,11 @@ impl SiteLogs {
         if previous == gid || previous == 0 {
             return Ok(());
         }
-        let stamp = SystemTime::now()
+        // A site handed back and forth within a second sets aside more than once.
+        let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+            .unwrap_or_default();
+        let stamp = format!("{}.{:09}", since.as_secs(), since.subsec_nanos());
         let aside = self.dir.join(format!("previous-gid{previous}-{stamp}"));
         std::fs::DirBuilder::new().mode(0o700).create(&aside)?;
         for name in LOG_FILES {
@@ -253,5 +255,43 @@ mod tests {
         assert_eq!(clf_time(t), "27/Nov/2026:07:05:09 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    #[ignore = "needs root: gives log files to other groups"]
+    fn logs_handed_back_and_forth_are_each_set_aside_whole() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (it gives files to other groups); run the suite as root, as CI does"
+        );
+        let root = tempfile::tempdir().unwrap();
+        let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
+        let logs = node.open_site("shop").unwrap();
+        let dir = root.path().join("shop");
+        // Within a second, as a site handed back and forth under load is.
+        for (n, gid) in [4001, 4002, 4001, 4002].into_iter().enumerate() {
+            logs.grant(gid);
+            let mut error_log = append(&dir.join(ERROR_LOG)).unwrap();
+            std::io::Write::write_all(&mut error_log, format!("owner {n}\n").as_bytes()).unwrap();
+        }
+        let mut asides: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        // previous-gid<G>-<time>: in the order they were set aside.
+        asides.sort_by_key(|p| p.to_string_lossy().rsplit('-').next().map(str::to_owned));
+        assert_eq!(asides.len(), 3, "{asides:?}");
+        let kept: Vec<String> = (asides.iter())
+            .map(|a| std::fs::read_to_string(a.join(ERROR_LOG)).unwrap())
+            .collect();
+        assert_eq!(kept, ["owner 0\n", "owner 1\n", "owner 2\n"]);
+        let current = std::fs::metadata(dir.join(ERROR_LOG)).unwrap();
+        assert_eq!(current.gid(), 4002);
+        assert_eq!(
+            std::fs::read_to_string(dir.join(ERROR_LOG)).unwrap(),
+            "owner 3\n"
+        );
+        node.stop();
     }
 }
