@@ -4,7 +4,7 @@
 //! starts pools for added sites, reconfigures changed ones, drains removed ones, and
 //! publishes a new route table in one atomic swap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,9 @@ use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
 use crate::spawn::{private_tmp_path, Cgroups, Spawn};
 
+/// How often sites that could not start are tried again.
+pub const RETRY_UNSTARTED: Duration = Duration::from_secs(5);
+
 pub struct Sites {
     registry: Registry,
     live: HashMap<String, LiveSite>,
@@ -32,6 +35,9 @@ pub struct Sites {
     budget: Budget,
     /// Parent of every site's private TMPDIR.
     tmp_root: PathBuf,
+    /// Sites that could not start, said once in the node's log (then tried again
+    /// quietly every RETRY_UNSTARTED).
+    unstarted: HashSet<String>,
     /// Pools of removed sites, draining or ending; awaited at shutdown. A site added
     /// back meanwhile revives its draining pool, or waits for the ending ones.
     draining: Vec<LiveSite>,
@@ -63,6 +69,7 @@ impl Sites {
             stop_grace,
             budget,
             tmp_root,
+            unstarted: HashSet::new(),
             draining: Vec::new(),
         }
     }
@@ -81,26 +88,15 @@ impl Sites {
             match change {
                 Change::Added(site) => {
                     tracing::info!(site = %site.name, hosts = ?site.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "site added");
-                    if let Some(live) = self.revive(site) {
-                        self.live.insert(site.name.clone(), live);
-                        continue;
-                    }
-                    match self.start(site.clone()) {
-                        Ok(live) => {
-                            self.live.insert(site.name.clone(), live);
-                        }
-                        Err(e) => {
-                            tracing::error!(site = %site.name, error = %e, "cannot open the site's log folder; the site is not served")
-                        }
-                    }
+                    self.serve(site);
                 }
                 Change::Changed(site) => {
                     tracing::info!(site = %site.name, "site changed");
                     if let Some(live) = self.live.get_mut(&site.name) {
                         live.route.pool.reconfigure(site.clone());
                         live.route = live.route.serving(site.clone());
-                    } else if let Ok(live) = self.start(site.clone()) {
-                        self.live.insert(site.name.clone(), live);
+                    } else {
+                        self.serve(site);
                     }
                 }
                 Change::Removed(name) => {
@@ -113,12 +109,60 @@ impl Sites {
             }
         }
         self.draining.retain(|d| !d.task.is_finished());
+        self.unstarted.retain(|name| next.sites.contains_key(name));
         self.registry = next;
         let sites: Vec<&Site> = self.registry.sites.values().map(|s| &**s).collect();
         self.spawner.retain(&sites);
+        self.publish();
+    }
+
+    /// Sites of the registry that could not start (their log folder or cgroup could
+    /// not be made) are tried again, so that a passing fault (a full disk, a cgroup
+    /// busy) does not leave one unserved until the site changes.
+    pub fn retry_unstarted(&mut self) {
+        let unstarted: Vec<Arc<Site>> = (self.registry.sites.values())
+            .filter(|s| !self.live.contains_key(&s.name))
+            .cloned()
+            .collect();
+        let mut started = false;
+        for site in &unstarted {
+            started |= self.serve(site);
+        }
+        if started {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
         self.routes.store(Arc::new(RouteTable::new(
             self.live.values().map(|l| l.route.clone()),
         )));
+    }
+
+    /// Serves `site` (added, or not served yet): its draining pool if it has one, else
+    /// a new pool. False when it cannot start, which is said in the node's log.
+    fn serve(&mut self, site: &Arc<Site>) -> bool {
+        if let Some(live) = self.revive(site) {
+            self.live.insert(site.name.clone(), live);
+            return true;
+        }
+        match self.start(site.clone()) {
+            Ok(live) => {
+                if self.unstarted.remove(&site.name) {
+                    tracing::info!(site = %site.name, "the site could start after all; served");
+                }
+                self.live.insert(site.name.clone(), live);
+                true
+            }
+            Err(e) if self.unstarted.insert(site.name.clone()) => {
+                tracing::error!(site = %site.name, error = %e, "cannot make the site's log folder or cgroup; it is not served, and is tried again every {RETRY_UNSTARTED:?}");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(site = %site.name, error = %e, "the site still cannot start");
+                false
+            }
+        }
     }
 
     /// The pool of `site` if it was removed and still drains: it serves the site again.

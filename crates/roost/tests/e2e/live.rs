@@ -295,3 +295,27 @@ async fn a_removed_site_takes_its_tmpdir_with_it() {
     .await;
     node.stop().await;
 }
+
+/// A site that cannot start when it is added (here its log folder cannot be made: a
+/// file has its name) is tried again, and served once the fault is gone, with no
+/// change to the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_could_not_start_is_tried_again() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let blocker = node.dir.path().join("logs").join("late");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let spec = node.spec("late", &["late.test"], &app);
+    node.store()
+        .add(&spec.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    // Another site added after it is served: the node has read the registry.
+    node.add(node.spec("other", &["other.test"], &app)).await;
+    let r = get(node.addr, "late.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 404, "served without its log folder: {}", r.text());
+
+    std::fs::remove_file(&blocker).unwrap();
+    node.until_status("late.test", "/pid", 200).await;
+    node.stop().await;
+}
