@@ -36,6 +36,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a zygote no site needs may live on for the workers it forked (their pools
 /// retire them, bounded by their request timeouts); then it is killed, and they with it.
 const RETIRED_ZYGOTE_LIMIT: Duration = Duration::from_secs(3600);
+/// After a zygote could not start (or may not run), its interpreter's workers are
+/// spawned plainly this long before a zygote is tried again; doubled at each failure
+/// in a row, up to `PLAIN_AT_MOST`.
+const PLAIN_FIRST: Duration = Duration::from_secs(10);
+const PLAIN_AT_MOST: Duration = Duration::from_secs(300);
 
 /// Forks workers from one zygote per interpreter; plain spawn where none can run.
 pub struct ZygoteSpawner {
@@ -82,8 +87,13 @@ impl ZygoteKey {
 #[derive(Clone)]
 enum Zygote {
     Server(ForkServer),
-    /// Its zygote could not start; workers are spawned plainly.
-    Plain,
+    /// Its zygote could not start, or may not run: workers are spawned plainly until
+    /// `retry_at`, when a zygote is tried again (a package being upgraded, a module
+    /// added later: warm starts come back without a restart of the node).
+    Plain {
+        retry_at: std::time::Instant,
+        waited: Duration,
+    },
 }
 
 impl ZygoteSpawner {
@@ -95,27 +105,44 @@ impl ZygoteSpawner {
         }
     }
 
-    fn zygote(&self, key: &ZygoteKey) -> Zygote {
+    /// The zygote of `key`, and how long its workers were spawned plainly when this
+    /// call just replaced that with a new try.
+    fn zygote(&self, key: &ZygoteKey) -> (Zygote, Option<Duration>) {
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
-        zygotes
+        let zygote = zygotes
             .entry(key.clone())
-            .or_insert_with(|| {
-                let mut config = self.config.clone();
-                config.preload.extend(key.preload.iter().cloned());
-                let python = key.python.clone();
-                let span = tracing::info_span!("zygote", python = %python.display());
-                let launch: Launch = Arc::new(move || {
-                    let (python, config) = (python.clone(), config.clone());
-                    Box::pin(async move { launch(&python, &config) })
-                });
-                Zygote::Server(ForkServer::new(launch, START_TIMEOUT, log_ready, span))
-            })
-            .clone()
+            .or_insert_with(|| self.server(key));
+        let mut retried = None;
+        if let Zygote::Plain { retry_at, waited } = *zygote {
+            if std::time::Instant::now() >= retry_at {
+                tracing::info!(python = %key.python.display(), "trying a zygote again for this interpreter");
+                *zygote = self.server(key);
+                retried = Some(waited);
+            }
+        }
+        (zygote.clone(), retried)
     }
 
-    fn mark_plain(&self, key: &ZygoteKey) {
+    /// A zygote for `key`, started at its first fork order.
+    fn server(&self, key: &ZygoteKey) -> Zygote {
+        let mut config = self.config.clone();
+        config.preload.extend(key.preload.iter().cloned());
+        let python = key.python.clone();
+        let span = tracing::info_span!("zygote", python = %python.display());
+        let launch: Launch = Arc::new(move || {
+            let (python, config) = (python.clone(), config.clone());
+            Box::pin(async move { launch(&python, &config) })
+        });
+        Zygote::Server(ForkServer::new(launch, START_TIMEOUT, log_ready, span))
+    }
+
+    /// Spawns `key`'s workers plainly for a while: longer than `before`, the last wait,
+    /// when this failure follows a retry.
+    fn mark_plain(&self, key: &ZygoteKey, before: Option<Duration>) {
+        let waited = before.map_or(PLAIN_FIRST, |w| (w * 2).min(PLAIN_AT_MOST));
+        let retry_at = std::time::Instant::now() + waited;
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
-        zygotes.insert(key.clone(), Zygote::Plain);
+        zygotes.insert(key.clone(), Zygote::Plain { retry_at, waited });
     }
 
     async fn fork(
@@ -123,9 +150,9 @@ impl ZygoteSpawner {
         request: SpawnRequest<'_>,
         key: ZygoteKey,
     ) -> Result<SpawnedWorker, SpawnError> {
-        let server = match self.zygote(&key) {
-            Zygote::Plain => return self.plain.spawn_now(request),
-            Zygote::Server(server) => server,
+        let (server, retried) = match self.zygote(&key) {
+            (Zygote::Plain { .. }, _) => return self.plain.spawn_now(request),
+            (Zygote::Server(server), retried) => (server, retried),
         };
         let trusted = trusted_interpreter(&key.python).and_then(|()| match &request.site.runtime {
             // The zygote imports the runtime's packages with the node's rights.
@@ -137,12 +164,12 @@ impl ZygoteSpawner {
             // could have written. Plain spawn execs it only after dropping to the site
             // user, which is safe.
             tracing::warn!(site = %request.site.name, python = %key.python.display(), %why, "no zygote for an untrusted interpreter; spawning its workers plainly");
-            self.mark_plain(&key);
+            self.mark_plain(&key, retried);
             return self.plain.spawn_now(request);
         }
         if let Err(reason) = server.ready().await {
             tracing::warn!(python = %key.python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
-            self.mark_plain(&key);
+            self.mark_plain(&key, retried);
             return self.plain.spawn_now(request);
         }
 

@@ -2,8 +2,13 @@
 //! spawn, and what happens when a zygote dies.
 
 use roost::server::SpawnMode;
+use roost_registry::SiteSpec;
 
-use crate::harness::{alive, comm, get, parent_of, pid_of, pids_running, sched_policy, Node};
+use std::time::Duration;
+
+use crate::harness::{
+    alive, comm, eventually, get, parent_of, pid_of, pids_running, sched_policy, Node,
+};
 
 /// The zygote processes of a node: the loader in zygote mode, not renamed as a worker
 /// or a spare.
@@ -219,5 +224,47 @@ async fn a_zygote_preloading_flask_practises_on_flask() {
     node.add(spec).await;
     let r = get(node.addr, "f.test", "/").await.unwrap();
     assert_eq!((r.status, r.text()), (200, "hello from flask\n".to_owned()));
+    node.stop().await;
+}
+
+/// A zygote that may not run (its interpreter sits in a folder its group may write)
+/// leaves the interpreter's workers spawned plainly, and is tried again a while later:
+/// once the folder is fixed, workers fork from a zygote again, with no restart of the
+/// node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_refused_once_is_tried_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let bin = node.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let python = bin.join("python3");
+    std::fs::copy(crate::harness::python(), &python).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let spec = SiteSpec {
+        interpreter: Some(python.display().to_string()),
+        ..node.spec("z", &["z.test"], &app)
+    };
+    node.add(spec).await;
+    let plain = pid_of(&get(node.addr, "z.test", "/pid").await.unwrap());
+    assert_eq!(
+        parent_of(plain),
+        std::process::id(),
+        "without its zygote, the worker is the node's child"
+    );
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut forked = || async {
+        // Each round replaces the worker: the next one shows how it was started.
+        let _ = get(node.addr, "z.test", "/exit").await;
+        get(node.addr, "z.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200 && zygotes(&node).contains(&parent_of(pid_of(&r))))
+    };
+    eventually(
+        "a worker forked by a zygote again",
+        Duration::from_secs(40),
+        &mut forked,
+    )
+    .await;
     node.stop().await;
 }
