@@ -41,6 +41,9 @@ static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How often a pool with workers looks at idle time and the entry file.
 const TICK: Duration = Duration::from_millis(250);
+/// How long after a site's last worker (and template) went its cgroup is swept: a
+/// retired template exits on its own once its workers have, and is not a leftover.
+const SWEEP_AFTER: Duration = Duration::from_secs(1);
 /// First and longest wait before retrying a site whose workers fail to start.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -129,7 +132,9 @@ struct Pool {
     /// When the last worker went (none started since): a template left without
     /// workers this long (idle_timeout) goes too.
     empty_since: Option<Instant>,
-    /// What the workers left behind was killed since the last one went.
+    /// When what the workers left behind is to be killed (the last one went and no
+    /// template runs), and whether it was since the last one went.
+    sweep_at: Option<Instant>,
     swept: bool,
 }
 
@@ -163,6 +168,7 @@ pub fn spawn_pool(
         asked: 0,
         template,
         empty_since: None,
+        sweep_at: None,
         swept: false,
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
@@ -199,7 +205,8 @@ impl Pool {
         loop {
             let ticking = !self.workers.is_empty()
                 || self.failure.is_some()
-                || self.template.as_ref().is_some_and(|t| t.is_live());
+                || self.template.as_ref().is_some_and(|t| t.is_live())
+                || self.sweep_at.is_some();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -636,14 +643,20 @@ impl Pool {
 
     /// Nothing of a site without workers runs: a process a worker left behind in a
     /// session of its own escaped the worker's process group (killed with it), not the
-    /// site's cgroup, and is killed once the last worker and the template are gone.
-    /// Before any new worker is forked, which would join the cgroup after this reads it.
+    /// site's cgroup, and is killed SWEEP_AFTER the last worker and the template went,
+    /// unless a worker started meanwhile (one starting is in `workers`: the cgroup is
+    /// read before any new worker could join it).
     fn sweep_if_empty(&mut self) {
         let template = self.template.as_ref().is_some_and(|t| t.is_live());
         if self.swept || !self.workers.is_empty() || template {
             return;
         }
-        self.swept = true;
+        let now = Instant::now();
+        let due = *self.sweep_at.get_or_insert(now + SWEEP_AFTER);
+        if now < due {
+            return;
+        }
+        (self.sweep_at, self.swept) = (None, true);
         let killed = self.ctx.cgroup.kill_all();
         if killed > 0 {
             tracing::warn!(killed, "killed processes the site's workers left behind");
@@ -725,7 +738,7 @@ impl Pool {
 
     fn start_worker(&mut self, permit: Permit) {
         self.empty_since = None;
-        self.swept = false;
+        (self.sweep_at, self.swept) = (None, false);
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let spawner = match &self.template {
             Some(template) => template.clone() as Arc<dyn Spawn>,
