@@ -136,13 +136,10 @@ fn private_tmp(
             let owner = std::fs::symlink_metadata(&path).map_err(fail)?.uid();
             // Root owns a folder only between its making and this chown.
             if owner != 0 && owner != id.uid {
-                let aside = tmp_root.join(format!(".previous-{site}-{owner}"));
-                // One left by an earlier handover that could not be removed goes now.
-                let _ = std::fs::remove_dir_all(&aside);
+                let since = std::time::UNIX_EPOCH.elapsed().unwrap_or_default();
+                let aside = tmp_root.join(format!(".previous-{site}-{owner}-{}", since.as_nanos()));
                 std::fs::rename(&path, &aside).map_err(fail)?;
-                if let Err(e) = std::fs::remove_dir_all(&aside) {
-                    tracing::warn!(path = %aside.display(), error = %e, "cannot remove the site's previous owner's TMPDIR");
-                }
+                remove_in_background(aside);
                 make()?;
             }
             std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
@@ -150,6 +147,21 @@ fn private_tmp(
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
     Ok(path)
+}
+
+/// Removes a previous owner's TMPDIR off the runtime thread: it holds whatever that
+/// owner left, a million files if they liked, and every site waits while a runtime
+/// thread is busy.
+fn remove_in_background(folder: PathBuf) {
+    let remove = move || {
+        if let Err(e) = std::fs::remove_dir_all(&folder) {
+            tracing::warn!(path = %folder.display(), error = %e, "cannot remove the site's previous owner's TMPDIR");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+        Err(_) => remove(),
+    }
 }
 
 #[cfg(test)]

@@ -550,6 +550,16 @@ async fn a_site_that_changes_hands_does_not_hand_over_its_tmpdir_or_logs() {
         "",
         "the new owner sees the previous owner's files"
     );
+    let tmp_root = node.dir.path().join("run/tmp");
+    node.eventually("the previous owner's TMPDIR to be removed", || async {
+        std::fs::read_dir(&tmp_root).unwrap().all(|e| {
+            !e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".previous-")
+        })
+    })
+    .await;
 
     let logs = node.dir.path().join("logs").join("shop");
     assert!(
