@@ -20,9 +20,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    ROOST, free_port, install_app, pss_kib, require_root, serve, wait_port, workspace)
-from zipf import register  # noqa: E402
+from common import ROOST, many_sites, pss_kib, require_root, wait_port  # noqa: E402
 
 
 def rss_kib(pid):
@@ -45,12 +43,9 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
-    work = workspace()
-    app = install_app(work, "pid.py")
+    work, port, node = many_sites(args.sites, "churn", args.max_workers)
     registry = os.path.join(work, "registry.db")
-    register(registry, app, args.sites)
-    port = free_port()
-    node = serve(registry, port, work, "churn", "--max-workers", str(args.max_workers))
+    app = os.path.join(work, "apps", "pid.py")
     names = ["s%d" % i for i in range(args.sites)]
 
     def replace(rng, n):

@@ -4,6 +4,7 @@ import os
 import shutil
 import statistics
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,34 @@ def wait_port(port, limit=20.0):
             if time.time() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def register(registry, app, sites):
+    """Adds the sites through the CLI once, then copies that row for the rest (the CLI
+    validates each write; 1,000 runs of it would only measure process start-up)."""
+    subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "add", "s0", "--host",
+                    "s0.bench", "--entry", app, "--user", "nobody", "--idle-timeout", "5s"],
+                   check=True, stdout=subprocess.DEVNULL)
+    db = sqlite3.connect(registry)
+    cols = [r[1] for r in db.execute("PRAGMA table_info(sites)") if r[1] not in ("name", "updated_at")]
+    for i in range(1, sites):
+        db.execute("INSERT INTO sites (name, %s) SELECT ?, %s FROM sites WHERE name = 's0'"
+                   % (", ".join(cols), ", ".join(cols)), ("s%d" % i,))
+        db.execute("INSERT INTO hosts (host, site, position) VALUES (?, ?, 0)",
+                   ("s%d.bench" % i, "s%d" % i))
+    db.commit()
+    db.close()
+
+
+def many_sites(sites, name, max_workers):
+    """A workspace with `sites` sites of bench/apps/pid.py (s<N>.bench, as nobody) and a
+    node serving them with at most `max_workers` workers: (workspace, port, node)."""
+    work = workspace()
+    app = install_app(work, "pid.py")
+    registry = os.path.join(work, "registry.db")
+    register(registry, app, sites)
+    port = free_port()
+    return work, port, serve(registry, port, work, name, "--max-workers", str(max_workers))
 
 
 def serve(registry, port, work, name, *options):

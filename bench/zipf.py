@@ -13,33 +13,13 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    ROOST, free_port, install_app, processes, pss_kib, require_root, serve, wait_port, workspace)
-
-
-def register(registry, app, sites):
-    """Adds the sites through the CLI once, then copies that row for the rest (the CLI
-    validates each write; 1,000 runs of it would only measure process start-up)."""
-    subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "add", "s0", "--host",
-                    "s0.bench", "--entry", app, "--user", "nobody", "--idle-timeout", "5s"],
-                   check=True, stdout=subprocess.DEVNULL)
-    db = sqlite3.connect(registry)
-    cols = [r[1] for r in db.execute("PRAGMA table_info(sites)") if r[1] not in ("name", "updated_at")]
-    for i in range(1, sites):
-        db.execute("INSERT INTO sites (name, %s) SELECT ?, %s FROM sites WHERE name = 's0'"
-                   % (", ".join(cols), ", ".join(cols)), ("s%d" % i,))
-        db.execute("INSERT INTO hosts (host, site, position) VALUES (?, ?, 0)",
-                   ("s%d.bench" % i, "s%d" % i))
-    db.commit()
-    db.close()
+from common import many_sites, processes, pss_kib, require_root, wait_port  # noqa: E402
 
 
 def main():
@@ -52,13 +32,8 @@ def main():
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
-    work = workspace()
-    app = install_app(work, "pid.py")
-    registry = os.path.join(work, "registry.db")
-    register(registry, app, args.sites)
-    port = free_port()
+    work, port, node = many_sites(args.sites, "zipf", args.max_workers)
     run = os.path.join(work, "run")
-    node = serve(registry, port, work, "zipf", "--max-workers", str(args.max_workers))
     weights = [1 / (k ** 1.1) for k in range(1, args.visited + 1)]
     cumulative = []
     total = 0

@@ -1,12 +1,10 @@
 //! Sites added, changed and removed while the node runs and another site is under load.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use roost_registry::{FsChecks, SiteSpec};
 
-use crate::harness::{alive, get, pid_of, Node};
+use crate::harness::{alive, get, pid_of, Load, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_add_change_remove_without_a_failed_request_elsewhere() {
@@ -14,23 +12,7 @@ async fn live_add_change_remove_without_a_failed_request_elsewhere() {
     let app = node.app("tester.py");
     node.add(node.spec("steady", &["steady.test"], &app)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr, "steady.test", "/").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("steady failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(node.addr, "steady.test", "/", 4);
 
     // Add: served shortly after the write, no restart.
     let spec = node.spec("fresh", &["fresh.test"], &app);
@@ -114,11 +96,7 @@ async fn live_add_change_remove_without_a_failed_request_elsewhere() {
     })
     .await;
 
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("steady site: {ok} ok, {failed} failed during the changes");
     assert!(ok > 50, "the load did not run ({ok} requests)");
     assert_eq!(failed, 0);

@@ -5,13 +5,11 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use roost_registry::{FsChecks, SiteSpec};
 
-use crate::harness::{alive, get, is_root, python, Node, TestUser};
+use crate::harness::{alive, get, is_root, python, Load, Node, TestUser};
 
 fn need_root() {
     assert!(
@@ -165,34 +163,6 @@ async fn root_low_uids_and_writable_code_are_refused_before_any_spawn() {
     node.stop().await;
 }
 
-/// Four clients hammer `steady.test` until the returned flag is set.
-fn load(
-    node: &Node,
-    host: &'static str,
-) -> (
-    Arc<AtomicBool>,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let tasks = (0..4)
-        .map(|_| {
-            let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match get(addr, host, "/pid").await {
-                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
-    (stop, ok, failed, tasks)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: per-site memory cgroups"]
 async fn a_memory_hog_dies_alone_in_its_cgroup() {
@@ -203,7 +173,7 @@ async fn a_memory_hog_dies_alone_in_its_cgroup() {
     hog.memory_max = Some(64 << 20);
     node.add(hog).await;
     node.add(tenant_site(&node, "steady", &calm_user)).await;
-    let (stop, ok, failed, tasks) = load(&node, "steady.test");
+    let load = Load::start(node.addr, "steady.test", "/pid", 4);
 
     let r = get(node.addr, "hog.test", "/hog?mib=128").await.unwrap();
     assert_eq!(
@@ -216,11 +186,7 @@ async fn a_memory_hog_dies_alone_in_its_cgroup() {
     text(&node, "hog.test", "/pid").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("neighbour during the OOM kill: {ok} ok, {failed} failed");
     assert!(ok > 10);
     assert_eq!(failed, 0, "the neighbour noticed the hog");
@@ -237,7 +203,7 @@ async fn a_fork_bomb_stops_at_pids_max() {
     bomb.pids_max = Some(16);
     node.add(bomb).await;
     node.add(tenant_site(&node, "steady", &calm_user)).await;
-    let (stop, ok, failed, tasks) = load(&node, "steady.test");
+    let load = Load::start(node.addr, "steady.test", "/pid", 4);
 
     let children: u32 = text(&node, "bomb.test", "/forkbomb")
         .await
@@ -249,16 +215,9 @@ async fn a_fork_bomb_stops_at_pids_max() {
     // The bomb's children live on for a while: the neighbour keeps answering meanwhile.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert!(ok.load(Ordering::Relaxed) > 10);
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "the neighbour noticed the fork bomb"
-    );
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 10);
+    assert_eq!(failed, 0, "the neighbour noticed the fork bomb");
     node.stop().await;
 }
 
@@ -642,23 +601,7 @@ async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
     }
     node.add(spec.clone()).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..8 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), node.addr);
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr, "shop.test", "/pid").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(node.addr, "shop.test", "/pid", 8);
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let owner = if round % 2 == 0 { &bob } else { &alice };
@@ -671,11 +614,7 @@ async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!("{ok} ok, {failed} failed while the site changed hands six times");
     assert!(ok > 100, "the load did not run ({ok} requests)");
     assert_eq!(failed, 0);

@@ -402,3 +402,55 @@ pub fn thread_cpu(name: &str) -> Duration {
     }
     panic!("no thread named {name}");
 }
+
+/// Clients asking `host` for `path` in a loop, each on a fresh connection, until
+/// stopped: the steady neighbour of a test that does something rough elsewhere.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, host: &str, path: &str, clients: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let load = Load {
+            stop: Default::default(),
+            ok: Default::default(),
+            failed: Default::default(),
+            clients: Vec::new(),
+        };
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (load.stop.clone(), load.ok.clone(), load.failed.clone());
+                let (host, path) = (host.to_owned(), path.to_owned());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(addr, &host, &path).await {
+                            Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("{host}{path} failed: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load { clients, ..load }
+    }
+
+    /// Stops the clients; how many requests were answered 200, and how many not.
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("a load client panicked");
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
