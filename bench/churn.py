@@ -9,7 +9,6 @@ and the last (the first one fills the allocator's pools and the node's tables).
   cargo build --release && python3 bench/churn.py [--rounds 10] [--json]   # as root
 """
 import argparse
-import http.client
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOST, many_sites, pss_kib, require_root, wait_port  # noqa: E402
+from common import ROOST, get_once, many_sites, pss_kib, require_root, wait_port  # noqa: E402
 
 
 def rss_kib(pid):
@@ -67,20 +66,16 @@ def main():
     def client(sites):
         for site in sites:
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request("GET", "/", headers={"Host": "s%d.bench" % site})
-                r = conn.getresponse()
-                body = r.read()
-                conn.close()
+                status, body = get_once(port, "s%d.bench" % site)
             except OSError as exc:
                 with lock:
                     errors.append(str(exc))
                 continue
             with lock:
-                if r.status == 404 and args.replace:
+                if status == 404 and args.replace:
                     gaps[0] += 1
-                elif r.status != 200:
-                    errors.append("s%d %d" % (site, r.status))
+                elif status != 200:
+                    errors.append("s%d %d" % (site, status))
                 elif last_pid.get(site) != body:
                     last_pid[site] = body
                     starts[0] += 1

@@ -206,17 +206,24 @@ def processes(loader):
     return workers, zygotes
 
 
+def get_once(port, host=None, timeout=60):
+    """One GET / on a fresh connection: (status, body). OSError when it fails."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def timed_get(port, host=None, timeout=60):
     """Seconds for one GET / on a fresh connection, body included; it must be a 200."""
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("GET", "/", headers={"Host": host} if host else {})
-    response = conn.getresponse()
-    body = response.read()
+    status, body = get_once(port, host, timeout)
     elapsed = time.perf_counter() - start
-    conn.close()
-    if response.status != 200:
-        raise RuntimeError("%s answered %d: %r" % (host or port, response.status, body[:200]))
+    if status != 200:
+        raise RuntimeError("%s answered %d: %r" % (host or port, status, body[:200]))
     return elapsed
 
 

@@ -8,7 +8,6 @@ request answered by a worker pid new for its site) and errors.
 """
 import argparse
 import bisect
-import http.client
 import json
 import os
 import random
@@ -19,7 +18,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import many_sites, processes, pss_kib, require_root, wait_port  # noqa: E402
+from common import get_once, many_sites, processes, pss_kib, require_root, wait_port  # noqa: E402
 
 
 def main():
@@ -51,19 +50,15 @@ def main():
             host = "s%d.bench" % site
             start = time.perf_counter()
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request("GET", "/", headers={"Host": host})
-                r = conn.getresponse()
-                body = r.read()
-                conn.close()
+                status, body = get_once(port, host)
             except OSError as exc:
                 with lock:
                     errors.append(str(exc))
                 continue
             elapsed = time.perf_counter() - start
             with lock:
-                if r.status != 200:
-                    errors.append("%s %d" % (host, r.status))
+                if status != 200:
+                    errors.append("%s %d" % (host, status))
                     continue
                 latencies.append(elapsed)
                 pids = seen.setdefault(site, set())
