@@ -146,6 +146,15 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Closes the connection after moving everything in the write-ahead log into the
+    /// database and emptying the log: a file that replaces this one (renamed over it)
+    /// finds no frames of this one in the log SQLite pairs with it by name.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn.close().map_err(|(_, e)| StoreError::from(e))
+    }
+
     fn migrate(&mut self) -> Result<(), StoreError> {
         let current: i64 = self
             .conn
@@ -574,6 +583,21 @@ mod tests {
         }
         .validate(FsChecks::Full)
         .unwrap()
+    }
+
+    #[test]
+    fn a_closed_store_leaves_nothing_in_the_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        // Another connection keeps the log from going with the close.
+        let other = SqliteStore::open(&path).unwrap();
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        let wal = dir.path().join("registry.db-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+        store.close().unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        assert!(other.load().unwrap().registry.sites.contains_key("a"));
     }
 
     #[test]
