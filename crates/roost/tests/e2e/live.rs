@@ -231,12 +231,26 @@ async fn a_site_added_back_while_its_old_self_drains_is_left_alone_by_the_drain(
 
 /// A registry replaced by another file (a backup restored; a configuration tool that
 /// writes a copy and renames it over the old one): the node serves the new file's
-/// sites, not the old file's it had open.
+/// sites, not the old file's it had open; a file that is no registry changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_file_replaced_by_another_is_loaded() {
     let node = Node::start().await;
     let app = node.app("tester.py");
     node.add(node.spec("before", &["before.test"], &app)).await;
+
+    // A file that is no registry is refused, and the sites loaded last go on.
+    let garbage = node.registry.with_extension("garbage");
+    std::fs::write(
+        &garbage,
+        "no database, though long enough for a header".repeat(4),
+    )
+    .unwrap();
+    std::fs::rename(&garbage, &node.registry).unwrap();
+    for _ in 0..5 {
+        let r = get(node.addr, "before.test", "/pid").await.unwrap();
+        assert_eq!(r.status, 200, "a broken registry file took the sites down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let copy = node.registry.with_extension("new");
     let mut store = roost_registry::SqliteStore::open(&copy).unwrap();
