@@ -35,8 +35,8 @@ pub struct Sites {
     budget: Budget,
     /// Parent of every site's private TMPDIR.
     tmp_root: PathBuf,
-    /// Sites that could not start, said once in the node's log (then tried again
-    /// quietly every RETRY_UNSTARTED).
+    /// Sites of the registry that could not start: said once in the node's log, then
+    /// tried again quietly every RETRY_UNSTARTED.
     unstarted: HashSet<String>,
     /// Pools of removed sites, draining or ending; awaited at shutdown. A site added
     /// back meanwhile revives its draining pool, or waits for the ending ones.
@@ -120,8 +120,8 @@ impl Sites {
     /// not be made) are tried again, so that a passing fault (a full disk, a cgroup
     /// busy) does not leave one unserved until the site changes.
     pub fn retry_unstarted(&mut self) {
-        let unstarted: Vec<Arc<Site>> = (self.registry.sites.values())
-            .filter(|s| !self.live.contains_key(&s.name))
+        let unstarted: Vec<Arc<Site>> = (self.unstarted.iter())
+            .filter_map(|name| self.registry.sites.get(name))
             .cloned()
             .collect();
         let mut started = false;

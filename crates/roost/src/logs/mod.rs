@@ -101,10 +101,11 @@ impl SiteLogs {
             }
             Ok(())
         };
-        let files = LOG_FILES.iter().map(|name| self.dir.join(name));
-        // Only if it is there: giving a file a group creates it.
-        let old = |path: &PathBuf| path.ends_with(OLD_ERROR_LOG) && !path.exists();
-        for path in std::iter::once(self.dir.clone()).chain(files.filter(|p| !old(p))) {
+        // The old error log only if it is there: giving a file a group creates it.
+        let files = (LOG_FILES.iter())
+            .map(|name| self.dir.join(name))
+            .filter(|path| !path.ends_with(OLD_ERROR_LOG) || path.exists());
+        for path in std::iter::once(self.dir.clone()).chain(files) {
             if let Err(e) = give(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot give a site's group its logs");
             }

@@ -296,7 +296,6 @@ impl SiteCgroup {
         Ok(fds)
     }
 
-    /// Kills anything left and removes the directories (the site was removed).
     /// SIGKILL to every process in the site's cgroup; how many there were.
     pub fn kill_all(&self) -> usize {
         (self.dirs.iter())
@@ -305,9 +304,10 @@ impl SiteCgroup {
             .unwrap_or(0)
     }
 
+    /// Kills anything left and removes the directories (the site was removed).
     pub fn remove(&self) {
+        self.kill_all();
         for (_, _, dir) in &self.dirs {
-            kill_all(dir);
             if let Err(e) = remove_when_empty(dir) {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a site's cgroup");
             }

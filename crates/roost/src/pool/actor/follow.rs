@@ -166,7 +166,8 @@ impl SlotState {
             return Ok(Vec::new());
         };
         let mut packets = inbox.read_back_all()?.into_iter().peekable();
-        if self.current.is_some() && packets.peek() == self.current.as_ref() {
+        // The slot's own request, still unread: it is not a follower's.
+        if packets.peek() == self.current.as_ref() {
             packets.next();
         }
         self.current = None;
