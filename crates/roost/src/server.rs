@@ -190,7 +190,7 @@ pub async fn run(
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),
-        SpawnMode::Plain => Arc::new(PlainSpawner::new(spawn_config)),
+        SpawnMode::Plain => Arc::new(PlainSpawner::new(Arc::new(spawn_config))),
     };
     tracing::info!(mode = ?config.spawn, "spawning workers");
     let mut sites = Sites::new(

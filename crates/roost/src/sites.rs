@@ -17,7 +17,7 @@ use crate::logs::NodeLogs;
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
-use crate::spawn::{private_tmp_path, Cgroups, Spawn};
+use crate::spawn::{private_tmp_path, Cgroups, SiteFiles, Spawn};
 
 /// How often sites that could not start are tried again.
 pub const RETRY_UNSTARTED: Duration = Duration::from_secs(5);
@@ -181,11 +181,6 @@ impl Sites {
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
         let logs = self.logs.open_site(&site.name)?;
-        if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
-            for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
-                logs.error(&format!("warning: {conflict}"));
-            }
-        }
         if let (Some(user), false) = (&site.user, self.users_enforced) {
             tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
         }
@@ -205,6 +200,7 @@ impl Sites {
             spawner: self.spawner.clone(),
             logs: logs.clone(),
             cgroup: Arc::new(cgroup),
+            files: SiteFiles::default(),
             stop_grace: self.stop_grace,
             poll_memory: !self.cgroups.has(Controller::Memory),
             budget: self.budget.clone(),

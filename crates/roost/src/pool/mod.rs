@@ -70,6 +70,8 @@ pub enum PoolControl {
     Usage(oneshot::Sender<PoolUsage>),
     /// The budget needs room: retire this worker if it is still idle.
     Evict(WorkerId),
+    /// A look at the site's entry file answered (or was given up).
+    EntryLooked(actor::EntryLooked),
 }
 
 /// The cheap side of a pool.

@@ -26,6 +26,7 @@ pub mod ksm;
 mod plain;
 mod prepare;
 mod process;
+mod site_files;
 mod template;
 mod zygote;
 
@@ -33,6 +34,7 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use roost_registry::{OwnerError, Site};
 
@@ -41,6 +43,7 @@ pub use inherited::seal_inherited_fds;
 pub use plain::PlainSpawner;
 pub use prepare::{private_tmp_path, SpawnConfig};
 pub use process::WorkerProcess;
+pub use site_files::{FilesStalled, SiteFiles, LOOK_WITHIN};
 pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;
 
@@ -77,11 +80,13 @@ impl Role {
 
 /// What a new worker needs that the site does not say.
 pub struct SpawnRequest<'a> {
-    pub site: &'a Site,
+    pub site: &'a Arc<Site>,
     pub role: Role,
     /// The site's logs; a new process's stdout and stderr are its error log.
-    pub logs: &'a SiteLogs,
+    pub logs: &'a Arc<SiteLogs>,
     pub cgroup: &'a SiteCgroup,
+    /// Every look at the site's files (its owner, code, interpreter) goes through it.
+    pub files: &'a SiteFiles,
 }
 
 impl SpawnRequest<'_> {
@@ -114,6 +119,8 @@ pub enum SpawnError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("cannot make the pipe to the site's error log")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    FilesStalled(#[from] FilesStalled),
     #[error("cannot prepare the site's private temporary folder {path}")]
     TmpDir {
         path: PathBuf,

@@ -5,29 +5,41 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use nix::unistd::{Gid, Uid};
 use roost_registry::Entry;
 
 use super::child::{raw_fds, ChildPlan};
 use super::forkserver::control_pair;
-use super::prepare::{prepare, SpawnConfig};
+use super::prepare::{prepare, Prepared, SpawnConfig};
 use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
 use crate::worker::{has_inbox, Inbox};
 
 /// Starts the loader as `python loader.py worker …` with a clean environment.
 pub struct PlainSpawner {
-    config: SpawnConfig,
+    config: Arc<SpawnConfig>,
 }
 
 impl PlainSpawner {
-    pub fn new(config: SpawnConfig) -> PlainSpawner {
+    pub fn new(config: Arc<SpawnConfig>) -> PlainSpawner {
         PlainSpawner { config }
     }
 
-    pub fn spawn_now(&self, request: SpawnRequest<'_>) -> Result<SpawnedWorker, SpawnError> {
+    pub async fn start(&self, request: SpawnRequest<'_>) -> Result<SpawnedWorker, SpawnError> {
+        let prepared = prepare(&self.config, &request).await?;
+        self.start_prepared(request, prepared)
+    }
+
+    /// Forks and execs. Exec waits for the child to exec the site's python: an
+    /// interpreter on a file system that stopped answering holds this runtime thread
+    /// (the zygote, the default, forks without it).
+    fn start_prepared(
+        &self,
+        request: SpawnRequest<'_>,
+        prepared: Prepared,
+    ) -> Result<SpawnedWorker, SpawnError> {
         let site = request.site;
-        let prepared = prepare(&self.config, &request)?;
         let exec_err = |source| SpawnError::Exec {
             python: site.python.clone(),
             source,
@@ -51,7 +63,7 @@ impl PlainSpawner {
             .arg(&site.directory)
             .env_clear()
             .envs(prepared.env.iter().map(|(k, v)| (k, v)))
-            .envs(site_venv_path(site))
+            .envs(prepared.venv_path.map(|path| ("PYTHONPATH", path)))
             .stdin(Stdio::null())
             .stdout(output.try_clone().map_err(exec_err)?)
             .stderr(output);
@@ -92,7 +104,7 @@ impl PlainSpawner {
 
 impl Spawn for PlainSpawner {
     fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a> {
-        Box::pin(async move { self.spawn_now(request) })
+        Box::pin(self.start(request))
     }
 }
 
@@ -141,16 +153,6 @@ pub(super) fn socket_pairs(role: Role) -> Result<(NodeEnds, Vec<OwnedFd>), Spawn
             Ok((node, child_ends))
         }
     }
-}
-
-/// PYTHONPATH for a site with both a runtime and a virtualenv of its own.
-fn site_venv_path(site: &roost_registry::Site) -> Option<(&'static str, String)> {
-    if site.runtime.is_none() || !site.interpreter.is_dir() {
-        return None;
-    }
-    let dirs = roost_registry::site_packages(&site.interpreter);
-    let joined = std::env::join_paths(dirs).ok()?;
-    Some(("PYTHONPATH", joined.to_string_lossy().into_owned()))
 }
 
 /// The loader's entry arguments: `file PATH` or `module MODULE:CALLABLE`.

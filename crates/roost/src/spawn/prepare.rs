@@ -1,13 +1,17 @@
 //! What every spawn does before any process exists: resolve and check the site's
 //! owner, check its code files, prepare its private TMPDIR and its log permissions, and
-//! build its clean environment.
+//! build its clean environment. All of it looks at files and user databases a hung file
+//! system or directory service can stall, so it runs as one of the site's looks
+//! ([`SiteFiles`](super::SiteFiles)), never on a runtime thread.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use roost_registry::{check_code_files, resolve, Identity};
+use roost_registry::{check_code_files, resolve, Identity, Site};
 
-use super::{SpawnError, SpawnRequest};
+use super::{SpawnError, SpawnRequest, LOOK_WITHIN};
+use crate::logs::SiteLogs;
 
 /// How this node starts workers.
 #[derive(Debug, Clone)]
@@ -49,10 +53,26 @@ impl SpawnConfig {
 pub struct Prepared {
     pub identity: Option<Identity>,
     pub env: Vec<(String, String)>,
+    /// Whether the site's interpreter is a virtualenv (layered over the zygote's).
+    pub venv: bool,
+    /// PYTHONPATH for a plainly spawned worker of a site with both a runtime and a
+    /// virtualenv of its own.
+    pub venv_path: Option<String>,
 }
 
-pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepared, SpawnError> {
-    let site = request.site;
+/// Runs the checks as one of the site's looks, within [`LOOK_WITHIN`].
+pub async fn prepare(
+    config: &Arc<SpawnConfig>,
+    request: &SpawnRequest<'_>,
+) -> Result<Prepared, SpawnError> {
+    let (config, site, logs) = (config.clone(), request.site.clone(), request.logs.clone());
+    request
+        .files
+        .look(LOOK_WITHIN, move || prepare_now(&config, &site, &logs))
+        .await?
+}
+
+fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Prepared, SpawnError> {
     // Users and files change after `site add`: check again now.
     let identity = if config.as_root {
         let user = site.user.as_deref().ok_or(SpawnError::NoUser)?;
@@ -68,7 +88,7 @@ pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepa
     check_code_files(&paths, uid).map_err(SpawnError::UnsafeCode)?;
     let tmp = private_tmp(&config.tmp_root, &site.name, identity.as_ref())?;
     if let Some(id) = &identity {
-        request.logs.grant(id.gid);
+        logs.grant(id.gid);
     }
 
     let mut env = config.base_env.clone();
@@ -87,11 +107,21 @@ pub fn prepare(config: &SpawnConfig, request: &SpawnRequest<'_>) -> Result<Prepa
             }
         }
     }
-    if site.interpreter.is_dir() {
+    let venv = site.interpreter.is_dir();
+    if venv {
         env.push(("VIRTUAL_ENV".into(), site.interpreter.display().to_string()));
     }
     env.extend(site.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    Ok(Prepared { identity, env })
+    let venv_path = (venv && site.runtime.is_some())
+        .then(|| std::env::join_paths(roost_registry::site_packages(&site.interpreter)).ok())
+        .flatten()
+        .map(|joined| joined.to_string_lossy().into_owned());
+    Ok(Prepared {
+        identity,
+        env,
+        venv,
+        venv_path,
+    })
 }
 
 /// The private TMPDIR of `site`: its workers' temporary files, removed with the site

@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use super::forkserver::{ForkServer, Launch, Launched, ReadyFields};
 use super::plain::socket_pairs;
 use super::{
-    Role, SiteCgroup, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess,
+    Role, SiteCgroup, SiteFiles, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker,
+    WorkerProcess,
 };
 use crate::logs::SiteLogs;
 
@@ -39,18 +40,25 @@ impl SiteTemplate {
         site: Arc<Site>,
         logs: Arc<SiteLogs>,
         cgroup: Arc<SiteCgroup>,
+        files: SiteFiles,
         start_timeout: Duration,
     ) -> SiteTemplate {
         let span = tracing::info_span!("template", site = %site.name);
         let launch: Launch = Arc::new(move || {
-            let (spawner, site, logs, cgroup) =
-                (spawner.clone(), site.clone(), logs.clone(), cgroup.clone());
+            let (spawner, site, logs, cgroup, files) = (
+                spawner.clone(),
+                site.clone(),
+                logs.clone(),
+                cgroup.clone(),
+                files.clone(),
+            );
             Box::pin(async move {
                 let request = SpawnRequest {
                     site: &site,
                     role: Role::Template,
                     logs: &logs,
                     cgroup: &cgroup,
+                    files: &files,
                 };
                 let spawned = spawner
                     .spawn(request)

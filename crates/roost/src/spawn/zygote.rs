@@ -29,7 +29,9 @@ use super::child::{ChildPlan, WORKER_NOFILE};
 use super::forkserver::{control_pair, ForkServer, Launch, Launched, ReadyFields};
 use super::plain::{entry_args, socket_pairs, PlainSpawner};
 use super::prepare::{prepare, SpawnConfig};
-use super::{Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
+use super::{
+    Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess, LOOK_WITHIN,
+};
 
 /// How long a zygote may take to preload.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,10 +46,13 @@ const PLAIN_AT_MOST: Duration = Duration::from_secs(300);
 
 /// Forks workers from one zygote per interpreter; plain spawn where none can run.
 pub struct ZygoteSpawner {
-    config: SpawnConfig,
+    config: Arc<SpawnConfig>,
     plain: PlainSpawner,
     /// One zygote per runtime, or the note that it has none.
     zygotes: Mutex<HashMap<ZygoteKey, Zygote>>,
+    /// What each site python resolved to at its last spawn: `retain` reads it, so that
+    /// a registry change never waits on a tenant's file system.
+    resolved: Mutex<HashMap<PathBuf, PathBuf>>,
 }
 
 /// What makes two sites share a zygote: the interpreter it runs and what it preloads.
@@ -58,15 +63,10 @@ struct ZygoteKey {
 }
 
 impl ZygoteKey {
+    /// Looks at the site's interpreter: on a site's look only.
     fn of(site: &roost_registry::Site) -> Result<ZygoteKey, SpawnError> {
-        if let Some(runtime) = &site.runtime {
-            // A named runtime: its own python (its venv's, so its packages are seen).
-            // The zygote execs the link in the runtime's venv: the folders holding the
-            // link must be as trusted as the interpreter it points to.
-            return Ok(ZygoteKey {
-                python: runtime.executable(),
-                preload: runtime.preload.clone(),
-            });
+        if let Some(key) = ZygoteKey::of_runtime(site) {
+            return Ok(key);
         }
         // A virtualenv's python is a link to its base interpreter: one zygote serves
         // every site on that interpreter; the venv is layered in the child.
@@ -77,10 +77,25 @@ impl ZygoteKey {
                 python: site.python.clone(),
                 source,
             })?;
-        Ok(ZygoteKey {
+        Ok(ZygoteKey::plain(python))
+    }
+
+    /// The key of a site with a named runtime: its own python (its venv's, so its
+    /// packages are seen). The zygote execs the link in the runtime's venv: the folders
+    /// holding the link must be as trusted as the interpreter it points to.
+    fn of_runtime(site: &roost_registry::Site) -> Option<ZygoteKey> {
+        let runtime = site.runtime.as_ref()?;
+        Some(ZygoteKey {
+            python: runtime.executable(),
+            preload: runtime.preload.clone(),
+        })
+    }
+
+    fn plain(python: PathBuf) -> ZygoteKey {
+        ZygoteKey {
             python,
             preload: Vec::new(),
-        })
+        }
     }
 }
 
@@ -98,10 +113,12 @@ enum Zygote {
 
 impl ZygoteSpawner {
     pub fn new(config: SpawnConfig) -> ZygoteSpawner {
+        let config = Arc::new(config);
         ZygoteSpawner {
             plain: PlainSpawner::new(config.clone()),
             config,
             zygotes: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,7 +142,7 @@ impl ZygoteSpawner {
 
     /// A zygote for `key`, started at its first fork order.
     fn server(&self, key: &ZygoteKey) -> Zygote {
-        let mut config = self.config.clone();
+        let mut config = (*self.config).clone();
         config.preload.extend(key.preload.iter().cloned());
         let python = key.python.clone();
         let span = tracing::info_span!("zygote", python = %python.display());
@@ -145,36 +162,48 @@ impl ZygoteSpawner {
         zygotes.insert(key.clone(), Zygote::Plain { retry_at, waited });
     }
 
-    async fn fork(
-        &self,
-        request: SpawnRequest<'_>,
-        key: ZygoteKey,
-    ) -> Result<SpawnedWorker, SpawnError> {
+    async fn fork(&self, request: SpawnRequest<'_>) -> Result<SpawnedWorker, SpawnError> {
+        // The site's interpreter may be in its owner's (network) home.
+        let site = request.site.clone();
+        let (key, trusted) = request
+            .files
+            .look(LOOK_WITHIN, move || {
+                ZygoteKey::of(&site).map(|key| {
+                    let trusted = trusted_interpreter(&key.python).and_then(|()| {
+                        match &site.runtime {
+                            // The zygote imports the runtime's packages with the node's rights.
+                            Some(rt) => trusted_packages(rt),
+                            None => Ok(()),
+                        }
+                    });
+                    (key, trusted)
+                })
+            })
+            .await??;
+        if request.site.runtime.is_none() {
+            let mut resolved = self.resolved.lock().expect("resolved map lock poisoned");
+            resolved.insert(request.site.python.clone(), key.python.clone());
+        }
         let (server, retried) = match self.zygote(&key) {
-            (Zygote::Plain { .. }, _) => return self.plain.spawn_now(request),
+            (Zygote::Plain { .. }, _) => return self.plain.start(request).await,
             (Zygote::Server(server), retried) => (server, retried),
         };
-        let trusted = trusted_interpreter(&key.python).and_then(|()| match &request.site.runtime {
-            // The zygote imports the runtime's packages with the node's rights.
-            Some(rt) => trusted_packages(rt),
-            None => Ok(()),
-        });
         if let Err(why) = trusted {
             // The zygote runs with the node's rights: never on an interpreter a tenant
             // could have written. Plain spawn execs it only after dropping to the site
             // user, which is safe.
             tracing::warn!(site = %request.site.name, python = %key.python.display(), %why, "no zygote for an untrusted interpreter; spawning its workers plainly");
             self.mark_plain(&key, retried);
-            return self.plain.spawn_now(request);
+            return self.plain.start(request).await;
         }
         if let Err(reason) = server.ready().await {
             tracing::warn!(python = %key.python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
             self.mark_plain(&key, retried);
-            return self.plain.spawn_now(request);
+            return self.plain.start(request).await;
         }
 
         let site = request.site;
-        let prepared = prepare(&self.config, &request)?;
+        let prepared = prepare(&self.config, &request).await?;
         let (node, child_ends) = socket_pairs(request.role)?;
         let cgroup_fds = request.cgroup.open_procs()?;
         let (kind, target) = entry_args(&site.entry);
@@ -192,7 +221,7 @@ impl ZygoteSpawner {
             fields.push(("uid".into(), id.uid.to_string()));
             fields.push(("gid".into(), id.gid.to_string()));
         }
-        if site.interpreter.is_dir() {
+        if prepared.venv {
             fields.push(("venv".into(), site.interpreter.display().to_string()));
         }
         fields.extend(
@@ -227,25 +256,24 @@ impl ZygoteSpawner {
 
 impl Spawn for ZygoteSpawner {
     fn spawn<'a>(&'a self, request: SpawnRequest<'a>) -> SpawnFuture<'a> {
-        Box::pin(async move {
-            let key = ZygoteKey::of(request.site)?;
-            self.fork(request, key).await
-        })
+        Box::pin(self.fork(request))
     }
 
+    /// A site that has not spawned since its python changed does not keep a zygote
+    /// for it: its next spawn starts one if none runs.
     fn retain(&self, sites: &[&roost_registry::Site]) {
-        // Thousands of sites share a few interpreters: resolve each path once.
-        let mut resolved: HashMap<&std::path::Path, Option<ZygoteKey>> = HashMap::new();
-        let wanted: std::collections::HashSet<ZygoteKey> = sites
-            .iter()
-            .filter_map(|site| match site.runtime {
-                Some(_) => ZygoteKey::of(site).ok(),
-                None => resolved
-                    .entry(site.python.as_path())
-                    .or_insert_with(|| ZygoteKey::of(site).ok())
-                    .clone(),
-            })
-            .collect();
+        let wanted: std::collections::HashSet<ZygoteKey> = {
+            let mut resolved = self.resolved.lock().expect("resolved map lock poisoned");
+            let pythons: std::collections::HashSet<&std::path::Path> =
+                sites.iter().map(|s| s.python.as_path()).collect();
+            resolved.retain(|python, _| pythons.contains(python.as_path()));
+            (sites.iter())
+                .filter_map(|site| {
+                    ZygoteKey::of_runtime(site)
+                        .or_else(|| resolved.get(&site.python).cloned().map(ZygoteKey::plain))
+                })
+                .collect()
+        };
         let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
         zygotes.retain(|key, zygote| {
             if wanted.contains(key) {

@@ -26,7 +26,7 @@ pub use conn::{ConnError, FrameReader, SlotConn};
 pub use inbox::{has_inbox, Foreign, Inbox, Packet, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
 
 use crate::logs::SiteLogs;
-use crate::spawn::{Role, SiteCgroup, Spawn, SpawnRequest};
+use crate::spawn::{Role, SiteCgroup, SiteFiles, Spawn, SpawnRequest};
 
 /// Identifies a worker within the node for its whole life (pids get reused).
 pub type WorkerId = u64;
@@ -102,6 +102,7 @@ pub struct WorkerContext {
     pub spawner: Arc<dyn Spawn>,
     pub logs: Arc<SiteLogs>,
     pub cgroup: Arc<SiteCgroup>,
+    pub files: SiteFiles,
     pub startup_timeout: Duration,
     pub stop_grace: Duration,
 }
@@ -140,6 +141,7 @@ async fn run(
         },
         logs,
         cgroup: &ctx.cgroup,
+        files: &ctx.files,
     };
     let spawned = ctx.spawner.spawn(request).await.map_err(StartError::from);
     let spawned = spawned.and_then(|s| {

@@ -17,13 +17,16 @@
 //! worker recycled (max_requests, memory.worker_soft) or lost is replaced by a new fork
 //! of the same template.
 
+mod entry;
 mod follow;
+
+pub use entry::EntryLooked;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use roost_registry::Site;
@@ -33,13 +36,14 @@ use tokio::time::Instant;
 
 use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle, PoolUsage};
 use crate::logs::SiteLogs;
-use crate::spawn::{SiteCgroup, SiteTemplate, Spawn};
+use crate::spawn::{SiteCgroup, SiteFiles, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
 
 /// Worker ids are unique in the node, across pools.
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
 
-/// How often a pool with workers looks at idle time and the entry file.
+/// How often a pool with workers looks at idle time (and the entry file, at most once
+/// a second: `entry`).
 const TICK: Duration = Duration::from_millis(250);
 /// How long after a site's last worker (and template) went its cgroup is swept: a
 /// retired template exits on its own once its workers have, and is not a leftover.
@@ -56,6 +60,8 @@ pub struct PoolContext {
     /// The site's cgroup; limits are rewritten when the site changes, and the cgroup is
     /// removed when the pool ends.
     pub cgroup: Arc<SiteCgroup>,
+    /// The site's looks at its own files.
+    pub files: SiteFiles,
     /// How long a worker whose slots are closed may take to exit before SIGKILL.
     pub stop_grace: Duration,
     /// No memory cgroup: enforce memory.max by summing the workers' RSS every tick.
@@ -121,8 +127,8 @@ struct Pool {
     workers: BTreeMap<WorkerId, WorkerEntry>,
     waiters: VecDeque<Waiter>,
     failure: Option<Failure>,
-    /// Modification time of the entry file when the current workers were started.
-    entry_mtime: Option<SystemTime>,
+    /// The entry file, whose change reloads the site.
+    entry: entry::EntryWatch,
     /// Budget permits granted and not yet used by a worker.
     permits: Vec<Permit>,
     /// Permits asked for and not granted yet.
@@ -157,7 +163,7 @@ pub fn spawn_pool(
     let span = tracing::info_span!("pool", site = %site.name);
     let template = new_template(&site, &ctx);
     let pool = Pool {
-        entry_mtime: entry_mtime(&site),
+        entry: Default::default(),
         site,
         ctx,
         handle: handle.clone(),
@@ -199,6 +205,7 @@ impl Pool {
         self.ctx
             .budget
             .register(&self.site.name, self.handle.tx.clone());
+        self.warn_of_version_conflicts();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.spawn_as_needed();
@@ -272,7 +279,7 @@ impl Pool {
                 }
                 self.site = site;
                 self.failure = None;
-                self.entry_mtime = entry_mtime(&self.site);
+                self.entry.rebase();
                 self.renew("the site changed");
             }
             PoolControl::Drain => {
@@ -287,6 +294,11 @@ impl Pool {
             }
             PoolControl::Usage(reply) => {
                 let _ = reply.send(self.usage());
+            }
+            PoolControl::EntryLooked(answer) => {
+                if self.entry.answered(answer, &self.site) {
+                    self.entry_changed();
+                }
             }
             PoolControl::Evict(id) => {
                 let idle = self
@@ -337,12 +349,6 @@ impl Pool {
     /// Time left before the next start attempt, if the site is failing.
     fn failing(&mut self) -> Option<Duration> {
         let f = self.failure.as_ref()?;
-        if self.entry_changed() {
-            tracing::info!("entry file changed: retrying at once");
-            self.failure = None;
-            self.entry_mtime = entry_mtime(&self.site);
-            return None;
-        }
         let now = Instant::now();
         (now < f.retry_at).then(|| f.retry_at - now)
     }
@@ -535,7 +541,6 @@ impl Pool {
                     attempts,
                     retry_at: Instant::now() + backoff,
                 });
-                self.entry_mtime = entry_mtime(&self.site);
                 if !self.workers.values().any(|w| w.state == State::Running) {
                     for waiter in self.waiters.drain(..) {
                         let _ = waiter.reply.send(Err(CheckoutError::AppFailing {
@@ -605,14 +610,8 @@ impl Pool {
         if self.ctx.poll_memory {
             self.enforce_memory_by_polling();
         }
-        if self.entry_changed() && !self.workers.is_empty() {
-            tracing::info!("entry file changed: recycling workers");
-            self.ctx
-                .logs
-                .error("entry file changed: reloading the application");
-            self.entry_mtime = entry_mtime(&self.site);
-            self.renew("its entry file changed");
-        }
+        self.entry
+            .look_if_due(&self.site, &self.ctx.files, &self.handle.tx);
         let now = Instant::now();
         let idle_timeout = self.site.pool.idle_timeout;
         let mut active = self.active_workers();
@@ -737,6 +736,13 @@ impl Pool {
     }
 
     fn start_worker(&mut self, permit: Permit) {
+        if self.workers.is_empty() {
+            // The file may have changed while the site had no workers: the ones
+            // starting now load it as it is.
+            self.entry.rebase();
+            self.entry
+                .look(&self.site, &self.ctx.files, &self.handle.tx);
+        }
         self.empty_since = None;
         (self.sweep_at, self.swept) = (None, false);
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
@@ -748,6 +754,7 @@ impl Pool {
             spawner,
             logs: self.ctx.logs.clone(),
             cgroup: self.ctx.cgroup.clone(),
+            files: self.ctx.files.clone(),
             startup_timeout: startup_timeout(&self.site),
             stop_grace: self.ctx.stop_grace,
         };
@@ -818,6 +825,31 @@ impl Pool {
         }
     }
 
+    /// Packages of the site's virtualenv that shadow its runtime's at another version
+    /// go to its error log (a look at the site's files: off the runtime thread).
+    fn warn_of_version_conflicts(&self) {
+        let Some(runtime) = self.site.runtime.clone() else {
+            return;
+        };
+        let (venv, files, logs) = (
+            self.site.interpreter.clone(),
+            self.ctx.files.clone(),
+            self.ctx.logs.clone(),
+        );
+        tokio::spawn(async move {
+            let conflicts = files.look(crate::spawn::LOOK_WITHIN, move || {
+                if venv.is_dir() {
+                    roost_registry::version_conflicts(&runtime, &venv)
+                } else {
+                    Vec::new()
+                }
+            });
+            for conflict in conflicts.await.unwrap_or_default() {
+                logs.error(&format!("warning: {conflict}"));
+            }
+        });
+    }
+
     /// The template stops forking; it exits once the workers it forked have.
     fn retire_template(&self) {
         if let Some(template) = &self.template {
@@ -832,8 +864,20 @@ impl Pool {
         self.template = new_template(&self.site, &self.ctx);
     }
 
-    fn entry_changed(&self) -> bool {
-        entry_mtime(&self.site) != self.entry_mtime
+    /// The entry file was touched: a failing site tries again at once, and workers
+    /// running the old code are replaced.
+    fn entry_changed(&mut self) {
+        if self.failure.take().is_some() {
+            tracing::info!("entry file changed: retrying at once");
+            self.spawn_as_needed();
+        }
+        if !self.workers.is_empty() {
+            tracing::info!("entry file changed: recycling workers");
+            self.ctx
+                .logs
+                .error("entry file changed: reloading the application");
+            self.renew("its entry file changed");
+        }
     }
 }
 
@@ -844,6 +888,7 @@ fn new_template(site: &Arc<Site>, ctx: &PoolContext) -> Option<Arc<SiteTemplate>
             site.clone(),
             ctx.logs.clone(),
             ctx.cgroup.clone(),
+            ctx.files.clone(),
             startup_timeout(site),
         ))
     })
@@ -852,13 +897,6 @@ fn new_template(site: &Arc<Site>, ctx: &PoolContext) -> Option<Arc<SiteTemplate>
 /// How long a worker (or a template) may take to import the app.
 fn startup_timeout(site: &Site) -> Duration {
     site.pool.request_timeout.max(Duration::from_secs(10))
-}
-
-/// When the file holding the app's code last changed (it reloads the site).
-fn entry_mtime(site: &Site) -> Option<SystemTime> {
-    std::fs::metadata(site.code_file())
-        .and_then(|m| m.modified())
-        .ok()
 }
 
 /// Resident memory of a process, from /proc/<pid>/statm.
