@@ -14,9 +14,8 @@ pub struct Site {
     /// Host names this site answers for; no two sites share one.
     pub hosts: Vec<HostPattern>,
     pub entry: Entry,
-    /// The python3 executable (for a virtualenv: its `bin/python`).
-    pub python: PathBuf,
-    /// What the operator named: a python3 path, or a virtualenv folder.
+    /// What the operator named: a python3 path, or a virtualenv folder (which of the
+    /// two is known only by looking: [`Site::python`]).
     pub interpreter: PathBuf,
     /// The worker's working directory; also put first on `sys.path`.
     pub directory: PathBuf,
@@ -114,6 +113,18 @@ impl Default for PoolSettings {
 }
 
 impl Site {
+    /// The python3 executable: the interpreter named, or a virtualenv's `bin/python`.
+    /// Looks at the file system, as [`Site::code_file`] does: the node asks only
+    /// from one of the site's looks, never when it loads the registry (a venv on a
+    /// file system that stopped answering would hold up every site's change).
+    pub fn python(&self) -> PathBuf {
+        if self.interpreter.is_dir() {
+            self.interpreter.join("bin").join("python")
+        } else {
+            self.interpreter.clone()
+        }
+    }
+
     /// The file that holds the app's code: the WSGI file, or the module's file.
     pub fn code_file(&self) -> PathBuf {
         match &self.entry {

@@ -75,7 +75,6 @@ mod tests {
             name: name.into(),
             hosts: vec![HostPattern::Exact(format!("{name}.test"))],
             entry: Entry::File("/srv/app.py".into()),
-            python: "/usr/bin/python3".into(),
             interpreter: "/usr/bin/python3".into(),
             directory: "/srv".into(),
             env: Default::default(),

@@ -196,12 +196,6 @@ impl SiteSpec {
                 format!("{} is not an absolute path", interpreter.display()),
             ));
         }
-        let python = if interpreter.is_dir() {
-            interpreter.join("bin").join("python")
-        } else {
-            interpreter.clone()
-        };
-
         let mut env = BTreeMap::new();
         for (k, v) in &self.env {
             check_env(k, v).map_err(|p| err("env", p))?;
@@ -234,7 +228,6 @@ impl SiteSpec {
             name: self.name.clone(),
             hosts,
             entry,
-            python,
             interpreter,
             directory,
             env,
@@ -248,7 +241,7 @@ impl SiteSpec {
                 &site.entry,
                 &site.directory,
                 &site.interpreter,
-                &site.python,
+                &site.python(),
             )
             .map_err(|(f, p)| err(f, p))?;
             let uid = match &site.user {

@@ -11,7 +11,6 @@ pub fn site(name: &str, hosts: &[&str]) -> Site {
             .map(|h| HostPattern::parse(h).unwrap())
             .collect(),
         entry: Entry::File("/srv/app.py".into()),
-        python: "/usr/bin/python3".into(),
         interpreter: "/usr/bin/python3".into(),
         directory: "/srv".into(),
         env: Default::default(),

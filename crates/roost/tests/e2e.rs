@@ -19,6 +19,7 @@ mod e2e {
     pub mod pool;
     pub mod routing;
     pub mod spawn;
+    pub mod stalled_files;
     pub mod streams;
     pub mod templates;
     pub mod tenants;

@@ -350,7 +350,7 @@ fn site_json(site: &Site) -> serde_json::Value {
         "hosts": site.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
         "entry": site.entry.to_text(),
         "interpreter": site.interpreter,
-        "python": site.python,
+        "python": site.python(),
         "directory": site.directory,
         "env": site.env,
         "user": site.user,

@@ -41,7 +41,7 @@ impl PlainSpawner {
     ) -> Result<SpawnedWorker, SpawnError> {
         let site = request.site;
         let exec_err = |source| SpawnError::Exec {
-            python: site.python.clone(),
+            python: prepared.python.clone(),
             source,
         };
         let (node, child_ends) = socket_pairs(request.role)?;
@@ -53,7 +53,7 @@ impl PlainSpawner {
         let python = site
             .runtime
             .as_ref()
-            .map_or_else(|| site.python.clone(), |r| r.executable());
+            .map_or_else(|| prepared.python.clone(), |r| r.executable());
         let mut cmd = std::process::Command::new(&python);
         cmd.arg(&self.config.loader)
             .arg(request.role.name())

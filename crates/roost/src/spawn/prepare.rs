@@ -52,6 +52,8 @@ impl SpawnConfig {
 /// The outcome of the checks: who the worker runs as, and its environment.
 pub struct Prepared {
     pub identity: Option<Identity>,
+    /// The site's python3 ([`Site::python`]).
+    pub python: PathBuf,
     pub env: Vec<(String, String)>,
     /// Whether the site's interpreter is a virtualenv (layered over the zygote's).
     pub venv: bool,
@@ -118,6 +120,7 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
         .map(|joined| joined.to_string_lossy().into_owned());
     Ok(Prepared {
         identity,
+        python: site.python(),
         env,
         venv,
         venv_path,

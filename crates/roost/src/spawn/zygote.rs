@@ -50,8 +50,8 @@ pub struct ZygoteSpawner {
     plain: PlainSpawner,
     /// One zygote per runtime, or the note that it has none.
     zygotes: Mutex<HashMap<ZygoteKey, Zygote>>,
-    /// What each site python resolved to at its last spawn: `retain` reads it, so that
-    /// a registry change never waits on a tenant's file system.
+    /// What each site interpreter resolved to at its last spawn: `retain` reads it, so
+    /// that a registry change never waits on a tenant's file system.
     resolved: Mutex<HashMap<PathBuf, PathBuf>>,
 }
 
@@ -70,14 +70,11 @@ impl ZygoteKey {
         }
         // A virtualenv's python is a link to its base interpreter: one zygote serves
         // every site on that interpreter; the venv is layered in the child.
-        let python = site
-            .python
+        let python = site.python();
+        let real = python
             .canonicalize()
-            .map_err(|source| SpawnError::Exec {
-                python: site.python.clone(),
-                source,
-            })?;
-        Ok(ZygoteKey::plain(python))
+            .map_err(|source| SpawnError::Exec { python, source })?;
+        Ok(ZygoteKey::plain(real))
     }
 
     /// The key of a site with a named runtime: its own python (its venv's, so its
@@ -182,7 +179,7 @@ impl ZygoteSpawner {
             .await??;
         if request.site.runtime.is_none() {
             let mut resolved = self.resolved.lock().expect("resolved map lock poisoned");
-            resolved.insert(request.site.python.clone(), key.python.clone());
+            resolved.insert(request.site.interpreter.clone(), key.python.clone());
         }
         let (server, retried) = match self.zygote(&key) {
             (Zygote::Plain { .. }, _) => return self.plain.start(request).await,
@@ -264,13 +261,15 @@ impl Spawn for ZygoteSpawner {
     fn retain(&self, sites: &[&roost_registry::Site]) {
         let wanted: std::collections::HashSet<ZygoteKey> = {
             let mut resolved = self.resolved.lock().expect("resolved map lock poisoned");
-            let pythons: std::collections::HashSet<&std::path::Path> =
-                sites.iter().map(|s| s.python.as_path()).collect();
-            resolved.retain(|python, _| pythons.contains(python.as_path()));
+            let named: std::collections::HashSet<&std::path::Path> =
+                sites.iter().map(|s| s.interpreter.as_path()).collect();
+            resolved.retain(|interpreter, _| named.contains(interpreter.as_path()));
             (sites.iter())
                 .filter_map(|site| {
-                    ZygoteKey::of_runtime(site)
-                        .or_else(|| resolved.get(&site.python).cloned().map(ZygoteKey::plain))
+                    ZygoteKey::of_runtime(site).or_else(|| {
+                        let real = resolved.get(&site.interpreter).cloned();
+                        real.map(ZygoteKey::plain)
+                    })
                 })
                 .collect()
         };

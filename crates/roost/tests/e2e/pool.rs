@@ -320,6 +320,41 @@ async fn touching_the_entry_file_reloads_the_site() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_file_touched_while_the_site_was_idle_recycles_nothing() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("idle-touch", &["idle-touch.test"], &app);
+    spec.processes_max = Some(1);
+    spec.idle_timeout = Some(Duration::from_secs(1));
+    node.add(spec).await;
+    let first = node.pid("idle-touch.test", "/pid").await;
+    node.eventually("the worker to exit idle", || async { !alive(first) })
+        .await;
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&app)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    // The worker started now loads the file as it is: nothing for it to reload. Kept
+    // busy for three seconds, three looks at the file and then some.
+    let pid = node.pid("idle-touch.test", "/pid").await;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            node.pid("idle-touch.test", "/pid").await,
+            pid,
+            "the worker that loaded the touched file was recycled for it"
+        );
+    }
+    assert!(!node
+        .log("idle-touch", "error.log")
+        .contains("entry file changed"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_over_its_soft_memory_limit_is_recycled_after_its_request() {
     let node = Node::start().await;
     let app = node.app("tenant.py");

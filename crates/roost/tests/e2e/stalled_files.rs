@@ -1,0 +1,220 @@
+//! A site whose files stop answering (its owner's home on an NFS server that went away)
+//! holds up none of the other sites, as root: the site's code and virtualenv are served
+//! by `fixtures/stallfs.py`, a FUSE mirror the test tells to go silent. The node runs
+//! on one runtime thread, as on a two-core host: one look at the silent files from
+//! that thread and every site stops.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::harness::{fixture, is_root, python, Node};
+
+/// A FUSE mirror of a folder that stops answering on demand.
+struct StallFs {
+    server: Child,
+    mountpoint: PathBuf,
+}
+
+impl StallFs {
+    fn mount(source: &Path, mountpoint: &Path) -> StallFs {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let mut server = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stallfs.py"))
+            .arg(source)
+            .arg(mountpoint)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start stallfs.py");
+        let mut line = String::new();
+        let stdout = server.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "mounted", "stallfs.py did not mount");
+        StallFs {
+            server,
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.server.id() as i32), signal).unwrap();
+    }
+}
+
+impl Drop for StallFs {
+    fn drop(&mut self) {
+        // Every look still waiting fails (ENOTCONN), then the mount goes.
+        self.signal(Signal::SIGTERM);
+        let _ = self.server.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status();
+    }
+}
+
+/// One request over a plain blocking socket, answered within `limit` or an error: the
+/// test's own runtime is the node's, and must not be what waits on a stuck node.
+fn status_within(addr: SocketAddr, host: &str, path: &str, limit: Duration) -> Result<u16, String> {
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .map_err(|e| format!("no answer within {limit:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&head);
+    text[9..12]
+        .parse()
+        .map_err(|_| format!("not HTTP: {text:?}"))
+}
+
+fn answers_200(addr: SocketAddr, host: &str, what: &str) {
+    let started = Instant::now();
+    let status = status_within(addr, host, "/", Duration::from_secs(5));
+    assert_eq!(
+        status,
+        Ok(200),
+        "{host} {what} (after {:?})",
+        started.elapsed()
+    );
+}
+
+/// Asks `host` until it answers 200, within `limit`, without the test's runtime.
+fn until_200(addr: SocketAddr, host: &str, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = status_within(addr, host, "/", Duration::from_secs(5));
+        if status == Ok(200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {host} answered {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
+async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
+    assert!(
+        is_root(),
+        "this test needs root (it mounts a FUSE file system); run the suite as root, as CI does"
+    );
+    let node = Node::start().await;
+    let owner = node.user.as_ref().expect("root nodes have a site user");
+
+    // The owner's "home": the app and a virtualenv, as on a network share.
+    let source = node.dir.path().join("home-source");
+    std::fs::create_dir(&source).unwrap();
+    std::fs::copy(fixture("tester.py"), source.join("app.py")).unwrap();
+    let venv = Command::new(python())
+        .args(["-m", "venv", "--without-pip"])
+        .arg(source.join("venv"))
+        .status()
+        .unwrap();
+    assert!(venv.success(), "python3 -m venv failed");
+    let chown = Command::new("chown")
+        .args(["-R", &owner.name])
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = node.dir.path().join("home");
+    let fs = StallFs::mount(&source, &home);
+
+    let mut remote = node.spec("remote", &["remote.test"], &home.join("app.py"));
+    remote.interpreter = Some(home.join("venv").display().to_string());
+    node.add(remote).await;
+    let tester = node.app("tester.py");
+    node.add(node.spec("local", &["local.test"], &tester)).await;
+    answers_200(node.addr, "remote.test", "serves from the mirror");
+    answers_200(node.addr, "local.test", "serves");
+    let remote_worker = node.pid("remote.test", "/pid").await;
+
+    fs.signal(Signal::SIGUSR1);
+    // The remote site's pool looks at its entry file each second, and its worker
+    // is busy with nothing: three seconds of looks that never end.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        answers_200(node.addr, "local.test", "answers while remote's files hang");
+        answers_200(
+            node.addr,
+            "remote.test",
+            "answers from its live worker, which needs no file",
+        );
+    }
+
+    // A registry change sorts the zygotes by every site's interpreter: remote's is
+    // in the silent mirror.
+    let added = node.spec("added", &["added.test"], &tester);
+    let site = added.validate(roost_registry::FsChecks::Full).unwrap();
+    node.store().add(&site).unwrap();
+    until_200(
+        node.addr,
+        "added.test",
+        Duration::from_secs(10),
+        "a site added while remote's files hang is served",
+    );
+
+    // A new worker for remote needs its files: its start is given up at the look's
+    // deadline (10 s), with the reason in its error log; local answers throughout.
+    kill(Pid::from_raw(remote_worker as i32), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log("remote", "error.log").contains("died") {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's death went unseen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waiting = std::thread::spawn({
+        let addr = node.addr;
+        move || status_within(addr, "remote.test", "/", Duration::from_secs(30))
+    });
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        answers_200(
+            node.addr,
+            "local.test",
+            "answers while remote's worker cannot start",
+        );
+    }
+    let status = waiting.join().unwrap();
+    assert_eq!(
+        status,
+        Ok(500),
+        "a request to the site whose files hang: its app cannot start"
+    );
+    assert!(
+        node.log("remote", "error.log")
+            .contains("the site's files did not answer within 10 s"),
+        "remote's error log: {}",
+        node.log("remote", "error.log")
+    );
+
+    // The files answer again: the site recovers on its own.
+    fs.signal(Signal::SIGUSR2);
+    until_200(
+        node.addr,
+        "remote.test",
+        Duration::from_secs(45),
+        "the site whose files answer again recovers",
+    );
+    answers_200(node.addr, "local.test", "still answers");
+    node.stop().await;
+    drop(fs);
+}
