@@ -113,6 +113,10 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
         is_root(),
         "this test needs root (it mounts a FUSE file system); run the suite as root, as CI does"
     );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "this test needs FUSE (/dev/fuse; `modprobe fuse`)"
+    );
     let node = Node::start().await;
     let owner = node.user.as_ref().expect("root nodes have a site user");
 
