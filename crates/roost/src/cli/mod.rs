@@ -388,7 +388,7 @@ fn run_node(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let mut listeners = Vec::new();
         for addr in listen {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -406,7 +406,12 @@ fn run_node(
         });
         crate::server::run(config, listeners, shutdown).await?;
         Ok(())
-    })
+    });
+    // A look at a site's files that a silent file system holds never returns, and
+    // dropping the runtime would wait for its thread for ever. What the node waits for
+    // when it stops (logs flushed, cgroups removed) is done by now.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// Every client connection costs the node a file descriptor, and the usual soft limit

@@ -14,7 +14,42 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::harness::{fixture, is_root, python, Node};
+use crate::harness::{fixture, is_root, python, Node, TestUser};
+
+fn need_root_and_fuse() {
+    assert!(
+        is_root(),
+        "this test needs root (it mounts a FUSE file system); run the suite as root, as CI does"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "this test needs FUSE (/dev/fuse; `modprobe fuse`)"
+    );
+}
+
+/// `owner`'s "home" under `dir`, as on a network share: the tester app (and a
+/// virtualenv if `venv`) in a folder of theirs, mirrored at `dir/home`.
+fn mirrored_home(dir: &Path, owner: &TestUser, venv: bool) -> StallFs {
+    let source = dir.join("home-source");
+    std::fs::create_dir(&source).unwrap();
+    std::fs::copy(fixture("tester.py"), source.join("app.py")).unwrap();
+    if venv {
+        let made = Command::new(python())
+            .args(["-m", "venv", "--without-pip"])
+            .arg(source.join("venv"))
+            .status()
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+    }
+    let chown = Command::new("chown")
+        .args(["-R", &owner.name])
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o755)).unwrap();
+    StallFs::mount(&source, &dir.join("home"))
+}
 
 /// A FUSE mirror of a folder that stops answering on demand.
 struct StallFs {
@@ -109,36 +144,11 @@ fn until_200(addr: SocketAddr, host: &str, limit: Duration, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 #[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
 async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
-    assert!(
-        is_root(),
-        "this test needs root (it mounts a FUSE file system); run the suite as root, as CI does"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "this test needs FUSE (/dev/fuse; `modprobe fuse`)"
-    );
+    need_root_and_fuse();
     let node = Node::start().await;
     let owner = node.user.as_ref().expect("root nodes have a site user");
-
-    // The owner's "home": the app and a virtualenv, as on a network share.
-    let source = node.dir.path().join("home-source");
-    std::fs::create_dir(&source).unwrap();
-    std::fs::copy(fixture("tester.py"), source.join("app.py")).unwrap();
-    let venv = Command::new(python())
-        .args(["-m", "venv", "--without-pip"])
-        .arg(source.join("venv"))
-        .status()
-        .unwrap();
-    assert!(venv.success(), "python3 -m venv failed");
-    let chown = Command::new("chown")
-        .args(["-R", &owner.name])
-        .arg(&source)
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let home = node.dir.path().join("home");
-    let fs = StallFs::mount(&source, &home);
+    let fs = mirrored_home(node.dir.path(), owner, true);
+    let home = fs.mountpoint.clone();
 
     let mut remote = node.spec("remote", &["remote.test"], &home.join("app.py"));
     remote.interpreter = Some(home.join("venv").display().to_string());
@@ -220,5 +230,77 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
     );
     answers_200(node.addr, "local.test", "still answers");
     node.stop().await;
+    drop(fs);
+}
+
+/// `roost serve` stopping while a look at a site's files hangs: the look's thread
+/// never returns, and the node must not wait for it.
+#[test]
+#[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
+fn a_node_stops_while_a_sites_files_hang() {
+    need_root_and_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let owner = TestUser::create();
+    let fs = mirrored_home(dir.path(), &owner, false);
+    let registry = format!("sqlite:{}", dir.path().join("registry.db").display());
+    let entry = fs.mountpoint.join("app.py");
+    let added = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(["--registry", &registry, "site", "add", "remote"])
+        .args(["--host", "remote.test", "--user", &owner.name, "--entry"])
+        .arg(&entry)
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args([
+            "--registry",
+            &registry,
+            "serve",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .args([
+            "--cgroup-name",
+            &format!("roost-e2e-{}-stop", std::process::id()),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until_200(
+        addr,
+        "remote.test",
+        Duration::from_secs(20),
+        "the node serves",
+    );
+
+    fs.signal(Signal::SIGUSR1);
+    // A look at the entry file (once a second) is under way, and hangs.
+    std::thread::sleep(Duration::from_millis(2500));
+    kill(Pid::from_raw(node.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        match node.try_wait().unwrap() {
+            Some(status) => break Some(status),
+            None if Instant::now() > deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    if exited.is_none() {
+        let _ = node.kill();
+        let _ = node.wait();
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "roost serve after SIGTERM, with a look at a site's files hanging: {exited:?}"
+    );
     drop(fs);
 }
