@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{alive, get, pid_of, Node};
+use crate::harness::{alive, get, pid_of, touch_ahead, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_starts_on_demand_and_really_exits_when_idle() {
@@ -303,13 +303,7 @@ async fn touching_the_entry_file_reloads_the_site() {
     spec.processes_max = Some(1);
     node.add(spec).await;
     let pid = pid_of(&get(node.addr, "touch.test", "/pid").await.unwrap());
-    let later = std::time::SystemTime::now() + Duration::from_secs(2);
-    std::fs::File::options()
-        .write(true)
-        .open(&app)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    touch_ahead(&app, Duration::from_secs(2));
     node.eventually("the old worker to be recycled", || async { !alive(pid) })
         .await;
     assert_ne!(
@@ -330,13 +324,7 @@ async fn an_entry_file_touched_while_the_site_was_idle_recycles_nothing() {
     let first = node.pid("idle-touch.test", "/pid").await;
     node.eventually("the worker to exit idle", || async { !alive(first) })
         .await;
-    let later = std::time::SystemTime::now() + Duration::from_secs(2);
-    std::fs::File::options()
-        .write(true)
-        .open(&app)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    touch_ahead(&app, Duration::from_secs(2));
     // The worker started now loads the file as it is: nothing for it to reload. Kept
     // busy for three seconds, three looks at the file and then some.
     let pid = node.pid("idle-touch.test", "/pid").await;

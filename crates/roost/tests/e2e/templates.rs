@@ -2,11 +2,11 @@
 //! the site user, the site's workers forked from it; its life follows the workers'.
 
 use std::os::unix::process::CommandExt;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use roost_registry::FsChecks;
 
-use crate::harness::{alive, comm, get, parent_of, pid_of, sched_policy, Node};
+use crate::harness::{alive, comm, get, parent_of, pid_of, sched_policy, touch_ahead, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_fork_from_the_template_which_exits_with_the_last_worker() {
@@ -78,13 +78,7 @@ async fn a_touched_entry_file_or_a_changed_site_replaces_the_template() {
     let first = node.pid("r.test", "/imported-by").await;
 
     // Touching the entry file reloads the app: a new template imports it.
-    let later = SystemTime::now() + Duration::from_secs(5);
-    std::fs::File::options()
-        .write(true)
-        .open(&app)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    touch_ahead(&app, Duration::from_secs(5));
     node.eventually("a new template after the entry file changed", || async {
         get(node.addr, "r.test", "/imported-by")
             .await

@@ -49,6 +49,16 @@ pub fn python() -> String {
         .to_string()
 }
 
+/// Gives `file` a modification time `ahead` from now: a touch no clock tick can hide.
+pub fn touch_ahead(file: &Path, ahead: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + ahead)
+        .unwrap();
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/apps")
