@@ -31,9 +31,9 @@ impl PlainSpawner {
         self.start_prepared(request, prepared)
     }
 
-    /// Forks and execs. Exec waits for the child to exec the site's python: an
-    /// interpreter on a file system that stopped answering holds this runtime thread
-    /// (the zygote, the default, forks without it).
+    /// Forks and execs, and waits for the child to chdir and exec the site's python:
+    /// files that stop answering between the look of `prepare` and the exec hold this
+    /// runtime thread (a zygote, the default, forks without waiting).
     fn start_prepared(
         &self,
         request: SpawnRequest<'_>,

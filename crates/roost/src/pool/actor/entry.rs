@@ -26,6 +26,8 @@ pub struct EntryWatch {
     /// A look is under way.
     looking: bool,
     next_look: Option<Instant>,
+    /// The last look was given up: said once in the node's log, not every 10 s.
+    silent: bool,
 }
 
 /// The answer to one look.
@@ -83,10 +85,15 @@ impl EntryWatch {
         let modified = match answer.modified {
             Ok(modified) => modified,
             Err(stalled) => {
-                tracing::warn!(error = %stalled, "cannot tell whether the entry file changed");
+                if !std::mem::replace(&mut self.silent, true) {
+                    tracing::warn!(error = %stalled, "cannot tell whether the entry file changed");
+                }
                 return false;
             }
         };
+        if std::mem::take(&mut self.silent) {
+            tracing::info!("the site's files answer again");
+        }
         if !Arc::ptr_eq(&answer.site, current) {
             self.seen = None;
             return false;
