@@ -125,6 +125,20 @@ fn answers_200(addr: SocketAddr, host: &str, what: &str) {
     );
 }
 
+/// Waits until `needle` is in the site's error log (a line lands a moment after what
+/// it tells of), up to 10 s, without the test's runtime.
+fn error_log_with(node: &Node, site: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log(site, "error.log").contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not in {site}'s error log: {}",
+            node.log(site, "error.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Asks `host` until it answers 200, within `limit`, without the test's runtime.
 fn until_200(addr: SocketAddr, host: &str, limit: Duration, what: &str) {
     let deadline = Instant::now() + limit;
@@ -187,14 +201,7 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
     // A new worker for remote needs its files: its start is given up at the look's
     // deadline (10 s), with the reason in its error log; local answers throughout.
     kill(Pid::from_raw(remote_worker as i32), Signal::SIGKILL).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !node.log("remote", "error.log").contains("died") {
-        assert!(
-            Instant::now() < deadline,
-            "the killed worker's death went unseen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    error_log_with(&node, "remote", "died");
     let waiting = std::thread::spawn({
         let addr = node.addr;
         move || status_within(addr, "remote.test", "/", Duration::from_secs(30))
@@ -213,11 +220,10 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
         Ok(500),
         "a request to the site whose files hang: its app cannot start"
     );
-    assert!(
-        node.log("remote", "error.log")
-            .contains("the site's files did not answer within 10 s"),
-        "remote's error log: {}",
-        node.log("remote", "error.log")
+    error_log_with(
+        &node,
+        "remote",
+        "the site's files did not answer within 10 s",
     );
 
     // The files answer again: the site recovers on its own.
