@@ -18,7 +18,9 @@ use crate::logs::NodeLogs;
 use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
-use crate::spawn::{favordynmods, ksm, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner};
+use crate::spawn::{
+    favordynmods, ksm, tmpdir, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner,
+};
 
 /// How workers are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +179,7 @@ pub async fn run(
         })?;
     }
     let tmp_root = config.run_dir.join("tmp");
+    tmpdir::sweep(&tmp_root);
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: tmp_root.clone(),

@@ -17,7 +17,7 @@ use crate::logs::NodeLogs;
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
-use crate::spawn::{private_tmp_path, Cgroups, SiteFiles, Spawn};
+use crate::spawn::{Cgroups, SiteFiles, Spawn};
 
 /// How often sites that could not start are tried again.
 pub const RETRY_UNSTARTED: Duration = Duration::from_secs(5);
@@ -204,7 +204,7 @@ impl Sites {
             stop_grace: self.stop_grace,
             poll_memory: !self.cgroups.has(Controller::Memory),
             budget: self.budget.clone(),
-            tmp: private_tmp_path(&self.tmp_root, &site.name),
+            tmp_root: self.tmp_root.clone(),
         };
         // Pools of the same name still ending remove its cgroup: this one waits.
         let after = (self.draining.iter())

@@ -28,6 +28,7 @@ mod prepare;
 mod process;
 mod site_files;
 mod template;
+pub mod tmpdir;
 mod zygote;
 
 use std::future::Future;
@@ -41,7 +42,7 @@ use roost_registry::{OwnerError, Site};
 pub use cgroup::{Cgroups, SiteCgroup};
 pub use inherited::seal_inherited_fds;
 pub use plain::PlainSpawner;
-pub use prepare::{private_tmp_path, SpawnConfig};
+pub use prepare::SpawnConfig;
 pub use process::WorkerProcess;
 pub use site_files::{FilesStalled, SiteFiles, LOOK_WITHIN};
 pub use template::SiteTemplate;

@@ -4,13 +4,12 @@
 //! system or directory service can stall, so it runs as one of the site's looks
 //! ([`SiteFiles`](super::SiteFiles)), never on a runtime thread.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use roost_registry::{check_code_files, resolve, Identity, Site};
 
-use super::{SpawnError, SpawnRequest, LOOK_WITHIN};
+use super::{tmpdir, SpawnError, SpawnRequest, LOOK_WITHIN};
 use crate::logs::SiteLogs;
 
 /// How this node starts workers.
@@ -88,7 +87,7 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
     let paths = site.code_paths();
     let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_code_files(&paths, uid).map_err(SpawnError::UnsafeCode)?;
-    let tmp = private_tmp(&config.tmp_root, &site.name, identity.as_ref())?;
+    let tmp = tmpdir::make(&config.tmp_root, &site.name, identity.as_ref())?;
     if let Some(id) = &identity {
         logs.grant(id.gid);
     }
@@ -125,115 +124,4 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
         venv,
         venv_path,
     })
-}
-
-/// The private TMPDIR of `site`: its workers' temporary files, removed with the site
-/// (and when the node stops, as systemd's PrivateTmp is with its service).
-pub fn private_tmp_path(tmp_root: &Path, site: &str) -> PathBuf {
-    tmp_root.join(site)
-}
-
-/// `<tmp_root>/<site>`, owned by the site user, mode 0700. A folder another user owns
-/// was left by the site's previous owner (the site changed hands, or its name was
-/// reused): it is moved out of the way and removed with what is in it, not handed
-/// over. Moved first: the previous owner's workers may still be finishing requests and
-/// writing there, which would keep a removal in place from ever ending.
-fn private_tmp(
-    tmp_root: &Path,
-    site: &str,
-    identity: Option<&Identity>,
-) -> Result<PathBuf, SpawnError> {
-    let path = private_tmp_path(tmp_root, site);
-    let fail = |source| SpawnError::TmpDir {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(tmp_root).map_err(fail)?;
-    // Made by an earlier worker of the site, or by one starting at the same time.
-    let make = || match std::fs::create_dir(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        made => made.map_err(fail),
-    };
-    make()?;
-    let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        return Err(fail(std::io::Error::other(
-            "exists and is not a plain folder",
-        )));
-    }
-    if let Some(id) = identity {
-        if meta.uid() != id.uid || meta.gid() != id.gid {
-            // Workers of a site start together: one looks again and hands over at a time.
-            static HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _one = HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
-            let owner = std::fs::symlink_metadata(&path).map_err(fail)?.uid();
-            // Root owns a folder only between its making and this chown.
-            if owner != 0 && owner != id.uid {
-                let since = std::time::UNIX_EPOCH.elapsed().unwrap_or_default();
-                let aside = tmp_root.join(format!(".previous-{site}-{owner}-{}", since.as_nanos()));
-                std::fs::rename(&path, &aside).map_err(fail)?;
-                remove_in_background(aside);
-                make()?;
-            }
-            std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
-        }
-    }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
-    Ok(path)
-}
-
-/// Removes a previous owner's TMPDIR off the runtime thread: it holds whatever that
-/// owner left, a million files if they liked, and every site waits while a runtime
-/// thread is busy.
-fn remove_in_background(folder: PathBuf) {
-    let remove = move || {
-        if let Err(e) = std::fs::remove_dir_all(&folder) {
-            tracing::warn!(path = %folder.display(), error = %e, "cannot remove the site's previous owner's TMPDIR");
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(remove)),
-        Err(_) => remove(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workers_starting_together_share_the_private_tmp() {
-        let root = tempfile::tempdir().unwrap();
-        // Two workers of a site start at once (processes.min 2): each prepares the
-        // same folder, and neither may fail because the other made it first.
-        for round in 0..100 {
-            let site = format!("site{round}");
-            let barrier = std::sync::Barrier::new(4);
-            let results: Vec<_> = std::thread::scope(|s| {
-                let starts: Vec<_> = (0..4)
-                    .map(|_| {
-                        s.spawn(|| {
-                            barrier.wait();
-                            private_tmp(root.path(), &site, None).map_err(|e| e.to_string())
-                        })
-                    })
-                    .collect();
-                starts.into_iter().map(|t| t.join().unwrap()).collect()
-            });
-            for r in results {
-                assert_eq!(r, Ok(root.path().join(&site)), "round {round}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_symlink_in_place_of_the_private_tmp_is_refused() {
-        let root = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink("/etc", root.path().join("site")).unwrap();
-        let err = private_tmp(root.path(), "site", None).unwrap_err();
-        assert!(
-            err.to_string().contains("private temporary folder"),
-            "{err}"
-        );
-    }
 }

@@ -281,8 +281,45 @@ async fn a_removed_site_takes_its_tmpdir_with_it() {
     std::fs::write(tmp.join("cache"), b"left behind").unwrap();
     node.store().remove("temp").unwrap();
     node.until_status("temp.test", "/pid", 404).await;
-    node.eventually("the removed site's TMPDIR to go", || async {
-        !tmp.exists()
+    // Renamed aside at once, then removed without anyone waiting for it.
+    let root = tmp.parent().unwrap().to_path_buf();
+    node.eventually("the removed site's TMPDIR to go, all of it", || async {
+        !tmp.exists() && std::fs::read_dir(&root).unwrap().next().is_none()
+    })
+    .await;
+    node.stop().await;
+}
+
+/// A node's start removes the TMPDIRs its last run left (a crash leaves them all; a
+/// stop does not wait for the removals it begins), and what it had set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_removes_the_tmpdirs_of_the_last_run() {
+    let mut left = Vec::new();
+    let node = Node::start_with(|config| {
+        let tmp_root = config.run_dir.join("tmp");
+        for folder in [tmp_root.join("gone-site"), tmp_root.join(".removed-x-1")] {
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(folder.join("session"), b"stale").unwrap();
+            left.push(folder);
+        }
+        let aside = config.run_dir.join(".tmp.removed-1");
+        std::fs::create_dir_all(aside.join("deep")).unwrap();
+        left.push(aside);
+    })
+    .await;
+    let app = node.app("tester.py");
+    node.add(node.spec("fresh", &["fresh.test"], &app)).await;
+    let tmp = get(node.addr, "fresh.test", "/osenv?key=TMPDIR")
+        .await
+        .unwrap();
+    assert!(std::path::Path::new(&tmp.text()).is_dir(), "{}", tmp.text());
+    node.eventually("the last run's TMPDIRs to go", || async {
+        let removed = |name: &str| name.starts_with(".tmp.removed-");
+        let run = std::fs::read_dir(node.dir.path().join("run")).unwrap();
+        left.iter().all(|f| !f.exists())
+            && !run
+                .flatten()
+                .any(|e| removed(&e.file_name().to_string_lossy()))
     })
     .await;
     node.stop().await;

@@ -68,8 +68,9 @@ pub struct PoolContext {
     pub poll_memory: bool,
     /// The node-wide budget every worker needs a permit from.
     pub budget: Budget,
-    /// The site's private TMPDIR, removed with what is in it when the pool ends.
-    pub tmp: PathBuf,
+    /// Where the site's private TMPDIR is, removed with what is in it when the pool
+    /// ends.
+    pub tmp_root: PathBuf,
 }
 
 type Reply = oneshot::Sender<Result<Lease, CheckoutError>>;
@@ -240,15 +241,14 @@ impl Pool {
         self.retire_template();
         // Removal kills what is left and retries rmdir while it dies (up to a second):
         // not on a runtime thread, which every other site shares.
-        let (cgroup, tmp) = (self.ctx.cgroup.clone(), self.ctx.tmp.clone());
+        let (cgroup, tmp_root, name) = (
+            self.ctx.cgroup.clone(),
+            self.ctx.tmp_root.clone(),
+            self.site.name.clone(),
+        );
         let _ = tokio::task::spawn_blocking(move || {
             cgroup.remove();
-            match std::fs::remove_dir_all(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove the site's TMPDIR");
-                }
-                _ => {}
-            }
+            crate::spawn::tmpdir::discard(&tmp_root, &name);
         })
         .await;
         self.ctx.budget.unregister(&self.site.name);

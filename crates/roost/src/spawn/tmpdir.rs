@@ -1,0 +1,199 @@
+//! Each site's private TMPDIR, `<tmp_root>/<site>`: made for the site's owner at a
+//! spawn, never handed to another owner with what is in it, and gone with the site, as
+//! systemd's PrivateTmp is with its service. What a tenant leaves there may be a
+//! million files (file-based sessions pile up), so nothing waits for a removal: the
+//! folder is renamed aside, which is instant, and removed on a blocking thread. What a
+//! stop or a crash left is removed when the node next starts ([`sweep`]).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use roost_registry::Identity;
+
+use super::SpawnError;
+
+/// The private TMPDIR of `site`.
+pub fn path(tmp_root: &Path, site: &str) -> PathBuf {
+    tmp_root.join(site)
+}
+
+/// `<tmp_root>/<site>`, owned by the site user, mode 0700. A folder another user owns
+/// was left by the site's previous owner (the site changed hands, or its name was
+/// reused): it is moved out of the way and removed with what is in it, not handed
+/// over. Moved first: the previous owner's workers may still be finishing requests and
+/// writing there, which would keep a removal in place from ever ending.
+pub fn make(
+    tmp_root: &Path,
+    site: &str,
+    identity: Option<&Identity>,
+) -> Result<PathBuf, SpawnError> {
+    let path = path(tmp_root, site);
+    let fail = |source| SpawnError::TmpDir {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(tmp_root).map_err(fail)?;
+    // Made by an earlier worker of the site, or by one starting at the same time.
+    let make = || match std::fs::create_dir(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        made => made.map_err(fail),
+    };
+    make()?;
+    let meta = std::fs::symlink_metadata(&path).map_err(fail)?;
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        return Err(fail(std::io::Error::other(
+            "exists and is not a plain folder",
+        )));
+    }
+    if let Some(id) = identity {
+        if meta.uid() != id.uid || meta.gid() != id.gid {
+            // Workers of a site start together: one looks again and hands over at a time.
+            static HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
+            let owner = std::fs::symlink_metadata(&path).map_err(fail)?.uid();
+            // Root owns a folder only between its making and this chown.
+            if owner != 0 && owner != id.uid {
+                remove_aside(&path, &format!("previous-{site}-{owner}")).map_err(fail)?;
+                make()?;
+            }
+            std::os::unix::fs::chown(&path, Some(id.uid), Some(id.gid)).map_err(fail)?;
+        }
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    Ok(path)
+}
+
+/// The site is gone (removed, or the node stops): its TMPDIR goes, without waiting.
+pub fn discard(tmp_root: &Path, site: &str) {
+    let folder = path(tmp_root, site);
+    match remove_aside(&folder, &format!("removed-{site}")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %folder.display(), error = %e, "cannot remove the site's TMPDIR");
+        }
+        _ => {}
+    }
+}
+
+/// At start: every TMPDIR of the node's last run, and whatever it had set aside and
+/// not removed yet (a stop does not wait; a crash leaves everything), goes: the root
+/// is renamed aside whole and removed in the background.
+pub fn sweep(tmp_root: &Path) {
+    let (Some(parent), Some(name)) = (tmp_root.parent(), tmp_root.file_name()) else {
+        return;
+    };
+    let label = format!("{}.removed", name.to_string_lossy());
+    // What an earlier start set aside and could not finish removing.
+    let prefix = format!(".{label}-");
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            remove_in_background(entry.path());
+        }
+    }
+    match remove_aside(tmp_root, &label) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %tmp_root.display(), error = %e, "cannot clear the sites' TMPDIRs of the last run");
+        }
+        _ => {}
+    }
+}
+
+/// Renames `folder` to `.<label>-<nanoseconds>` beside it, then removes that on a
+/// blocking thread. A new folder can be made in its place at once.
+fn remove_aside(folder: &Path, label: &str) -> std::io::Result<()> {
+    let since = std::time::UNIX_EPOCH.elapsed().unwrap_or_default();
+    let aside = folder.with_file_name(format!(".{label}-{}", since.as_nanos()));
+    std::fs::rename(folder, &aside)?;
+    remove_in_background(aside);
+    Ok(())
+}
+
+/// Off the runtime thread: the folder holds whatever a tenant left, a million files if
+/// they liked, and every site waits while a runtime thread is busy.
+fn remove_in_background(folder: PathBuf) {
+    let remove = move || {
+        if let Err(e) = std::fs::remove_dir_all(&folder) {
+            tracing::warn!(path = %folder.display(), error = %e, "cannot remove a TMPDIR set aside");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+        Err(_) => remove(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_starting_together_share_the_private_tmp() {
+        let root = tempfile::tempdir().unwrap();
+        // Two workers of a site start at once (processes.min 2): each prepares the
+        // same folder, and neither may fail because the other made it first.
+        for round in 0..100 {
+            let site = format!("site{round}");
+            let barrier = std::sync::Barrier::new(4);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let starts: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            make(root.path(), &site, None).map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                starts.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            for r in results {
+                assert_eq!(r, Ok(root.path().join(&site)), "round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_private_tmp_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", root.path().join("site")).unwrap();
+        let err = make(root.path(), "site", None).unwrap_err();
+        assert!(
+            err.to_string().contains("private temporary folder"),
+            "{err}"
+        );
+    }
+
+    /// Files in `dir`, at any depth.
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().map(|e| 1 + count(&e.path())).sum())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_discarded_tmpdir_goes_and_a_new_one_can_be_made_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        let made = make(root.path(), "site", None).unwrap();
+        std::fs::write(made.join("session"), "x").unwrap();
+        discard(root.path(), "site");
+        assert_eq!(count(root.path()), 0, "left behind");
+        assert_eq!(make(root.path(), "site", None).unwrap(), made);
+        discard(root.path(), "never-made");
+    }
+
+    #[test]
+    fn a_start_sweeps_the_last_runs_tmpdirs_and_what_it_left_aside() {
+        let run = tempfile::tempdir().unwrap();
+        let tmp_root = run.path().join("tmp");
+        make(&tmp_root, "site", None).unwrap();
+        std::fs::write(tmp_root.join("site/left"), "x").unwrap();
+        std::fs::create_dir_all(tmp_root.join(".removed-gone-1/deep")).unwrap();
+        std::fs::create_dir_all(run.path().join(".tmp.removed-1/other")).unwrap();
+        std::fs::write(run.path().join("loader.py"), "kept").unwrap();
+        sweep(&tmp_root);
+        let left: Vec<_> = std::fs::read_dir(run.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["loader.py"], "the sweep took more, or less");
+        sweep(&tmp_root);
+    }
+}
