@@ -89,7 +89,13 @@ impl Runtime {
     }
 }
 
-/// `lib/python3.X/site-packages` folders of a virtualenv.
+/// Folders of `lib/` a virtualenv may hold `python3.X/site-packages` in: one, in
+/// practice. The venv is its owner's, and the node reads it: a million of them would
+/// be a million paths in the node's memory (and on a worker's PYTHONPATH).
+const MOST_PYTHON_FOLDERS: usize = 8;
+
+/// `lib/python3.X/site-packages` folders of a virtualenv (at most
+/// [`MOST_PYTHON_FOLDERS`] of them).
 pub fn site_packages(venv: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
         return Vec::new();
@@ -97,6 +103,7 @@ pub fn site_packages(venv: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("python"))
+        .take(MOST_PYTHON_FOLDERS)
         .map(|e| e.path().join("site-packages"))
         .filter(|p| p.is_dir())
         .collect();
@@ -167,6 +174,17 @@ mod tests {
             std::fs::create_dir_all(sp.join(format!("{d}.dist-info"))).unwrap();
         }
         root.to_owned()
+    }
+
+    #[test]
+    fn a_venv_stuffed_with_python_folders_gives_a_few() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = fake_venv(dir.path(), &[]);
+        for n in 0..100 {
+            std::fs::create_dir_all(venv.join(format!("lib/python3.{n}x/site-packages"))).unwrap();
+        }
+        let found = site_packages(&venv);
+        assert_eq!(found.len(), MOST_PYTHON_FOLDERS, "{found:?}");
     }
 
     #[test]
