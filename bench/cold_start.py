@@ -66,7 +66,8 @@ def run_mode(mode, runs, work):
     node = subprocess.Popen(
         [ROOST, "--registry", registry, "serve", "--listen", "127.0.0.1:%d" % port,
          "--cgroup-name", "roost-bench-cold", "--log-dir", os.path.join(work, "logs-" + mode),
-         "--run-dir", os.path.join(work, "run-" + mode)] + MODES[mode],
+         "--run-dir", os.path.join(work, "run-" + mode),
+         "--tmp-dir", os.path.join(work, "tmp-" + mode)] + MODES[mode],
         stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

@@ -169,7 +169,8 @@ def serve(registry, port, work, name, *options):
     return subprocess.Popen([ROOST, "--registry", registry, "serve", "--listen",
                              "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-" + name,
                              "--log-dir", os.path.join(work, "logs"),
-                             "--run-dir", os.path.join(work, "run")] + list(options),
+                             "--run-dir", os.path.join(work, "run"),
+                             "--tmp-dir", os.path.join(work, "tmp")] + list(options),
                             stderr=subprocess.DEVNULL)
 
 

@@ -29,7 +29,7 @@ reg="sqlite:$work/registry.db"
 "$roost" --registry "$reg" site add hog --host hog.bench --entry "$work/apps/spin.py" \
   --user roostbench-hog --processes-max 4 >/dev/null
 "$roost" --registry "$reg" serve --listen "127.0.0.1:$port" --cgroup-name roost-bench \
-  --log-dir "$work/logs" --run-dir "$work/run" 2>"$work/node.log" &
+  --log-dir "$work/logs" --run-dir "$work/run" --tmp-dir "$work/tmp" 2>"$work/node.log" &
 node=$!
 for _ in $(seq 50); do curl -sf -H 'Host: calm.bench' "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
 grep -o 'enforced=.*' "$work/node.log" | head -1 || true

@@ -86,7 +86,8 @@ def measure(app, sites, preload, work, ksm=None):
     run = os.path.join(work, "run-" + name)
     node = subprocess.Popen([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
                              "--cgroup-name", "roost-bench-density", "--log-dir",
-                             os.path.join(work, "logs-" + name), "--run-dir", run] + preload
+                             os.path.join(work, "logs-" + name), "--run-dir", run,
+                             "--tmp-dir", os.path.join(work, "tmp-" + name)] + preload
                             + (["--ksm"] if ksm else []),
                             stderr=subprocess.DEVNULL)
     try:

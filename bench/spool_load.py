@@ -61,7 +61,7 @@ def one_run(work, clients, mib, seconds):
         [ROOST, "--registry", "sqlite:" + os.path.join(work, "registry.db"), "serve",
          "--listen", "127.0.0.1:%d" % port, "--cgroup-name", "roost-bench-spool",
          "--log-dir", os.path.join(work, "logs"), "--run-dir", os.path.join(work, "run"),
-         "--response-buffer", "16MiB"],
+         "--tmp-dir", os.path.join(work, "tmp"), "--response-buffer", "16MiB"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

@@ -60,7 +60,8 @@ def measure(mode, runs, work):
     node = subprocess.Popen(
         [ROOST, "--registry", registry, "serve", "--listen", "127.0.0.1:%d" % port,
          "--cgroup-name", "roost-bench-template", "--log-dir", os.path.join(work, "logs-" + mode),
-         "--run-dir", os.path.join(work, "run-" + mode)] + node_flags,
+         "--run-dir", os.path.join(work, "run-" + mode),
+         "--tmp-dir", os.path.join(work, "tmp-" + mode)] + node_flags,
         stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

@@ -44,9 +44,10 @@ def roost(work, port, app, threads):
                     "--entry", os.path.join(work, app + ".py"), "--user", "nobody",
                     "--processes-max", "2", "--processes-min", "2", "--threads", str(threads)],
                    check=True, stdout=subprocess.DEVNULL)
-    return [ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
-            "--cgroup-name", "roost-bench-tp", "--log-dir", os.path.join(work, "logs"),
-            "--run-dir", os.path.join(work, "run")] + (["--preload", "flask"] if app == "flask_app" else [])
+    return ([ROOST, "--registry", reg, "serve", "--listen", "127.0.0.1:%d" % port,
+             "--cgroup-name", "roost-bench-tp", "--log-dir", os.path.join(work, "logs"),
+             "--run-dir", os.path.join(work, "run"), "--tmp-dir", os.path.join(work, "tmp")]
+            + (["--preload", "flask"] if app == "flask_app" else []))
 
 
 APACHE_WORKERS = """StartServers 2

@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub error_log_size: u64,
     /// Where the node writes the loader for workers to run.
     pub run_dir: PathBuf,
+    /// Parent of each site's private TMPDIR. On a disk, not a tmpfs: what a site writes
+    /// in a tmpfs is held in memory, and fills it for every other user of that tmpfs.
+    pub tmp_dir: PathBuf,
     pub front: FrontConfig,
     /// How long a worker whose slots are closed may take to exit before SIGKILL.
     pub stop_grace: Duration,
@@ -83,6 +86,7 @@ impl NodeConfig {
             registry,
             log_dir,
             error_log_size: 64 << 20,
+            tmp_dir: run_dir.join("tmp"),
             run_dir,
             front: FrontConfig::default(),
             stop_grace: Duration::from_secs(10),
@@ -119,6 +123,12 @@ pub enum ServerError {
     Logs(#[source] std::io::Error),
     #[error("{0}")]
     Ksm(String),
+    #[error("cannot make the folder of the sites' TMPDIRs {path} (--tmp-dir)")]
+    TmpDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make temporary files in the spool folder {dir} (--spool-dir; --response-spool 0 turns spooling off)")]
     Spool {
         dir: PathBuf,
@@ -178,8 +188,12 @@ pub async fn run(
             source,
         })?;
     }
-    let tmp_root = config.run_dir.join("tmp");
-    tmpdir::sweep(&tmp_root);
+    let tmp_root = config.tmp_dir.clone();
+    // Held until the node stops: the folder is this node's.
+    let _tmp_root = tmpdir::open_root(&tmp_root).map_err(|source| ServerError::TmpDir {
+        path: tmp_root.clone(),
+        source,
+    })?;
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: tmp_root.clone(),

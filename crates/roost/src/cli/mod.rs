@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// else the data folder's run/.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Folder holding each site's private TMPDIR (emptied at every start). Keep it on
+    /// a disk, not a tmpfs such as /run: what a site writes in a tmpfs is held in
+    /// memory and fills it for everyone. Default: /var/lib/roost/tmp as root, else the
+    /// data folder's tmp/.
+    #[arg(long)]
+    pub tmp_dir: Option<PathBuf>,
     /// A proxy (address or CIDR) whose X-Forwarded-For/-Proto headers are believed;
     /// repeat for several.
     #[arg(long, value_name = "CIDR")]
@@ -318,7 +324,13 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
             )
         }
     };
+    let tmp_dir = match &args.tmp_dir {
+        Some(dir) => absolute(dir.clone())?,
+        None if is_root() => PathBuf::from("/var/lib/roost/tmp"),
+        None => data_dir()?.join("tmp"),
+    };
     let mut config = NodeConfig::new(registry, log_dir, run_dir);
+    config.tmp_dir = tmp_dir;
     config.error_log_size = args.error_log_size;
     config.front.header_read_timeout = args.header_timeout;
     config.front.body_read_timeout = args.body_timeout;

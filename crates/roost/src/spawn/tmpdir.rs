@@ -3,9 +3,9 @@
 //! systemd's PrivateTmp is with its service. What a tenant leaves there may be a
 //! million files (file-based sessions pile up), so nothing waits for a removal: the
 //! folder is renamed aside, which is instant, and removed on a blocking thread. What a
-//! stop or a crash left is removed when the node next starts ([`sweep`]).
+//! stop or a crash left is removed when the node next starts ([`open_root`]).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use roost_registry::Identity;
@@ -74,10 +74,55 @@ pub fn discard(tmp_root: &Path, site: &str) {
     }
 }
 
-/// At start: every TMPDIR of the node's last run, and whatever it had set aside and
-/// not removed yet (a stop does not wait; a crash leaves everything), goes: the root
-/// is renamed aside whole and removed in the background.
-pub fn sweep(tmp_root: &Path) {
+/// The folder of the sites' TMPDIRs, this node's while the value lives: a lock file
+/// beside it, `<folder>.lock`, says so to another node started on the same folder,
+/// whose start would otherwise empty it under this one's sites.
+pub struct TmpRoot {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// At start: takes the folder's lock, sweeps, and makes the folder anew, checked to
+/// be the node's own and one only it can write in: the node chowns and chmods what it
+/// makes in there as root, which anyone else able to put a link in its place could
+/// turn on any file of the host.
+pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
+    if let Some(parent) = tmp_root.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut lock_path = tmp_root.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => std::io::Error::other(
+                "another node uses it (each node on a host needs a --tmp-dir of its own)",
+            ),
+            errno => std::io::Error::from(errno),
+        },
+    )?;
+    sweep(tmp_root);
+    if let Some(parent) = tmp_root.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o755).create(tmp_root)?;
+    let made = std::fs::symlink_metadata(tmp_root)?;
+    let ours = made.is_dir() && made.uid() == nix::unistd::geteuid().as_raw();
+    if !ours || made.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(
+            "it is not a folder of the node's user that only it can write in",
+        ));
+    }
+    Ok(TmpRoot { _lock: lock })
+}
+
+/// Every TMPDIR of the node's last run, and whatever it had set aside and not removed
+/// yet (a stop does not wait; a crash leaves everything), goes: the root is renamed
+/// aside whole and removed in the background.
+fn sweep(tmp_root: &Path) {
     let (Some(parent), Some(name)) = (tmp_root.parent(), tmp_root.file_name()) else {
         return;
     };
@@ -234,6 +279,47 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(count(root.path()), 0, "left behind");
+    }
+
+    #[test]
+    fn a_start_makes_the_root_anew_in_place_of_a_link_or_a_folder_anyone_can_write() {
+        let run = tempfile::tempdir().unwrap();
+        let tmp_root = run.path().join("tmp");
+        let elsewhere = run.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &tmp_root).unwrap();
+        drop(open_root(&tmp_root).unwrap());
+        let made = std::fs::symlink_metadata(&tmp_root).unwrap();
+        assert!(made.is_dir(), "the link was kept");
+        assert!(elsewhere.is_dir(), "the link's target was touched");
+
+        std::fs::set_permissions(&tmp_root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(tmp_root.join("planted"), "x").unwrap();
+        let _ours = open_root(&tmp_root).unwrap();
+        let made = std::fs::symlink_metadata(&tmp_root).unwrap();
+        assert_eq!(made.mode() & 0o777, 0o755);
+        assert_eq!(count(&tmp_root), 0, "what was planted is still there");
+    }
+
+    #[test]
+    fn a_second_node_on_the_same_folder_is_refused_and_empties_nothing() {
+        let run = tempfile::tempdir().unwrap();
+        let tmp_root = run.path().join("tmp");
+        let first = open_root(&tmp_root).unwrap();
+        make(&tmp_root, "site", None).unwrap();
+        let second = open_root(&tmp_root)
+            .err()
+            .expect("a second node was let in");
+        assert!(
+            second.to_string().contains("another node uses it"),
+            "{second}"
+        );
+        assert!(
+            tmp_root.join("site").is_dir(),
+            "the second start emptied the first's"
+        );
+        drop(first);
+        let _next = open_root(&tmp_root).expect("the folder is free once the first stops");
     }
 
     #[test]

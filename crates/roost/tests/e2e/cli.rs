@@ -610,6 +610,20 @@ fn serve_refuses_a_spool_folder_it_cannot_use() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let (status, stderr) = refused_start(node, "a spool folder that does not exist");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot make temporary files in the spool folder"),
+        "{stderr}"
+    );
+}
+
+/// A node that must refuse to start: its exit status and what it said, once it has
+/// exited (within 20 s; one still running then is killed and the test fails).
+fn refused_start(
+    mut node: std::process::Child,
+    refused_for: &str,
+) -> (std::process::ExitStatus, String) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
         if let Some(status) = node.try_wait().unwrap() {
@@ -617,16 +631,56 @@ fn serve_refuses_a_spool_folder_it_cannot_use() {
         }
         if std::time::Instant::now() > deadline {
             let _ = node.kill();
-            panic!("the node started with a spool folder that does not exist");
+            let _ = node.wait();
+            panic!("the node started with {refused_for}");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// Two nodes on one folder of TMPDIRs: the second is refused, and the first's TMPDIRs
+/// stay (the second's start would have emptied the folder under the first's sites).
+#[test]
+fn a_second_node_on_the_same_tmp_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(serve_args(dir.path()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let heard = stderr_lines(&mut first);
+    let ready = heard
+        .iter()
+        .any(|line| line.contains("accepting client connections"));
+    let tmpdir = dir.path().join("tmp/a-site");
+    std::fs::create_dir(&tmpdir).unwrap();
+
+    let other = tempfile::tempdir().unwrap();
+    let mut args = serve_args(other.path());
+    *args.last_mut().unwrap() = dir.path().join("tmp").into();
+    let second = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = refused_start(second, "a --tmp-dir another node uses");
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(ready, "the first node did not start");
     assert!(!status.success());
     assert!(
-        stderr.contains("cannot make temporary files in the spool folder"),
+        stderr.contains("cannot make the folder of the sites' TMPDIRs")
+            && stderr.contains("another node uses it"),
         "{stderr}"
+    );
+    assert!(
+        tmpdir.is_dir(),
+        "the refused start emptied the first node's TMPDIRs"
     );
 }
 
@@ -740,6 +794,8 @@ fn serve_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
         dir.join("logs").into(),
         "--run-dir".into(),
         dir.join("run").into(),
+        "--tmp-dir".into(),
+        dir.join("tmp").into(),
     ]
 }
 

@@ -274,6 +274,8 @@ fn a_node_stops_while_a_sites_files_hang() {
         .arg(dir.path().join("logs"))
         .arg("--run-dir")
         .arg(dir.path().join("run"))
+        .arg("--tmp-dir")
+        .arg(dir.path().join("tmp"))
         .args([
             "--cgroup-name",
             &format!("roost-e2e-{}-stop", std::process::id()),

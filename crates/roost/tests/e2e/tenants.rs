@@ -293,6 +293,8 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
         .arg(dir.path().join("logs"))
         .arg("--run-dir")
         .arg(dir.path().join("run"))
+        .arg("--tmp-dir")
+        .arg(dir.path().join("tmp"))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
