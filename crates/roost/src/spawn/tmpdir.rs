@@ -5,7 +5,7 @@
 //! folder is renamed aside, which is instant, and removed on a blocking thread. What a
 //! stop or a crash left is removed when the node next starts ([`open_root`]).
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use roost_registry::Identity;
@@ -82,12 +82,19 @@ pub struct TmpRoot {
 }
 
 /// At start: takes the folder's lock, sweeps, and makes the folder anew, checked to
-/// be the node's own and one only it can write in: the node chowns and chmods what it
-/// makes in there as root, which anyone else able to put a link in its place could
-/// turn on any file of the host.
+/// be the node's own and one only it can write in, in a parent nobody else can rename
+/// it out of: the node chowns and chmods what it makes in there as root, which anyone
+/// able to put a link in its place could turn on any file of the host.
 pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
-    if let Some(parent) = tmp_root.parent() {
-        std::fs::create_dir_all(parent)?;
+    let parent = tmp_root.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent)?;
+    let around = std::fs::metadata(parent)?;
+    // Others may write in a sticky folder (/var/tmp) but not rename what is not theirs.
+    if around.mode() & 0o022 != 0 && around.mode() & 0o1000 == 0 {
+        return Err(std::io::Error::other(format!(
+            "others can write in {} and could swap the folder for a link",
+            parent.display()
+        )));
     }
     let mut lock_path = tmp_root.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -95,6 +102,7 @@ pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&lock_path)?;
     let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| match errno {
@@ -105,9 +113,6 @@ pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
         },
     )?;
     sweep(tmp_root);
-    if let Some(parent) = tmp_root.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     std::fs::DirBuilder::new().mode(0o755).create(tmp_root)?;
     let made = std::fs::symlink_metadata(tmp_root)?;
     let ours = made.is_dir() && made.uid() == nix::unistd::geteuid().as_raw();
@@ -299,6 +304,21 @@ mod tests {
         let made = std::fs::symlink_metadata(&tmp_root).unwrap();
         assert_eq!(made.mode() & 0o777, 0o755);
         assert_eq!(count(&tmp_root), 0, "what was planted is still there");
+    }
+
+    #[test]
+    fn a_folder_in_a_parent_others_can_write_in_is_refused_unless_sticky() {
+        let run = tempfile::tempdir().unwrap();
+        let open = run.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = open_root(&open.join("tmp")).err().expect("taken");
+        assert!(
+            refused.to_string().contains("others can write in"),
+            "{refused}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let _sticky = open_root(&open.join("tmp")).expect("a sticky parent is refused");
     }
 
     #[test]

@@ -602,7 +602,7 @@ async fn the_demo_serves_its_three_sites() {
 #[test]
 fn serve_refuses_a_spool_folder_it_cannot_use() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
+    let node = Command::new(env!("CARGO_BIN_EXE_roost"))
         .args(serve_args(dir.path()))
         .arg("--spool-dir")
         .arg(dir.path().join("no such folder"))
