@@ -95,7 +95,7 @@ impl Runtime {
 const MOST_PYTHON_FOLDERS: usize = 8;
 
 /// `lib/python3.X/site-packages` folders of a virtualenv (at most
-/// [`MOST_PYTHON_FOLDERS`] of them).
+/// eight of them).
 pub fn site_packages(venv: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
         return Vec::new();
