@@ -379,6 +379,13 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
+/// Threads for blocking work: the node's own (spooling, removals) and its looks at
+/// sites' files, of which a site whose files stopped answering holds one until they
+/// answer. Tokio's default, 512, would let that many such sites (a dead NFS server
+/// with the homes of a busy node) hold every thread, and every other site's looks and
+/// the node's own work would queue behind them. A thread that waits costs a few KiB.
+const MAX_BLOCKING_THREADS: usize = 16_384;
+
 /// Binds the listeners, runs the node until SIGINT/SIGTERM.
 fn run_node(
     config: NodeConfig,
@@ -397,6 +404,7 @@ fn run_node(
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -312,3 +312,88 @@ fn a_node_stops_while_a_sites_files_hang() {
     );
     drop(fs);
 }
+
+/// Hundreds of sites whose files hang at once (a dead NFS server with the homes of a
+/// busy node) each hold a thread for blocking work until the files answer; past
+/// tokio's default of 512 such threads, every other site's looks queued behind them
+/// and no site could start a worker.
+#[test]
+#[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
+fn hundreds_of_silent_sites_leave_room_for_the_others() {
+    const SILENT: usize = 600;
+    need_root_and_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let owner = TestUser::create();
+    let fs = mirrored_home(dir.path(), &owner, false);
+    let local_app = dir.path().join("local/app.py");
+    std::fs::create_dir(local_app.parent().unwrap()).unwrap();
+    std::fs::copy(fixture("tester.py"), &local_app).unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", &owner.name])
+        .arg(local_app.parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let registry = dir.path().join("registry.db");
+    let mut store = roost_registry::SqliteStore::open(&registry).unwrap();
+    let spec = |name: String, entry: &Path| roost_registry::SiteSpec {
+        hosts: vec![format!("{name}.test")],
+        name,
+        entry: Some(entry.display().to_string()),
+        interpreter: Some(python()),
+        user: Some(owner.name.clone()),
+        ..Default::default()
+    };
+    let home_app = fs.mountpoint.join("app.py");
+    for n in 0..SILENT {
+        let site = spec(format!("s{n}"), &home_app);
+        store
+            .add(&site.validate(roost_registry::FsChecks::Full).unwrap())
+            .unwrap();
+    }
+    let local = spec("local".into(), &local_app);
+    store
+        .add(&local.validate(roost_registry::FsChecks::Full).unwrap())
+        .unwrap();
+    drop(store);
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("--registry")
+        .arg(format!("sqlite:{}", registry.display()))
+        .args(["serve", "--listen", &addr.to_string(), "--no-cgroups"])
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--tmp-dir")
+        .arg(dir.path().join("tmp"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until_200(addr, "s0.test", Duration::from_secs(20), "the node serves");
+
+    fs.signal(Signal::SIGUSR1);
+    // A request to each silent site: each starts a worker, whose look hangs.
+    let asked: Vec<_> = (1..SILENT)
+        .map(|n| {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            write!(stream, "GET / HTTP/1.1\r\nHost: s{n}.test\r\n\r\n").unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let local_status = status_within(addr, "local.test", "/", Duration::from_secs(30));
+    let _ = node.kill();
+    let _ = node.wait();
+    drop(asked);
+    assert_eq!(
+        local_status,
+        Ok(200),
+        "a site on another file system, asked while {SILENT} sites' files hang"
+    );
+    drop(fs);
+}
