@@ -2,7 +2,6 @@
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,6 +14,10 @@ use super::forkserver::control_pair;
 use super::prepare::{prepare, Prepared, SpawnConfig};
 use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
 use crate::worker::{has_inbox, Inbox};
+
+/// What a plainly spawned child execs first: `env PYTHON loader.py …` execs the site's
+/// python in turn, from the child's own time.
+const TRAMPOLINE: &str = "/usr/bin/env";
 
 /// Starts the loader as `python loader.py worker …` with a clean environment.
 pub struct PlainSpawner {
@@ -31,9 +34,11 @@ impl PlainSpawner {
         self.start_prepared(request, prepared)
     }
 
-    /// Forks and execs, and waits for the child to chdir and exec the site's python:
-    /// files that stop answering between the look of `prepare` and the exec hold this
-    /// runtime thread (a zygote, the default, forks without waiting).
+    /// Forks and execs. The fork's caller waits until the child has exec'd, so the
+    /// child execs a trampoline on the node's own disk ([`TRAMPOLINE`], from `/`),
+    /// which execs the site's python: an interpreter whose file system stopped
+    /// answering then holds the child (until its start timeout kills it), never this
+    /// runtime thread. The loader changes to the site's folder itself.
     fn start_prepared(
         &self,
         request: SpawnRequest<'_>,
@@ -54,8 +59,10 @@ impl PlainSpawner {
             .runtime
             .as_ref()
             .map_or_else(|| prepared.python.clone(), |r| r.executable());
-        let mut cmd = std::process::Command::new(&python);
-        cmd.arg(&self.config.loader)
+        let mut cmd = std::process::Command::new(TRAMPOLINE);
+        cmd.arg("--")
+            .arg(&python)
+            .arg(&self.config.loader)
             .arg(request.role.name())
             .arg(request.role.slots().to_string())
             .arg(kind)
@@ -75,8 +82,7 @@ impl PlainSpawner {
                 .identity
                 .as_ref()
                 .map(|id| (Uid::from_raw(id.uid), Gid::from_raw(id.gid))),
-            workdir: CString::new(site.directory.as_os_str().as_bytes())
-                .map_err(|e| exec_err(std::io::Error::other(e)))?,
+            workdir: CString::new("/").expect("no NUL in /"),
             batch: self.config.batch_workers,
             ksm: self.config.ksm,
         };

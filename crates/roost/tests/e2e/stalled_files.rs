@@ -397,3 +397,56 @@ fn hundreds_of_silent_sites_leave_room_for_the_others() {
     );
     drop(fs);
 }
+
+/// A plainly spawned worker whose interpreter is on the silent file system: the fork's
+/// caller waits until the child has exec'd, and the exec of that python hangs. Its
+/// folder (a local virtualenv) and its code answer, so the look before the spawn does
+/// not catch it; the node execs a local trampoline first, which waits in its stead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
+async fn a_plain_spawn_whose_interpreter_hangs_holds_up_no_other_site() {
+    need_root_and_fuse();
+    let node = Node::start_with(|c| c.spawn = roost::server::SpawnMode::Plain).await;
+    let owner = node.user.as_ref().expect("root nodes have a site user");
+    let fs = mirrored_home(node.dir.path(), owner, false);
+    // A python on the mirror, and a local virtualenv whose python links to it.
+    let real = std::fs::canonicalize(python()).unwrap();
+    std::fs::copy(&real, node.dir.path().join("home-source/python3")).unwrap();
+    let venv = node.dir.path().join("venv");
+    std::fs::create_dir_all(venv.join("bin")).unwrap();
+    let home = real.parent().unwrap().display().to_string();
+    std::fs::write(venv.join("pyvenv.cfg"), format!("home = {home}\n")).unwrap();
+    std::os::unix::fs::symlink(fs.mountpoint.join("python3"), venv.join("bin/python")).unwrap();
+
+    let tester = node.app("tester.py");
+    let mut remote = node.spec("remote", &["remote.test"], &tester);
+    remote.interpreter = Some(venv.display().to_string());
+    node.add(remote).await;
+    node.add(node.spec("local", &["local.test"], &tester)).await;
+    let remote_worker = node.pid("remote.test", "/pid").await;
+    answers_200(node.addr, "local.test", "serves");
+
+    fs.signal(Signal::SIGUSR1);
+    kill(Pid::from_raw(remote_worker as i32), Signal::SIGKILL).unwrap();
+    error_log_with(&node, "remote", "died");
+    let waiting = std::thread::spawn({
+        let addr = node.addr;
+        move || status_within(addr, "remote.test", "/", Duration::from_secs(60))
+    });
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        answers_200(
+            node.addr,
+            "local.test",
+            "answers while remote's interpreter cannot be exec'd",
+        );
+    }
+    fs.signal(Signal::SIGUSR2);
+    assert_eq!(
+        waiting.join().unwrap(),
+        Ok(200),
+        "the request that waited for remote's new worker, once its files answer"
+    );
+    node.stop().await;
+    drop(fs);
+}
