@@ -139,6 +139,58 @@ fn error_log_with(node: &Node, site: &str, needle: &str) {
     }
 }
 
+/// Kills the remote site's worker, waits until the node has seen it die, then asks the
+/// site (for a new worker) on a thread, which answers within `limit`.
+fn kill_and_ask(
+    node: &Node,
+    worker: u32,
+    limit: Duration,
+) -> std::thread::JoinHandle<Result<u16, String>> {
+    kill(Pid::from_raw(worker as i32), Signal::SIGKILL).unwrap();
+    error_log_with(node, "remote", "died");
+    let addr = node.addr;
+    std::thread::spawn(move || status_within(addr, "remote.test", "/", limit))
+}
+
+/// The local site answers each of `rounds` requests, half a second apart.
+fn keeps_answering(node: &Node, rounds: usize, what: &str) {
+    for _ in 0..rounds {
+        std::thread::sleep(Duration::from_millis(500));
+        answers_200(node.addr, "local.test", what);
+    }
+}
+
+/// `roost serve` on `addr` for the registry in `dir`, its folders there too.
+fn serve(dir: &Path, addr: SocketAddr, extra: &[&str]) -> std::process::Child {
+    let registry = format!("sqlite:{}", dir.join("registry.db").display());
+    Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args([
+            "--registry",
+            &registry,
+            "serve",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--tmp-dir")
+        .arg(dir.join("tmp"))
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A free port on 127.0.0.1, for a node run as a command.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Asks `host` until it answers 200, within `limit`, without the test's runtime.
 fn until_200(addr: SocketAddr, host: &str, limit: Duration, what: &str) {
     let deadline = Instant::now() + limit;
@@ -200,20 +252,8 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
 
     // A new worker for remote needs its files: its start is given up at the look's
     // deadline (10 s), with the reason in its error log; local answers throughout.
-    kill(Pid::from_raw(remote_worker as i32), Signal::SIGKILL).unwrap();
-    error_log_with(&node, "remote", "died");
-    let waiting = std::thread::spawn({
-        let addr = node.addr;
-        move || status_within(addr, "remote.test", "/", Duration::from_secs(30))
-    });
-    for _ in 0..8 {
-        std::thread::sleep(Duration::from_millis(500));
-        answers_200(
-            node.addr,
-            "local.test",
-            "answers while remote's worker cannot start",
-        );
-    }
+    let waiting = kill_and_ask(&node, remote_worker, Duration::from_secs(30));
+    keeps_answering(&node, 8, "answers while remote's worker cannot start");
     let status = waiting.join().unwrap();
     assert_eq!(
         status,
@@ -258,31 +298,9 @@ fn a_node_stops_while_a_sites_files_hang() {
         .output()
         .unwrap();
     assert!(added.status.success(), "{added:?}");
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .args([
-            "--registry",
-            &registry,
-            "serve",
-            "--listen",
-            &addr.to_string(),
-        ])
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .arg("--tmp-dir")
-        .arg(dir.path().join("tmp"))
-        .args([
-            "--cgroup-name",
-            &format!("roost-e2e-{}-stop", std::process::id()),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let addr = free_addr();
+    let cgroup_name = format!("roost-e2e-{}-stop", std::process::id());
+    let mut node = serve(dir.path(), addr, &["--cgroup-name", &cgroup_name]);
     until_200(
         addr,
         "remote.test",
@@ -357,23 +375,8 @@ fn hundreds_of_silent_sites_leave_room_for_the_others() {
         .add(&local.validate(roost_registry::FsChecks::Full).unwrap())
         .unwrap();
     drop(store);
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .arg("--registry")
-        .arg(format!("sqlite:{}", registry.display()))
-        .args(["serve", "--listen", &addr.to_string(), "--no-cgroups"])
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
-        .arg("--run-dir")
-        .arg(dir.path().join("run"))
-        .arg("--tmp-dir")
-        .arg(dir.path().join("tmp"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let addr = free_addr();
+    let mut node = serve(dir.path(), addr, &["--no-cgroups"]);
     until_200(addr, "s0.test", Duration::from_secs(20), "the node serves");
 
     fs.signal(Signal::SIGUSR1);
@@ -427,20 +430,12 @@ async fn a_plain_spawn_whose_interpreter_hangs_holds_up_no_other_site() {
     answers_200(node.addr, "local.test", "serves");
 
     fs.signal(Signal::SIGUSR1);
-    kill(Pid::from_raw(remote_worker as i32), Signal::SIGKILL).unwrap();
-    error_log_with(&node, "remote", "died");
-    let waiting = std::thread::spawn({
-        let addr = node.addr;
-        move || status_within(addr, "remote.test", "/", Duration::from_secs(60))
-    });
-    for _ in 0..6 {
-        std::thread::sleep(Duration::from_millis(500));
-        answers_200(
-            node.addr,
-            "local.test",
-            "answers while remote's interpreter cannot be exec'd",
-        );
-    }
+    let waiting = kill_and_ask(&node, remote_worker, Duration::from_secs(60));
+    keeps_answering(
+        &node,
+        6,
+        "answers while remote's interpreter cannot be exec'd",
+    );
     fs.signal(Signal::SIGUSR2);
     assert_eq!(
         waiting.join().unwrap(),
