@@ -47,8 +47,9 @@ pub struct NodeConfig {
     pub error_log_size: u64,
     /// Where the node writes the loader for workers to run.
     pub run_dir: PathBuf,
-    /// Parent of each site's private TMPDIR. On a disk, not a tmpfs: what a site writes
-    /// in a tmpfs is held in memory, and fills it for every other user of that tmpfs.
+    /// Parent of each site's private TMPDIR (`new`: the run folder's `tmp/`; `roost
+    /// serve`: `--tmp-dir`). On a disk, not a tmpfs: what a site writes in a tmpfs is
+    /// held in memory, and fills it for every other user of that tmpfs.
     pub tmp_dir: PathBuf,
     pub front: FrontConfig,
     /// How long a worker whose slots are closed may take to exit before SIGKILL.
