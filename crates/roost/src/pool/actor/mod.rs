@@ -19,6 +19,7 @@
 
 mod entry;
 mod follow;
+mod memory;
 
 pub use entry::EntryLooked;
 
@@ -34,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle, PoolUsage};
+use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle};
 use crate::logs::SiteLogs;
 use crate::spawn::{SiteCgroup, SiteFiles, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
@@ -114,6 +115,17 @@ impl WorkerEntry {
     }
 }
 
+/// Killing what a site's workers left in its cgroup (`Pool::sweep_if_empty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// A worker runs, or has run since the last sweep.
+    Armed,
+    /// The last worker (and the template) went: at this time, what is left is killed.
+    Due(Instant),
+    /// Done; armed again by the next worker.
+    Done,
+}
+
 /// The site cannot start workers; requests fail fast until `retry_at`.
 struct Failure {
     attempts: u32,
@@ -139,10 +151,8 @@ struct Pool {
     /// When the last worker went (none started since): a template left without
     /// workers this long (idle_timeout) goes too.
     empty_since: Option<Instant>,
-    /// When what the workers left behind is to be killed (the last one went and no
-    /// template runs), and whether it was since the last one went.
-    sweep_at: Option<Instant>,
-    swept: bool,
+    /// What the workers left behind, once the last one went.
+    sweep: Sweep,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -175,8 +185,7 @@ pub fn spawn_pool(
         asked: 0,
         template,
         empty_since: None,
-        sweep_at: None,
-        swept: false,
+        sweep: Sweep::Armed,
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         pool.run(rx, after, done_tx),
@@ -214,7 +223,7 @@ impl Pool {
             let ticking = !self.workers.is_empty()
                 || self.failure.is_some()
                 || self.template.as_ref().is_some_and(|t| t.is_live())
-                || self.sweep_at.is_some();
+                || matches!(self.sweep, Sweep::Due(_));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -575,37 +584,6 @@ impl Pool {
         }
     }
 
-    fn over_soft_limit(&self, pid: u32) -> bool {
-        self.site
-            .pool
-            .memory_worker_soft
-            .is_some_and(|soft| rss_bytes(pid).is_some_and(|rss| rss > soft))
-    }
-
-    /// Without a memory cgroup: the site's total RSS over memory.max kills its largest
-    /// worker, as the cgroup's OOM killer would.
-    fn enforce_memory_by_polling(&mut self) {
-        let sizes: Vec<(WorkerId, u32, u64)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.pid != 0 && !w.killed)
-            .filter_map(|(id, w)| Some((*id, w.pid, rss_bytes(w.pid)?)))
-            .collect();
-        let total: u64 = sizes.iter().map(|(_, _, rss)| rss).sum();
-        if total <= self.site.pool.memory_max {
-            return;
-        }
-        if let Some((id, pid, rss)) = sizes.into_iter().max_by_key(|(_, _, rss)| *rss) {
-            self.handle(PoolControl::Kill {
-                worker: id,
-                reason: format!(
-                    "the site uses {total} bytes, over memory.max ({}); pid {pid} had {rss}",
-                    self.site.pool.memory_max
-                ),
-            });
-        }
-    }
-
     fn on_tick(&mut self) {
         if self.ctx.poll_memory {
             self.enforce_memory_by_polling();
@@ -647,15 +625,19 @@ impl Pool {
     /// read before any new worker could join it).
     fn sweep_if_empty(&mut self) {
         let template = self.template.as_ref().is_some_and(|t| t.is_live());
-        if self.swept || !self.workers.is_empty() || template {
+        if self.sweep == Sweep::Done || !self.workers.is_empty() || template {
             return;
         }
         let now = Instant::now();
-        let due = *self.sweep_at.get_or_insert(now + SWEEP_AFTER);
+        let due = match self.sweep {
+            Sweep::Due(at) => at,
+            _ => now + SWEEP_AFTER,
+        };
         if now < due {
+            self.sweep = Sweep::Due(due);
             return;
         }
-        (self.sweep_at, self.swept) = (None, true);
+        self.sweep = Sweep::Done;
         let killed = self.ctx.cgroup.kill_all();
         if killed > 0 {
             tracing::warn!(killed, "killed processes the site's workers left behind");
@@ -717,24 +699,6 @@ impl Pool {
         }
     }
 
-    /// What the node budget needs to choose a worker to evict.
-    fn usage(&self) -> PoolUsage {
-        let evictable = self.active_workers() > self.site.pool.processes_min as usize;
-        let idle = self
-            .workers
-            .iter()
-            .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
-            .min_by_key(|(_, w)| w.last_used)
-            .map(|(id, w)| (w.last_used, *id));
-        let rss = self
-            .workers
-            .values()
-            .filter(|w| w.pid != 0)
-            .filter_map(|w| rss_bytes(w.pid))
-            .sum();
-        PoolUsage { idle, rss }
-    }
-
     fn start_worker(&mut self, permit: Permit) {
         if self.workers.is_empty() {
             // The file may have changed while the site had no workers: the ones
@@ -744,7 +708,7 @@ impl Pool {
                 .look(&self.site, &self.ctx.files, &self.handle.tx);
         }
         self.empty_since = None;
-        (self.sweep_at, self.swept) = (None, false);
+        self.sweep = Sweep::Armed;
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let spawner = match &self.template {
             Some(template) => template.clone() as Arc<dyn Spawn>,
@@ -897,18 +861,4 @@ fn new_template(site: &Arc<Site>, ctx: &PoolContext) -> Option<Arc<SiteTemplate>
 /// How long a worker (or a template) may take to import the app.
 fn startup_timeout(site: &Site) -> Duration {
     site.pool.request_timeout.max(Duration::from_secs(10))
-}
-
-/// Resident memory of a process, from /proc/<pid>/statm.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
-}
-
-fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |n| n as u64)
 }

@@ -1,0 +1,72 @@
+//! What the pool knows of its workers' memory: resident sizes from /proc, for
+//! `memory.worker_soft`, for memory.max where no memory cgroup enforces it, and for the
+//! node budget's choice of a worker to evict.
+
+use super::{Pool, State};
+use crate::pool::{PoolControl, PoolUsage};
+use crate::worker::WorkerId;
+
+impl Pool {
+    pub(super) fn over_soft_limit(&self, pid: u32) -> bool {
+        self.site
+            .pool
+            .memory_worker_soft
+            .is_some_and(|soft| rss_bytes(pid).is_some_and(|rss| rss > soft))
+    }
+
+    /// Without a memory cgroup: the site's total RSS over memory.max kills its largest
+    /// worker, as the cgroup's OOM killer would.
+    pub(super) fn enforce_memory_by_polling(&mut self) {
+        let sizes: Vec<(WorkerId, u32, u64)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.pid != 0 && !w.killed)
+            .filter_map(|(id, w)| Some((*id, w.pid, rss_bytes(w.pid)?)))
+            .collect();
+        let total: u64 = sizes.iter().map(|(_, _, rss)| rss).sum();
+        if total <= self.site.pool.memory_max {
+            return;
+        }
+        if let Some((id, pid, rss)) = sizes.into_iter().max_by_key(|(_, _, rss)| *rss) {
+            self.handle(PoolControl::Kill {
+                worker: id,
+                reason: format!(
+                    "the site uses {total} bytes, over memory.max ({}); pid {pid} had {rss}",
+                    self.site.pool.memory_max
+                ),
+            });
+        }
+    }
+
+    /// What the node budget needs to choose a worker to evict.
+    pub(super) fn usage(&self) -> PoolUsage {
+        let evictable = self.active_workers() > self.site.pool.processes_min as usize;
+        let idle = self
+            .workers
+            .iter()
+            .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
+            .min_by_key(|(_, w)| w.last_used)
+            .map(|(id, w)| (w.last_used, *id));
+        let rss = self
+            .workers
+            .values()
+            .filter(|w| w.pid != 0)
+            .filter_map(|w| rss_bytes(w.pid))
+            .sum();
+        PoolUsage { idle, rss }
+    }
+}
+
+/// Resident memory of a process, from /proc/<pid>/statm.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |n| n as u64)
+}
