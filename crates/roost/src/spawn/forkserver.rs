@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -325,6 +325,19 @@ impl Running {
                     };
                     let pid = match u32::try_from(pid) {
                         Ok(pid) if is_child(&pidfd, pid, self.process.pid()) => pid,
+                        // Gone (and reaped) before it could be checked: the child died
+                        // at once, a worker's start failing early or killed; no lie
+                        // can hurt through a process that is no more. Taking it for one
+                        // killed the server, and a zygote's workers, of every site on
+                        // its interpreter, with it.
+                        _ if has_exited(&pidfd) => {
+                            if let Some(reply) = self.pending.remove(&id) {
+                                let _ = reply.send(Err(format!(
+                                    "the new process (pid {pid}) exited as soon as it was forked"
+                                )));
+                            }
+                            continue;
+                        }
                         _ => {
                             return format!(
                                 "it sent a SPAWNED for pid {pid}, which it did not fork"
@@ -388,6 +401,13 @@ fn is_child(pidfd: &OwnedFd, pid: u32, parent: u32) -> bool {
             .any(|v| v.trim().parse() == Ok(pid))
     });
     refers && parent_of(pid) == Some(parent)
+}
+
+/// Whether the process of `pidfd` has exited (a pidfd turns readable then).
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
 }
 
 /// The parent pid from /proc/<pid>/stat (its 4th field, after the command's parentheses).

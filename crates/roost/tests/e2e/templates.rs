@@ -155,6 +155,34 @@ async fn a_template_cannot_pass_off_another_process_as_its_worker() {
     node.stop().await;
 }
 
+/// A fork server's new process that exits at once and is reaped before the node looks
+/// at it (a worker whose start fails early, or is killed) is no lie: the spawn fails
+/// and the server lives on. The zygote is a fork server too: taking such a process for
+/// a lie killed it, and with it every worker of every site on its interpreter (seen in
+/// the faults test under load: 502s on workers nobody had killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_servers_process_that_died_at_once_is_no_lie() {
+    let node = Node::start().await;
+    let app = node.app("reaper.py");
+    let mut spec = node.spec("reaper", &["reaper.test"], &app);
+    spec.preload = Some(true);
+    node.add(spec).await;
+    let status = get(node.addr, "reaper.test", "/").await.unwrap().status;
+    assert!(status >= 500, "the reaper's site answered {status}");
+    let log = node
+        .error_log_with("reaper", "exited as soon as it was forked")
+        .await;
+    assert!(!log.contains("which it did not fork"), "{log}");
+    let template: u32 = log
+        .lines()
+        .find_map(|l| l.split("reaper template pid ").nth(1))
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("the template's pid in the error log");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(template), "the node killed the fork server: {log}");
+    node.stop().await;
+}
+
 /// With `--spawn plain` the template is the node's own child (`loader.py template`,
 /// its control socket on fd 3); its workers are still its children.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
