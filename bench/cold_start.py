@@ -7,6 +7,7 @@ worker, for a hello app and a Flask app, under each way roost starts workers:
   preload  forked from a zygote that preloaded flask (--preload flask)
   *-nocg   the same with --no-cgroups, to show what joining the cgroups costs
   *-ksm    the same with --ksm (same-page merging; start ksmd to see its effect)
+  *shared-tmp  the same with --shared-tmp (no mount and IPC namespaces per worker)
 
 Each cold start waits until the site's previous worker has exited (idle_timeout
 100ms), then times one request over a fresh connection. Run as root (sites run as
@@ -46,6 +47,10 @@ MODES = {
     # effect: echo 1 > /sys/kernel/mm/ksm/run).
     "ksm": ["--spawn", "zygote", "--ksm"],
     "preload-ksm": ["--spawn", "zygote", "--preload", "flask", "--ksm"],
+    # Workers that see the host's /tmp, /var/tmp and /dev/shm: what a worker's own
+    # mount and IPC namespaces cost its start (they are on by default as root).
+    "shared-tmp": ["--spawn", "zygote", "--shared-tmp"],
+    "preload-shared-tmp": ["--spawn", "zygote", "--preload", "flask", "--shared-tmp"],
 }
 
 

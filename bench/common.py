@@ -34,9 +34,18 @@ def require_build():
         sys.exit("build first: cargo build --release (or point ROOST_BIN at a roost binary)")
 
 
+# As root, a node's workers see their own TMPDIR as /tmp and /var/tmp, and refuse a
+# site whose code lies below them: benchmarks keep their sites elsewhere.
+ROOT_WORKSPACES = "/var/lib/roost-bench"
+
+
 def workspace():
-    """A temporary folder every site user can traverse."""
-    work = tempfile.mkdtemp()
+    """A temporary folder every site user can traverse (not below /tmp as root)."""
+    base = None
+    if os.geteuid() == 0:
+        os.makedirs(ROOT_WORKSPACES, mode=0o755, exist_ok=True)
+        base = ROOT_WORKSPACES
+    work = tempfile.mkdtemp(dir=base)
     os.chmod(work, 0o755)
     return work
 

@@ -11,7 +11,9 @@ roost="$root/target/release/roost"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 [ -x "$roost" ] || (cd "$root" && cargo build --release)
 
-work=$(mktemp -d); chmod 755 "$work"
+# Not below /tmp: as root, workers see their own TMPDIR there (docs/operations.md).
+mkdir -p /var/lib/roost-bench
+work=$(mktemp -d -p /var/lib/roost-bench); chmod 755 "$work"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 users=(roostbench-calm roostbench-hog)
 cleanup() {

@@ -24,14 +24,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     ROOST, ROOT, apache_conf, free_port, passenger_app, passenger_settings, peer_tool,
-    wait_port)
+    wait_port, workspace)
 
 
 def roost(work, port, app, threads):
@@ -167,8 +166,7 @@ def main():
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (roost's sites run as nobody)")
-    work = tempfile.mkdtemp()
-    os.chmod(work, 0o755)
+    work = workspace()
     for module in APPS.values():
         shutil.copy(os.path.join(ROOT, "bench", "apps", module + ".py"), work)
     report = {}

@@ -735,6 +735,33 @@ def prctl_pdeathsig():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
+def enter_private_mounts(fields):
+    """Still root: the worker's own mount and IPC namespaces, with its TMPDIR on /tmp
+    and /var/tmp and a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs
+    does the same for a plainly spawned worker)."""
+    import ctypes
+    CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+
+    def check(rc, what):
+        if rc != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
+
+    c = libc()
+    check(c.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+    check(c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    # The first bind is the source of the next: the TMPDIR may lie below /tmp.
+    source = os.fsencode(fields["private.tmp"])
+    for target in filter(None, fields["private.binds"].split(":")):
+        check(c.mount(source, os.fsencode(target), None, MS_BIND, None), "bind " + target)
+        source = os.fsencode(target)
+    shm = fields.get("private.shm")
+    if shm:
+        check(c.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
+                      shm.encode()), "mount a tmpfs on /dev/shm")
+
+
 def name_process(name):
     """What ps and top show for a forked worker (its command line is the zygote's)."""
     try:
@@ -772,6 +799,9 @@ def become_worker(request, fds, zygote_pid):
         nofile = int(fields["nofile"])
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if "private.tmp" in fields:
+            step = "make /tmp, /var/tmp and /dev/shm its own"
+            enter_private_mounts(fields)
         if fields.get("sched") == "batch":
             step = "set the scheduling policy"
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

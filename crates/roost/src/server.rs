@@ -19,7 +19,8 @@ use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
 use crate::spawn::{
-    favordynmods, ksm, tmpdir, Cgroups, PlainSpawner, Spawn, SpawnConfig, ZygoteSpawner,
+    favordynmods, ksm, tmpdir, Cgroups, PlainSpawner, PrivateTargets, Spawn, SpawnConfig,
+    ZygoteSpawner,
 };
 
 /// How workers are started.
@@ -72,6 +73,10 @@ pub struct NodeConfig {
     /// Mark the memory of zygotes, templates and workers for the kernel's same-page
     /// merging (spawn/ksm.rs).
     pub ksm: bool,
+    /// As root: each worker gets its own /tmp, /var/tmp (its site's TMPDIR), /dev/shm
+    /// and System V IPC (spawn/private_mounts.rs); `roost serve --shared-tmp` turns it
+    /// off.
+    pub private_tmp: bool,
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
     pub preload: Vec<String>,
@@ -98,6 +103,7 @@ impl NodeConfig {
             favordynmods: true,
             batch_workers: true,
             ksm: false,
+            private_tmp: true,
             spawn: SpawnMode::Zygote,
             preload: Vec::new(),
             budget: BudgetLimits::default(),
@@ -124,6 +130,8 @@ pub enum ServerError {
     Logs(#[source] std::io::Error),
     #[error("{0}")]
     Ksm(String),
+    #[error("the run folder {path} (--run-dir) is below {target}, which each worker sees as its own: a worker could not find the loader there; choose another run folder, or --shared-tmp")]
+    RunDirHidden { path: PathBuf, target: &'static str },
     #[error("cannot make the folder of the sites' TMPDIRs {path} (--tmp-dir)")]
     TmpDir {
         path: PathBuf,
@@ -195,6 +203,25 @@ pub async fn run(
         path: tmp_root.clone(),
         source,
     })?;
+    let private_mounts = (as_root && config.private_tmp).then(PrivateTargets::detect);
+    if let Some(target) = private_mounts
+        .as_ref()
+        .and_then(|t| t.hiding(&config.run_dir))
+    {
+        return Err(ServerError::RunDirHidden {
+            path: config.run_dir.clone(),
+            target,
+        });
+    }
+    if private_mounts.is_some() {
+        tracing::info!(
+            "each worker has its own /tmp, /var/tmp (its TMPDIR), /dev/shm and System V IPC"
+        );
+    } else if as_root {
+        tracing::info!(
+            "workers share the host's /tmp, /var/tmp, /dev/shm and System V IPC (--shared-tmp)"
+        );
+    }
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: tmp_root.clone(),
@@ -205,6 +232,7 @@ pub async fn run(
         zygote_spares: config.zygote_spares,
         batch_workers: config.batch_workers,
         ksm: config.ksm,
+        private_mounts,
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),

@@ -184,6 +184,12 @@ pub struct ServeArgs {
     /// (see docs/security.md).
     #[arg(long)]
     pub ksm: bool,
+    /// Let workers see the host's /tmp, /var/tmp and /dev/shm and its System V IPC. By
+    /// default (as root) each worker has its own: /tmp and /var/tmp show its site's
+    /// TMPDIR, /dev/shm is a tmpfs of its own, and what it leaves there goes with it.
+    /// For apps that reach a local service through a socket in /tmp.
+    #[arg(long)]
+    pub shared_tmp: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used
     /// least recently is stopped to make room. 0 is unlimited.
     #[arg(long, default_value_t = 0)]
@@ -357,6 +363,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.favordynmods = !args.no_favordynmods;
     config.batch_workers = !args.no_batch_workers;
     config.ksm = args.ksm;
+    config.private_tmp = !args.shared_tmp;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
         max_workers: args.max_workers,

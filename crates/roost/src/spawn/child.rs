@@ -14,6 +14,8 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
 use nix::unistd::{dup2, getppid, Gid, Pid, Uid};
 
+use super::private_mounts::ChildMounts;
+
 /// The first descriptor of slot sockets in the worker; the loader expects 3, 4, …
 pub const FIRST_SLOT_FD: RawFd = 3;
 /// Open files a worker may have.
@@ -31,6 +33,8 @@ pub struct ChildPlan {
     pub batch: bool,
     /// Mark its memory mergeable ([`super::SpawnConfig::ksm`]); forks inherit it.
     pub ksm: bool,
+    /// Its own /tmp, /var/tmp and /dev/shm ([`super::SpawnConfig::private_mounts`]).
+    pub private: Option<ChildMounts>,
 }
 
 impl ChildPlan {
@@ -54,6 +58,11 @@ impl ChildPlan {
                 b"mark its memory mergeable (KSM)\n",
                 super::ksm::mark_mergeable,
             )?;
+        }
+        if let Some(mounts) = &self.private {
+            step(b"make /tmp, /var/tmp and /dev/shm its own\n", || {
+                mounts.enter()
+            })?;
         }
         step(b"setsid\n", || nix::unistd::setsid().map(drop))?;
         step(b"set the parent-death signal\n", || self.tie_to_parent())?;

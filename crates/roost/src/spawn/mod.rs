@@ -25,6 +25,7 @@ mod inherited;
 pub mod ksm;
 mod plain;
 mod prepare;
+mod private_mounts;
 mod process;
 mod site_files;
 mod template;
@@ -43,6 +44,7 @@ pub use cgroup::{Cgroups, SiteCgroup};
 pub use inherited::seal_inherited_fds;
 pub use plain::PlainSpawner;
 pub use prepare::SpawnConfig;
+pub use private_mounts::PrivateTargets;
 pub use process::WorkerProcess;
 pub use site_files::{FilesStalled, SiteFiles, LOOK_WITHIN};
 pub use template::SiteTemplate;
@@ -128,6 +130,8 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is below {target}, which each worker sees as its own (its TMPDIR): move it, or start the node with --shared-tmp")]
+    HiddenByPrivateTmp { path: PathBuf, target: &'static str },
     #[error("cannot create the slot sockets")]
     SocketPair(#[source] std::io::Error),
     #[error("cannot start {python}")]

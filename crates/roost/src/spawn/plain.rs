@@ -85,6 +85,12 @@ impl PlainSpawner {
             workdir: CString::new("/").expect("no NUL in /"),
             batch: self.config.batch_workers,
             ksm: self.config.ksm,
+            private: prepared
+                .private
+                .as_ref()
+                .map(|p| p.for_child())
+                .transpose()
+                .map_err(|e| exec_err(e.into()))?,
         };
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on descriptors and memory prepared by the

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use roost_registry::{check_code_files, resolve, Identity, Site};
 
+use super::private_mounts::{PrivateMounts, PrivateTargets};
 use super::{tmpdir, SpawnError, SpawnRequest, LOOK_WITHIN};
 use crate::logs::SiteLogs;
 
@@ -35,6 +36,10 @@ pub struct SpawnConfig {
     /// Zygotes (and so every process they fork) and plainly spawned workers have their
     /// memory marked for the kernel's same-page merging (`ksm`).
     pub ksm: bool,
+    /// Each worker gets its own /tmp, /var/tmp (its site's TMPDIR) and /dev/shm, and
+    /// System V IPC of its own (spawn/private_mounts.rs); None when the node is not
+    /// root, or was told `--shared-tmp`.
+    pub private_mounts: Option<PrivateTargets>,
 }
 
 impl SpawnConfig {
@@ -59,6 +64,8 @@ pub struct Prepared {
     /// PYTHONPATH for a plainly spawned worker of a site with both a runtime and a
     /// virtualenv of its own.
     pub venv_path: Option<String>,
+    /// The worker's own /tmp, /var/tmp and /dev/shm ([`SpawnConfig::private_mounts`]).
+    pub private: Option<PrivateMounts>,
 }
 
 /// Runs the checks as one of the site's looks, within [`LOOK_WITHIN`].
@@ -87,13 +94,28 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
     let paths = site.code_paths();
     let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     check_code_files(&paths, uid).map_err(SpawnError::UnsafeCode)?;
+    if let Some(targets) = &config.private_mounts {
+        let needed = [site.directory.as_path(), site.interpreter.as_path()];
+        for path in paths.iter().copied().chain(needed) {
+            if let Some(target) = targets.hiding(path) {
+                return Err(SpawnError::HiddenByPrivateTmp {
+                    path: path.to_path_buf(),
+                    target,
+                });
+            }
+        }
+    }
     let tmp = tmpdir::make(&config.tmp_root, &site.name, identity.as_ref())?;
     if let Some(id) = &identity {
         logs.grant(id.gid);
     }
 
     let mut env = config.base_env.clone();
-    env.push(("TMPDIR".into(), tmp.display().to_string()));
+    let tmp_seen = match &config.private_mounts {
+        Some(targets) => targets.tmpdir_seen(&tmp),
+        None => tmp.clone(),
+    };
+    env.push(("TMPDIR".into(), tmp_seen.display().to_string()));
     match &identity {
         Some(id) => {
             env.push(("HOME".into(), id.home.display().to_string()));
@@ -123,5 +145,9 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
         env,
         venv,
         venv_path,
+        private: config
+            .private_mounts
+            .as_ref()
+            .map(|targets| targets.for_site(&tmp, site.pool.memory_max)),
     })
 }

@@ -221,6 +221,9 @@ impl ZygoteSpawner {
         if prepared.venv {
             fields.push(("venv".into(), site.interpreter.display().to_string()));
         }
+        if let Some(private) = &prepared.private {
+            fields.extend(private.order_fields());
+        }
         fields.extend(
             prepared
                 .env
@@ -343,6 +346,8 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         // A zygote is on every cold start's path: it keeps the normal policy.
         batch: false,
         ksm: config.ksm,
+        // The zygote keeps the host's view: each worker it forks makes its own.
+        private: None,
     };
     // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
     // memory and descriptors the parent keeps alive until `spawn` returns.

@@ -25,7 +25,7 @@ fn ok(out: &Output) -> String {
 
 #[test]
 fn site_commands_and_every_kind_of_bad_write() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     let registry = dir.path().join("r.db");
     let app = fixture("tester.py");
     let app = app.to_str().unwrap();
@@ -529,7 +529,7 @@ async fn apply_syncs_the_registry_with_a_site_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_its_three_sites() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -601,7 +601,7 @@ async fn the_demo_serves_its_three_sites() {
 /// found out at the first slow client.
 #[test]
 fn serve_refuses_a_spool_folder_it_cannot_use() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     let node = Command::new(env!("CARGO_BIN_EXE_roost"))
         .args(serve_args(dir.path()))
         .arg("--spool-dir")
@@ -645,7 +645,7 @@ fn refused_start(
 /// stay (the second's start would have emptied the folder under the first's sites).
 #[test]
 fn a_second_node_on_the_same_tmp_dir_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     let mut first = Command::new(env!("CARGO_BIN_EXE_roost"))
         .args(serve_args(dir.path()))
         .stdout(std::process::Stdio::null())
@@ -659,7 +659,7 @@ fn a_second_node_on_the_same_tmp_dir_is_refused() {
     let tmpdir = dir.path().join("tmp/a-site");
     std::fs::create_dir(&tmpdir).unwrap();
 
-    let other = tempfile::tempdir().unwrap();
+    let other = crate::harness::test_dir();
     let mut args = serve_args(other.path());
     *args.last_mut().unwrap() = dir.path().join("tmp").into();
     let second = Command::new(env!("CARGO_BIN_EXE_roost"))
@@ -689,7 +689,7 @@ fn a_second_node_on_the_same_tmp_dir_is_refused() {
 /// connections up to half of it by default.
 #[test]
 fn serve_raises_its_open_file_limit_to_the_hard_limit() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     let mut node = Command::new("prlimit")
         .arg("--nofile=256:4096")
         .arg(env!("CARGO_BIN_EXE_roost"))
@@ -750,7 +750,7 @@ fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<St
 fn serve_keeps_what_it_inherited_from_its_workers() {
     use std::os::fd::AsRawFd;
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     // Not close-on-exec: the node inherits both ends, as from a careless parent.
     let (read, write) = nix::unistd::pipe().unwrap();
     let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
@@ -824,4 +824,40 @@ fn serve_refuses_limits_out_of_range_and_zero_timeouts() {
             "{stderr}"
         );
     }
+}
+
+/// As root, a run folder below /tmp is refused at start: each worker sees its own
+/// TMPDIR there, so a plainly spawned worker would not find the loader. With
+/// `--shared-tmp` the workers see the host's /tmp, and the node starts.
+#[test]
+#[ignore = "needs root: only a root node gives workers a /tmp of their own"]
+fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
+    assert!(
+        crate::harness::is_root(),
+        "this test needs root (workers get a private /tmp only from a root node); run the suite as root, as CI does"
+    );
+    let below_tmp = tempfile::tempdir().unwrap();
+    let start = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_roost"))
+            .args(serve_args(below_tmp.path()))
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (status, stderr) = refused_start(start(&[]), "a run folder below /tmp");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("(--run-dir) is below /tmp, which each worker sees as its own"),
+        "{stderr}"
+    );
+    let mut shared = start(&["--shared-tmp"]);
+    let heard = stderr_lines(&mut shared);
+    let ready = heard
+        .iter()
+        .any(|line| line.contains("accepting client connections"));
+    let _ = shared.kill();
+    let _ = shared.wait();
+    assert!(ready, "the node did not start with --shared-tmp");
 }

@@ -273,10 +273,8 @@ async fn a_removed_site_takes_its_tmpdir_with_it() {
     let node = Node::start().await;
     let app = node.app("tester.py");
     node.add(node.spec("temp", &["temp.test"], &app)).await;
-    let tmp = get(node.addr, "temp.test", "/osenv?key=TMPDIR")
-        .await
-        .unwrap();
-    let tmp = std::path::PathBuf::from(tmp.text());
+    node.pid("temp.test", "/pid").await;
+    let tmp = node.tmpdir("temp");
     assert!(tmp.is_dir(), "{tmp:?}");
     std::fs::write(tmp.join("cache"), b"left behind").unwrap();
     node.store().remove("temp").unwrap();
@@ -309,10 +307,8 @@ async fn a_start_removes_the_tmpdirs_of_the_last_run() {
     .await;
     let app = node.app("tester.py");
     node.add(node.spec("fresh", &["fresh.test"], &app)).await;
-    let tmp = get(node.addr, "fresh.test", "/osenv?key=TMPDIR")
-        .await
-        .unwrap();
-    assert!(std::path::Path::new(&tmp.text()).is_dir(), "{}", tmp.text());
+    node.pid("fresh.test", "/pid").await;
+    assert!(node.tmpdir("fresh").is_dir());
     node.eventually("the last run's TMPDIRs to go", || async {
         let removed = |name: &str| name.starts_with(".tmp.removed-");
         let run = std::fs::read_dir(node.dir.path().join("run")).unwrap();

@@ -285,7 +285,7 @@ async fn a_site_whose_files_stop_answering_holds_up_no_other_site() {
 #[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
 fn a_node_stops_while_a_sites_files_hang() {
     need_root_and_fuse();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let owner = TestUser::create();
     let fs = mirrored_home(dir.path(), &owner, false);
@@ -340,7 +340,7 @@ fn a_node_stops_while_a_sites_files_hang() {
 fn hundreds_of_silent_sites_leave_room_for_the_others() {
     const SILENT: usize = 600;
     need_root_and_fuse();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let owner = TestUser::create();
     let fs = mirrored_home(dir.path(), &owner, false);

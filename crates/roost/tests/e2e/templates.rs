@@ -262,7 +262,7 @@ async fn a_template_that_never_finishes_importing_is_killed() {
     spec.request_timeout = Some(Duration::from_secs(1));
     spec.queue_timeout = Some(Duration::from_secs(30));
     node.add(spec).await;
-    let pid_file = node.dir.path().join("run/tmp/hang/template.pid");
+    let pid_file = node.tmpdir("hang").join("template.pid");
     let template: u32 = std::fs::read_to_string(&pid_file)
         .expect("the template wrote its pid")
         .trim()

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use roost_registry::{FsChecks, SiteSpec};
 
+use roost::server::SpawnMode;
+
 use crate::harness::{alive, get, is_root, python, Load, Node, TestUser};
 
 fn need_root() {
@@ -20,17 +22,21 @@ fn need_root() {
 
 /// A site folder owned by `user` holding the tenant fixture, and the site's spec.
 fn tenant_site(node: &Node, name: &str, user: &TestUser) -> SiteSpec {
-    let dir = node.dir.path().join("sites").join(name);
-    std::fs::create_dir_all(&dir).unwrap();
+    tenant_site_in(&node.dir.path().join("sites").join(name), name, user)
+}
+
+/// The same, in `dir`.
+fn tenant_site_in(dir: &std::path::Path, name: &str, user: &TestUser) -> SiteSpec {
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::set_permissions(
         dir.parent().unwrap(),
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let app = dir.join("app.py");
     std::fs::copy(crate::harness::fixture("tenant.py"), &app).unwrap();
-    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.uid)).unwrap();
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.uid)).unwrap();
     std::os::unix::fs::chown(&app, Some(user.uid), None).unwrap();
     SiteSpec {
         name: name.into(),
@@ -44,7 +50,13 @@ fn tenant_site(node: &Node, name: &str, user: &TestUser) -> SiteSpec {
 
 async fn text(node: &Node, host: &str, path: &str) -> String {
     let r = get(node.addr, host, path).await.unwrap();
-    assert_eq!(r.status, 200, "{host}{path}: {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "{host}{path}: {}\nthe site's error log:\n{}",
+        r.text(),
+        node.log(host.trim_end_matches(".test"), "error.log")
+    );
     r.text()
 }
 
@@ -256,7 +268,7 @@ fn site_cgroup_dirs(node: &str, site: &str) -> Vec<PathBuf> {
 #[ignore = "needs root: runs sites as another user"]
 fn sigkill_of_the_node_leaves_no_worker_behind() {
     need_root();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let user = TestUser::create();
     let registry = dir.path().join("r.db");
@@ -335,7 +347,7 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
 #[ignore = "needs root: switches to the user nobody to run a node without root"]
 fn without_root_the_node_serves_as_the_invoking_user() {
     need_root();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::harness::test_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -621,4 +633,148 @@ async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
     assert!(ok > 100, "the load did not run ({ok} requests)");
     assert_eq!(failed, 0);
     node.stop().await;
+}
+
+/// What a worker leaves where memory or files outlive processes: /dev/shm (a tmpfs,
+/// so RAM), a System V segment, /tmp and /var/tmp. Each worker has a private /dev/shm
+/// and System V namespace that end with it, and sees its site's TMPDIR as /tmp and
+/// /var/tmp: nothing it parks there is seen by another site, and nothing stays
+/// charged to the host once the site is idle. Before, 32 MiB parked in /dev/shm by a
+/// site stayed in the host's RAM for good, every tenant could read what another left
+/// world-readable in /tmp, and System V segments outlived their site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users, in namespaces of their own"]
+async fn shared_memory_and_tmp_are_private_and_end_with_the_worker() {
+    need_root();
+    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
+        let node = Node::start_with(|c| c.spawn = mode).await;
+        let (alice, bob) = (TestUser::create(), TestUser::create());
+        node.add(tenant_site(&node, "bob", &bob)).await;
+        let sites: &[(&str, bool)] = match mode {
+            SpawnMode::Zygote => &[("forked", false), ("preloaded", true)],
+            SpawnMode::Plain => &[("plain", false)],
+        };
+        for &(name, preload) in sites {
+            let spec = SiteSpec {
+                idle_timeout: Some(Duration::from_secs(1)),
+                preload: Some(preload),
+                ..tenant_site(&node, name, &alice)
+            };
+            node.add(spec).await;
+            let host = format!("{name}.test");
+            let parked = Parked(format!("roost-park-{}-{name}", std::process::id()));
+            let worker: u32 = text(&node, &host, "/pid").await.parse().unwrap();
+            let answer = text(&node, &host, &format!("/park?mib=32&name={}", parked.0)).await;
+            assert!(answer.starts_with("ok"), "{name}: parking failed: {answer}");
+
+            for path in parked.host_paths() {
+                assert!(!path.exists(), "{name}: {} is on the host", path.display());
+            }
+            let segments = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+            assert!(
+                !segments
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(&PARK_KEY.to_string())),
+                "{name}: its System V segment is the host's:\n{segments}"
+            );
+            for (folder, expect) in [
+                ("/dev/shm", "ok: read 33554432"),
+                ("/tmp", "ok"),
+                ("/var/tmp", "ok"),
+            ] {
+                let own = text(&node, &host, &format!("/read?path={folder}/{}", parked.0)).await;
+                assert!(own.starts_with(expect), "{name}: its own {folder}: {own}");
+                let other = text(
+                    &node,
+                    "bob.test",
+                    &format!("/read?path={folder}/{}", parked.0),
+                )
+                .await;
+                assert!(
+                    other.starts_with("denied"),
+                    "{name}: bob reads its {folder}: {other}"
+                );
+            }
+            // Its /tmp is its TMPDIR, which goes with the site (spawn/tmpdir.rs).
+            let listed = text(&node, &host, "/tmp-list").await;
+            assert!(
+                listed.lines().any(|l| l == parked.0),
+                "{name}: TMPDIR holds {listed:?}"
+            );
+            let locked = text(&node, &host, "/semaphore").await;
+            assert_eq!(locked, "ok: locked", "{name}: multiprocessing");
+
+            node.eventually("the idle worker to exit", || async { !alive(worker) })
+                .await;
+            let charged = || {
+                site_cgroup_dirs(&node.cgroup_name, name)
+                    .iter()
+                    .find_map(|dir| memory_charged(dir))
+                    .expect("the site has a memory cgroup")
+            };
+            node.eventually("the parked memory to be freed", || async {
+                charged() < 16 << 20
+            })
+            .await;
+        }
+        node.stop().await;
+    }
+}
+
+/// A site whose code is below /tmp cannot run where /tmp is its worker's own: it is
+/// refused before any fork, with the reason in its error log (and not a worker that
+/// fails to find its code), and the neighbour is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: only a root node gives workers a /tmp of their own"]
+async fn a_site_whose_code_is_below_tmp_is_refused_with_the_reason() {
+    need_root();
+    let node = Node::start().await;
+    let alice = TestUser::create();
+    let below_tmp = tempfile::tempdir().unwrap();
+    let code = below_tmp.path().join("site");
+    node.add(tenant_site_in(&code, "intmp", &alice)).await;
+    let r = get(node.addr, "intmp.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 500, "{}", r.text());
+    node.error_log_with("intmp", "is below /tmp, which each worker sees as its own")
+        .await;
+    assert!(node.worker_pids().is_empty(), "a worker was forked for it");
+    node.add(tenant_site(&node, "elsewhere", &alice)).await;
+    text(&node, "elsewhere.test", "/pid").await;
+    node.stop().await;
+}
+
+/// Bytes charged to a memory cgroup folder (v1 or v2); None for other controllers.
+fn memory_charged(dir: &std::path::Path) -> Option<u64> {
+    ["memory.usage_in_bytes", "memory.current"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The System V key `/park` uses ("ROOS").
+const PARK_KEY: u32 = 0x524F_4F53;
+
+/// What `/park` leaves on the host when its worker shares the host's folders;
+/// removed at the end whatever the test found.
+struct Parked(String);
+
+impl Parked {
+    fn host_paths(&self) -> Vec<PathBuf> {
+        ["/dev/shm", "/tmp", "/var/tmp"]
+            .iter()
+            .map(|folder| PathBuf::from(folder).join(&self.0))
+            .collect()
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        for path in self.host_paths() {
+            let _ = std::fs::remove_file(path);
+        }
+        let _ = std::process::Command::new("ipcrm")
+            .arg("--shmem-key")
+            .arg(PARK_KEY.to_string())
+            .output();
+    }
 }

@@ -34,6 +34,19 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A folder for a test's node (its registry, run folder, logs) and sites. As root, not
+/// below /tmp: each worker sees its own TMPDIR there (spawn/private_mounts.rs), and a
+/// site whose code is below /tmp is refused.
+pub fn test_dir() -> tempfile::TempDir {
+    if !is_root() {
+        return tempfile::tempdir().expect("temp dir");
+    }
+    let base = Path::new("/var/lib/roost-e2e");
+    std::fs::create_dir_all(base).expect("/var/lib/roost-e2e");
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    tempfile::tempdir_in(base).expect("temp dir in /var/lib/roost-e2e")
+}
+
 /// The python3 the tests run sites with: as root the system's (site users must be
 /// able to run it; a python under /root is out of their reach), else the first on PATH.
 pub fn python() -> String {
@@ -79,7 +92,7 @@ impl Node {
             )
             .with_test_writer()
             .try_init();
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = test_dir();
         // Site users must reach the loader and the apps below it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let user = is_root().then(TestUser::create);
@@ -173,6 +186,11 @@ impl Node {
     /// imported the app).
     pub async fn pid(&self, host: &str, path: &str) -> u32 {
         http::pid_of(&get(self.addr, host, path).await.expect("request"))
+    }
+
+    /// Where the site's TMPDIR is on the host (its workers, as root, see it as /tmp).
+    pub fn tmpdir(&self, site: &str) -> PathBuf {
+        self.dir.path().join("run/tmp").join(site)
     }
 
     pub fn store(&self) -> SqliteStore {
