@@ -125,6 +125,19 @@ impl Site {
         }
     }
 
+    /// The virtualenv the interpreter belongs to: the folder named, or the one whose
+    /// `bin/` holds the python named (a `pyvenv.cfg` beside that `bin/`, as Python
+    /// itself finds it). Looks at files, as [`Site::python`] does.
+    pub fn venv(&self) -> Option<PathBuf> {
+        if self.interpreter.is_dir() {
+            return Some(self.interpreter.clone());
+        }
+        let root = self.interpreter.parent()?.parent()?;
+        root.join("pyvenv.cfg")
+            .is_file()
+            .then(|| root.to_path_buf())
+    }
+
     /// The file that holds the app's code: the WSGI file, or the module's file.
     pub fn code_file(&self) -> PathBuf {
         match &self.entry {

@@ -328,8 +328,8 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
 
 /// Says when the site's virtualenv and its runtime disagree on a preloaded package.
 pub(super) fn warn_conflicts(site: &Site) {
-    if let (Some(runtime), true) = (&site.runtime, site.interpreter.is_dir()) {
-        for conflict in roost_registry::version_conflicts(runtime, &site.interpreter) {
+    if let (Some(runtime), Some(venv)) = (&site.runtime, site.venv()) {
+        for conflict in roost_registry::version_conflicts(runtime, &venv) {
             eprintln!("warning: site {}: {conflict}", site.name);
         }
     }

@@ -59,8 +59,8 @@ pub struct Prepared {
     /// The site's python3 ([`Site::python`]).
     pub python: PathBuf,
     pub env: Vec<(String, String)>,
-    /// Whether the site's interpreter is a virtualenv (layered over the zygote's).
-    pub venv: bool,
+    /// The site's virtualenv ([`Site::venv`]), layered over the zygote's packages.
+    pub venv: Option<PathBuf>,
     /// PYTHONPATH for a plainly spawned worker of a site with both a runtime and a
     /// virtualenv of its own.
     pub venv_path: Option<String>,
@@ -130,14 +130,15 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
             }
         }
     }
-    let venv = site.interpreter.is_dir();
-    if venv {
-        env.push(("VIRTUAL_ENV".into(), site.interpreter.display().to_string()));
+    let venv = site.venv();
+    if let Some(venv) = &venv {
+        env.push(("VIRTUAL_ENV".into(), venv.display().to_string()));
     }
     env.extend(site.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let venv_path = (venv && site.runtime.is_some())
-        .then(|| std::env::join_paths(roost_registry::site_packages(&site.interpreter)).ok())
-        .flatten()
+    let venv_path = venv
+        .as_ref()
+        .filter(|_| site.runtime.is_some())
+        .and_then(|venv| std::env::join_paths(roost_registry::site_packages(venv)).ok())
         .map(|joined| joined.to_string_lossy().into_owned());
     Ok(Prepared {
         identity,

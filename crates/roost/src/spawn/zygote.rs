@@ -218,8 +218,8 @@ impl ZygoteSpawner {
             fields.push(("uid".into(), id.uid.to_string()));
             fields.push(("gid".into(), id.gid.to_string()));
         }
-        if prepared.venv {
-            fields.push(("venv".into(), site.interpreter.display().to_string()));
+        if let Some(venv) = &prepared.venv {
+            fields.push(("venv".into(), venv.display().to_string()));
         }
         if let Some(private) = &prepared.private {
             fields.extend(private.order_fields());

@@ -7,6 +7,11 @@ use roost_registry::SiteSpec;
 
 use crate::harness::{get, python, Node};
 
+/// A site's interpreter named as the virtualenv's folder or as its `bin/python`: either
+/// way its workers see the venv's packages. Until the twelfth session a zygote's
+/// worker named by the venv's python got the base interpreter's packages only (the
+/// venv is layered in the child, and it was layered only for a folder), and failed to
+/// import what the venv had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtualenv_site_with_a_module_entry() {
     let node = Node::start().await;
@@ -46,28 +51,34 @@ async fn a_virtualenv_site_with_a_module_entry() {
          \x20   return [body]\n",
     )
     .unwrap();
-    node.add(SiteSpec {
-        name: "venv".into(),
-        hosts: vec!["venv.test".into()],
-        entry: Some("proj.wsgi:app".into()),
-        interpreter: Some(venv.display().to_string()),
-        directory: Some(root.display().to_string()),
-        user: node.user.as_ref().map(|u| u.name.clone()),
-        ..SiteSpec::default()
-    })
-    .await;
-    let r = get(node.addr, "venv.test", "/").await.unwrap();
-    assert_eq!(
-        r.status,
-        200,
-        "{}\n{}",
-        r.text(),
-        node.log("venv", "error.log")
-    );
-    assert_eq!(
-        r.text(),
-        format!("imported from the venv|{}", venv.display())
-    );
+    for (name, interpreter) in [
+        ("venv", venv.clone()),
+        ("venvpython", venv.join("bin/python")),
+    ] {
+        node.add(SiteSpec {
+            name: name.into(),
+            hosts: vec![format!("{name}.test")],
+            entry: Some("proj.wsgi:app".into()),
+            interpreter: Some(interpreter.display().to_string()),
+            directory: Some(root.display().to_string()),
+            user: node.user.as_ref().map(|u| u.name.clone()),
+            ..SiteSpec::default()
+        })
+        .await;
+        let r = get(node.addr, &format!("{name}.test"), "/").await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{name}: {}\n{}",
+            r.text(),
+            node.log(name, "error.log")
+        );
+        assert_eq!(
+            r.text(),
+            format!("imported from the venv|{}", venv.display()),
+            "{name}"
+        );
+    }
     node.stop().await;
 }
 

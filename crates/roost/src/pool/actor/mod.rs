@@ -795,18 +795,15 @@ impl Pool {
         let Some(runtime) = self.site.runtime.clone() else {
             return;
         };
-        let (venv, files, logs) = (
-            self.site.interpreter.clone(),
+        let (site, files, logs) = (
+            self.site.clone(),
             self.ctx.files.clone(),
             self.ctx.logs.clone(),
         );
         tokio::spawn(async move {
-            let conflicts = files.look(crate::spawn::LOOK_WITHIN, move || {
-                if venv.is_dir() {
-                    roost_registry::version_conflicts(&runtime, &venv)
-                } else {
-                    Vec::new()
-                }
+            let conflicts = files.look(crate::spawn::LOOK_WITHIN, move || match site.venv() {
+                Some(venv) => roost_registry::version_conflicts(&runtime, &venv),
+                None => Vec::new(),
             });
             for conflict in conflicts.await.unwrap_or_default() {
                 logs.error(&format!("warning: {conflict}"));
