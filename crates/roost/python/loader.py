@@ -10,7 +10,7 @@ library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
        loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
-       loader.py zygote [MODULE,MODULE,... [SPARES]]   (python >= 3.9; docs/protocol.md)
+       loader.py zygote [MODULE,MODULE,... [SPARES [private|shared]]]   (python >= 3.9; docs/protocol.md)
 
 A template imports the app once, then forks the site's workers on the node's orders
 over a SOCK_SEQPACKET control socket on fd 3 (the zygote's messages).
@@ -735,31 +735,46 @@ def prctl_pdeathsig():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
-def enter_private_mounts(fields):
-    """Still root: the worker's own mount and IPC namespaces, with its TMPDIR on /tmp
-    and /var/tmp and a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs
-    does the same for a plainly spawned worker)."""
-    import ctypes
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+# Set once this process has mount and IPC namespaces of its own (a spare makes them
+# while it waits: half of what a private /tmp costs a cold start).
+_OWN_NAMESPACES = []
+
+
+def libc_check(rc, what):
+    if rc != 0:
+        import ctypes
+        errno = ctypes.get_errno()
+        raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
+
+
+def enter_own_namespaces():
+    """Still root: mount and IPC namespaces of this process's own, every mount private
+    (nothing the host mounts later reaches it, and nothing mounted here the host)."""
+    if _OWN_NAMESPACES:
+        return
     CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
-    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
-
-    def check(rc, what):
-        if rc != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
-
     c = libc()
-    check(c.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
-    check(c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    libc_check(c.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+    libc_check(c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    _OWN_NAMESPACES.append(True)
+
+
+def enter_private_mounts(fields):
+    """Still root: the worker's own namespaces, with its TMPDIR on /tmp and /var/tmp and
+    a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs does the same
+    for a plainly spawned worker)."""
+    enter_own_namespaces()
+    c = libc()
     # The first bind is the source of the next: the TMPDIR may lie below /tmp.
     source = os.fsencode(fields["private.tmp"])
     for target in filter(None, fields["private.binds"].split(":")):
-        check(c.mount(source, os.fsencode(target), None, MS_BIND, None), "bind " + target)
+        libc_check(c.mount(source, os.fsencode(target), None, MS_BIND, None), "bind " + target)
         source = os.fsencode(target)
     shm = fields.get("private.shm")
     if shm:
-        check(c.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
-                      shm.encode()), "mount a tmpfs on /dev/shm")
+        libc_check(c.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
+                           shm.encode()), "mount a tmpfs on /dev/shm")
 
 
 def name_process(name):
@@ -986,8 +1001,9 @@ class Spares(object):
     arrives, through the same become_worker steps as a freshly forked child.
     """
 
-    def __init__(self, count, ctl, zygote_pid):
+    def __init__(self, count, ctl, zygote_pid, private):
         self.count = count
+        self.private = private
         self.ctl = ctl
         self.zygote_pid = zygote_pid
         self.ready = []  # (pid, socket to send the order on)
@@ -1018,6 +1034,12 @@ class Spares(object):
                         warm_up()
                     except Exception as exc:
                         log("spare warm-up failed (the spare still serves): %r" % exc)
+                    if self.private:
+                        try:
+                            enter_own_namespaces()
+                        except OSError as exc:
+                            # Its order tries again, and fails with the reason.
+                            log("spare could not make its own namespaces: %r" % exc)
                     while True:
                         try:
                             msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)
@@ -1052,7 +1074,7 @@ class Spares(object):
         return None
 
 
-def zygote_main(preload_extra, spare_count=0):
+def zygote_main(preload_extra, spare_count=0, private=False):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
@@ -1085,7 +1107,7 @@ def zygote_main(preload_extra, spare_count=0):
 
     reap_children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    spares = Spares(spare_count, ctl, me)
+    spares = Spares(spare_count, ctl, me, private)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
     spares.fill()
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
@@ -1229,7 +1251,8 @@ def main(argv):
     if len(argv) >= 2 and argv[1] == "zygote":
         preload = argv[2].split(",") if len(argv) > 2 else []
         spare_count = int(argv[3]) if len(argv) > 3 else 0
-        return zygote_main(preload, spare_count)
+        private = len(argv) > 4 and argv[4] == "private"
+        return zygote_main(preload, spare_count, private)
     if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)
         return 2

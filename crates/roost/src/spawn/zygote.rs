@@ -325,7 +325,9 @@ fn trusted_packages(runtime: &roost_registry::Runtime) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Starts `python -I loader.py zygote PRELOAD SPARES` with its control socket on fd 3.
+/// Starts `python -I loader.py zygote PRELOAD SPARES TMP` with its control socket on
+/// fd 3; TMP is `private` when its workers get namespaces of their own, which its
+/// spares then make while they wait.
 fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, String> {
     let (ours, theirs) = control_pair()?;
     let mut cmd = std::process::Command::new(python);
@@ -334,6 +336,10 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         .arg("zygote")
         .arg(config.preload.join(","))
         .arg(config.zygote_spares.to_string())
+        .arg(match config.private_mounts {
+            Some(_) => "private",
+            None => "shared",
+        })
         .env_clear()
         .envs(config.base_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
