@@ -58,8 +58,12 @@ impl PrivateTargets {
     }
 
     /// The folder bound over `path` in a worker (so that it sees its TMPDIR there, not
-    /// `path`), by the path as given and as resolved.
+    /// `path`), by the path as given and as resolved. A name without a folder (an
+    /// interpreter looked up on PATH) is none of them.
     pub fn hiding(&self, path: &Path) -> Option<&'static str> {
+        if !path.is_absolute() {
+            return None;
+        }
         let resolved = std::fs::canonicalize(path).ok();
         self.binds.iter().copied().find(|target| {
             path.starts_with(target) || resolved.as_ref().is_some_and(|r| r.starts_with(target))
@@ -198,5 +202,22 @@ mod tests {
             .order_fields()
             .contains(&("private.shm".into(), "mode=1777,size=536870912".into())));
         assert_eq!(mounts.for_child().unwrap().binds.len(), 2);
+    }
+
+    #[test]
+    fn what_lies_below_a_bound_folder_is_hidden() {
+        let targets = PrivateTargets {
+            binds: BINDS.to_vec(),
+            shm: true,
+        };
+        assert_eq!(targets.hiding(Path::new("/tmp/site/app.py")), Some("/tmp"));
+        assert_eq!(targets.hiding(Path::new("/var/tmp")), Some("/var/tmp"));
+        assert_eq!(targets.hiding(Path::new("/tmpx/app.py")), None);
+        assert_eq!(targets.hiding(Path::new("/srv/site/app.py")), None);
+        assert_eq!(targets.hiding(Path::new("python3")), None);
+        assert_eq!(
+            targets.tmpdir_seen(Path::new("/var/lib/roost/tmp/s")),
+            Path::new("/tmp")
+        );
     }
 }
