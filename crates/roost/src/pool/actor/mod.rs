@@ -20,8 +20,12 @@
 mod entry;
 mod follow;
 mod memory;
+mod sweep;
+mod template;
 
 pub use entry::EntryLooked;
+use sweep::Sweep;
+use template::new_template;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -46,9 +50,6 @@ static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
 /// How often a pool with workers looks at idle time (and the entry file, at most once
 /// a second: `entry`).
 const TICK: Duration = Duration::from_millis(250);
-/// How long after a site's last worker (and template) went its cgroup is swept: a
-/// retired template exits on its own once its workers have, and is not a leftover.
-const SWEEP_AFTER: Duration = Duration::from_secs(1);
 /// First and longest wait before retrying a site whose workers fail to start.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -113,17 +114,6 @@ impl WorkerEntry {
     fn busy(&self) -> usize {
         self.slots.iter().filter(|s| s.busy_since.is_some()).count()
     }
-}
-
-/// Killing what a site's workers left in its cgroup (`Pool::sweep_if_empty`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sweep {
-    /// A worker runs, or has run since the last sweep.
-    Armed,
-    /// The last worker (and the template) went: at this time, what is left is killed.
-    Due(Instant),
-    /// Done; armed again by the next worker.
-    Done,
 }
 
 /// The site cannot start workers; requests fail fast until `retry_at`.
@@ -618,35 +608,6 @@ impl Pool {
         self.spawn_as_needed();
     }
 
-    /// Nothing of a site without workers runs: a process a worker left behind in a
-    /// session of its own escaped the worker's process group (killed with it), not the
-    /// site's cgroup, and is killed SWEEP_AFTER the last worker and the template went,
-    /// unless a worker started meanwhile (one starting is in `workers`: the cgroup is
-    /// read before any new worker could join it).
-    fn sweep_if_empty(&mut self) {
-        let template = self.template.as_ref().is_some_and(|t| t.is_live());
-        if self.sweep == Sweep::Done || !self.workers.is_empty() || template {
-            return;
-        }
-        let now = Instant::now();
-        let due = match self.sweep {
-            Sweep::Due(at) => at,
-            _ => now + SWEEP_AFTER,
-        };
-        if now < due {
-            self.sweep = Sweep::Due(due);
-            return;
-        }
-        self.sweep = Sweep::Done;
-        let killed = self.ctx.cgroup.kill_all();
-        if killed > 0 {
-            tracing::warn!(killed, "killed processes the site's workers left behind");
-            self.ctx.logs.error(&format!(
-                "killed {killed} process(es) left behind by the site's workers, which had all exited"
-            ));
-        }
-    }
-
     fn active_workers(&self) -> usize {
         self.workers
             .values()
@@ -811,20 +772,6 @@ impl Pool {
         });
     }
 
-    /// The template stops forking; it exits once the workers it forked have.
-    fn retire_template(&self) {
-        if let Some(template) = &self.template {
-            let grace = self.site.pool.request_timeout + self.ctx.stop_grace;
-            template.retire(Instant::now() + grace);
-        }
-    }
-
-    /// After a change: the old template retires, a new one imports the new code.
-    fn renew_template(&mut self) {
-        self.retire_template();
-        self.template = new_template(&self.site, &self.ctx);
-    }
-
     /// The entry file was touched: a failing site tries again at once, and workers
     /// running the old code are replaced.
     fn entry_changed(&mut self) {
@@ -840,19 +787,6 @@ impl Pool {
             self.renew("its entry file changed");
         }
     }
-}
-
-fn new_template(site: &Arc<Site>, ctx: &PoolContext) -> Option<Arc<SiteTemplate>> {
-    site.pool.preload.then(|| {
-        Arc::new(SiteTemplate::new(
-            ctx.spawner.clone(),
-            site.clone(),
-            ctx.logs.clone(),
-            ctx.cgroup.clone(),
-            ctx.files.clone(),
-            startup_timeout(site),
-        ))
-    })
 }
 
 /// How long a worker (or a template) may take to import the app.
