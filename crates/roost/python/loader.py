@@ -10,7 +10,8 @@ library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
        loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
-       loader.py zygote [MODULE,MODULE,... [SPARES [private|shared]]]   (python >= 3.9; docs/protocol.md)
+       loader.py zygote [MODULE,MODULE,... [SPARES [shared|private|private+proc]]]
+                                                  (python >= 3.9; docs/protocol.md)
 
 A template imports the app once, then forks the site's workers on the node's orders
 over a SOCK_SEQPACKET control socket on fd 3 (the zygote's messages).
@@ -735,10 +736,14 @@ def prctl_pdeathsig():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
-# Set once this process has mount and IPC namespaces of its own (a spare makes them
-# while it waits: half of what a private /tmp costs a cold start).
-_OWN_NAMESPACES = []
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+# What this process has made of its own: "namespaces" (mount and IPC), "proc" (its
+# /proc). A spare makes both while it waits: they are the same for every site.
+_OWN = set()
+
+
+# How a worker's own /proc is mounted (the node's spawn/private_mounts.rs says the same).
+PROC_OPTIONS = "hidepid=invisible"
 
 
 def libc_check(rc, what):
@@ -748,23 +753,27 @@ def libc_check(rc, what):
         raise OSError(errno, "%s: %s" % (what, os.strerror(errno)))
 
 
-def enter_own_namespaces():
+def enter_own_namespaces(proc_options=None):
     """Still root: mount and IPC namespaces of this process's own, every mount private
-    (nothing the host mounts later reaches it, and nothing mounted here the host)."""
-    if _OWN_NAMESPACES:
-        return
-    CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+    (nothing the host mounts later reaches it, and nothing mounted here the host); with
+    `proc_options`, a /proc of its own that shows its user's processes only."""
     c = libc()
-    libc_check(c.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
-    libc_check(c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-    _OWN_NAMESPACES.append(True)
+    if "namespaces" not in _OWN:
+        CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+        libc_check(c.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+        libc_check(c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        _OWN.add("namespaces")
+    if proc_options and "proc" not in _OWN:
+        libc_check(c.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           proc_options.encode()), "mount its own /proc")
+        _OWN.add("proc")
 
 
 def enter_private_mounts(fields):
-    """Still root: the worker's own namespaces, with its TMPDIR on /tmp and /var/tmp and
-    a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs does the same
-    for a plainly spawned worker)."""
-    enter_own_namespaces()
+    """Still root: the worker's own namespaces and /proc, with its TMPDIR on /tmp and
+    /var/tmp and a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs
+    does the same for a plainly spawned worker)."""
+    enter_own_namespaces(fields.get("private.proc"))
     c = libc()
     # The first bind is the source of the next: the TMPDIR may lie below /tmp.
     source = os.fsencode(fields["private.tmp"])
@@ -1003,6 +1012,8 @@ class Spares(object):
 
     def __init__(self, count, ctl, zygote_pid, private):
         self.count = count
+        # None, or what the spare makes of its own ahead of its order: "namespaces",
+        # or "namespaces+proc".
         self.private = private
         self.ctl = ctl
         self.zygote_pid = zygote_pid
@@ -1036,7 +1047,8 @@ class Spares(object):
                         log("spare warm-up failed (the spare still serves): %r" % exc)
                     if self.private:
                         try:
-                            enter_own_namespaces()
+                            enter_own_namespaces(
+                                PROC_OPTIONS if "proc" in self.private else None)
                         except OSError as exc:
                             # Its order tries again, and fails with the reason.
                             log("spare could not make its own namespaces: %r" % exc)
@@ -1074,7 +1086,7 @@ class Spares(object):
         return None
 
 
-def zygote_main(preload_extra, spare_count=0, private=False):
+def zygote_main(preload_extra, spare_count=0, private=None):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
@@ -1251,7 +1263,8 @@ def main(argv):
     if len(argv) >= 2 and argv[1] == "zygote":
         preload = argv[2].split(",") if len(argv) > 2 else []
         spare_count = int(argv[3]) if len(argv) > 3 else 0
-        private = len(argv) > 4 and argv[4] == "private"
+        tmp = argv[4] if len(argv) > 4 else "shared"
+        private = {"private": "namespaces", "private+proc": "namespaces+proc"}.get(tmp)
         return zygote_main(preload, spare_count, private)
     if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)

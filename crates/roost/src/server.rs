@@ -213,14 +213,15 @@ pub async fn run(
             target,
         });
     }
-    if private_mounts.is_some() {
-        tracing::info!(
+    match &private_mounts {
+        Some(targets) => tracing::info!(
+            own_proc = targets.own_proc(),
             "each worker has its own /tmp, /var/tmp (its TMPDIR), /dev/shm and System V IPC"
-        );
-    } else if as_root {
-        tracing::info!(
-            "workers share the host's /tmp, /var/tmp, /dev/shm and System V IPC (--shared-tmp)"
-        );
+        ),
+        None if as_root => tracing::info!(
+            "workers share the host's /tmp, /var/tmp, /dev/shm, System V IPC and /proc (--shared-tmp)"
+        ),
+        None => {}
     }
     let spawn_config = SpawnConfig {
         loader,

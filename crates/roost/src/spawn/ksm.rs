@@ -28,10 +28,9 @@ pub fn mark_mergeable() -> nix::Result<()> {
 /// Refuses a kernel that cannot merge our processes; warns when `ksmd` is not running
 /// (the processes are marked, but nothing is merged until an operator starts it).
 pub fn check() -> Result<(), String> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+    let release = super::kernel::release()
         .map_err(|e| format!("--ksm: cannot read the kernel's release: {e}"))?;
-    let release = release.trim();
-    match version(release) {
+    match super::kernel::version(&release) {
         Some(v) if v >= SINCE => {}
         _ => {
             return Err(format!(
@@ -62,28 +61,4 @@ pub fn check() -> Result<(), String> {
 
 fn ksmd_running(run: &Path) -> std::io::Result<bool> {
     Ok(std::fs::read_to_string(run)?.trim() == "1")
-}
-
-/// `6.18.44-fc` → (6, 18).
-fn version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::version;
-
-    #[test]
-    fn reads_the_kernel_version() {
-        assert_eq!(version("6.18.44-fc-v669"), Some((6, 18)));
-        assert_eq!(version("6.7.0"), Some((6, 7)));
-        assert_eq!(version("5.15.0-91-generic"), Some((5, 15)));
-        assert_eq!(version("6"), None);
-        assert_eq!(version(""), None);
-        assert!(version("6.6.30").unwrap() < super::SINCE);
-        assert!(version("6.10.1").unwrap() >= super::SINCE);
-    }
 }

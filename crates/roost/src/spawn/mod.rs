@@ -22,6 +22,7 @@ mod child;
 pub mod favordynmods;
 mod forkserver;
 mod inherited;
+mod kernel;
 pub mod ksm;
 mod plain;
 mod prepare;

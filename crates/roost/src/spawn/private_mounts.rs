@@ -16,6 +16,14 @@
 //! which share them). As systemd's `PrivateTmp=` and `PrivateIPC=`, and uWSGI's
 //! `unshare`. The mounts are private: nothing the host mounts later reaches a worker,
 //! and nothing a worker's namespace holds reaches the host.
+//!
+//! In the same namespace the worker gets a /proc of its own, mounted with
+//! `hidepid=invisible`: it sees its own user's processes only, not other tenants' (nor
+//! their command lines, memory and open-file counts), nor the host's (an operator's
+//! `mysql -p…` command line), as `hidepid` on a shared host's /proc would, without
+//! hiding anything from the host's own users. Linux 5.8 made each /proc mount an
+//! instance of its own; before, the option would change the host's /proc too, so
+//! older kernels keep the host's.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -31,10 +39,16 @@ pub struct PrivateTargets {
     binds: Vec<&'static str>,
     /// /dev/shm is there: a tmpfs of the worker's own goes on it.
     shm: bool,
+    /// A /proc of the worker's own, showing its user's processes only.
+    proc: bool,
 }
 
 const BINDS: [&str; 2] = ["/tmp", "/var/tmp"];
 const SHM: &str = "/dev/shm";
+/// The first kernel whose /proc mounts are instances of their own (options and all).
+const PROC_INSTANCES_SINCE: (u32, u32) = (5, 8);
+/// Every process but those of the worker's own user is out of its sight.
+const PROC_OPTIONS: &str = "hidepid=invisible";
 
 impl PrivateTargets {
     /// The folders this host has.
@@ -45,7 +59,14 @@ impl PrivateTargets {
                 .filter(|f| Path::new(f).is_dir())
                 .collect(),
             shm: Path::new(SHM).is_dir(),
+            proc: super::kernel::at_least(PROC_INSTANCES_SINCE),
         }
+    }
+
+    /// Whether workers get a /proc of their own: a spare can mount it ahead of its
+    /// order, as it is the same for every site.
+    pub fn own_proc(&self) -> bool {
+        self.proc
     }
 
     /// The worker's TMPDIR: /tmp where that shows the site's TMPDIR, which may itself
@@ -77,6 +98,7 @@ impl PrivateTargets {
             tmpdir: tmpdir.to_path_buf(),
             binds: self.binds.clone(),
             shm_options: self.shm.then(|| format!("mode=1777,size={shm_bytes}")),
+            proc: self.proc,
         }
     }
 }
@@ -89,6 +111,7 @@ pub struct PrivateMounts {
     binds: Vec<&'static str>,
     /// tmpfs options for /dev/shm; None when the host has none.
     shm_options: Option<String>,
+    proc: bool,
 }
 
 impl PrivateMounts {
@@ -101,6 +124,9 @@ impl PrivateMounts {
         ];
         if let Some(options) = &self.shm_options {
             fields.push(("private.shm".into(), options.clone()));
+        }
+        if self.proc {
+            fields.push(("private.proc".into(), PROC_OPTIONS.into()));
         }
         fields
     }
@@ -115,6 +141,7 @@ impl PrivateMounts {
                 .map(|b| CString::new(*b))
                 .collect::<Result<_, _>>()?,
             shm_options: self.shm_options.as_deref().map(CString::new).transpose()?,
+            proc: self.proc,
         })
     }
 }
@@ -125,11 +152,12 @@ pub struct ChildMounts {
     tmpdir: CString,
     binds: Vec<CString>,
     shm_options: Option<CString>,
+    proc: bool,
 }
 
 impl ChildMounts {
     /// In the child, still root: new mount and IPC namespaces, every mount in them made
-    /// private, then its TMPDIR on /tmp and /var/tmp and its own /dev/shm. The first
+    /// private, then its TMPDIR on /tmp and /var/tmp, its own /dev/shm and /proc. The first
     /// bind is the source of the others: the TMPDIR may lie below /tmp (a node whose
     /// `--tmp-dir` is there), out of reach by its path once /tmp is covered.
     /// Only system calls (async-signal-safe), on memory prepared by the parent.
@@ -162,6 +190,15 @@ impl ChildMounts {
                 Some(options.as_c_str()),
             )?;
         }
+        if self.proc {
+            mount(
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(PROC_OPTIONS),
+            )?;
+        }
         Ok(())
     }
 }
@@ -175,6 +212,7 @@ mod tests {
         let targets = PrivateTargets {
             binds: vec!["/tmp"],
             shm: false,
+            proc: false,
         };
         let fields = targets
             .for_site(Path::new("/var/lib/roost/tmp/blog"), 1 << 20)
@@ -196,6 +234,7 @@ mod tests {
         let targets = PrivateTargets {
             binds: BINDS.to_vec(),
             shm: true,
+            proc: true,
         };
         let mounts = targets.for_site(Path::new("/t"), 512 << 20);
         assert!(mounts
@@ -209,6 +248,7 @@ mod tests {
         let targets = PrivateTargets {
             binds: BINDS.to_vec(),
             shm: true,
+            proc: true,
         };
         assert_eq!(targets.hiding(Path::new("/tmp/site/app.py")), Some("/tmp"));
         assert_eq!(targets.hiding(Path::new("/var/tmp")), Some("/var/tmp"));

@@ -641,10 +641,12 @@ async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
 /// /var/tmp: nothing it parks there is seen by another site, and nothing stays
 /// charged to the host once the site is idle. Before, 32 MiB parked in /dev/shm by a
 /// site stayed in the host's RAM for good, every tenant could read what another left
-/// world-readable in /tmp, and System V segments outlived their site.
+/// world-readable in /tmp, and System V segments outlived their site. Its /proc shows
+/// its own user's processes only (before: every process of the host, other tenants'
+/// with their command lines and memory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: runs sites as other users, in namespaces of their own"]
-async fn shared_memory_and_tmp_are_private_and_end_with_the_worker() {
+async fn tmp_shared_memory_and_proc_are_the_workers_own() {
     need_root();
     for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
         let node = Node::start_with(|c| c.spawn = mode).await;
@@ -703,6 +705,16 @@ async fn shared_memory_and_tmp_are_private_and_end_with_the_worker() {
             );
             let locked = text(&node, &host, "/semaphore").await;
             assert_eq!(locked, "ok: locked", "{name}: multiprocessing");
+            // Its /proc shows its own user's processes, not bob's or the host's.
+            let bob_pid = text(&node, "bob.test", "/pid").await;
+            for (what, path, expect) in [
+                ("bob's worker", format!("/proc/{bob_pid}/status"), "denied"),
+                ("init", "/proc/1/cmdline".to_string(), "denied"),
+                ("its own worker", format!("/proc/{worker}/status"), "ok"),
+            ] {
+                let answer = text(&node, &host, &format!("/read?path={path}")).await;
+                assert!(answer.starts_with(expect), "{name}, {what}: {answer}");
+            }
 
             node.eventually("the idle worker to exit", || async { !alive(worker) })
                 .await;
