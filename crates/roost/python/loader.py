@@ -824,7 +824,7 @@ def become_worker(request, fds, zygote_pid):
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if "private.tmp" in fields:
-            step = "make /tmp, /var/tmp and /dev/shm its own"
+            step = "make /tmp, /var/tmp, /dev/shm and /proc its own"
             enter_private_mounts(fields)
         if fields.get("sched") == "batch":
             step = "set the scheduling policy"

@@ -60,7 +60,7 @@ impl ChildPlan {
             )?;
         }
         if let Some(mounts) = &self.private {
-            step(b"make /tmp, /var/tmp and /dev/shm its own\n", || {
+            step(b"make /tmp, /var/tmp, /dev/shm and /proc its own\n", || {
                 mounts.enter()
             })?;
         }

@@ -1,4 +1,4 @@
-//! A worker's own /tmp, /var/tmp and /dev/shm, and its own System V IPC.
+//! A worker's own /tmp, /var/tmp, /dev/shm and /proc, and its own System V IPC.
 //!
 //! Those are the places a process can leave something that outlives it, shared by
 //! every user of the host: a world-readable file in /tmp is read by any other
@@ -10,10 +10,10 @@
 //! So, as root, each new worker (or template) enters mount and IPC namespaces of its
 //! own before it drops its privileges: /tmp and /var/tmp become its site's TMPDIR
 //! (bind mounts: the files are the TMPDIR's, on the node's disk, removed with the
-//! site; the worker's TMPDIR variable says /tmp), /dev/shm a fresh tmpfs capped at the site's `memory.max`. Both namespaces end
-//! with the last process in them: the tmpfs and every System V object go with the
-//! worker (or, for a preloaded site, with the template and the workers it forked,
-//! which share them). As systemd's `PrivateTmp=` and `PrivateIPC=`, and uWSGI's
+//! site; the worker's TMPDIR variable says /tmp), /dev/shm a fresh tmpfs capped at
+//! the site's `memory.max`. Both namespaces end with the last process in them: the
+//! tmpfs and every System V object go with the worker (or, for a preloaded site, with
+//! the template and the workers it forked, which share them). As systemd's `PrivateTmp=` and `PrivateIPC=`, and uWSGI's
 //! `unshare`. The mounts are private: nothing the host mounts later reaches a worker,
 //! and nothing a worker's namespace holds reaches the host.
 //!
@@ -31,8 +31,9 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
-/// What a host has of /tmp, /var/tmp and /dev/shm, looked at once when the node starts
-/// (they are the host's folders, not a tenant's): a worker gets its own of each.
+/// What a host has of /tmp, /var/tmp and /dev/shm, and whether its kernel can give a
+/// worker a /proc of its own, looked at once when the node starts (the host's folders,
+/// not a tenant's): a worker gets its own of each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrivateTargets {
     /// Folders that show the site's TMPDIR.
@@ -157,9 +158,9 @@ pub struct ChildMounts {
 
 impl ChildMounts {
     /// In the child, still root: new mount and IPC namespaces, every mount in them made
-    /// private, then its TMPDIR on /tmp and /var/tmp, its own /dev/shm and /proc. The first
-    /// bind is the source of the others: the TMPDIR may lie below /tmp (a node whose
-    /// `--tmp-dir` is there), out of reach by its path once /tmp is covered.
+    /// private, then its TMPDIR on /tmp and /var/tmp, its own /dev/shm and /proc. The
+    /// first bind is the source of the others: the TMPDIR may lie below /tmp (a node
+    /// whose `--tmp-dir` is there), out of reach by its path once /tmp is covered.
     /// Only system calls (async-signal-safe), on memory prepared by the parent.
     pub fn enter(&self) -> nix::Result<()> {
         unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC)?;
