@@ -3,7 +3,7 @@
 //!
 //! Phases, each logged: boot → serving → draining → stopped.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +146,11 @@ pub enum ServerError {
     },
 }
 
+/// Whether users other than its owner and group may list a folder.
+fn listable_by_others(dir: &Path) -> bool {
+    std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
 /// Serves until `shutdown` turns true; returns once every worker has exited.
 pub async fn run(
     config: NodeConfig,
@@ -155,14 +160,20 @@ pub async fn run(
     tracing::info!(registry = %config.registry.display(), "boot");
     drop(SqliteStore::open(&config.registry)?); // migrations, and a clear error early
     let loader = write_loader(&config.run_dir)?;
-    let prepare = |path: &Path| {
-        std::fs::create_dir_all(path).map_err(|source| ServerError::Prepare {
-            path: path.to_owned(),
+    // 0711: a site reads its own logs by their path, and no tenant lists the folder
+    // (every site's name).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&config.log_dir)
+        .map_err(|source| ServerError::Prepare {
+            path: config.log_dir.clone(),
             source,
-        })
-    };
-    prepare(&config.log_dir)?;
+        })?;
     let as_root = nix::unistd::geteuid().is_root();
+    if as_root && listable_by_others(&config.log_dir) {
+        tracing::warn!(dir = %config.log_dir.display(), "any user can list the log folder, and so every site's name; `chmod o-r` it (the node makes it 0711)");
+    }
     if as_root {
         tracing::info!(
             min_uid = config.min_uid,

@@ -113,7 +113,9 @@ pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
         },
     )?;
     sweep(tmp_root);
-    std::fs::DirBuilder::new().mode(0o755).create(tmp_root)?;
+    // 0711: a site's worker reaches its own TMPDIR by its path, and no tenant lists
+    // the others' (their sites' names).
+    std::fs::DirBuilder::new().mode(0o711).create(tmp_root)?;
     let made = std::fs::symlink_metadata(tmp_root)?;
     let ours = made.is_dir() && made.uid() == nix::unistd::geteuid().as_raw();
     if !ours || made.mode() & 0o022 != 0 {
@@ -302,7 +304,7 @@ mod tests {
         std::fs::write(tmp_root.join("planted"), "x").unwrap();
         let _ours = open_root(&tmp_root).unwrap();
         let made = std::fs::symlink_metadata(&tmp_root).unwrap();
-        assert_eq!(made.mode() & 0o777, 0o755);
+        assert_eq!(made.mode() & 0o777, 0o711);
         assert_eq!(count(&tmp_root), 0, "what was planted is still there");
     }
 

@@ -120,6 +120,17 @@ async fn tenants_cannot_reach_each_other() {
             format!("/read?path={}", own_log.display()),
             "ok",
         ),
+        // Listing them would name every site of the node.
+        (
+            "the folder of every site's logs",
+            format!("/ls?path={}", node.dir.path().join("logs").display()),
+            "denied",
+        ),
+        (
+            "the folder of every site's TMPDIR",
+            format!("/ls?path={}", node.dir.path().join("run/tmp").display()),
+            "denied",
+        ),
     ] {
         let answer = text(&node, "alice.test", &path).await;
         assert!(answer.starts_with(expect), "alice and {what}: {answer}");
