@@ -73,9 +73,9 @@ pub struct NodeConfig {
     /// Mark the memory of zygotes, templates and workers for the kernel's same-page
     /// merging (spawn/ksm.rs).
     pub ksm: bool,
-    /// As root: each worker gets its own /tmp, /var/tmp (its site's TMPDIR), /dev/shm
-    /// and System V IPC (spawn/private_mounts.rs); `roost serve --shared-tmp` turns it
-    /// off.
+    /// As root: each worker gets its own /tmp, /var/tmp (its site's TMPDIR), /dev/shm,
+    /// /proc and System V IPC (spawn/private_mounts.rs); `roost serve --shared-tmp`
+    /// turns it off.
     pub private_tmp: bool,
     pub spawn: SpawnMode,
     /// Modules every zygote imports besides the usual standard library ones.
@@ -172,7 +172,7 @@ pub async fn run(
         })?;
     let as_root = nix::unistd::geteuid().is_root();
     if as_root && listable_by_others(&config.log_dir) {
-        tracing::warn!(dir = %config.log_dir.display(), "any user can list the log folder, and so every site's name; `chmod o-r` it (the node makes it 0711)");
+        tracing::warn!(dir = %config.log_dir.display(), "any user can list the log folder, and so every site's name; `chmod 711` it (the node makes it so)");
     }
     if as_root {
         tracing::info!(

@@ -184,10 +184,11 @@ pub struct ServeArgs {
     /// (see docs/security.md).
     #[arg(long)]
     pub ksm: bool,
-    /// Let workers see the host's /tmp, /var/tmp and /dev/shm and its System V IPC. By
+    /// Let workers see the host's /tmp, /var/tmp, /dev/shm, /proc and System V IPC. By
     /// default (as root) each worker has its own: /tmp and /var/tmp show its site's
-    /// TMPDIR, /dev/shm is a tmpfs of its own, and what it leaves there goes with it.
-    /// For apps that reach a local service through a socket in /tmp.
+    /// TMPDIR, /dev/shm is a tmpfs of its own (what it leaves there goes with it), and
+    /// its /proc shows its own user's processes only. For apps that reach a local
+    /// service through a socket in /tmp.
     #[arg(long)]
     pub shared_tmp: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used

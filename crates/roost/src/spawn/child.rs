@@ -33,7 +33,8 @@ pub struct ChildPlan {
     pub batch: bool,
     /// Mark its memory mergeable ([`super::SpawnConfig::ksm`]); forks inherit it.
     pub ksm: bool,
-    /// Its own /tmp, /var/tmp and /dev/shm ([`super::SpawnConfig::private_mounts`]).
+    /// Its own /tmp, /var/tmp, /dev/shm and /proc
+    /// ([`super::SpawnConfig::private_mounts`]).
     pub private: Option<ChildMounts>,
 }
 

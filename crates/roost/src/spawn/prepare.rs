@@ -36,8 +36,8 @@ pub struct SpawnConfig {
     /// Zygotes (and so every process they fork) and plainly spawned workers have their
     /// memory marked for the kernel's same-page merging (`ksm`).
     pub ksm: bool,
-    /// Each worker gets its own /tmp, /var/tmp (its site's TMPDIR) and /dev/shm, and
-    /// System V IPC of its own (spawn/private_mounts.rs); None when the node is not
+    /// Each worker gets its own /tmp, /var/tmp (its site's TMPDIR), /dev/shm and /proc,
+    /// and System V IPC of its own (spawn/private_mounts.rs); None when the node is not
     /// root, or was told `--shared-tmp`.
     pub private_mounts: Option<PrivateTargets>,
 }
@@ -64,7 +64,8 @@ pub struct Prepared {
     /// PYTHONPATH for a plainly spawned worker of a site with both a runtime and a
     /// virtualenv of its own.
     pub venv_path: Option<String>,
-    /// The worker's own /tmp, /var/tmp and /dev/shm ([`SpawnConfig::private_mounts`]).
+    /// The worker's own /tmp, /var/tmp, /dev/shm and /proc
+    /// ([`SpawnConfig::private_mounts`]).
     pub private: Option<PrivateMounts>,
 }
 
