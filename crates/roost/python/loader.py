@@ -10,7 +10,7 @@ library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
        loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
-       loader.py zygote [MODULE,MODULE,... [SPARES [shared|private|private+proc]]]
+       loader.py zygote [MODULE,MODULE,... [SPARES [shared|private[:PROC_OPTIONS]]]]
                                                   (python >= 3.9; docs/protocol.md)
 
 A template imports the app once, then forks the site's workers on the node's orders
@@ -742,10 +742,6 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 163
 _OWN = set()
 
 
-# How a worker's own /proc is mounted (the node's spawn/private_mounts.rs says the same).
-PROC_OPTIONS = "hidepid=invisible"
-
-
 def libc_check(rc, what):
     if rc != 0:
         import ctypes
@@ -1012,8 +1008,8 @@ class Spares(object):
 
     def __init__(self, count, ctl, zygote_pid, private):
         self.count = count
-        # None, or what the spare makes of its own ahead of its order: "namespaces",
-        # or "namespaces+proc".
+        # (the options of its own /proc, or None) when a spare makes its own namespaces
+        # ahead of its order; None when workers keep the host's.
         self.private = private
         self.ctl = ctl
         self.zygote_pid = zygote_pid
@@ -1047,8 +1043,7 @@ class Spares(object):
                         log("spare warm-up failed (the spare still serves): %r" % exc)
                     if self.private:
                         try:
-                            enter_own_namespaces(
-                                PROC_OPTIONS if "proc" in self.private else None)
+                            enter_own_namespaces(self.private[0])
                         except OSError as exc:
                             # Its order tries again, and fails with the reason.
                             log("spare could not make its own namespaces: %r" % exc)
@@ -1263,8 +1258,8 @@ def main(argv):
     if len(argv) >= 2 and argv[1] == "zygote":
         preload = argv[2].split(",") if len(argv) > 2 else []
         spare_count = int(argv[3]) if len(argv) > 3 else 0
-        tmp = argv[4] if len(argv) > 4 else "shared"
-        private = {"private": "namespaces", "private+proc": "namespaces+proc"}.get(tmp)
+        kind, _, proc_options = (argv[4] if len(argv) > 4 else "shared").partition(":")
+        private = (proc_options or None,) if kind == "private" else None
         return zygote_main(preload, spare_count, private)
     if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)

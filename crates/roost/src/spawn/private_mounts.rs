@@ -64,10 +64,19 @@ impl PrivateTargets {
         }
     }
 
-    /// Whether workers get a /proc of their own: a spare can mount it ahead of its
-    /// order, as it is the same for every site.
+    /// Whether workers get a /proc of their own.
     pub fn own_proc(&self) -> bool {
         self.proc
+    }
+
+    /// What a zygote is told (its TMP argument, docs/protocol.md): its spares make the
+    /// namespaces, and mount the /proc, ahead of their orders, as those are the same
+    /// for every site: `private`, or `private:<the /proc's options>`.
+    pub fn zygote_argument(&self) -> String {
+        match self.proc {
+            true => format!("private:{PROC_OPTIONS}"),
+            false => "private".into(),
+        }
     }
 
     /// The worker's TMPDIR: /tmp where that shows the site's TMPDIR, which may itself

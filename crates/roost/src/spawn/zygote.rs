@@ -326,8 +326,8 @@ fn trusted_packages(runtime: &roost_registry::Runtime) -> Result<(), String> {
 }
 
 /// Starts `python -I loader.py zygote PRELOAD SPARES TMP` with its control socket on
-/// fd 3; TMP is `private` when its workers get namespaces of their own, which its
-/// spares then make while they wait (`private+proc`: and mount their own /proc).
+/// fd 3; TMP says whether its workers get namespaces of their own
+/// ([`PrivateTargets::zygote_argument`](super::PrivateTargets::zygote_argument)).
 fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, String> {
     let (ours, theirs) = control_pair()?;
     let mut cmd = std::process::Command::new(python);
@@ -337,9 +337,8 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         .arg(config.preload.join(","))
         .arg(config.zygote_spares.to_string())
         .arg(match &config.private_mounts {
-            Some(targets) if targets.own_proc() => "private+proc",
-            Some(_) => "private",
-            None => "shared",
+            Some(targets) => targets.zygote_argument(),
+            None => "shared".into(),
         })
         .env_clear()
         .envs(config.base_env.iter().map(|(k, v)| (k, v)))
