@@ -12,6 +12,10 @@ use roost_registry::Identity;
 
 use super::SpawnError;
 
+/// The folder of the TMPDIRs: a site's worker reaches its own by its path, and no
+/// tenant lists the others' (their sites' names).
+const ROOT_MODE: u32 = 0o711;
+
 /// The private TMPDIR of `site`.
 pub fn path(tmp_root: &Path, site: &str) -> PathBuf {
     tmp_root.join(site)
@@ -32,7 +36,12 @@ pub fn make(
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(tmp_root).map_err(fail)?;
+    // Made at start (`open_root`); made again, as then, if removed since.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(ROOT_MODE)
+        .create(tmp_root)
+        .map_err(fail)?;
     // Made by an earlier worker of the site, or by one starting at the same time.
     let make = || match std::fs::create_dir(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -113,9 +122,9 @@ pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
         },
     )?;
     sweep(tmp_root);
-    // 0711: a site's worker reaches its own TMPDIR by its path, and no tenant lists
-    // the others' (their sites' names).
-    std::fs::DirBuilder::new().mode(0o711).create(tmp_root)?;
+    std::fs::DirBuilder::new()
+        .mode(ROOT_MODE)
+        .create(tmp_root)?;
     let made = std::fs::symlink_metadata(tmp_root)?;
     let ours = made.is_dir() && made.uid() == nix::unistd::geteuid().as_raw();
     if !ours || made.mode() & 0o022 != 0 {
