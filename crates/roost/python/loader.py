@@ -782,6 +782,31 @@ def enter_private_mounts(fields):
                            shm.encode()), "mount a tmpfs on /dev/shm")
 
 
+# landlock_create_ruleset and landlock_restrict_self: one number on every architecture
+# but alpha (the system call table shared since Linux 5.1).
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
+
+
+def enter_landlock_scope(scoped):
+    """Still root: a Landlock domain of this process's own with these scopes (the
+    node's spawn/landlock_scope.rs does the same for a plainly spawned worker): no
+    abstract socket, signal or trace reaches a process outside it."""
+    import ctypes
+    import struct
+    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net, scoped.
+    attr = struct.pack("=QQQ", 0, 0, scoped)
+    c = libc()
+    fd = c.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)),
+                   ctypes.c_uint32(0))
+    if fd < 0:
+        libc_check(fd, "landlock_create_ruleset")
+    try:
+        libc_check(c.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0)),
+                   "landlock_restrict_self")
+    finally:
+        os.close(fd)
+
+
 def name_process(name):
     """What ps and top show for a forked worker (its command line is the zygote's)."""
     try:
@@ -822,6 +847,9 @@ def become_worker(request, fds, zygote_pid):
         if "private.tmp" in fields:
             step = "make /tmp, /var/tmp, /dev/shm and /proc its own"
             enter_private_mounts(fields)
+        if "landlock.scoped" in fields:
+            step = "enter a Landlock domain of its own (abstract sockets, signals, traces)"
+            enter_landlock_scope(int(fields["landlock.scoped"]))
         if fields.get("sched") == "batch":
             step = "set the scheduling policy"
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

@@ -19,8 +19,8 @@ use crate::pool::{Budget, BudgetLimits};
 use crate::registry_watch;
 use crate::sites::Sites;
 use crate::spawn::{
-    favordynmods, ksm, tmpdir, Cgroups, PlainSpawner, PrivateTargets, Spawn, SpawnConfig,
-    ZygoteSpawner,
+    favordynmods, ksm, tmpdir, Cgroups, LandlockScope, PlainSpawner, PrivateTargets, Spawn,
+    SpawnConfig, ZygoteSpawner,
 };
 
 /// How workers are started.
@@ -234,6 +234,16 @@ pub async fn run(
         ),
         None => {}
     }
+    let landlock = as_root.then(LandlockScope::detect).and_then(|scope| match scope {
+        Ok(scope) => {
+            tracing::info!("each worker has a Landlock domain of its own: no abstract socket, signal or trace reaches out of it");
+            Some(scope)
+        }
+        Err(why) => {
+            tracing::warn!(%why, "workers can reach any abstract Unix socket on the host, and those of one owner can signal and trace each other");
+            None
+        }
+    });
     let spawn_config = SpawnConfig {
         loader,
         tmp_root: tmp_root.clone(),
@@ -245,6 +255,7 @@ pub async fn run(
         batch_workers: config.batch_workers,
         ksm: config.ksm,
         private_mounts,
+        landlock,
     };
     let spawner: Arc<dyn Spawn> = match config.spawn {
         SpawnMode::Zygote => Arc::new(ZygoteSpawner::new(spawn_config)),

@@ -14,6 +14,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
 use nix::unistd::{dup2, getppid, Gid, Pid, Uid};
 
+use super::landlock_scope::ChildScope;
 use super::private_mounts::ChildMounts;
 
 /// The first descriptor of slot sockets in the worker; the loader expects 3, 4, …
@@ -36,6 +37,8 @@ pub struct ChildPlan {
     /// Its own /tmp, /var/tmp, /dev/shm and /proc
     /// ([`super::SpawnConfig::private_mounts`]).
     pub private: Option<ChildMounts>,
+    /// Its own Landlock domain ([`super::SpawnConfig::landlock`]).
+    pub landlock: Option<ChildScope>,
 }
 
 impl ChildPlan {
@@ -64,6 +67,12 @@ impl ChildPlan {
             step(b"make /tmp, /var/tmp, /dev/shm and /proc its own\n", || {
                 mounts.enter()
             })?;
+        }
+        if let Some(scope) = &self.landlock {
+            step(
+                b"enter a Landlock domain of its own (abstract sockets, signals, traces)\n",
+                || scope.enter(),
+            )?;
         }
         step(b"setsid\n", || nix::unistd::setsid().map(drop))?;
         step(b"set the parent-death signal\n", || self.tie_to_parent())?;

@@ -24,6 +24,7 @@ mod forkserver;
 mod inherited;
 mod kernel;
 pub mod ksm;
+mod landlock_scope;
 mod plain;
 mod prepare;
 mod private_mounts;
@@ -43,6 +44,7 @@ use roost_registry::{OwnerError, Site};
 
 pub use cgroup::{Cgroups, SiteCgroup};
 pub use inherited::seal_inherited_fds;
+pub use landlock_scope::LandlockScope;
 pub use plain::PlainSpawner;
 pub use prepare::SpawnConfig;
 pub use private_mounts::PrivateTargets;

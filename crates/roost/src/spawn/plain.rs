@@ -11,6 +11,7 @@ use roost_registry::Entry;
 
 use super::child::{raw_fds, ChildPlan};
 use super::forkserver::control_pair;
+use super::landlock_scope::LandlockScope;
 use super::prepare::{prepare, Prepared, SpawnConfig};
 use super::{Role, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker, WorkerProcess};
 use crate::worker::{has_inbox, Inbox};
@@ -91,6 +92,7 @@ impl PlainSpawner {
                 .map(|p| p.for_child())
                 .transpose()
                 .map_err(|e| exec_err(e.into()))?,
+            landlock: self.config.landlock.as_ref().map(LandlockScope::for_child),
         };
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on descriptors and memory prepared by the

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use roost_registry::{check_code_files, resolve, Identity, Site};
 
+use super::landlock_scope::LandlockScope;
 use super::private_mounts::{PrivateMounts, PrivateTargets};
 use super::{tmpdir, SpawnError, SpawnRequest, LOOK_WITHIN};
 use crate::logs::SiteLogs;
@@ -40,6 +41,10 @@ pub struct SpawnConfig {
     /// and System V IPC of its own (spawn/private_mounts.rs); None when the node is not
     /// root, or was told `--shared-tmp`.
     pub private_mounts: Option<PrivateTargets>,
+    /// Each worker enters a Landlock domain of its own, out of reach of abstract
+    /// sockets, signals and traces (spawn/landlock_scope.rs); None when the node is
+    /// not root, or its kernel has no Landlock scopes.
+    pub landlock: Option<LandlockScope>,
 }
 
 impl SpawnConfig {

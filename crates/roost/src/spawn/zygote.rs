@@ -224,6 +224,9 @@ impl ZygoteSpawner {
         if let Some(private) = &prepared.private {
             fields.extend(private.order_fields());
         }
+        if let Some(scope) = self.config.landlock.as_ref() {
+            fields.push(scope.order_field());
+        }
         fields.extend(
             prepared
                 .env
@@ -352,8 +355,10 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         // A zygote is on every cold start's path: it keeps the normal policy.
         batch: false,
         ksm: config.ksm,
-        // The zygote keeps the host's view: each worker it forks makes its own.
+        // The zygote keeps the host's view and no domain: each worker it forks makes
+        // its own.
         private: None,
+        landlock: None,
     };
     // SAFETY: as for plain spawn: the closure only makes async-signal-safe calls on
     // memory and descriptors the parent keeps alive until `spawn` returns.

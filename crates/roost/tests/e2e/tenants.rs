@@ -744,6 +744,90 @@ async fn tmp_shared_memory_and_proc_are_the_workers_own() {
     }
 }
 
+/// What Unix users do not keep apart: abstract Unix sockets have no file and no
+/// permissions, so any process could connect to one, whoever listens; two sites of one
+/// owner run as one user, so one could signal and trace the other's workers. Each
+/// worker is in a Landlock domain of its own: it reaches neither another tenant's nor
+/// the host's abstract sockets, nor signals nor traces the workers of its owner's other
+/// sites, and still reaches its own sockets and its multiprocessing children. Before,
+/// every one of those was reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users, each in a Landlock domain of its own"]
+async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
+    need_root();
+    let tag = std::process::id();
+    let host_name = format!("roost-host-{tag}");
+    let _host = std::os::unix::net::UnixListener::bind_addr(
+        &<std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            &host_name,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
+        let node = Node::start_with(|c| c.spawn = mode).await;
+        let (alice, bob) = (TestUser::create(), TestUser::create());
+        node.add(tenant_site(&node, "bob", &bob)).await;
+        // Another site of the same owner: the same Unix user.
+        node.add(tenant_site(&node, "neighbour", &alice)).await;
+        let bob_name = format!("roost-bob-{tag}-{mode:?}");
+        let listening = text(&node, "bob.test", &format!("/listen?name={bob_name}")).await;
+        assert_eq!(listening, "ok: listening");
+        let neighbour = text(&node, "neighbour.test", "/pid").await;
+        let sites: &[(&str, bool)] = match mode {
+            SpawnMode::Zygote => &[("forked", false), ("preloaded", true)],
+            SpawnMode::Plain => &[("plain", false)],
+        };
+        for &(name, preload) in sites {
+            let spec = SiteSpec {
+                preload: Some(preload),
+                ..tenant_site(&node, name, &alice)
+            };
+            node.add(spec).await;
+            let host = format!("{name}.test");
+            let own_name = format!("roost-own-{tag}-{name}");
+            let listening = text(&node, &host, &format!("/listen?name={own_name}")).await;
+            assert_eq!(listening, "ok: listening", "{name}");
+            for (what, path, expect) in [
+                (
+                    "bob's abstract socket",
+                    format!("/connect?name={bob_name}"),
+                    "denied",
+                ),
+                (
+                    "the host's abstract socket",
+                    format!("/connect?name={host_name}"),
+                    "denied",
+                ),
+                (
+                    "the neighbour's worker (signal 0)",
+                    format!("/kill?pid={neighbour}&sig=0"),
+                    "denied",
+                ),
+                (
+                    "the neighbour's environment",
+                    format!("/read?path=/proc/{neighbour}/environ"),
+                    "denied",
+                ),
+                (
+                    "its own abstract socket",
+                    format!("/connect?name={own_name}"),
+                    "ok: connected",
+                ),
+                ("a multiprocessing manager", "/manager".into(), "ok: 42"),
+            ] {
+                let answer = text(&node, &host, &path).await;
+                assert!(
+                    answer.starts_with(expect),
+                    "{name} and {what}: {answer} (Landlock scopes need Linux 6.12 or newer; the node logs at start whether workers get them)"
+                );
+            }
+        }
+        assert!(alive(neighbour.parse().unwrap()));
+        node.stop().await;
+    }
+}
+
 /// A site whose code is below /tmp cannot run where /tmp is its worker's own: it is
 /// refused before any fork, with the reason in its error log (and not a worker that
 /// fails to find its code), and the neighbour is served.
