@@ -68,6 +68,12 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("cannot create the registry {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the registry folder {path}")]
     CreateDir {
         path: PathBuf,
@@ -123,6 +129,7 @@ impl SqliteStore {
                 source,
             })?;
         }
+        create_private(path)?;
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -565,9 +572,64 @@ fn write_site(tx: &Transaction<'_>, site: &Site) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A new registry is made readable by its owner alone: it holds every site's
+/// environment, their secrets (database passwords, signing keys), and on a shared host
+/// the tenants are other users. SQLite gives its write-ahead log and shared-memory
+/// index the database file's mode. An existing registry keeps its mode (the node warns
+/// at start when others can read it).
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The registry's files (the database, its write-ahead log and shared-memory index)
+/// that users other than its owner and group can read.
+pub fn readable_by_others(path: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            PathBuf::from(file)
+        })
+        .filter(|file| std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o004 != 0))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_registry_and_its_log_are_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("registry.db{suffix}"));
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+        assert!(readable_by_others(&path).is_empty());
+        drop(store);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_by_others(&path), vec![path]);
+    }
 
     fn site(dir: &Path, name: &str, hosts: &[&str]) -> Site {
         let entry = dir.join(format!("{name}.py"));

@@ -174,6 +174,11 @@ pub async fn run(
     if as_root && listable_by_others(&config.log_dir) {
         tracing::warn!(dir = %config.log_dir.display(), "any user can list the log folder, and so every site's name; `chmod 711` it (the node makes it so)");
     }
+    let exposed = roost_registry::readable_by_others(&config.registry);
+    if as_root && !exposed.is_empty() {
+        let files: Vec<String> = exposed.iter().map(|f| f.display().to_string()).collect();
+        tracing::warn!(files = %files.join(" "), "any user can read the registry, and so every site's environment (its secrets); `chmod 600` these (a new registry is made so)");
+    }
     if as_root {
         tracing::info!(
             min_uid = config.min_uid,

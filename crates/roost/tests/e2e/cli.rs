@@ -602,14 +602,12 @@ async fn the_demo_serves_its_three_sites() {
 #[test]
 fn serve_refuses_a_spool_folder_it_cannot_use() {
     let dir = crate::harness::test_dir();
-    let node = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .args(serve_args(dir.path()))
-        .arg("--spool-dir")
-        .arg(dir.path().join("no such folder"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut args = serve_args(dir.path());
+    args.extend([
+        "--spool-dir".into(),
+        dir.path().join("no such folder").into(),
+    ]);
+    let node = serve(args);
     let (status, stderr) = refused_start(node, "a spool folder that does not exist");
     assert!(!status.success());
     assert!(
@@ -646,12 +644,7 @@ fn refused_start(
 #[test]
 fn a_second_node_on_the_same_tmp_dir_is_refused() {
     let dir = crate::harness::test_dir();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .args(serve_args(dir.path()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut first = serve(serve_args(dir.path()));
     let heard = stderr_lines(&mut first);
     let ready = heard
         .iter()
@@ -662,12 +655,7 @@ fn a_second_node_on_the_same_tmp_dir_is_refused() {
     let other = crate::harness::test_dir();
     let mut args = serve_args(other.path());
     *args.last_mut().unwrap() = dir.path().join("tmp").into();
-    let second = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let second = serve(args);
     let (status, stderr) = refused_start(second, "a --tmp-dir another node uses");
     let _ = first.kill();
     let _ = first.wait();
@@ -753,12 +741,7 @@ fn serve_keeps_what_it_inherited_from_its_workers() {
     let dir = crate::harness::test_dir();
     // Not close-on-exec: the node inherits both ends, as from a careless parent.
     let (read, write) = nix::unistd::pipe().unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_roost"))
-        .args(serve_args(dir.path()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut node = serve(serve_args(dir.path()));
     let heard = stderr_lines(&mut node);
     let ready = heard
         .iter()
@@ -778,6 +761,16 @@ fn serve_keeps_what_it_inherited_from_its_workers() {
         [true, true],
         "inherited descriptors left open to exec"
     );
+}
+
+/// `roost ARGS`, its stderr piped (`stderr_lines`, `refused_start`).
+fn serve<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_roost"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The arguments of `roost serve` on port 0, without cgroups, its files in `dir`.
@@ -832,19 +825,12 @@ fn serve_refuses_limits_out_of_range_and_zero_timeouts() {
 #[test]
 #[ignore = "needs root: only a root node gives workers a /tmp of their own"]
 fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
-    assert!(
-        crate::harness::is_root(),
-        "this test needs root (workers get a private /tmp only from a root node); run the suite as root, as CI does"
-    );
+    crate::harness::need_root("workers get a private /tmp only from a root node");
     let below_tmp = tempfile::tempdir().unwrap();
     let start = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_roost"))
-            .args(serve_args(below_tmp.path()))
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        let mut args = serve_args(below_tmp.path());
+        args.extend(extra.iter().map(Into::into));
+        serve(args)
     };
     let (status, stderr) = refused_start(start(&[]), "a run folder below /tmp");
     assert!(!status.success());
@@ -860,4 +846,40 @@ fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
     let _ = shared.kill();
     let _ = shared.wait();
     assert!(ready, "the node did not start with --shared-tmp");
+}
+
+/// The registry holds every site's environment (their secrets): one made by roost is
+/// its owner's alone, and a root node warns at start of one that others can read.
+#[test]
+#[ignore = "needs root: only a root node hosts other users"]
+fn serve_warns_of_a_registry_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    crate::harness::need_root("the warning is a root node's");
+    let dir = crate::harness::test_dir();
+    let registry = dir.path().join("r.db");
+    ok(&roost(&registry, &["site", "list"]));
+    let mode = std::fs::metadata(&registry).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "a new registry");
+    let warnings = || {
+        let mut node = serve(serve_args(dir.path()));
+        let mut said = Vec::new();
+        for line in stderr_lines(&mut node).iter() {
+            if line.contains("accepting client connections") {
+                break;
+            }
+            said.push(line);
+        }
+        let _ = node.kill();
+        let _ = node.wait();
+        said.into_iter()
+            .filter(|line| line.contains("any user can read the registry"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(warnings(), Vec::<String>::new(), "its owner's alone");
+    std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warned = warnings();
+    assert!(
+        warned.len() == 1 && warned[0].contains(&registry.display().to_string()),
+        "{warned:?}"
+    );
 }

@@ -476,10 +476,7 @@ async fn one_sites_slow_clients_leave_room_for_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: mounts a small tmpfs"]
 async fn a_full_spool_cuts_a_response_off_rather_than_reorder_it() {
-    assert!(
-        crate::harness::is_root(),
-        "this test needs root (it mounts a tmpfs); run the suite as root, as CI does"
-    );
+    crate::harness::need_root("it mounts a tmpfs");
     let spool = tempfile::tempdir().unwrap();
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])

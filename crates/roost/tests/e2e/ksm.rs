@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use roost::server::SpawnMode;
 
-use crate::harness::{is_root, parent_of, Node};
+use crate::harness::{need_root, parent_of, Node};
 
 /// What /proc/<pid>/ksm_stat says of a process.
 struct KsmStat {
@@ -129,10 +129,7 @@ impl Drop for Ksmd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: starts the kernel's ksmd"]
 async fn ksmd_merges_pages_that_workers_of_different_sites_share() {
-    assert!(
-        is_root(),
-        "this test needs root (it starts ksmd); run the suite as root, as CI does"
-    );
+    need_root("it starts ksmd");
     let _ksmd = Ksmd::start();
     let node = Node::start_with(|c| c.ksm = true).await;
     let app = node.app("tester.py");

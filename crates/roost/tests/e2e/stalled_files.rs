@@ -14,13 +14,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::harness::{fixture, is_root, python, Node, TestUser};
+use crate::harness::{fixture, need_root, python, Node, TestUser};
 
 fn need_root_and_fuse() {
-    assert!(
-        is_root(),
-        "this test needs root (it mounts a FUSE file system); run the suite as root, as CI does"
-    );
+    need_root("it mounts a FUSE file system");
     assert!(
         Path::new("/dev/fuse").exists(),
         "this test needs FUSE (/dev/fuse; `modprobe fuse`)"

@@ -11,13 +11,10 @@ use roost_registry::{FsChecks, SiteSpec};
 
 use roost::server::SpawnMode;
 
-use crate::harness::{alive, get, is_root, python, Load, Node, TestUser};
+use crate::harness::{alive, get, python, Load, Node, TestUser};
 
 fn need_root() {
-    assert!(
-        is_root(),
-        "this test needs root (it creates Unix users and cgroups); run the suite as root, as CI does"
-    );
+    crate::harness::need_root("it creates Unix users and cgroups");
 }
 
 /// A site folder owned by `user` holding the tenant fixture, and the site's spec.
@@ -129,6 +126,17 @@ async fn tenants_cannot_reach_each_other() {
         (
             "the folder of every site's TMPDIR",
             format!("/ls?path={}", node.dir.path().join("run/tmp").display()),
+            "denied",
+        ),
+        // It holds every site's environment: their secrets.
+        (
+            "the registry",
+            format!("/read?path={}", node.registry.display()),
+            "denied",
+        ),
+        (
+            "the registry's write-ahead log",
+            format!("/read?path={}-wal", node.registry.display()),
             "denied",
         ),
     ] {

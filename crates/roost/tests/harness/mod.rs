@@ -34,6 +34,15 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Fails the test, saying why it needs root, unless it runs as root: a test that needs
+/// root never passes without it.
+pub fn need_root(because: &str) {
+    assert!(
+        is_root(),
+        "this test needs root ({because}); run the suite as root, as CI does"
+    );
+}
+
 /// A folder for a test's node (its registry, run folder, logs) and sites. As root, not
 /// below /tmp: each worker sees its own TMPDIR there (spawn/private_mounts.rs), and a
 /// site whose code is below /tmp is refused.
