@@ -831,7 +831,9 @@ def become_worker(request, fds, zygote_pid):
         fields = dict(request)
         n_cgroup, n_slots = int(fields["cgroups"]), int(fields["slots"])
         log_fd, cgroup_fds = fds[0], fds[1:1 + n_cgroup]
-        slot_fds, inboxes = slot_channels(fds[1 + n_cgroup:], n_slots)
+        # The site's environment: never read by the zygote (docs/protocol.md).
+        env_fd = fds[1 + n_cgroup]
+        slot_fds, inboxes = slot_channels(fds[2 + n_cgroup:], n_slots)
         close_fds_except(set(fds))
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -881,9 +883,8 @@ def become_worker(request, fds, zygote_pid):
         os.chdir(fields["directory"])
         step = "set the environment"
         os.environ.clear()
-        for key, value in request:
-            if key.startswith("env."):
-                os.environ[key[4:]] = value
+        os.environ.update(pairs_decode(read_all(env_fd)))
+        os.close(env_fd)
         venv = fields.get("venv")
         if venv:
             step = "activate the virtualenv"
@@ -919,6 +920,15 @@ def become_worker(request, fds, zygote_pid):
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def close_quietly(fds):
@@ -1146,9 +1156,14 @@ def zygote_main(preload_extra, spare_count=0, private=None):
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
     spares.fill()
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+    # Every order is received into this one buffer, and cleared once its child has
+    # it: a child starts with a copy of the zygote's memory, and what the zygote kept
+    # of one site's order (its paths, its user) would be in the next site's worker,
+    # freed but not cleared. Nothing else reads the order: the child decodes it.
+    order = bytearray(ORDER_MAX)
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
+            n, fds, truncated = receive_order(ctl, order)
         except InterruptedError:
             continue
         except socket.timeout:  # TimeoutError from 3.10 on; its own class in 3.9
@@ -1160,30 +1175,32 @@ def zygote_main(preload_extra, spare_count=0, private=None):
             spares.fill()
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
             continue
-        if not msg or msg[0] == Z_RETIRE:
+        if n == 0 or order[0] == Z_RETIRE:
             # No site needs this zygote any more (or the node is gone): fork no more,
             # and exit once the workers have, so they keep their parent meanwhile.
             spares.close()
             wait_for_children(ctl)
             return 0
-        request, req_id = None, "?"
+        req_id = "?"
         try:
-            if msg[0] != Z_SPAWN:
-                raise ValueError("unknown zygote message 0x%02x" % msg[0])
-            request = pairs_decode(msg[1:])
-            req_id = dict(request).get("id", "?")
+            if order[0] != Z_SPAWN:
+                raise ValueError("unknown zygote message 0x%02x" % order[0])
+            req_id = order_id(order, n)
+            if truncated:
+                raise ValueError("an order longer than %d bytes" % ORDER_MAX)
             # Exits are reported only after SPAWNED, so the node knows the pid first.
             _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = spares.take(msg[1:], fds)
+            with memoryview(order) as view:
+                pid = spares.take(view[1:n], fds)
             if pid is None:
                 pid = os.fork()
             if pid == 0:
                 # The child must never fall back into this loop: it would be a second
                 # zygote, with root's rights, on the node's control socket.
                 try:
-                    become_worker(request, fds, me)
+                    become_worker(pairs_decode(bytes(order[1:n])), fds, me)
                 finally:
                     os._exit(1)
             send_spawned(ctl, req_id, pid)
@@ -1194,8 +1211,39 @@ def zygote_main(preload_extra, spare_count=0, private=None):
             if not send_spawn_failed(ctl, req_id, exc):
                 return 1
         finally:
+            order[:n] = bytes(n)
             close_quietly(fds)
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+
+
+# The longest order a zygote takes: the node's are a few hundred bytes (the site's
+# environment comes apart, in a memfd).
+ORDER_MAX = 1 << 16
+# Descriptors one order may bring.
+ORDER_FDS_MAX = 256
+
+
+def receive_order(sock, buf):
+    """socket.recv_fds into `buf`, which is the message's only copy in this process:
+    its length, its descriptors, and whether it was longer than `buf`."""
+    import array
+    import socket
+    fds = array.array("i")
+    n, ancdata, flags, _addr = sock.recvmsg_into(
+        [buf], socket.CMSG_LEN(ORDER_FDS_MAX * fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - (len(data) % fds.itemsize)])
+    return n, list(fds), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def order_id(buf, n):
+    """The `id` an order starts with (docs/protocol.md), read without the rest."""
+    key_end = buf.find(b"\0", 1, n)
+    value_end = buf.find(b"\0", key_end + 1, n)
+    if key_end < 0 or buf[1:key_end] != b"id":
+        raise ValueError("an order without its id first")
+    return bytes(buf[key_end + 1:value_end if value_end >= 0 else n]).decode("ascii", "replace")
 
 
 # ---------------------------------------------------------------------------------------

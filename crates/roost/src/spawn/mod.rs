@@ -135,6 +135,8 @@ pub enum SpawnError {
     },
     #[error("{path} is below {target}, which each worker sees as its own (its TMPDIR): move it, or start the node with --shared-tmp")]
     HiddenByPrivateTmp { path: PathBuf, target: &'static str },
+    #[error("cannot pass the site's environment to its worker")]
+    Environment(#[source] std::io::Error),
     #[error("cannot create the slot sockets")]
     SocketPair(#[source] std::io::Error),
     #[error("cannot start {python}")]

@@ -9,6 +9,12 @@
 //! child's pid and a pidfd, through which the node watches a process it did not fork.
 //! The zygote reaps its children and reports each exit status (EXITED).
 //!
+//! The site's environment (its secrets: the operator's `--env`) is not in the order:
+//! it comes in a memfd among the descriptors, which only the child reads. A zygote
+//! forks every site's workers, and each child starts with a copy of the zygote's
+//! memory: what the zygote had read of one site's order would be, freed but not
+//! cleared, in the next site's worker.
+//!
 //! The process itself is driven by a [`ForkServer`] actor (shared with site templates):
 //! a zygote that dies is started again on the next need; spawns in flight fail at once.
 //! An interpreter whose zygote cannot start (python older than 3.9) falls back to plain
@@ -227,12 +233,6 @@ impl ZygoteSpawner {
         if let Some(scope) = self.config.landlock.as_ref() {
             fields.push(scope.order_field());
         }
-        fields.extend(
-            prepared
-                .env
-                .iter()
-                .map(|(k, v)| (format!("env.{k}"), v.clone())),
-        );
         let mut payload = EnvironWriter::with_capacity(1024);
         for (k, v) in &fields {
             payload
@@ -241,6 +241,7 @@ impl ZygoteSpawner {
         }
         let mut fds: Vec<OwnedFd> = vec![request.output()?];
         fds.extend(cgroup_fds);
+        fds.push(environment_memfd(&prepared.env).map_err(SpawnError::Environment)?);
         fds.extend(child_ends);
         let forked = server
             .fork(payload, fds)
@@ -291,6 +292,25 @@ impl Spawn for ZygoteSpawner {
             false
         });
     }
+}
+
+/// The worker's environment as pairs (docs/protocol.md) in a memfd, read from its
+/// start by the child alone.
+fn environment_memfd(env: &[(String, String)]) -> std::io::Result<OwnedFd> {
+    let mut pairs = EnvironWriter::with_capacity(1024);
+    for (k, v) in env {
+        pairs
+            .push(k, v.as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    }
+    let memfd = nix::sys::memfd::memfd_create(
+        c"roost-environment",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
+    let mut file = std::fs::File::from(memfd);
+    std::io::Write::write_all(&mut file, &pairs.finish())?;
+    std::io::Seek::rewind(&mut file)?;
+    Ok(OwnedFd::from(file))
 }
 
 /// Whether an interpreter may run with the node's rights: the file it resolves to and

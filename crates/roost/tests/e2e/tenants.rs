@@ -836,6 +836,61 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
     }
 }
 
+/// A zygote forks the workers of every site on its interpreter, and a forked worker
+/// starts with a copy of the zygote's memory: whatever the zygote read of one site's
+/// order (its environment, with the site's secrets; its paths) would be in the next
+/// site's worker, freed but not cleared. A tenant scans its worker's memory for a
+/// neighbour's secret and the path of its code, after the neighbour's worker was
+/// forked from the same zygote. Before, it found the secret three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users"]
+async fn a_forked_worker_holds_no_other_sites_secrets() {
+    need_root();
+    let node = Node::start_with(|c| c.spawn = SpawnMode::Zygote).await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    let secret = format!("roost-secret-{:032x}", rand_token());
+    let spec = SiteSpec {
+        env: [("SECRET_KEY".to_string(), secret.clone())].into(),
+        ..tenant_site(&node, "alice", &alice)
+    };
+    let code = spec.entry.clone().unwrap();
+    node.add(spec).await;
+    // Shifted by one, byte by byte: what is sought never travels to bob's worker.
+    let scan = |sought: &str| {
+        let shifted: String = (sought.bytes())
+            .map(|b| format!("{:02x}", b.wrapping_add(1)))
+            .collect();
+        format!("/scan?shifted={shifted}")
+    };
+    for sought in [&secret, &code] {
+        let found = text(&node, "alice.test", &scan(sought)).await;
+        assert!(
+            found.starts_with("ok: ") && found != "ok: 0",
+            "alice's worker does not find its own {sought}: {found}"
+        );
+    }
+    // Each of bob's sites starts a worker forked after alice's order went through.
+    for round in 0..3 {
+        let name = format!("bob{round}");
+        node.add(tenant_site(&node, &name, &bob)).await;
+        for (what, sought) in [("secret", &secret), ("code's path", &code)] {
+            let found = text(&node, &format!("{name}.test"), &scan(sought)).await;
+            assert_eq!(found, "ok: 0", "{name}'s worker holds alice's {what}");
+        }
+    }
+    node.stop().await;
+}
+
+fn rand_token() -> u128 {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    u128::from_le_bytes(bytes)
+}
+
 /// A site whose code is below /tmp cannot run where /tmp is its worker's own: it is
 /// refused before any fork, with the reason in its error log (and not a worker that
 /// fails to find its code), and the neighbour is served.
