@@ -354,7 +354,17 @@ fn prepare_v1(mount: &Mount, own: &str, name: &str) -> Result<PathBuf, String> {
     let dir = cgroup_dir(mount, own);
     let base = dir.join(name);
     std::fs::create_dir_all(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    unlisted(&base)?;
     Ok(base)
+}
+
+/// The folder of the sites' cgroups is named by site: 0711, so that no tenant lists
+/// every site's name there (as the log folder, docs/security.md). Each worker still
+/// reaches its own cgroup by its path (`/proc/self/cgroup`).
+fn unlisted(base: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| format!("cannot chmod {}: {e}", base.display()))
 }
 
 fn prepare_v2(mount: &Mount, own: &str, name: &str) -> Result<PathBuf, String> {
@@ -380,6 +390,7 @@ fn prepare_v2(mount: &Mount, own: &str, name: &str) -> Result<PathBuf, String> {
         .map_err(|e| fail("enable controllers in", &dir, e))?;
     let base = dir.join(name);
     std::fs::create_dir_all(&base).map_err(|e| fail("create", &base, e))?;
+    unlisted(&base)?;
     std::fs::write(base.join("cgroup.subtree_control"), enable.trim())
         .map_err(|e| fail("enable controllers in", &base, e))?;
     Ok(base)

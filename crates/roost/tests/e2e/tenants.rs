@@ -128,6 +128,17 @@ async fn tenants_cannot_reach_each_other() {
             format!("/ls?path={}", node.dir.path().join("run/tmp").display()),
             "denied",
         ),
+        (
+            "the folder of every site's cgroup",
+            format!(
+                "/ls?path={}",
+                site_cgroup_dirs(&node.cgroup_name, "bob")[0]
+                    .parent()
+                    .unwrap()
+                    .display()
+            ),
+            "denied",
+        ),
         // It holds every site's environment: their secrets.
         (
             "the registry",
