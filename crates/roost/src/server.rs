@@ -132,6 +132,8 @@ pub enum ServerError {
     Ksm(String),
     #[error("the run folder {path} (--run-dir) is below {target}, which each worker sees as its own: a worker could not find the loader there; choose another run folder, or --shared-tmp")]
     RunDirHidden { path: PathBuf, target: &'static str },
+    #[error("the run folder {path} (--run-dir) holds the loader, which zygotes run as root, and {reason}: whoever can write there could swap the loader")]
+    RunDirUnsafe { path: PathBuf, reason: String },
     #[error("cannot make the folder of the sites' TMPDIRs {path} (--tmp-dir)")]
     TmpDir {
         path: PathBuf,
@@ -377,6 +379,13 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
     // Workers of every site user read the loader from here.
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
         .map_err(err(run_dir))?;
+    let real = run_dir.canonicalize().map_err(err(run_dir))?;
+    if let Some(reason) = open_to_others(&real) {
+        return Err(ServerError::RunDirUnsafe {
+            path: run_dir.to_owned(),
+            reason,
+        });
+    }
     // The loader, and the tiny app its zygotes' spares practise on (loader.py, warm_up).
     for (name, source) in [("warm_up.py", WARM_UP_SOURCE), ("loader.py", LOADER_SOURCE)] {
         let path = run_dir.join(name);
@@ -387,6 +396,33 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
         std::fs::rename(&tmp, &path).map_err(err(&path))?;
     }
     Ok(run_dir.join("loader.py"))
+}
+
+/// Whoever could write the loader, or rename its folder (or one above) and put another
+/// in its place, would choose what a zygote runs as root. So the folder and every one
+/// above it must be the node's user's or root's, and nobody else may write in them,
+/// but in a sticky one (`/tmp`), where nobody renames what is not theirs. Why not, if
+/// not.
+fn open_to_others(folder: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    for folder in folder.ancestors() {
+        let meta = match std::fs::metadata(folder) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("cannot inspect {}: {e}", folder.display())),
+        };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Some(format!(
+                "{} belongs to uid {}",
+                folder.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Some(format!("others can write in {}", folder.display()));
+        }
+    }
+    None
 }
 
 /// The environment every worker starts from (the spawner adds HOME, USER, LOGNAME

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::harness::{fixture, get, python};
+use crate::harness::{fixture, get, need_root, python};
 
 fn roost(registry: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_roost"))
@@ -715,6 +715,16 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
     assert!(limit_line.contains("max_connections=2048"), "{limit_line}");
 }
 
+/// Whether the node came to accept connections (before it exited); it is stopped.
+fn started(mut node: std::process::Child) -> bool {
+    let ready = stderr_lines(&mut node)
+        .iter()
+        .any(|line| line.contains("accepting client connections"));
+    let _ = node.kill();
+    let _ = node.wait();
+    ready
+}
+
 /// The lines a child writes to its (piped) stderr, as they come.
 fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
@@ -825,7 +835,7 @@ fn serve_refuses_limits_out_of_range_and_zero_timeouts() {
 #[test]
 #[ignore = "needs root: only a root node gives workers a /tmp of their own"]
 fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
-    crate::harness::need_root("workers get a private /tmp only from a root node");
+    need_root("workers get a private /tmp only from a root node");
     let below_tmp = tempfile::tempdir().unwrap();
     let start = |extra: &[&str]| {
         let mut args = serve_args(below_tmp.path());
@@ -838,14 +848,10 @@ fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
         stderr.contains("(--run-dir) is below /tmp, which each worker sees as its own"),
         "{stderr}"
     );
-    let mut shared = start(&["--shared-tmp"]);
-    let heard = stderr_lines(&mut shared);
-    let ready = heard
-        .iter()
-        .any(|line| line.contains("accepting client connections"));
-    let _ = shared.kill();
-    let _ = shared.wait();
-    assert!(ready, "the node did not start with --shared-tmp");
+    assert!(
+        started(start(&["--shared-tmp"])),
+        "the node did not start with --shared-tmp"
+    );
 }
 
 /// The registry holds every site's environment (their secrets): one made by roost is
@@ -854,7 +860,7 @@ fn serve_refuses_a_run_folder_below_tmp_unless_tmp_is_shared() {
 #[ignore = "needs root: only a root node hosts other users"]
 fn serve_warns_of_a_registry_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
-    crate::harness::need_root("the warning is a root node's");
+    need_root("the warning is a root node's");
     let dir = crate::harness::test_dir();
     let registry = dir.path().join("r.db");
     ok(&roost(&registry, &["site", "list"]));
@@ -881,5 +887,36 @@ fn serve_warns_of_a_registry_others_can_read() {
     assert!(
         warned.len() == 1 && warned[0].contains(&registry.display().to_string()),
         "{warned:?}"
+    );
+}
+
+/// The run folder holds the loader, which zygotes run as root: a run folder in a folder
+/// others can write in (and so rename it, and put their own in its place) is refused
+/// at start; the same folder made the node's alone is taken.
+#[test]
+#[ignore = "needs root: the loader runs as root only under a root node"]
+fn serve_refuses_a_run_folder_others_could_swap() {
+    use std::os::unix::fs::PermissionsExt;
+    need_root("only a root node runs the loader as root");
+    let dir = crate::harness::test_dir();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let start = || {
+        let mut args = serve_args(dir.path());
+        let run_dir = args.iter().position(|a| a == "--run-dir").unwrap() + 1;
+        args[run_dir] = open.join("run").into();
+        serve(args)
+    };
+    let (status, stderr) = refused_start(start(), "a run folder in a folder anyone can write in");
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("others can write in {}", open.display())),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(
+        started(start()),
+        "the node did not start with a run folder of its own"
     );
 }

@@ -378,7 +378,9 @@ fn sigkill_of_the_node_leaves_no_worker_behind() {
 fn without_root_the_node_serves_as_the_invoking_user() {
     need_root();
     let dir = crate::harness::test_dir();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The node's folder: nobody's own (one others could write in is refused).
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(nobody.uid.as_raw()), None).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
