@@ -10,7 +10,8 @@ library only; must run on any python3 >= 3.8.
 
 Usage: loader.py worker SLOTS (file PATH | module MODULE:CALLABLE) DIRECTORY
        loader.py template 1 (file PATH | module MODULE:CALLABLE) DIRECTORY  (python >= 3.9)
-       loader.py zygote [MODULE,MODULE,... [SPARES [shared|private[:PROC_OPTIONS]]]]
+       loader.py zygote [MODULE,MODULE,... [SPARES [shared|private[:PROC_OPTIONS]
+                                                  [LANDLOCK_SCOPES]]]]
                                                   (python >= 3.9; docs/protocol.md)
 
 A template imports the app once, then forks the site's workers on the node's orders
@@ -738,7 +739,8 @@ def prctl_pdeathsig():
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 # What this process has made of its own: "namespaces" (mount and IPC), "proc" (its
-# /proc). A spare makes both while it waits: they are the same for every site.
+# /proc), "landlock" (its domain). A spare makes them while it waits: they are the
+# same for every site.
 _OWN = set()
 
 
@@ -790,7 +792,11 @@ SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
 def enter_landlock_scope(scoped):
     """Still root: a Landlock domain of this process's own with these scopes (the
     node's spawn/landlock_scope.rs does the same for a plainly spawned worker): no
-    abstract socket, signal or trace reaches a process outside it."""
+    abstract socket, signal or trace reaches a process outside it. A spare enters it
+    while it waits: it is the same for every site (and mounts are still allowed in
+    it, as it rules no file access)."""
+    if "landlock" in _OWN:
+        return
     import ctypes
     import struct
     # struct landlock_ruleset_attr: handled_access_fs, handled_access_net, scoped.
@@ -803,6 +809,7 @@ def enter_landlock_scope(scoped):
     try:
         libc_check(c.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0)),
                    "landlock_restrict_self")
+        _OWN.add("landlock")
     finally:
         os.close(fd)
 
@@ -1044,11 +1051,13 @@ class Spares(object):
     arrives, through the same become_worker steps as a freshly forked child.
     """
 
-    def __init__(self, count, ctl, zygote_pid, private):
+    def __init__(self, count, ctl, zygote_pid, private, landlock_scopes):
         self.count = count
         # (the options of its own /proc, or None) when a spare makes its own namespaces
         # ahead of its order; None when workers keep the host's.
         self.private = private
+        # The scopes of the Landlock domain a spare enters ahead of its order; 0: none.
+        self.landlock_scopes = landlock_scopes
         self.ctl = ctl
         self.zygote_pid = zygote_pid
         self.ready = []  # (pid, socket to send the order on)
@@ -1085,6 +1094,11 @@ class Spares(object):
                         except OSError as exc:
                             # Its order tries again, and fails with the reason.
                             log("spare could not make its own namespaces: %r" % exc)
+                    if self.landlock_scopes:
+                        try:
+                            enter_landlock_scope(self.landlock_scopes)
+                        except OSError as exc:
+                            log("spare could not enter its Landlock domain: %r" % exc)
                     while True:
                         try:
                             msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)
@@ -1119,7 +1133,7 @@ class Spares(object):
         return None
 
 
-def zygote_main(preload_extra, spare_count=0, private=None):
+def zygote_main(preload_extra, spare_count=0, private=None, landlock_scopes=0):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
@@ -1152,7 +1166,7 @@ def zygote_main(preload_extra, spare_count=0, private=None):
 
     reap_children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    spares = Spares(spare_count, ctl, me, private)
+    spares = Spares(spare_count, ctl, me, private, landlock_scopes)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
     spares.fill()
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
@@ -1336,7 +1350,8 @@ def main(argv):
         spare_count = int(argv[3]) if len(argv) > 3 else 0
         kind, _, proc_options = (argv[4] if len(argv) > 4 else "shared").partition(":")
         private = (proc_options or None,) if kind == "private" else None
-        return zygote_main(preload, spare_count, private)
+        landlock_scopes = int(argv[5]) if len(argv) > 5 else 0
+        return zygote_main(preload, spare_count, private, landlock_scopes)
     if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)
         return 2

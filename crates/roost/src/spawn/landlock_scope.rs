@@ -84,6 +84,13 @@ impl LandlockScope {
         ("landlock.scoped".into(), SCOPED.to_string())
     }
 
+    /// What a zygote is told (its LANDLOCK argument, docs/protocol.md): its spares
+    /// enter a domain with these scopes ahead of their orders, as it is the same for
+    /// every site.
+    pub fn zygote_argument(&self) -> String {
+        SCOPED.to_string()
+    }
+
     /// For a child between fork and exec; the parent keeps the ruleset open.
     pub fn for_child(&self) -> ChildScope {
         ChildScope(self.ruleset.as_raw_fd())

@@ -348,9 +348,11 @@ fn trusted_packages(runtime: &roost_registry::Runtime) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Starts `python -I loader.py zygote PRELOAD SPARES TMP` with its control socket on
-/// fd 3; TMP says whether its workers get namespaces of their own
-/// ([`PrivateTargets::zygote_argument`](super::PrivateTargets::zygote_argument)).
+/// Starts `python -I loader.py zygote PRELOAD SPARES TMP LANDLOCK` with its control
+/// socket on fd 3; TMP says whether its workers get namespaces of their own
+/// ([`PrivateTargets::zygote_argument`](super::PrivateTargets::zygote_argument)),
+/// LANDLOCK the scopes of their Landlock domains
+/// ([`LandlockScope::zygote_argument`](super::LandlockScope::zygote_argument)).
 fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, String> {
     let (ours, theirs) = control_pair()?;
     let mut cmd = std::process::Command::new(python);
@@ -362,6 +364,10 @@ fn launch(python: &std::path::Path, config: &SpawnConfig) -> Result<Launched, St
         .arg(match &config.private_mounts {
             Some(targets) => targets.zygote_argument(),
             None => "shared".into(),
+        })
+        .arg(match &config.landlock {
+            Some(scope) => scope.zygote_argument(),
+            None => "0".into(),
         })
         .env_clear()
         .envs(config.base_env.iter().map(|(k, v)| (k, v)))
