@@ -89,6 +89,30 @@ pub fn resolve(user: &str, group: Option<&str>, min_uid: u32) -> Result<Identity
     })
 }
 
+/// Why someone but `uid` and root could write in `folder`, or rename it (or a folder
+/// above it) and put their own in its place; None when nobody could. Each folder on
+/// the way must be theirs, and none writable by others, but a sticky one (`/tmp`),
+/// where nobody renames what is not theirs. For the folders the node works in as root.
+pub fn open_to_others(folder: &Path, uid: u32) -> Option<String> {
+    for folder in folder.ancestors() {
+        let meta = match std::fs::metadata(folder) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("cannot inspect {}: {e}", folder.display())),
+        };
+        if meta.uid() != uid && meta.uid() != 0 {
+            return Some(format!(
+                "{} belongs to uid {}",
+                folder.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Some(format!("others can write in {}", folder.display()));
+        }
+    }
+    None
+}
+
 /// The suEXEC checks on the code a site runs: each path must be owned by `uid` or
 /// root and writable by neither group nor others.
 pub fn check_code_files(paths: &[&Path], uid: u32) -> Result<(), OwnerError> {

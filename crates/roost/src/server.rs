@@ -380,7 +380,9 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o755))
         .map_err(err(run_dir))?;
     let real = run_dir.canonicalize().map_err(err(run_dir))?;
-    if let Some(reason) = open_to_others(&real) {
+    // Whoever could write the loader, or put another folder in its place, would choose
+    // what a zygote runs as root.
+    if let Some(reason) = roost_registry::open_to_others(&real, nix::unistd::geteuid().as_raw()) {
         return Err(ServerError::RunDirUnsafe {
             path: run_dir.to_owned(),
             reason,
@@ -396,33 +398,6 @@ fn write_loader(run_dir: &Path) -> Result<PathBuf, ServerError> {
         std::fs::rename(&tmp, &path).map_err(err(&path))?;
     }
     Ok(run_dir.join("loader.py"))
-}
-
-/// Whoever could write the loader, or rename its folder (or one above) and put another
-/// in its place, would choose what a zygote runs as root. So the folder and every one
-/// above it must be the node's user's or root's, and nobody else may write in them,
-/// but in a sticky one (`/tmp`), where nobody renames what is not theirs. Why not, if
-/// not.
-fn open_to_others(folder: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
-    for folder in folder.ancestors() {
-        let meta = match std::fs::metadata(folder) {
-            Ok(meta) => meta,
-            Err(e) => return Some(format!("cannot inspect {}: {e}", folder.display())),
-        };
-        if meta.uid() != me && meta.uid() != 0 {
-            return Some(format!(
-                "{} belongs to uid {}",
-                folder.display(),
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
-            return Some(format!("others can write in {}", folder.display()));
-        }
-    }
-    None
 }
 
 /// The environment every worker starts from (the spawner adds HOME, USER, LOGNAME

@@ -97,12 +97,10 @@ pub struct TmpRoot {
 pub fn open_root(tmp_root: &Path) -> std::io::Result<TmpRoot> {
     let parent = tmp_root.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(parent)?;
-    let around = std::fs::metadata(parent)?;
-    // Others may write in a sticky folder (/var/tmp) but not rename what is not theirs.
-    if around.mode() & 0o022 != 0 && around.mode() & 0o1000 == 0 {
+    let parent = parent.canonicalize()?;
+    if let Some(why) = roost_registry::open_to_others(&parent, nix::unistd::geteuid().as_raw()) {
         return Err(std::io::Error::other(format!(
-            "others can write in {} and could swap the folder for a link",
-            parent.display()
+            "{why}, and so the folder could be swapped for a link"
         )));
     }
     let mut lock_path = tmp_root.as_os_str().to_owned();
@@ -326,6 +324,17 @@ mod tests {
         let refused = open_root(&open.join("tmp")).err().expect("taken");
         assert!(
             refused.to_string().contains("others can write in"),
+            "{refused}"
+        );
+        // Higher up too: whoever renames `mid` away can put another in its place.
+        let below = open.join("mid");
+        std::fs::create_dir(&below).unwrap();
+        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let refused = open_root(&below.join("tmp")).err().expect("taken");
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("others can write in {}", open.display())),
             "{refused}"
         );
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
