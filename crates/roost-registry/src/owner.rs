@@ -113,6 +113,14 @@ pub fn open_to_others(folder: &Path, uid: u32) -> Option<String> {
     None
 }
 
+/// Whether any user of the host can read `file`: others may read it, and pass through
+/// every folder above it. A site's code usually has its secrets beside it (settings,
+/// `.env`); on a shared host, its workers run as its user, so nobody else needs to.
+pub fn readable_by_anyone(file: &Path) -> bool {
+    let others = |path: &Path, bit: u32| std::fs::metadata(path).is_ok_and(|m| m.mode() & bit != 0);
+    others(file, 0o004) && file.ancestors().skip(1).all(|folder| others(folder, 0o001))
+}
+
 /// The suEXEC checks on the code a site runs: each path must be owned by `uid` or
 /// root and writable by neither group nor others.
 pub fn check_code_files(paths: &[&Path], uid: u32) -> Result<(), OwnerError> {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use roost_registry::{parse_site_file, Applied, FsChecks, SqliteStore};
 
-use super::site::{fill_defaults, resolve_paths, warn_conflicts};
+use super::site::{fill_defaults, resolve_paths, warn_about};
 
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
@@ -76,7 +76,7 @@ pub fn run(registry: &Path, min_uid: u32, args: ApplyArgs) -> anyhow::Result<Exi
         );
     }
     for site in &sites {
-        warn_conflicts(site);
+        warn_about(site);
     }
     let applied = store
         .apply(&sites, args.prune, args.dry_run)

@@ -245,7 +245,7 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
             fill_defaults(&mut spec, &super::current_dir()?)?;
             let mut site = spec.validate_for(FsChecks::Full, min_uid)?;
             store.attach_runtime(&spec, &mut site)?;
-            warn_conflicts(&site);
+            warn_about(&site);
             store.add(&site)?;
             println!("added site {} ({})", site.name, hosts_text(&site));
         }
@@ -264,7 +264,7 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
             let merged = stored.merged(patch);
             let mut site = merged.validate_for(FsChecks::Full, min_uid)?;
             store.attach_runtime(&merged, &mut site)?;
-            warn_conflicts(&site);
+            warn_about(&site);
             store.replace(&site)?;
             println!(
                 "changed site {}; running nodes recycle its workers",
@@ -326,12 +326,23 @@ pub fn run(registry: &Path, min_uid: u32, command: SiteCommand) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// Says when the site's virtualenv and its runtime disagree on a preloaded package.
-pub(super) fn warn_conflicts(site: &Site) {
+/// Says what is accepted but worth changing: the site's virtualenv and its runtime
+/// disagree on a preloaded package; a tenant's code any user of the host can read.
+pub(super) fn warn_about(site: &Site) {
     if let (Some(runtime), Some(venv)) = (&site.runtime, site.venv()) {
         for conflict in roost_registry::version_conflicts(runtime, &venv) {
             eprintln!("warning: site {}: {conflict}", site.name);
         }
+    }
+    let code = site.code_file();
+    if site.user.is_some() && roost_registry::readable_by_anyone(&code) {
+        let folder = code.parent().unwrap_or(&code);
+        eprintln!(
+            "warning: site {}: any user of this host can read {} (and the settings and secrets beside it); its workers run as its user, so `chmod o-rwx {}`",
+            site.name,
+            code.display(),
+            folder.display()
+        );
     }
 }
 

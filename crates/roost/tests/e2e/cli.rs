@@ -920,3 +920,52 @@ fn serve_refuses_a_run_folder_others_could_swap() {
         "the node did not start with a run folder of its own"
     );
 }
+
+/// A tenant's code that any user of the host can read (and so the settings and secrets
+/// beside it) is accepted with a warning that says how to close it; once its folder is
+/// private to its user, no warning.
+#[test]
+#[ignore = "needs root: creates a Unix user for the site"]
+fn site_add_warns_of_code_any_user_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    need_root("it creates a Unix user");
+    let user = crate::harness::TestUser::create();
+    let dir = crate::harness::test_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let site = dir.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::set_permissions(&site, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = site.join("app.py");
+    std::fs::copy(fixture("tester.py"), &app).unwrap();
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&site, Some(user.uid), Some(user.uid)).unwrap();
+    std::os::unix::fs::chown(&app, Some(user.uid), Some(user.uid)).unwrap();
+    let registry = dir.path().join("r.db");
+    let entry = app.display().to_string();
+    let add = roost(
+        &registry,
+        &[
+            "site",
+            "add",
+            "open",
+            "--host",
+            "open.test",
+            "--entry",
+            &entry,
+            "--user",
+            &user.name,
+        ],
+    );
+    ok(&add);
+    let said = String::from_utf8_lossy(&add.stderr);
+    assert!(
+        said.contains(&format!("any user of this host can read {entry}"))
+            && said.contains(&format!("chmod o-rwx {}", site.display())),
+        "{said}"
+    );
+    std::fs::set_permissions(&site, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let set = roost(&registry, &["site", "set", "open", "--host", "open.test"]);
+    ok(&set);
+    let said = String::from_utf8_lossy(&set.stderr);
+    assert!(!said.contains("any user of this host can read"), "{said}");
+}
