@@ -778,13 +778,11 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
     need_root();
     let tag = std::process::id();
     let host_name = format!("roost-host-{tag}");
-    let _host = std::os::unix::net::UnixListener::bind_addr(
-        &<std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
-            &host_name,
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let _host = {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixListener};
+        UnixListener::bind_addr(&SocketAddr::from_abstract_name(&host_name).unwrap()).unwrap()
+    };
     for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
         let node = Node::start_with(|c| c.spawn = mode).await;
         let (alice, bob) = (TestUser::create(), TestUser::create());
