@@ -22,8 +22,8 @@ mod units;
 
 pub use host::{normalize_request_host, HostError, HostPattern};
 pub use owner::{
-    check_code_files, open_to_others, readable_by_anyone, resolve, Identity, OwnerError,
-    DEFAULT_MIN_UID,
+    check_code_files, open_to_others, others_have, readable_by_anyone, resolve, Identity,
+    OwnerError, DEFAULT_MIN_UID,
 };
 pub use runtime::{site_packages, version_conflicts, Runtime};
 pub use site::{Entry, PoolSettings, Site};

@@ -117,8 +117,14 @@ pub fn open_to_others(folder: &Path, uid: u32) -> Option<String> {
 /// every folder above it. A site's code usually has its secrets beside it (settings,
 /// `.env`); on a shared host, its workers run as its user, so nobody else needs to.
 pub fn readable_by_anyone(file: &Path) -> bool {
-    let others = |path: &Path, bit: u32| std::fs::metadata(path).is_ok_and(|m| m.mode() & bit != 0);
-    others(file, 0o004) && file.ancestors().skip(1).all(|folder| others(folder, 0o001))
+    others_have(file, 0o004) && (file.ancestors().skip(1)).all(|folder| others_have(folder, 0o001))
+}
+
+/// Whether users other than the owner and group of `path` have any of `bits` on it
+/// (0o004 read or list, 0o002 write, 0o001 pass through); false when it cannot be
+/// looked at.
+pub fn others_have(path: &Path, bits: u32) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.mode() & bits != 0)
 }
 
 /// The suEXEC checks on the code a site runs: each path must be owned by `uid` or

@@ -597,7 +597,6 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 /// The registry's files (the database, its write-ahead log and shared-memory index)
 /// that users other than its owner and group can read.
 pub fn readable_by_others(path: &Path) -> Vec<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     ["", "-wal", "-shm"]
         .iter()
         .map(|suffix| {
@@ -605,7 +604,7 @@ pub fn readable_by_others(path: &Path) -> Vec<PathBuf> {
             file.push(suffix);
             PathBuf::from(file)
         })
-        .filter(|file| std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o004 != 0))
+        .filter(|file| crate::owner::others_have(file, 0o004))
         .collect()
 }
 

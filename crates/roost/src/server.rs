@@ -148,11 +148,6 @@ pub enum ServerError {
     },
 }
 
-/// Whether users other than its owner and group may list a folder.
-fn listable_by_others(dir: &Path) -> bool {
-    std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
-}
-
 /// Serves until `shutdown` turns true; returns once every worker has exited.
 pub async fn run(
     config: NodeConfig,
@@ -173,7 +168,7 @@ pub async fn run(
             source,
         })?;
     let as_root = nix::unistd::geteuid().is_root();
-    if as_root && listable_by_others(&config.log_dir) {
+    if as_root && roost_registry::others_have(&config.log_dir, 0o004) {
         tracing::warn!(dir = %config.log_dir.display(), "any user can list the log folder, and so every site's name; `chmod 711` it (the node makes it so)");
     }
     let exposed = roost_registry::readable_by_others(&config.registry);

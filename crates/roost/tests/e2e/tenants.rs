@@ -57,6 +57,20 @@ async fn text(node: &Node, host: &str, path: &str) -> String {
     r.text()
 }
 
+/// Asks `host` for each probe's path: each answer must start with the probe's
+/// expectation ("ok…" or "denied…"); `who` names the asking site in a failure.
+async fn probe<const N: usize>(
+    node: &Node,
+    host: &str,
+    who: &str,
+    probes: [(&str, String, &str); N],
+) {
+    for (what, path, expect) in probes {
+        let answer = text(node, host, &path).await;
+        assert!(answer.starts_with(expect), "{who} and {what}: {answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: creates Unix users and per-site cgroups"]
 async fn tenants_cannot_reach_each_other() {
@@ -95,7 +109,7 @@ async fn tenants_cannot_reach_each_other() {
     let bob_pid = text(&node, "bob.test", "/pid").await;
     let bob_log = node.dir.path().join("logs/bob/error.log");
     let own_log = node.dir.path().join("logs/alice/access.log");
-    for (what, path, expect) in [
+    let probes = [
         (
             "bob's file",
             format!("/read?path={}", secret.display()),
@@ -150,10 +164,8 @@ async fn tenants_cannot_reach_each_other() {
             format!("/read?path={}-wal", node.registry.display()),
             "denied",
         ),
-    ] {
-        let answer = text(&node, "alice.test", &path).await;
-        assert!(answer.starts_with(expect), "alice and {what}: {answer}");
-    }
+    ];
+    probe(&node, "alice.test", "alice", probes).await;
     assert!(alive(bob_pid.parse().unwrap()));
     node.stop().await;
 }
@@ -739,14 +751,20 @@ async fn tmp_shared_memory_and_proc_are_the_workers_own() {
             assert_eq!(locked, "ok: locked", "{name}: multiprocessing");
             // Its /proc shows its own user's processes, not bob's or the host's.
             let bob_pid = text(&node, "bob.test", "/pid").await;
-            for (what, path, expect) in [
-                ("bob's worker", format!("/proc/{bob_pid}/status"), "denied"),
-                ("init", "/proc/1/cmdline".to_string(), "denied"),
-                ("its own worker", format!("/proc/{worker}/status"), "ok"),
-            ] {
-                let answer = text(&node, &host, &format!("/read?path={path}")).await;
-                assert!(answer.starts_with(expect), "{name}, {what}: {answer}");
-            }
+            let probes = [
+                (
+                    "bob's worker",
+                    format!("/read?path=/proc/{bob_pid}/status"),
+                    "denied",
+                ),
+                ("init", "/read?path=/proc/1/cmdline".to_string(), "denied"),
+                (
+                    "its own worker",
+                    format!("/read?path=/proc/{worker}/status"),
+                    "ok",
+                ),
+            ];
+            probe(&node, &host, name, probes).await;
 
             node.eventually("the idle worker to exit", || async { !alive(worker) })
                 .await;
@@ -807,7 +825,7 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
             let own_name = format!("roost-own-{tag}-{name}");
             let listening = text(&node, &host, &format!("/listen?name={own_name}")).await;
             assert_eq!(listening, "ok: listening", "{name}");
-            for (what, path, expect) in [
+            let probes = [
                 (
                     "bob's abstract socket",
                     format!("/connect?name={bob_name}"),
@@ -834,13 +852,11 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
                     "ok: connected",
                 ),
                 ("a multiprocessing manager", "/manager".into(), "ok: 42"),
-            ] {
-                let answer = text(&node, &host, &path).await;
-                assert!(
-                    answer.starts_with(expect),
-                    "{name} and {what}: {answer} (Landlock scopes need Linux 6.12 or newer; the node logs at start whether workers get them)"
-                );
-            }
+            ];
+            let who = format!(
+                "{name} (Landlock scopes need Linux 6.12 or newer; the node logs at start whether workers get them)"
+            );
+            probe(&node, &host, &who, probes).await;
         }
         assert!(alive(neighbour.parse().unwrap()));
         node.stop().await;
