@@ -72,6 +72,8 @@ pub enum PoolControl {
     Evict(WorkerId),
     /// A look at the site's entry file answered (or was given up).
     EntryLooked(actor::EntryLooked),
+    /// A write of the site's cgroup limits answered.
+    LimitsWritten(actor::LimitsWritten),
 }
 
 /// The cheap side of a pool.

@@ -69,6 +69,15 @@ pub struct CgroupError {
     pub source: std::io::Error,
 }
 
+impl CgroupError {
+    /// cgroup v1 refuses a memory limit below what the group holds and cannot reclaim
+    /// (v2 reclaims, then kills): the limit can be written once the group holds less.
+    pub fn is_below_usage(&self) -> bool {
+        self.source.kind() == std::io::ErrorKind::ResourceBusy
+            && self.path.ends_with("memory.limit_in_bytes")
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     move |source| CgroupError {
         path: path.to_owned(),
@@ -249,19 +258,21 @@ impl SiteCgroup {
                     let _ = write(dir, "memory.swap.max", "0");
                 }
                 (Controller::Memory, Version::V1) => {
-                    let memsw = dir.join("memory.memsw.limit_in_bytes").exists();
-                    if memsw {
-                        // memsw must stay >= the limit at every step: lift it first.
-                        write(dir, "memory.memsw.limit_in_bytes", "-1")?;
-                    }
-                    write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string())?;
-                    if memsw {
-                        write(
-                            dir,
-                            "memory.memsw.limit_in_bytes",
-                            &limits.memory_max.to_string(),
-                        )?;
-                    }
+                    let memsw = "memory.memsw.limit_in_bytes";
+                    let Some(before) = read(dir, memsw)? else {
+                        write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string())?;
+                        continue;
+                    };
+                    // memsw must stay >= the limit at every step: lift it first, and
+                    // put it back if the limit is refused (the old limit stays).
+                    write(dir, memsw, "-1")?;
+                    let limit = write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string());
+                    let memsw_value = match &limit {
+                        Ok(()) => limits.memory_max.to_string(),
+                        Err(_) => before,
+                    };
+                    write(dir, memsw, &memsw_value)?;
+                    limit?;
                 }
                 (Controller::Pids, _) => write(dir, "pids.max", &limits.pids_max.to_string())?,
                 (Controller::Cpu, Version::V2) => {
@@ -312,6 +323,16 @@ impl SiteCgroup {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a site's cgroup");
             }
         }
+    }
+}
+
+/// A control file's value, `None` where the kernel has no such file.
+fn read(dir: &Path, file: &str) -> Result<Option<String>, CgroupError> {
+    let path = dir.join(file);
+    match std::fs::read_to_string(&path) {
+        Ok(value) => Ok(Some(value.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
     }
 }
 

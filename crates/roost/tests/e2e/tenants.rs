@@ -248,6 +248,60 @@ async fn a_memory_hog_dies_alone_in_its_cgroup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site memory cgroups"]
+async fn a_memory_limit_lowered_below_what_the_site_holds_takes_effect() {
+    need_root();
+    let node = Node::start().await;
+    let user = TestUser::create();
+    let mut spec = tenant_site(&node, "shrink", &user);
+    spec.memory_max = Some(256 << 20);
+    node.add(spec.clone()).await;
+    let dir = site_cgroup_dirs(&node.cgroup_name, "shrink")
+        .into_iter()
+        .find(|dir| dir.join("memory.max").exists() || dir.join("memory.limit_in_bytes").exists())
+        .expect("the site has no memory cgroup");
+    let v1 = dir.join("memory.limit_in_bytes").exists();
+    let (limit_file, usage_file) = match v1 {
+        true => ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+        false => ("memory.max", "memory.current"),
+    };
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).map(|v| v.trim().to_owned());
+    // memsw (v1 with swap accounting) must never be left lifted.
+    let limits = |bytes: u64| {
+        ["memory.memsw.limit_in_bytes", limit_file]
+            .iter()
+            .all(|file| read(file).map_or(!file.contains("memsw"), |v| v == bytes.to_string()))
+    };
+
+    let hog = tokio::spawn(get(node.addr, "shrink.test", "/hog?mib=96&hold=3"));
+    node.eventually("the worker to hold 96 MiB", || async {
+        read(usage_file).is_ok_and(|v| v.parse::<u64>().unwrap() > 96 << 20)
+    })
+    .await;
+    spec.memory_max = Some(64 << 20);
+    node.store()
+        .replace(&spec.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    if v1 {
+        // v1 refuses a limit below the group's usage (EBUSY): the old one stays, whole,
+        // until the worker holding the memory has gone.
+        node.error_log_with("shrink", "hold more memory than its new limit of 64MiB")
+            .await;
+        assert!(limits(256 << 20), "the old limit was not kept whole");
+        let r = hog.await.unwrap().unwrap();
+        assert_eq!(r.text(), "survived 96 MiB");
+        node.error_log_with("shrink", "the memory limit of 64MiB is in force")
+            .await;
+    } else {
+        // v2 reclaims, then kills.
+        assert_eq!(hog.await.unwrap().unwrap().status, 502);
+    }
+    assert!(limits(64 << 20), "the new limit is not written");
+    text(&node, "shrink.test", "/pid").await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: per-site pids cgroups"]
 async fn a_fork_bomb_stops_at_pids_max() {
     need_root();

@@ -19,11 +19,13 @@
 
 mod entry;
 mod follow;
+mod limits;
 mod memory;
 mod sweep;
 mod template;
 
 pub use entry::EntryLooked;
+pub use limits::LimitsWritten;
 use sweep::Sweep;
 use template::new_template;
 
@@ -143,6 +145,8 @@ struct Pool {
     empty_since: Option<Instant>,
     /// What the workers left behind, once the last one went.
     sweep: Sweep,
+    /// Writes of the site's cgroup limits as it changes.
+    limits: limits::LimitsWriter,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -176,6 +180,7 @@ pub fn spawn_pool(
         template,
         empty_since: None,
         sweep: Sweep::Armed,
+        limits: Default::default(),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         pool.run(rx, after, done_tx),
@@ -213,7 +218,8 @@ impl Pool {
             let ticking = !self.workers.is_empty()
                 || self.failure.is_some()
                 || self.template.as_ref().is_some_and(|t| t.is_live())
-                || matches!(self.sweep, Sweep::Due(_));
+                || matches!(self.sweep, Sweep::Due(_))
+                || self.limits.refused();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -273,10 +279,8 @@ impl Pool {
             PoolControl::Worker(event) => self.worker_event(event),
             PoolControl::Reconfigure(site) => {
                 tracing::info!("site changed: recycling its workers");
-                if let Err(e) = self.ctx.cgroup.apply(&site.pool) {
-                    tracing::error!(error = %crate::error_chain(&e), "cannot update the site's cgroup limits");
-                }
                 self.site = site;
+                self.write_limits();
                 self.failure = None;
                 self.entry.rebase();
                 self.renew("the site changed");
@@ -294,6 +298,7 @@ impl Pool {
             PoolControl::Usage(reply) => {
                 let _ = reply.send(self.usage());
             }
+            PoolControl::LimitsWritten(answer) => self.limits_written(answer),
             PoolControl::EntryLooked(answer) => {
                 if self.entry.answered(answer, &self.site) {
                     self.entry_changed();
@@ -578,6 +583,7 @@ impl Pool {
         if self.ctx.poll_memory {
             self.enforce_memory_by_polling();
         }
+        self.retry_refused_limits();
         self.entry
             .look_if_due(&self.site, &self.ctx.files, &self.handle.tx);
         let now = Instant::now();
