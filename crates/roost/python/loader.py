@@ -767,11 +767,11 @@ def enter_own_namespaces(proc_options=None):
         _OWN.add("proc")
 
 
-def enter_private_mounts(fields):
+def enter_private_mounts(fields, proc_options):
     """Still root: the worker's own namespaces and /proc, with its TMPDIR on /tmp and
     /var/tmp and a tmpfs of its own on /dev/shm (the node's spawn/private_mounts.rs
     does the same for a plainly spawned worker)."""
-    enter_own_namespaces(fields.get("private.proc"))
+    enter_own_namespaces(proc_options)
     c = libc()
     # The first bind is the source of the next: the TMPDIR may lie below /tmp.
     source = os.fsencode(fields["private.tmp"])
@@ -824,8 +824,34 @@ def name_process(name):
         pass
 
 
-def become_worker(request, fds, zygote_pid):
-    """In the forked child: the tenant steps of docs/security.md, then the app.
+class OwnSteps(object):
+    """What every child of a zygote makes of its own, the same for every site (the
+    zygote's arguments, docs/protocol.md): with `private` (a 1-tuple of the options of
+    its own /proc, or of None), namespaces of its own; with `landlock_scopes` (the
+    kernel's bit mask, 0 for none), a Landlock domain."""
+
+    def __init__(self, private, landlock_scopes):
+        self.private = private
+        self.landlock_scopes = landlock_scopes
+
+    def enter_ahead(self):
+        """In a spare, while it waits: its order tries again, and fails with the
+        reason."""
+        if self.private:
+            try:
+                enter_own_namespaces(self.private[0])
+            except OSError as exc:
+                log("spare could not make its own namespaces: %r" % exc)
+        if self.landlock_scopes:
+            try:
+                enter_landlock_scope(self.landlock_scopes)
+            except OSError as exc:
+                log("spare could not enter its Landlock domain: %r" % exc)
+
+
+def become_worker(request, fds, zygote_pid, own):
+    """In the forked child: the tenant steps of docs/security.md, then the app; `own`:
+    the zygote's OwnSteps.
 
     Never returns: the process exits with the worker's status.
     """
@@ -853,12 +879,12 @@ def become_worker(request, fds, zygote_pid):
         nofile = int(fields["nofile"])
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if "private.tmp" in fields:
+        if own.private:
             step = "make /tmp, /var/tmp, /dev/shm and /proc its own"
-            enter_private_mounts(fields)
-        if "landlock.scoped" in fields:
+            enter_private_mounts(fields, own.private[0])
+        if own.landlock_scopes:
             step = "enter a Landlock domain of its own (abstract sockets, signals, traces)"
-            enter_landlock_scope(int(fields["landlock.scoped"]))
+            enter_landlock_scope(own.landlock_scopes)
         if fields.get("sched") == "batch":
             step = "set the scheduling policy"
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -1051,13 +1077,9 @@ class Spares(object):
     arrives, through the same become_worker steps as a freshly forked child.
     """
 
-    def __init__(self, count, ctl, zygote_pid, private, landlock_scopes):
+    def __init__(self, count, ctl, zygote_pid, own):
         self.count = count
-        # (the options of its own /proc, or None) when a spare makes its own namespaces
-        # ahead of its order; None when workers keep the host's.
-        self.private = private
-        # The scopes of the Landlock domain a spare enters ahead of its order; 0: none.
-        self.landlock_scopes = landlock_scopes
+        self.own = own
         self.ctl = ctl
         self.zygote_pid = zygote_pid
         self.ready = []  # (pid, socket to send the order on)
@@ -1088,17 +1110,7 @@ class Spares(object):
                         warm_up()
                     except Exception as exc:
                         log("spare warm-up failed (the spare still serves): %r" % exc)
-                    if self.private:
-                        try:
-                            enter_own_namespaces(self.private[0])
-                        except OSError as exc:
-                            # Its order tries again, and fails with the reason.
-                            log("spare could not make its own namespaces: %r" % exc)
-                    if self.landlock_scopes:
-                        try:
-                            enter_landlock_scope(self.landlock_scopes)
-                        except OSError as exc:
-                            log("spare could not enter its Landlock domain: %r" % exc)
+                    self.own.enter_ahead()
                     while True:
                         try:
                             msg, fds, _f, _a = socket.recv_fds(theirs, 1 << 16, 256)
@@ -1106,7 +1118,7 @@ class Spares(object):
                         except InterruptedError:
                             continue
                     if msg:
-                        become_worker(pairs_decode(msg), fds, self.zygote_pid)
+                        become_worker(pairs_decode(msg), fds, self.zygote_pid, self.own)
                 finally:
                     os._exit(0)
             theirs.close()
@@ -1133,7 +1145,7 @@ class Spares(object):
         return None
 
 
-def zygote_main(preload_extra, spare_count=0, private=None, landlock_scopes=0):
+def zygote_main(preload_extra, spare_count=0, own=OwnSteps(None, 0)):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
@@ -1166,7 +1178,7 @@ def zygote_main(preload_extra, spare_count=0, private=None, landlock_scopes=0):
 
     reap_children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-    spares = Spares(spare_count, ctl, me, private, landlock_scopes)
+    spares = Spares(spare_count, ctl, me, own)
     _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
     spares.fill()
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
@@ -1214,7 +1226,7 @@ def zygote_main(preload_extra, spare_count=0, private=None, landlock_scopes=0):
                 # The child must never fall back into this loop: it would be a second
                 # zygote, with root's rights, on the node's control socket.
                 try:
-                    become_worker(pairs_decode(bytes(order[1:n])), fds, me)
+                    become_worker(pairs_decode(bytes(order[1:n])), fds, me, own)
                 finally:
                     os._exit(1)
             send_spawned(ctl, req_id, pid)
@@ -1351,7 +1363,7 @@ def main(argv):
         kind, _, proc_options = (argv[4] if len(argv) > 4 else "shared").partition(":")
         private = (proc_options or None,) if kind == "private" else None
         landlock_scopes = int(argv[5]) if len(argv) > 5 else 0
-        return zygote_main(preload, spare_count, private, landlock_scopes)
+        return zygote_main(preload, spare_count, OwnSteps(private, landlock_scopes))
     if len(argv) != 6 or argv[1] not in ("worker", "template") or argv[3] not in ("file", "module"):
         sys.stderr.write(__doc__)
         return 2

@@ -78,15 +78,9 @@ impl LandlockScope {
         })
     }
 
-    /// The field of a zygote's SPAWN order (docs/protocol.md): the loader makes a
-    /// domain with these scopes, as `ChildScope::enter` does.
-    pub fn order_field(&self) -> (String, String) {
-        ("landlock.scoped".into(), SCOPED.to_string())
-    }
-
-    /// What a zygote is told (its LANDLOCK argument, docs/protocol.md): its spares
-    /// enter a domain with these scopes ahead of their orders, as it is the same for
-    /// every site.
+    /// What a zygote is told (its LANDLOCK argument, docs/protocol.md): each of its
+    /// children makes a domain with these scopes, as `ChildScope::enter` does (its
+    /// spares ahead of their orders, as it is the same for every site).
     pub fn zygote_argument(&self) -> String {
         SCOPED.to_string()
     }

@@ -69,9 +69,10 @@ impl PrivateTargets {
         self.proc
     }
 
-    /// What a zygote is told (its TMP argument, docs/protocol.md): its spares make the
-    /// namespaces, and mount the /proc, ahead of their orders, as those are the same
-    /// for every site: `private`, or `private:<the /proc's options>`.
+    /// What a zygote is told (its TMP argument, docs/protocol.md): each of its children
+    /// makes the namespaces, and mounts the /proc with these options (its spares ahead
+    /// of their orders, as those are the same for every site): `private`, or
+    /// `private:<the /proc's options>`.
     pub fn zygote_argument(&self) -> String {
         match self.proc {
             true => format!("private:{PROC_OPTIONS}"),
@@ -125,8 +126,9 @@ pub struct PrivateMounts {
 }
 
 impl PrivateMounts {
-    /// The fields of a zygote's SPAWN order (docs/protocol.md): the loader makes the
-    /// same mounts, in the same order, as [`ChildMounts::enter`].
+    /// The fields of a zygote's SPAWN order (docs/protocol.md): with the /proc of the
+    /// zygote's argument, the loader makes the same mounts, in the same order, as
+    /// [`ChildMounts::enter`].
     pub fn order_fields(&self) -> Vec<(String, String)> {
         let mut fields = vec![
             ("private.tmp".into(), self.tmpdir.display().to_string()),
@@ -134,9 +136,6 @@ impl PrivateMounts {
         ];
         if let Some(options) = &self.shm_options {
             fields.push(("private.shm".into(), options.clone()));
-        }
-        if self.proc {
-            fields.push(("private.proc".into(), PROC_OPTIONS.into()));
         }
         fields
     }
@@ -247,9 +246,11 @@ mod tests {
             proc: true,
         };
         let mounts = targets.for_site(Path::new("/t"), 512 << 20);
-        assert!(mounts
-            .order_fields()
-            .contains(&("private.shm".into(), "mode=1777,size=536870912".into())));
+        let fields = mounts.order_fields();
+        assert!(fields.contains(&("private.shm".into(), "mode=1777,size=536870912".into())));
+        // The /proc's options are the zygote's argument, not the order's.
+        assert!(!fields.iter().any(|(k, _)| k.contains("proc")));
+        assert_eq!(targets.zygote_argument(), "private:hidepid=invisible");
         assert_eq!(mounts.for_child().unwrap().binds.len(), 2);
     }
 

@@ -227,11 +227,9 @@ impl ZygoteSpawner {
         if let Some(venv) = &prepared.venv {
             fields.push(("venv".into(), venv.display().to_string()));
         }
+        // The /proc options and the Landlock scopes are the zygote's arguments.
         if let Some(private) = &prepared.private {
             fields.extend(private.order_fields());
-        }
-        if let Some(scope) = self.config.landlock.as_ref() {
-            fields.push(scope.order_field());
         }
         let mut payload = EnvironWriter::with_capacity(1024);
         for (k, v) in &fields {

@@ -45,6 +45,22 @@ fn tenant_site_in(dir: &std::path::Path, name: &str, user: &TestUser) -> SiteSpe
     }
 }
 
+/// The ways a worker is made: forked by a zygote from a spare, which made what is its
+/// own ahead of its order, or forked at the order (no spare left); spawned plainly.
+const SPAWN_WAYS: [(SpawnMode, u32); 3] = [
+    (SpawnMode::Zygote, 1),
+    (SpawnMode::Zygote, 0),
+    (SpawnMode::Plain, 0),
+];
+
+async fn node_spawning(mode: SpawnMode, zygote_spares: u32) -> Node {
+    Node::start_with(|c| {
+        c.spawn = mode;
+        c.zygote_spares = zygote_spares;
+    })
+    .await
+}
+
 async fn text(node: &Node, host: &str, path: &str) -> String {
     let r = get(node.addr, host, path).await.unwrap();
     assert_eq!(
@@ -746,8 +762,8 @@ async fn a_site_handed_back_and_forth_under_load_fails_no_request() {
 #[ignore = "needs root: runs sites as other users, in namespaces of their own"]
 async fn tmp_shared_memory_and_proc_are_the_workers_own() {
     need_root();
-    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
-        let node = Node::start_with(|c| c.spawn = mode).await;
+    for (mode, spares) in SPAWN_WAYS {
+        let node = node_spawning(mode, spares).await;
         let (alice, bob) = (TestUser::create(), TestUser::create());
         node.add(tenant_site(&node, "bob", &bob)).await;
         let sites: &[(&str, bool)] = match mode {
@@ -855,13 +871,13 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
         use std::os::unix::net::{SocketAddr, UnixListener};
         UnixListener::bind_addr(&SocketAddr::from_abstract_name(&host_name).unwrap()).unwrap()
     };
-    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
-        let node = Node::start_with(|c| c.spawn = mode).await;
+    for (mode, spares) in SPAWN_WAYS {
+        let node = node_spawning(mode, spares).await;
         let (alice, bob) = (TestUser::create(), TestUser::create());
         node.add(tenant_site(&node, "bob", &bob)).await;
         // Another site of the same owner: the same Unix user.
         node.add(tenant_site(&node, "neighbour", &alice)).await;
-        let bob_name = format!("roost-bob-{tag}-{mode:?}");
+        let bob_name = format!("roost-bob-{tag}-{mode:?}-{spares}");
         let listening = text(&node, "bob.test", &format!("/listen?name={bob_name}")).await;
         assert_eq!(listening, "ok: listening");
         let neighbour = text(&node, "neighbour.test", "/pid").await;
@@ -876,7 +892,7 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
             };
             node.add(spec).await;
             let host = format!("{name}.test");
-            let own_name = format!("roost-own-{tag}-{name}");
+            let own_name = format!("roost-own-{tag}-{name}-{spares}");
             let listening = text(&node, &host, &format!("/listen?name={own_name}")).await;
             assert_eq!(listening, "ok: listening", "{name}");
             let probes = [
@@ -908,7 +924,7 @@ async fn abstract_sockets_signals_and_traces_stay_inside_a_worker() {
                 ("a multiprocessing manager", "/manager".into(), "ok: 42"),
             ];
             let who = format!(
-                "{name} (Landlock scopes need Linux 6.12 or newer; the node logs at start whether workers get them)"
+                "{name}, {spares} spare(s) (Landlock scopes need Linux 6.12 or newer; the node logs at start whether workers get them)"
             );
             probe(&node, &host, &who, probes).await;
         }
