@@ -61,7 +61,9 @@ impl Pool {
             Ok(()) => {
                 if std::mem::take(&mut state.refused) {
                     tracing::info!(%limit, "the site's memory limit is in force");
-                    (self.ctx.logs).error(&format!("the memory limit of {limit} is in force"));
+                    self.ctx
+                        .logs
+                        .error(&format!("the memory limit of {limit} is in force"));
                 }
             }
             Err(e) if e.is_below_usage() => {
