@@ -14,6 +14,7 @@ use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ const Z_EXITED: u8 = 0x24;
 const MAX_MESSAGE: usize = 64 << 10;
 /// How long a fork may take to be answered.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// What an order to a retired server gets, at once.
+const RETIRED: &str = "it was retired";
 
 /// A started server process and the node's end of its control socket.
 pub struct Launched {
@@ -59,6 +62,8 @@ pub type ReadyFields = HashMap<String, String>;
 #[derive(Clone)]
 pub struct ForkServer {
     tx: mpsc::UnboundedSender<Msg>,
+    /// Set by [`ForkServer::retire`]: an order that failed may have raced it.
+    retired: Arc<AtomicBool>,
 }
 
 enum Msg {
@@ -91,7 +96,10 @@ impl ForkServer {
             on_ready,
         };
         tokio::spawn(tracing::Instrument::instrument(actor.run(rx), span));
-        ForkServer { tx }
+        ForkServer {
+            tx,
+            retired: Arc::default(),
+        }
     }
 
     /// Starts the process if needed and waits until it is ready.
@@ -123,8 +131,16 @@ impl ForkServer {
     }
 
     /// Tells the server to exit once its children have; it is killed at `deadline`.
+    /// Orders after this one are refused at once.
     pub fn retire(&self, deadline: Instant) {
+        self.retired.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::Retire(deadline));
+    }
+
+    /// Whether [`ForkServer::retire`] was called: an order that failed may have been
+    /// refused for that, not for anything wrong with the server.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 }
 
@@ -157,14 +173,31 @@ impl Actor {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut server: Option<Running> = None;
         let mut phase = Phase::Open;
+        let mut orphaned = false;
         loop {
             tokio::select! {
-                msg = rx.recv(), if phase == Phase::Open => match msg {
+                msg = rx.recv(), if !orphaned => match msg {
                     // Every handle is gone: nobody can ask for forks any more.
-                    None => match &mut server {
-                        Some(s) => phase = s.retire(Instant::now() + FORK_TIMEOUT),
-                        None => break,
-                    },
+                    None => {
+                        orphaned = true;
+                        match &mut server {
+                            Some(s) if phase == Phase::Open => {
+                                phase = s.retire(Instant::now() + FORK_TIMEOUT)
+                            }
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                    // Orders that were on their way when the server was retired (a
+                    // spawn in flight as its last site went) are refused at once, not
+                    // left unread until the server has gone.
+                    Some(Msg::Start(reply)) if phase != Phase::Open => {
+                        let _ = reply.send(Err(RETIRED.into()));
+                    }
+                    Some(Msg::Fork(order)) if phase != Phase::Open => {
+                        let _ = order.reply.send(Err(RETIRED.into()));
+                    }
+                    Some(Msg::Retire(_)) if phase != Phase::Open => {}
                     Some(Msg::Start(reply)) => {
                         if server.is_none() {
                             match self.start().await {
@@ -294,7 +327,7 @@ impl Running {
             self.process.kill_group();
         }
         for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err("it was retired".into()));
+            let _ = reply.send(Err(RETIRED.into()));
         }
         Phase::Retired(deadline)
     }

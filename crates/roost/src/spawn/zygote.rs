@@ -200,6 +200,9 @@ impl ZygoteSpawner {
             return self.plain.start(request).await;
         }
         if let Err(reason) = server.ready().await {
+            if server.is_retired() {
+                return self.plain_after_retirement(request, &key).await;
+            }
             tracing::warn!(python = %key.python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
             self.mark_plain(&key, retried);
             return self.plain.start(request).await;
@@ -241,18 +244,35 @@ impl ZygoteSpawner {
         fds.extend(cgroup_fds);
         fds.push(environment_memfd(&prepared.env).map_err(SpawnError::Environment)?);
         fds.extend(child_ends);
-        let forked = server
-            .fork(payload, fds)
-            .await
-            .map_err(|reason| SpawnError::Zygote {
-                python: key.python.clone(),
-                reason,
-            })?;
+        let forked = match server.fork(payload, fds).await {
+            Ok(forked) => forked,
+            Err(_) if server.is_retired() => {
+                return self.plain_after_retirement(request, &key).await;
+            }
+            Err(reason) => {
+                return Err(SpawnError::Zygote {
+                    python: key.python.clone(),
+                    reason,
+                })
+            }
+        };
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
             sockets: node.sockets,
             inboxes: node.inboxes,
         })
+    }
+
+    /// The zygote was retired while this spawn was on its way (the last site on its
+    /// interpreter went, this one still draining): this worker alone is spawned
+    /// plainly, rather than keep a zygote no site wants.
+    async fn plain_after_retirement(
+        &self,
+        request: SpawnRequest<'_>,
+        key: &ZygoteKey,
+    ) -> Result<SpawnedWorker, SpawnError> {
+        tracing::info!(python = %key.python.display(), "its zygote was retired during the spawn; this worker is spawned plainly");
+        self.plain.start(request).await
     }
 }
 

@@ -442,3 +442,47 @@ async fn a_plain_spawn_whose_interpreter_hangs_holds_up_no_other_site() {
     node.stop().await;
     drop(fs);
 }
+
+/// A worker's spawn held up after its zygote said ready (the site's files went
+/// silent while the node prepared it), and the site removed meanwhile: the zygote
+/// no site needs any more is retired before the fork order reaches it. The drained
+/// site's queued request still gets a new worker at once. Before, the order sat unread
+/// for the fork's 10 s timeout, and the request waited for the busy worker instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a FUSE file system and creates Unix users"]
+async fn a_spawn_whose_zygote_retires_meanwhile_still_starts_its_worker() {
+    need_root_and_fuse();
+    let node = Node::start().await;
+    let owner = node.user.as_ref().expect("root nodes have a site user");
+    let fs = mirrored_home(node.dir.path(), owner, false);
+    node.add(node.spec("remote", &["remote.test"], &fs.mountpoint.join("app.py")))
+        .await;
+    let first = node.pid("remote.test", "/pid").await;
+    let addr = node.addr;
+    let busy = tokio::spawn(crate::harness::get(addr, "remote.test", "/sleep?s=8"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    fs.signal(Signal::SIGUSR1);
+    // A second worker for this one: its zygote is ready, its files are silent.
+    let queued = tokio::spawn(crate::harness::get(addr, "remote.test", "/pid"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.store().remove("remote").unwrap();
+    // The registry is looked at every 200 ms: the zygote is retired by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fs.signal(Signal::SIGUSR2);
+
+    let answer = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("the queued request was never answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(
+        !busy.is_finished(),
+        "the queued request waited for the busy worker: its own never started"
+    );
+    assert_ne!(crate::harness::pid_of(&answer), first);
+    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+    node.stop().await;
+    drop(fs);
+}
