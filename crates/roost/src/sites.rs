@@ -184,10 +184,19 @@ impl Sites {
         if let (Some(user), false) = (&site.user, self.users_enforced) {
             tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
         }
+        // Pools of the same name still ending remove its cgroup: this one waits, and
+        // writes its limits into the cgroup it then makes anew (not into theirs, which
+        // still holds their workers).
+        let after: Vec<PoolHandle> = (self.draining.iter())
+            .filter(|d| d.route.site.name == site.name)
+            .map(|d| d.route.pool.clone())
+            .collect();
         let cgroup = match self.cgroups.site(&site.name) {
             Ok(cgroup) => {
-                if let Err(e) = cgroup.apply(&site.pool) {
-                    tracing::error!(site = %site.name, error = %crate::error_chain(&e), "cannot set the site's cgroup limits");
+                if after.is_empty() {
+                    if let Err(e) = cgroup.apply(&site.pool) {
+                        tracing::error!(site = %site.name, error = %crate::error_chain(&e), "cannot set the site's cgroup limits");
+                    }
                 }
                 cgroup
             }
@@ -206,12 +215,7 @@ impl Sites {
             budget: self.budget.clone(),
             tmp_root: self.tmp_root.clone(),
         };
-        // Pools of the same name still ending remove its cgroup: this one waits.
-        let after = (self.draining.iter())
-            .filter(|d| d.route.site.name == site.name)
-            .map(|d| d.route.pool.clone())
-            .collect();
-        let (pool, task): (PoolHandle, _) = pool::spawn_pool(site.clone(), ctx, after);
+        let (pool, task) = pool::spawn_pool(site.clone(), ctx, after);
         Ok(LiveSite {
             route: Arc::new(Route {
                 site,
