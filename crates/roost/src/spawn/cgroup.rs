@@ -248,44 +248,18 @@ impl SiteCgroup {
         Ok(())
     }
 
-    /// Writes the site's limits; called when the site is added or changed.
+    /// Writes the site's limits; called when the site is added or changed. Each
+    /// controller's are written though another's were refused (cgroup v1 refuses a
+    /// memory limit below usage): the first error is returned.
     pub fn apply(&self, limits: &PoolSettings) -> Result<(), CgroupError> {
+        let mut first_error = None;
         for (controller, version, dir) in &self.dirs {
-            match (controller, version) {
-                (Controller::Memory, Version::V2) => {
-                    write(dir, "memory.max", &limits.memory_max.to_string())?;
-                    // Swap would let a site run past its cap, only slower.
-                    let _ = write(dir, "memory.swap.max", "0");
-                }
-                (Controller::Memory, Version::V1) => {
-                    let memsw = "memory.memsw.limit_in_bytes";
-                    let Some(before) = read(dir, memsw)? else {
-                        write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string())?;
-                        continue;
-                    };
-                    // memsw must stay >= the limit at every step: lift it first, and
-                    // put it back if the limit is refused (the old limit stays).
-                    write(dir, memsw, "-1")?;
-                    let limit = write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string());
-                    let memsw_value = match &limit {
-                        Ok(()) => limits.memory_max.to_string(),
-                        Err(_) => before,
-                    };
-                    write(dir, memsw, &memsw_value)?;
-                    limit?;
-                }
-                (Controller::Pids, _) => write(dir, "pids.max", &limits.pids_max.to_string())?,
-                (Controller::Cpu, Version::V2) => {
-                    write(dir, "cpu.weight", &limits.cpu_weight.to_string())?
-                }
-                (Controller::Cpu, Version::V1) => {
-                    // cpu.weight 100 is the default share, as cpu.shares 1024 is.
-                    let shares = (u64::from(limits.cpu_weight) * 1024 / 100).max(2);
-                    write(dir, "cpu.shares", &shares.to_string())?
-                }
+            let written = apply_one(*controller, *version, dir, limits);
+            if let Err(e) = written {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// `cgroup.procs` of every directory, opened for the child to write "0" into.
@@ -322,6 +296,46 @@ impl SiteCgroup {
             if let Err(e) = remove_when_empty(dir) {
                 tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a site's cgroup");
             }
+        }
+    }
+}
+
+/// One controller's limits in its folder.
+fn apply_one(
+    controller: Controller,
+    version: Version,
+    dir: &Path,
+    limits: &PoolSettings,
+) -> Result<(), CgroupError> {
+    match (controller, version) {
+        (Controller::Memory, Version::V2) => {
+            write(dir, "memory.max", &limits.memory_max.to_string())?;
+            // Swap would let a site run past its cap, only slower.
+            let _ = write(dir, "memory.swap.max", "0");
+            Ok(())
+        }
+        (Controller::Memory, Version::V1) => {
+            let memsw = "memory.memsw.limit_in_bytes";
+            let Some(before) = read(dir, memsw)? else {
+                return write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string());
+            };
+            // memsw must stay >= the limit at every step: lift it first, and put it
+            // back if the limit is refused (the old limit stays).
+            write(dir, memsw, "-1")?;
+            let limit = write(dir, "memory.limit_in_bytes", &limits.memory_max.to_string());
+            let memsw_value = match &limit {
+                Ok(()) => limits.memory_max.to_string(),
+                Err(_) => before,
+            };
+            write(dir, memsw, &memsw_value)?;
+            limit
+        }
+        (Controller::Pids, _) => write(dir, "pids.max", &limits.pids_max.to_string()),
+        (Controller::Cpu, Version::V2) => write(dir, "cpu.weight", &limits.cpu_weight.to_string()),
+        (Controller::Cpu, Version::V1) => {
+            // cpu.weight 100 is the default share, as cpu.shares 1024 is.
+            let shares = (u64::from(limits.cpu_weight) * 1024 / 100).max(2);
+            write(dir, "cpu.shares", &shares.to_string())
         }
     }
 }

@@ -295,15 +295,23 @@ async fn a_memory_limit_lowered_below_what_the_site_holds_takes_effect() {
     })
     .await;
     spec.memory_max = Some(64 << 20);
+    spec.pids_max = Some(48);
     node.store()
         .replace(&spec.validate(FsChecks::Full).unwrap())
         .unwrap();
+    let pids_max = site_cgroup_dirs(&node.cgroup_name, "shrink")
+        .into_iter()
+        .map(|dir| dir.join("pids.max"))
+        .find(|file| file.exists())
+        .expect("the site has no pids cgroup");
     if v1 {
         // v1 refuses a limit below the group's usage (EBUSY): the old one stays, whole,
         // until the worker holding the memory has gone.
         node.error_log_with("shrink", "hold more memory than its new limit of 64MiB")
             .await;
         assert!(limits(256 << 20), "the old limit was not kept whole");
+        // The site's other limits are in force meanwhile.
+        assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "48");
         let r = hog.await.unwrap().unwrap();
         assert_eq!(r.text(), "survived 96 MiB");
         node.error_log_with("shrink", "the memory limit of 64MiB is in force")
