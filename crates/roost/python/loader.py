@@ -1145,7 +1145,7 @@ class Spares(object):
         return None
 
 
-def zygote_main(preload_extra, spare_count=0, own=OwnSteps(None, 0)):
+def zygote_main(preload_extra, spare_count, own):
     if sys.version_info < (3, 9):
         # socket.recv_fds, send_fds and os.pidfd_open arrived in 3.9: saying no before
         # READY makes the node spawn this interpreter's workers plainly instead.
