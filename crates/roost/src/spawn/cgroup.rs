@@ -281,6 +281,11 @@ impl SiteCgroup {
         Ok(fds)
     }
 
+    /// Whether pids.max is enforced (the host has that controller).
+    pub fn limits_pids(&self) -> bool {
+        self.dirs.iter().any(|(c, _, _)| *c == Controller::Pids)
+    }
+
     /// SIGKILL to every process in the site's cgroup; how many there were.
     pub fn kill_all(&self) -> usize {
         (self.dirs.iter())

@@ -295,15 +295,12 @@ async fn a_memory_limit_lowered_below_what_the_site_holds_takes_effect() {
     })
     .await;
     spec.memory_max = Some(64 << 20);
-    spec.pids_max = Some(48);
+    // Raised: a lowered pids.max waits for the old workers too (the test below).
+    spec.pids_max = Some(96);
     node.store()
         .replace(&spec.validate(FsChecks::Full).unwrap())
         .unwrap();
-    let pids_max = site_cgroup_dirs(&node.cgroup_name, "shrink")
-        .into_iter()
-        .map(|dir| dir.join("pids.max"))
-        .find(|file| file.exists())
-        .expect("the site has no pids cgroup");
+    let pids_max = site_cgroup_file(&node.cgroup_name, "shrink", "pids.max");
     if v1 {
         // v1 refuses a limit below the group's usage (EBUSY): the old one stays, whole,
         // until the worker holding the memory has gone.
@@ -311,7 +308,7 @@ async fn a_memory_limit_lowered_below_what_the_site_holds_takes_effect() {
             .await;
         assert!(limits(256 << 20), "the old limit was not kept whole");
         // The site's other limits are in force meanwhile.
-        assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "48");
+        assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "96");
         let r = hog.await.unwrap().unwrap();
         assert_eq!(r.text(), "survived 96 MiB");
         node.error_log_with("shrink", "the memory limit of 64MiB is in force")
@@ -322,6 +319,68 @@ async fn a_memory_limit_lowered_below_what_the_site_holds_takes_effect() {
     }
     assert!(limits(64 << 20), "the new limit is not written");
     text(&node, "shrink.test", "/pid").await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site pids cgroups"]
+async fn a_pids_limit_the_old_and_new_workers_together_pass_waits_for_the_old_ones() {
+    need_root();
+    let node = Node::start().await;
+    let user = TestUser::create();
+    let mut spec = tenant_site(&node, "fewer", &user);
+    spec.threads = Some(4);
+    node.add(spec.clone()).await;
+    let pids_file = |file| site_cgroup_file(&node.cgroup_name, "fewer", file);
+    let (pids_max, pids_current) = (pids_file("pids.max"), pids_file("pids.current"));
+    let usage = site_cgroup_dirs(&node.cgroup_name, "fewer")
+        .into_iter()
+        .flat_map(|dir| {
+            [
+                dir.join("memory.usage_in_bytes"),
+                dir.join("memory.current"),
+            ]
+        })
+        .find(|file| file.exists())
+        .expect("the site has no memory cgroup");
+    let read = |file: &PathBuf| std::fs::read_to_string(file).unwrap().trim().to_owned();
+    let old_pid = text(&node, "fewer.test", "/pid").await;
+    let busy = tokio::spawn(get(node.addr, "fewer.test", "/hog?mib=48&hold=4"));
+    node.eventually("the old worker to be busy", || async {
+        read(&usage).parse::<u64>().unwrap() > 48 << 20
+    })
+    .await;
+    // Room for the old worker (main thread and four slots) and one task more: its
+    // successor, started beside it, needs as many.
+    let fewer: u32 = read(&pids_current).parse::<u32>().unwrap() + 1;
+    spec.pids_max = Some(fewer);
+    node.store()
+        .replace(&spec.validate(FsChecks::Full).unwrap())
+        .unwrap();
+
+    node.error_log_with(
+        "fewer",
+        "waits until the 1 worker(s) being replaced have gone",
+    )
+    .await;
+    assert_eq!(read(&pids_max), "64", "the lower limit was written early");
+    for _ in 0..4 {
+        let pid = text(&node, "fewer.test", "/pid").await;
+        assert_ne!(pid, old_pid, "the old worker served after the change");
+    }
+    assert_eq!(busy.await.unwrap().unwrap().text(), "survived 48 MiB");
+    node.error_log_with(
+        "fewer",
+        &format!("the limit of {fewer} processes and threads is in force"),
+    )
+    .await;
+    assert_eq!(read(&pids_max), fewer.to_string());
+    text(&node, "fewer.test", "/pid").await;
+    let log = node.log("fewer", "error.log");
+    assert!(
+        !log.contains("died") && !log.contains("can't start new thread"),
+        "the new workers did not start whole:\n{log}"
+    );
     node.stop().await;
 }
 
@@ -369,6 +428,15 @@ async fn a_removed_site_loses_its_cgroups() {
     })
     .await;
     node.stop().await;
+}
+
+/// `file` in the site's cgroup: in whichever hierarchy has it (v1), or the one (v2).
+fn site_cgroup_file(node: &str, site: &str, file: &str) -> PathBuf {
+    site_cgroup_dirs(node, site)
+        .into_iter()
+        .map(|dir| dir.join(file))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("the site's cgroups have no {file}"))
 }
 
 /// Every directory named `<node>/<site>` in the cgroup hierarchies.

@@ -1,41 +1,71 @@
 //! The site's cgroup limits, written again when the site changes. Not on the runtime
 //! thread, which every site shares: lowering a memory limit makes the kernel reclaim
 //! in the writer, writeback to a slow file system included. One write at a time, the
-//! site's newest settings last. cgroup v1 refuses a memory limit below what the site
-//! holds (v2 reclaims, then kills); the workers holding it retire as the site changes,
-//! so a refused write is tried again every tick until it lands.
+//! site's newest settings last.
+//!
+//! A limit lowered below what the site holds waits while the workers it replaces go
+//! (they retire as the site changes), tried again every tick: cgroup v1 refuses such a
+//! memory limit (v2 reclaims, then kills), and the kernel takes any pids.max, but the
+//! new workers start beside the old ones and would fail to start their threads under a
+//! pids.max that counts both, so a lowered pids.max is held back (the old one written)
+//! until the workers of before the change have gone.
 
 use roost_registry::format_bytes;
 
 use super::Pool;
 use crate::pool::PoolControl;
 use crate::spawn::cgroup::CgroupError;
+use crate::worker::WorkerId;
 
 /// Writes of one site's limits.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct LimitsWriter {
     /// A write is under way.
     writing: bool,
     /// The site changed while it was: its newest limits are written next.
     again: bool,
     /// The memory limit is below what the site holds (said once in its error log).
-    refused: bool,
+    memory_refused: bool,
+    /// The pids.max last written.
+    pids_in_force: u32,
+    /// The workers there were when the site last changed: a lower pids.max waits for
+    /// them to go.
+    outgoing: Vec<WorkerId>,
+    /// A lower pids.max waits for `outgoing` (said once in the site's error log).
+    pids_held_back: bool,
 }
 
 impl LimitsWriter {
-    /// Waiting for the site to hold less than its memory limit.
-    pub(super) fn refused(&self) -> bool {
-        self.refused
+    /// `pids_in_force`: the pids.max the site's cgroup was made with.
+    pub(super) fn new(pids_in_force: u32) -> LimitsWriter {
+        LimitsWriter {
+            writing: false,
+            again: false,
+            memory_refused: false,
+            pids_in_force,
+            outgoing: Vec::new(),
+            pids_held_back: false,
+        }
+    }
+
+    /// A limit waits for the site to hold less: written again on every tick.
+    pub(super) fn waiting(&self) -> bool {
+        self.memory_refused || self.pids_held_back
     }
 }
 
-/// The answer to one write.
+/// The answer to one write: the pids.max written, and how the write went.
 #[derive(Debug)]
-pub struct LimitsWritten(Result<(), CgroupError>);
+pub struct LimitsWritten {
+    pids_max: u32,
+    result: Result<(), CgroupError>,
+}
 
 impl Pool {
-    /// Writes the site's limits, or again once the write under way is done.
+    /// Writes the site's limits, which just changed, or again once the write under way
+    /// is done. The workers there are now are the ones the change replaces.
     pub(super) fn write_limits(&mut self) {
+        self.limits.outgoing = self.workers.keys().copied().collect();
         if self.limits.writing {
             self.limits.again = true;
         } else {
@@ -43,53 +73,105 @@ impl Pool {
         }
     }
 
-    /// On a tick: a refused write, tried again.
-    pub(super) fn retry_refused_limits(&mut self) {
-        if self.limits.refused && !self.limits.writing {
+    /// On a tick: a refused memory limit tried again, a held back pids.max written
+    /// once the workers it waits for have gone.
+    pub(super) fn retry_waiting_limits(&mut self) {
+        let pids_due = self.limits.pids_held_back && self.outgoing_gone();
+        if (self.limits.memory_refused || pids_due) && !self.limits.writing {
             self.start_limits_write();
         }
     }
 
+    /// Whether the workers there were when the site last changed have all gone.
+    fn outgoing_gone(&mut self) -> bool {
+        let workers = &self.workers;
+        self.limits.outgoing.retain(|id| workers.contains_key(id));
+        self.limits.outgoing.is_empty()
+    }
+
     pub(super) fn limits_written(&mut self, answer: LimitsWritten) {
-        let state = &mut self.limits;
-        state.writing = false;
-        if std::mem::take(&mut state.again) {
+        self.limits.writing = false;
+        if std::mem::take(&mut self.limits.again) {
             return self.start_limits_write();
         }
+        // The other controllers' limits are written though one was refused.
+        let pids_refused = (answer.result.as_ref()).is_err_and(|e| e.path.ends_with("pids.max"));
+        if !pids_refused {
+            self.limits.pids_in_force = answer.pids_max;
+        }
+        let (pids_max, logs) = (self.site.pool.pids_max, &self.ctx.logs);
+        if self.limits.pids_in_force == pids_max && std::mem::take(&mut self.limits.pids_held_back)
+        {
+            tracing::info!(pids_max, "the site's pids limit is in force");
+            logs.error(&format!(
+                "the limit of {pids_max} processes and threads is in force"
+            ));
+        }
+        let state = &mut self.limits;
         let limit = format_bytes(self.site.pool.memory_max);
-        match answer.0 {
+        match answer.result {
             Ok(()) => {
-                if std::mem::take(&mut state.refused) {
+                if std::mem::take(&mut state.memory_refused) {
                     tracing::info!(%limit, "the site's memory limit is in force");
-                    self.ctx
-                        .logs
-                        .error(&format!("the memory limit of {limit} is in force"));
+                    logs.error(&format!("the memory limit of {limit} is in force"));
                 }
             }
             Err(e) if e.is_below_usage() => {
-                if !std::mem::replace(&mut state.refused, true) {
+                if !std::mem::replace(&mut state.memory_refused, true) {
                     tracing::warn!(%limit, "the site holds more memory than its new limit: written once it holds less");
-                    self.ctx.logs.error(&format!(
+                    logs.error(&format!(
                         "the site's processes hold more memory than its new limit of {limit}: \
                          the old limit stays until they hold less (its workers are being replaced)"
                     ));
                 }
             }
             Err(e) => {
-                state.refused = false;
+                // Not a wait for the site to hold less: not tried again.
+                state.memory_refused = false;
+                state.pids_held_back = false;
                 tracing::error!(error = %crate::error_chain(&e), "cannot update the site's cgroup limits");
             }
         }
     }
 
+    /// The pids.max to write now: the site's, or while a lower one waits for the
+    /// workers the change replaces, the one in force.
+    fn pids_max_now(&mut self) -> u32 {
+        let wanted = self.site.pool.pids_max;
+        let lowered = wanted < self.limits.pids_in_force && self.ctx.cgroup.limits_pids();
+        if !lowered || self.outgoing_gone() {
+            return wanted;
+        }
+        let state = &mut self.limits;
+        if !std::mem::replace(&mut state.pids_held_back, true) {
+            tracing::info!(
+                pids_max = wanted,
+                outgoing = state.outgoing.len(),
+                "a lower pids limit waits for the workers it replaces"
+            );
+            self.ctx.logs.error(&format!(
+                "the new limit of {wanted} processes and threads waits until the {} worker(s) \
+                 being replaced have gone (their successors start beside them); {} is in force",
+                state.outgoing.len(),
+                state.pids_in_force
+            ));
+        }
+        state.pids_in_force
+    }
+
     fn start_limits_write(&mut self) {
         self.limits.writing = true;
-        let limits = self.site.pool.clone();
+        let mut limits = self.site.pool.clone();
+        limits.pids_max = self.pids_max_now();
         let (cgroup, pool) = (self.ctx.cgroup.clone(), self.handle.tx.clone());
         tokio::spawn(async move {
             // Not joined only when the runtime shuts down: nothing waits for it then.
-            if let Ok(result) = tokio::task::spawn_blocking(move || cgroup.apply(&limits)).await {
-                let _ = pool.send(PoolControl::LimitsWritten(LimitsWritten(result)));
+            let written = tokio::task::spawn_blocking(move || LimitsWritten {
+                pids_max: limits.pids_max,
+                result: cgroup.apply(&limits),
+            });
+            if let Ok(answer) = written.await {
+                let _ = pool.send(PoolControl::LimitsWritten(answer));
             }
         });
     }

@@ -167,6 +167,7 @@ pub fn spawn_pool(
     };
     let span = tracing::info_span!("pool", site = %site.name);
     let template = new_template(&site, &ctx);
+    let pids_in_force = site.pool.pids_max;
     let pool = Pool {
         entry: Default::default(),
         site,
@@ -180,7 +181,7 @@ pub fn spawn_pool(
         template,
         empty_since: None,
         sweep: Sweep::Armed,
-        limits: Default::default(),
+        limits: limits::LimitsWriter::new(pids_in_force),
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         pool.run(rx, after, done_tx),
@@ -219,7 +220,7 @@ impl Pool {
                 || self.failure.is_some()
                 || self.template.as_ref().is_some_and(|t| t.is_live())
                 || matches!(self.sweep, Sweep::Due(_))
-                || self.limits.refused();
+                || self.limits.waiting();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -583,7 +584,7 @@ impl Pool {
         if self.ctx.poll_memory {
             self.enforce_memory_by_polling();
         }
-        self.retry_refused_limits();
+        self.retry_waiting_limits();
         self.entry
             .look_if_due(&self.site, &self.ctx.files, &self.handle.tx);
         let now = Instant::now();
