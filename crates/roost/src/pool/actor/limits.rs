@@ -4,18 +4,26 @@
 //! site's newest settings last.
 //!
 //! A limit lowered below what the site holds waits while the workers it replaces go
-//! (they retire as the site changes), tried again every tick: cgroup v1 refuses such a
-//! memory limit (v2 reclaims, then kills), and the kernel takes any pids.max, but the
-//! new workers start beside the old ones and would fail to start their threads under a
-//! pids.max that counts both, so a lowered pids.max is held back (the old one written)
-//! until the workers of before the change have gone.
+//! (they retire as the site changes). cgroup v1 refuses such a memory limit (v2
+//! reclaims, then kills): it is tried again when a worker has left, else every
+//! [`MEMORY_RETRY`], as each try makes the kernel reclaim all it can of the site's
+//! page cache before it refuses. The kernel takes any pids.max, but the new workers
+//! start beside the old ones and would fail to start their threads under a pids.max
+//! that counts both: a lowered pids.max is held back (the old one written) until the
+//! workers of before the change have gone.
+
+use std::time::Duration;
 
 use roost_registry::format_bytes;
+use tokio::time::Instant;
 
 use super::Pool;
 use crate::pool::PoolControl;
 use crate::spawn::cgroup::CgroupError;
 use crate::worker::WorkerId;
+
+/// How long a refused memory limit waits for its next try, unless a worker leaves.
+const MEMORY_RETRY: Duration = Duration::from_secs(30);
 
 /// Writes of one site's limits.
 #[derive(Debug)]
@@ -26,6 +34,8 @@ pub(super) struct LimitsWriter {
     again: bool,
     /// The memory limit is below what the site holds (said once in its error log).
     memory_refused: bool,
+    /// When the refused memory limit is tried next.
+    memory_retry_at: Instant,
     /// The pids.max last written.
     pids_in_force: u32,
     /// The workers there were when the site last changed: a lower pids.max waits for
@@ -42,15 +52,22 @@ impl LimitsWriter {
             writing: false,
             again: false,
             memory_refused: false,
+            memory_retry_at: Instant::now(),
             pids_in_force,
             outgoing: Vec::new(),
             pids_held_back: false,
         }
     }
 
-    /// A limit waits for the site to hold less: written again on every tick.
+    /// A limit waits for the site to hold less: the pool ticks to try it again.
     pub(super) fn waiting(&self) -> bool {
         self.memory_refused || self.pids_held_back
+    }
+
+    /// A worker of the site has gone, and what it held with it: a refused memory limit
+    /// may fit now.
+    pub(super) fn worker_left(&mut self) {
+        self.memory_retry_at = Instant::now();
     }
 }
 
@@ -73,11 +90,13 @@ impl Pool {
         }
     }
 
-    /// On a tick: a refused memory limit tried again, a held back pids.max written
-    /// once the workers it waits for have gone.
+    /// On a tick: a refused memory limit tried again when due, a held back pids.max
+    /// written once the workers it waits for have gone.
     pub(super) fn retry_waiting_limits(&mut self) {
-        let pids_due = self.limits.pids_held_back && self.outgoing_gone();
-        if (self.limits.memory_refused || pids_due) && !self.limits.writing {
+        let state = &self.limits;
+        let memory_due = state.memory_refused && Instant::now() >= state.memory_retry_at;
+        let pids_due = state.pids_held_back && self.outgoing_gone();
+        if (memory_due || pids_due) && !self.limits.writing {
             self.start_limits_write();
         }
     }
@@ -117,6 +136,7 @@ impl Pool {
                 }
             }
             Err(e) if e.is_below_usage() => {
+                state.memory_retry_at = Instant::now() + MEMORY_RETRY;
                 if !std::mem::replace(&mut state.memory_refused, true) {
                     tracing::warn!(%limit, "the site holds more memory than its new limit: written once it holds less");
                     logs.error(&format!(

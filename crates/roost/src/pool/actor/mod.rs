@@ -559,6 +559,7 @@ impl Pool {
                 let Some(mut w) = self.workers.remove(&id) else {
                     return;
                 };
+                self.limits.worker_left();
                 w.gone.cancel();
                 self.release_followers(&mut w);
                 let clean = status.is_some_and(|s| s.success());
