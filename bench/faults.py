@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Faults under load: clients load several sites while a worker is killed with SIGKILL
-every 100 ms and sites are added through the registry. Checks that failed requests
+every 100 ms, sites are added through the registry, and a loaded site's limits change
+(pids.max and memory.max, lowered and raised in turn: each change renews its workers,
+and a lowered pids.max waits for the old ones). Checks that failed requests
 never outnumber the requests that can have been on a killed worker (one per kill, as
 each worker has one slot), that every request the node answered with a 5xx was on a
 worker that was killed (the access log names each request's worker pid), that the
 node never stops answering, that every registry write made during the run is
 present afterwards, and that the node keeps no pipe of a worker that is gone (each
-worker prints into a pipe the node reads).
+worker prints into a pipe the node reads), and that the changed site's last limits
+are in its registry row and, as root with cgroups, in force.
 
   cargo build --release && python3 bench/faults.py [--seconds 60]     # as root
 """
 import argparse
 import http.client
+import json
 import os
 import random
 import shutil
@@ -26,6 +30,19 @@ from common import (  # noqa: E402
     ROOST, free_port, install_app, processes, require_root, serve, workspace)
 
 
+# What s0's limits are set to in turn: pids.max, memory.max.
+LIMITS = [(24, 192 << 20), (64, 256 << 20)]
+
+
+def cgroup_value(node, site, name):
+    """A site's cgroup file's value (whichever hierarchy has it), or None."""
+    for root, dirs, files in os.walk("/sys/fs/cgroup"):
+        if root.endswith("/%s/%s" % (node, site)) and name in files:
+            with open(os.path.join(root, name)) as f:
+                return f.read().strip()
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=60)
@@ -36,6 +53,10 @@ def main():
     work = workspace()
     app = install_app(work, "pid.py")
     reg = "sqlite:" + os.path.join(work, "registry.db")
+
+    def set_limits(name, pids, memory):
+        subprocess.run([ROOST, "--registry", reg, "site", "set", name, "--pids-max", str(pids),
+                        "--memory-max", str(memory)], check=True, stdout=subprocess.DEVNULL)
 
     def add(name):
         subprocess.run([ROOST, "--registry", reg, "site", "add", name, "--host", name + ".bench",
@@ -77,6 +98,7 @@ def main():
         end = time.time() + args.seconds
         rng = random.Random(7)
         tick = 0
+        changes = 0
         while time.time() < end:
             workers = processes(loader)[0]
             if workers:
@@ -92,6 +114,9 @@ def main():
                 name = "added%d" % len(added)
                 add(name)
                 added.append(name)
+            elif tick % 10 == 0:  # and between those, a change of s0's limits
+                set_limits("s0", *LIMITS[changes % len(LIMITS)])
+                changes += 1
             time.sleep(0.1)
         stop.set()
         for t in threads:
@@ -118,6 +143,14 @@ def main():
                         pid = fields[-1].strip()
                         if not pid.isdigit() or int(pid) not in killed:
                             misattributed.append(line.strip())
+        # s0's last limits: in its row, and in its cgroup once the workers a lowered
+        # pids.max waits for have gone.
+        pids, memory = LIMITS[(changes - 1) % len(LIMITS)]
+        shown = json.loads(subprocess.run([ROOST, "--registry", reg, "site", "show", "s0",
+                                           "--json"], check=True, capture_output=True,
+                                          text=True).stdout)
+        limits_kept = (shown["pids_max"], shown["memory_max"]) == (pids, memory)
+        cgroup_pids = cgroup_value("roost-bench-faults", "s0", "pids.max")
         # The node holds three pipes per live worker of one slot (its output, both
         # ends of its slot's inbox) and one per zygote spare: a killed worker's end
         # with it. Counted once the killed workers are reaped.
@@ -138,8 +171,11 @@ def main():
     print("sites added      %d (missing afterwards: %d; answering 200: %d)"
           % (len(added), len(missing), served.count(200)))
     print("node's pipes     %d, for %d live workers" % (pipes, len(live)))
+    print("limit changes    %d (the last in the registry: %s; pids.max in force: %s)"
+          % (changes, "yes" if limits_kept else "NO", cgroup_pids or "no pids cgroup"))
     bad = (counts["failed"] > counts["kills"] or missing or misattributed
-           or served.count(200) != len(added) or pipes > 3 * len(live) + 8)
+           or served.count(200) != len(added) or pipes > 3 * len(live) + 8
+           or not limits_kept or cgroup_pids not in (None, str(pids)))
     print("RESULT", "FAIL" if bad else "PASS")
     sys.exit(1 if bad else 0)
 

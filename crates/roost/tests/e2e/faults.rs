@@ -1,6 +1,6 @@
 //! Faults under load, the short form of `bench/faults.py` (which runs for a minute):
-//! workers are killed with SIGKILL while clients load several sites and sites are
-//! added to the registry.
+//! workers are killed with SIGKILL while clients load several sites, sites are added
+//! to the registry, and one loaded site's limits change again and again.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -9,11 +9,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::http::get;
-use crate::harness::{comm, Node};
+use crate::harness::{comm, is_root, site_cgroup_file, Node};
 
 const SITES: usize = 4;
 const CLIENTS: usize = 8;
 const LOAD: Duration = Duration::from_secs(5);
+/// The pids.max and memory.max the changed site takes in turn: each change renews its
+/// workers, and a lowered pids.max waits for the old ones.
+const CHANGES: [(u32, u64); 2] = [(24, 192 << 20), (64, 256 << 20)];
 
 /// What the clients saw.
 #[derive(Default)]
@@ -34,6 +37,7 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         spec.processes_max = Some(2);
         node.add(spec).await;
     }
+    let changed_spec = node.store().get("s0").unwrap().unwrap();
     let end = Instant::now() + LOAD;
 
     let clients = futures_util::future::join_all((0..CLIENTS).map(|c| async move {
@@ -78,7 +82,21 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         }
         added
     };
-    let (seen, killed, added) = tokio::join!(clients, killer, writer);
+    let changer = async {
+        let mut changes = 0;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (pids, memory) = CHANGES[changes % CHANGES.len()];
+            let mut spec = changed_spec.clone();
+            (spec.pids_max, spec.memory_max) = (Some(pids), Some(memory));
+            node.store()
+                .replace(&spec.validate(roost_registry::FsChecks::Full).unwrap())
+                .unwrap();
+            changes += 1;
+        }
+        changes
+    };
+    let (seen, killed, added, changes) = tokio::join!(clients, killer, writer, changer);
 
     let (ok, failed) = seen
         .iter()
@@ -129,7 +147,8 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
             let pid = line.rsplit(' ').next().unwrap();
             assert!(
                 pid.parse().is_ok_and(|p| killed.contains(&p)),
-                "a 5xx on a worker that was not killed: {line}"
+                "a 5xx on a worker that was not killed: {line}\nERRLOG {}",
+                node.log(&format!("s{i}"), "error.log")
             );
         }
     }
@@ -158,6 +177,21 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
     for host in &added {
         let r = get(node.addr, host, "/pid").await.unwrap();
         assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    assert!(changes >= 10, "only {changes} changes of s0");
+    let (pids, memory) = CHANGES[(changes - 1) % CHANGES.len()];
+    let last = node.store().get("s0").unwrap().unwrap();
+    assert_eq!((last.pids_max, last.memory_max), (Some(pids), Some(memory)));
+    if is_root() {
+        // The last limits are in force, a lowered pids.max too, once what it waited
+        // for (workers killed, workers renewed) has gone.
+        let pids_max = site_cgroup_file(&node.cgroup_name, "s0", "pids.max");
+        node.eventually("s0's last pids.max in force", || async {
+            std::fs::read_to_string(&pids_max).unwrap().trim() == pids.to_string()
+        })
+        .await;
+    } else {
+        eprintln!("not root: s0's cgroup limits not checked (no cgroups)");
     }
     node.stop().await;
 }

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use crate::harness::{alive, get, pid_of, touch_ahead, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,6 +136,81 @@ async fn a_worker_dying_mid_request_gives_502_and_the_next_request_a_fresh_worke
     })
     .await;
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_it_starts_is_started_again_twice_then_backs_off() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let tester = std::fs::read_to_string(&app).unwrap();
+    // Each start says so in the error log, then takes a second to import.
+    std::fs::write(
+        &app,
+        format!(
+            "import os, sys, time\n\
+             print('starting pid %d' % os.getpid(), file=sys.stderr, flush=True)\n\
+             time.sleep(1)\n{tester}"
+        ),
+    )
+    .unwrap();
+    let mut spec = node.spec("killed", &["killed.test"], &app);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+
+    // Twice killed while it starts (an operator, a monitor, a fault): the waiting
+    // request is served by the third, not failed as if the app could not load.
+    let seen = kill_the_worker(&node).await;
+    let request = tokio::spawn(get(node.addr, "killed.test", "/pid"));
+    kill_next_start(&node, kill_next_start(&node, seen).await).await;
+    let r = request.await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Killed at every start (the OOM killer at every import, say): the third kill in
+    // a row is the app failing, with the backoff.
+    let mut seen = kill_the_worker(&node).await;
+    let request = tokio::spawn(get(node.addr, "killed.test", "/pid"));
+    for _ in 0..3 {
+        seen = kill_next_start(&node, seen).await;
+    }
+    let r = request.await.unwrap().unwrap();
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("failed to start"), "{}", r.text());
+    node.eventually("the site to serve after its backoff", || async {
+        get(node.addr, "killed.test", "/pid")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    node.stop().await;
+}
+
+/// How many starts the site "killed" logged (its app says so first).
+fn starts(node: &Node) -> usize {
+    node.log("killed", "error.log")
+        .matches("starting pid")
+        .count()
+}
+
+/// Kills the start after the `seen` ones while it imports; how many have been seen.
+async fn kill_next_start(node: &Node, seen: usize) -> usize {
+    node.eventually(&format!("start {}", seen + 1), || async {
+        starts(node) > seen
+    })
+    .await;
+    let log = node.log("killed", "error.log");
+    let line = log.lines().rfind(|l| l.contains("starting pid")).unwrap();
+    let pid: i32 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    seen + 1
+}
+
+/// Kills the site's one worker, running; how many starts it has logged then.
+async fn kill_the_worker(node: &Node) -> usize {
+    let pid = pid_of(&get(node.addr, "killed.test", "/pid").await.unwrap());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    node.eventually("the worker to go", || async { !alive(pid) })
+        .await;
+    starts(node)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

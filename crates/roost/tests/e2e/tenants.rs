@@ -11,7 +11,9 @@ use roost_registry::{FsChecks, SiteSpec};
 
 use roost::server::SpawnMode;
 
-use crate::harness::{alive, get, python, Load, Node, TestUser};
+use crate::harness::{
+    alive, get, python, site_cgroup_dirs, site_cgroup_file, Load, Node, TestUser,
+};
 
 fn need_root() {
     crate::harness::need_root("it creates Unix users and cgroups");
@@ -428,28 +430,6 @@ async fn a_removed_site_loses_its_cgroups() {
     })
     .await;
     node.stop().await;
-}
-
-/// `file` in the site's cgroup: in whichever hierarchy has it (v1), or the one (v2).
-fn site_cgroup_file(node: &str, site: &str, file: &str) -> PathBuf {
-    site_cgroup_dirs(node, site)
-        .into_iter()
-        .map(|dir| dir.join(file))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("the site's cgroups have no {file}"))
-}
-
-/// Every directory named `<node>/<site>` in the cgroup hierarchies.
-fn site_cgroup_dirs(node: &str, site: &str) -> Vec<PathBuf> {
-    let out = std::process::Command::new("find")
-        .args(["/sys/fs/cgroup", "-type", "d", "-path"])
-        .arg(format!("*/{node}/{site}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(PathBuf::from)
-        .collect()
 }
 
 #[test]

@@ -401,6 +401,28 @@ pub fn comm(pid: u32) -> String {
         .to_owned()
 }
 
+/// `file` in the site's cgroup: in whichever hierarchy has it (v1), or the one (v2).
+pub fn site_cgroup_file(node: &str, site: &str, file: &str) -> PathBuf {
+    site_cgroup_dirs(node, site)
+        .into_iter()
+        .map(|dir| dir.join(file))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("the site's cgroups have no {file}"))
+}
+
+/// Every directory named `<node>/<site>` in the cgroup hierarchies.
+pub fn site_cgroup_dirs(node: &str, site: &str) -> Vec<PathBuf> {
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-type", "d", "-path"])
+        .arg(format!("*/{node}/{site}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// The scheduling policy of a process (the 41st field of /proc/<pid>/stat).
 pub fn sched_policy(pid: u32) -> i32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -55,6 +55,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// First and longest wait before retrying a site whose workers fail to start.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Starts killed from outside (SIGKILL, SIGTERM) in a row that are tried again at once,
+/// the queue kept: an operator's or a monitor's kill, or a fault, is not the app
+/// failing to load; the OOM killer at every import is, and gets the backoff from the
+/// next one on.
+const KILLED_STARTS_RETRIED: u32 = 2;
 
 /// What a pool needs from the node.
 #[derive(Clone)]
@@ -147,6 +152,8 @@ struct Pool {
     sweep: Sweep,
     /// Writes of the site's cgroup limits as it changes.
     limits: limits::LimitsWriter,
+    /// Starts killed from outside since a worker last became ready.
+    killed_starts: u32,
 }
 
 /// Starts the actor of `site`; the task ends after a drain, once its workers exited.
@@ -182,6 +189,7 @@ pub fn spawn_pool(
         empty_since: None,
         sweep: Sweep::Armed,
         limits: limits::LimitsWriter::new(pids_in_force),
+        killed_starts: 0,
     };
     let task = tokio::spawn(tracing::Instrument::instrument(
         pool.run(rx, after, done_tx),
@@ -506,6 +514,7 @@ impl Pool {
                 w.pid = pid;
                 w.slots = follow::slot_states(slots.len(), inboxes);
                 self.failure = None;
+                self.killed_starts = 0;
                 if w.state == State::Retiring {
                     drop(slots);
                     self.stop_if_done(id);
@@ -534,6 +543,12 @@ impl Pool {
                     // Retired while starting (the site changed; its template went with
                     // the old code): not the app's failure, so no backoff.
                     tracing::debug!(error = %crate::error_chain(&error), "a retired worker did not start");
+                    self.spawn_as_needed();
+                    return;
+                }
+                if killed_from_outside(&error) && self.killed_starts < KILLED_STARTS_RETRIED {
+                    self.killed_starts += 1;
+                    tracing::warn!(error = %crate::error_chain(&error), "a starting worker was killed; starting another");
                     self.spawn_as_needed();
                     return;
                 }
@@ -795,6 +810,17 @@ impl Pool {
             self.renew("its entry file changed");
         }
     }
+}
+
+/// Whether a worker's start ended by a signal some other process sends to stop it,
+/// rather than by the app (an exception, an exit, a crash).
+fn killed_from_outside(error: &worker::StartError) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let worker::StartError::Exited(status) = error else {
+        return false;
+    };
+    use nix::sys::signal::Signal;
+    (status.signal()).is_some_and(|s| s == Signal::SIGKILL as i32 || s == Signal::SIGTERM as i32)
 }
 
 /// How long a worker (or a template) may take to import the app.
