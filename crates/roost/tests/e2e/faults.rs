@@ -1,6 +1,7 @@
 //! Faults under load, the short form of `bench/faults.py` (which runs for a minute):
 //! workers are killed with SIGKILL while clients load several sites, sites are added
-//! to the registry, and one loaded site's limits change again and again.
+//! to the registry, one loaded site's limits change again and again, and another is
+//! removed and added back again and again.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ const CHANGES: [(u32, u64); 2] = [(24, 192 << 20), (64, 256 << 20)];
 struct Seen {
     ok: usize,
     failed: usize,
+    /// 404s of the site removed and added back, while it was not in the registry.
+    not_found: usize,
     /// Requests that got no HTTP answer at all: the node must always answer.
     unanswered: Vec<String>,
 }
@@ -38,6 +41,7 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         node.add(spec).await;
     }
     let changed_spec = node.store().get("s0").unwrap().unwrap();
+    let (removed, removed_spec) = (SITES - 1, node.store().get("s3").unwrap().unwrap());
     let end = Instant::now() + LOAD;
 
     let clients = futures_util::future::join_all((0..CLIENTS).map(|c| async move {
@@ -46,8 +50,10 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         while Instant::now() < end {
             n += 1;
             // A few milliseconds in the app, so that kills land mid-request.
-            match get(node.addr, &format!("s{}.test", n % SITES), "/sleep?s=0.005").await {
+            let site = n % SITES;
+            match get(node.addr, &format!("s{site}.test"), "/sleep?s=0.005").await {
                 Ok(r) if r.status == 200 => seen.ok += 1,
+                Ok(r) if r.status == 404 && site == removed => seen.not_found += 1,
                 Ok(_) => seen.failed += 1,
                 Err(e) => seen.unanswered.push(e),
             }
@@ -96,7 +102,25 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         }
         changes
     };
-    let (seen, killed, added, changes) = tokio::join!(clients, killer, writer, changer);
+    let remover = async {
+        let mut removals = 0;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            node.store().remove(&removed_spec.name).unwrap();
+            removals += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            node.store()
+                .add(
+                    &removed_spec
+                        .validate(roost_registry::FsChecks::Full)
+                        .unwrap(),
+                )
+                .unwrap();
+        }
+        removals
+    };
+    let (seen, killed, added, changes, removals) =
+        tokio::join!(clients, killer, writer, changer, remover);
 
     let (ok, failed) = seen
         .iter()
@@ -119,28 +143,20 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
     );
 
     // Every 5xx the node logged was on a worker that was killed, and the clients saw
-    // exactly those.
+    // exactly those. (A 404 of the removed site may be logged, by its draining pool.)
     let mut logged_failures = 0;
+    let loaded = |line: &&str| line.contains("/sleep?") && status_of(line) != 404;
     node.eventually("every request in the access logs", || async {
         let lines: usize = (0..SITES)
             .map(|i| node.log(&format!("s{i}"), "access.log"))
-            .map(|log| log.lines().filter(|l| l.contains("/sleep?")).count())
+            .map(|log| log.lines().filter(loaded).count())
             .sum();
         lines == ok + failed
     })
     .await;
     for i in 0..SITES {
         for line in node.log(&format!("s{i}"), "access.log").lines() {
-            let status: u16 = line
-                .split('"')
-                .nth(2)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            if status < 500 {
+            if status_of(line) < 500 {
                 continue;
             }
             logged_failures += 1;
@@ -179,6 +195,11 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         assert_eq!(r.status, 200, "{host}: {}", r.text());
     }
     assert!(changes >= 10, "only {changes} changes of s0");
+    let not_found: usize = seen.iter().map(|s| s.not_found).sum();
+    eprintln!("{removals} removals of s3, {not_found} requests to it while it was gone");
+    assert!(removals >= 5, "only {removals} removals of s3");
+    let r = get(node.addr, "s3.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 200, "s3, added back: {}", r.text());
     let (pids, memory) = CHANGES[(changes - 1) % CHANGES.len()];
     let last = node.store().get("s0").unwrap().unwrap();
     assert_eq!((last.pids_max, last.memory_max), (Some(pids), Some(memory)));
@@ -194,4 +215,15 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         eprintln!("not root: s0's cgroup limits not checked (no cgroups)");
     }
     node.stop().await;
+}
+
+/// The status of an access log line.
+fn status_of(line: &str) -> u16 {
+    let after_request = line.split('"').nth(2).unwrap();
+    after_request
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

@@ -815,11 +815,11 @@ impl Pool {
 /// Whether a worker's start ended by a signal some other process sends to stop it,
 /// rather than by the app (an exception, an exit, a crash).
 fn killed_from_outside(error: &worker::StartError) -> bool {
+    use nix::sys::signal::Signal;
     use std::os::unix::process::ExitStatusExt;
     let worker::StartError::Exited(status) = error else {
         return false;
     };
-    use nix::sys::signal::Signal;
     (status.signal()).is_some_and(|s| s == Signal::SIGKILL as i32 || s == Signal::SIGTERM as i32)
 }
 
