@@ -248,18 +248,22 @@ impl SiteCgroup {
         Ok(())
     }
 
-    /// Writes the site's limits; called when the site is added or changed. Each
-    /// controller's are written though another's were refused (cgroup v1 refuses a
-    /// memory limit below usage): the first error is returned.
+    /// Writes the site's limits into a cgroup just made: the first error.
     pub fn apply(&self, limits: &PoolSettings) -> Result<(), CgroupError> {
-        let mut first_error = None;
-        for (controller, version, dir) in &self.dirs {
-            let written = apply_one(*controller, *version, dir, limits);
-            if let Err(e) = written {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.apply_each(limits)
+            .into_iter()
+            .next()
+            .map_or(Ok(()), Err)
+    }
+
+    /// Writes the site's limits, each controller's though another's were refused
+    /// (cgroup v1 refuses a memory limit below usage): every error.
+    pub fn apply_each(&self, limits: &PoolSettings) -> Vec<CgroupError> {
+        (self.dirs.iter())
+            .filter_map(|(controller, version, dir)| {
+                apply_one(*controller, *version, dir, limits).err()
+            })
+            .collect()
     }
 
     /// `cgroup.procs` of every directory, opened for the child to write "0" into.
@@ -565,6 +569,19 @@ mod tests {
             1,
             "v2 has one folder for all"
         );
+
+        // A limit that cannot be written keeps none of the others from being written,
+        // and is the one error.
+        std::fs::remove_file(site_dir.join("pids.max")).unwrap();
+        std::fs::create_dir(site_dir.join("pids.max")).unwrap();
+        let errors = site.apply_each(&PoolSettings {
+            // As long as before: a plain file, unlike a control file, keeps what follows.
+            cpu_weight: 300,
+            ..limits
+        });
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].path.ends_with("pids.max"), "{errors:?}");
+        assert_eq!(read("cpu.weight"), "300");
     }
 
     #[test]

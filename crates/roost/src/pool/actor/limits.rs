@@ -71,11 +71,11 @@ impl LimitsWriter {
     }
 }
 
-/// The answer to one write: the pids.max written, and how the write went.
+/// The answer to one write: the pids.max written, and what was not.
 #[derive(Debug)]
 pub struct LimitsWritten {
     pids_max: u32,
-    result: Result<(), CgroupError>,
+    errors: Vec<CgroupError>,
 }
 
 impl Pool {
@@ -113,44 +113,50 @@ impl Pool {
         if std::mem::take(&mut self.limits.again) {
             return self.start_limits_write();
         }
-        // The other controllers' limits are written though one was refused.
-        let pids_refused = (answer.result.as_ref()).is_err_and(|e| e.path.ends_with("pids.max"));
-        if !pids_refused {
-            self.limits.pids_in_force = answer.pids_max;
+        let errors = answer.errors;
+        self.pids_written(answer.pids_max, &errors);
+        self.memory_written(&errors);
+        // What failed otherwise is not a wait for the site to hold less: logged, and
+        // not tried again.
+        for e in errors.iter().filter(|e| !e.is_below_usage()) {
+            tracing::error!(error = %crate::error_chain(e), "cannot update the site's cgroup limits");
         }
-        let (pids_max, logs) = (self.site.pool.pids_max, &self.ctx.logs);
-        if self.limits.pids_in_force == pids_max && std::mem::take(&mut self.limits.pids_held_back)
-        {
+    }
+
+    fn pids_written(&mut self, pids_max: u32, errors: &[CgroupError]) {
+        let state = &mut self.limits;
+        if errors.iter().any(|e| e.path.ends_with("pids.max")) {
+            state.pids_held_back = false;
+            return;
+        }
+        state.pids_in_force = pids_max;
+        let wanted = self.site.pool.pids_max;
+        if pids_max == wanted && std::mem::take(&mut state.pids_held_back) {
             tracing::info!(pids_max, "the site's pids limit is in force");
-            logs.error(&format!(
+            (self.ctx.logs).error(&format!(
                 "the limit of {pids_max} processes and threads is in force"
             ));
         }
-        let state = &mut self.limits;
+    }
+
+    fn memory_written(&mut self, errors: &[CgroupError]) {
+        let (state, logs) = (&mut self.limits, &self.ctx.logs);
         let limit = format_bytes(self.site.pool.memory_max);
-        match answer.result {
-            Ok(()) => {
-                if std::mem::take(&mut state.memory_refused) {
-                    tracing::info!(%limit, "the site's memory limit is in force");
-                    logs.error(&format!("the memory limit of {limit} is in force"));
-                }
+        if errors.iter().any(CgroupError::is_below_usage) {
+            state.memory_retry_at = Instant::now() + MEMORY_RETRY;
+            if !std::mem::replace(&mut state.memory_refused, true) {
+                tracing::warn!(%limit, "the site holds more memory than its new limit: written once it holds less");
+                logs.error(&format!(
+                    "the site's processes hold more memory than its new limit of {limit}: \
+                     the old limit stays until they hold less (its workers are being replaced)"
+                ));
             }
-            Err(e) if e.is_below_usage() => {
-                state.memory_retry_at = Instant::now() + MEMORY_RETRY;
-                if !std::mem::replace(&mut state.memory_refused, true) {
-                    tracing::warn!(%limit, "the site holds more memory than its new limit: written once it holds less");
-                    logs.error(&format!(
-                        "the site's processes hold more memory than its new limit of {limit}: \
-                         the old limit stays until they hold less (its workers are being replaced)"
-                    ));
-                }
-            }
-            Err(e) => {
-                // Not a wait for the site to hold less: not tried again.
-                state.memory_refused = false;
-                state.pids_held_back = false;
-                tracing::error!(error = %crate::error_chain(&e), "cannot update the site's cgroup limits");
-            }
+            return;
+        }
+        let memory_failed = errors.iter().any(|e| is_memory_limit(&e.path));
+        if std::mem::take(&mut state.memory_refused) && !memory_failed {
+            tracing::info!(%limit, "the site's memory limit is in force");
+            logs.error(&format!("the memory limit of {limit} is in force"));
         }
     }
 
@@ -188,11 +194,16 @@ impl Pool {
             // Not joined only when the runtime shuts down: nothing waits for it then.
             let written = tokio::task::spawn_blocking(move || LimitsWritten {
                 pids_max: limits.pids_max,
-                result: cgroup.apply(&limits),
+                errors: cgroup.apply_each(&limits),
             });
             if let Ok(answer) = written.await {
                 let _ = pool.send(PoolControl::LimitsWritten(answer));
             }
         });
     }
+}
+
+/// Whether a control file is one the memory limit is written into.
+fn is_memory_limit(path: &std::path::Path) -> bool {
+    (path.file_name()).is_some_and(|name| name.to_string_lossy().starts_with("memory."))
 }
