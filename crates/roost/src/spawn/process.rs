@@ -40,9 +40,12 @@ impl WorkerProcess {
                 if let Ok(mut guard) = f.pidfd.readable().await {
                     guard.retain_ready();
                 }
-                let status = f.status.take()?;
-                // The zygote reaps at once; its report is only a moment behind.
-                match tokio::time::timeout(Duration::from_secs(1), status).await {
+                // The zygote reaps at once; its report is only a moment behind. Awaited
+                // in place: a wait given up meanwhile (a select's other branch won, as
+                // when the pool stops a worker that was killed) loses no report.
+                let report = tokio::time::timeout(Duration::from_secs(1), f.status.as_mut()?).await;
+                f.status = None;
+                match report {
                     Ok(Ok(raw)) => Some(ExitStatus::from_raw(raw)),
                     _ => None,
                 }

@@ -169,10 +169,12 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         }
     }
     assert_eq!(logged_failures, failed);
-    // The workers died of SIGKILL; none broke the protocol, and no app is blamed.
+    // The workers died of SIGKILL, and their logs say so; none broke the protocol, and
+    // no app is blamed.
     for i in 0..SITES {
         let errors = node.log(&format!("s{i}"), "error.log");
         assert!(!errors.contains("killing worker"), "s{i}: {errors}");
+        assert!(!errors.contains("unknown status"), "s{i}: {errors}");
     }
 
     // The pipes of each killed worker ended with it: the node (this process) holds
