@@ -76,6 +76,12 @@ impl CgroupError {
         self.source.kind() == std::io::ErrorKind::ResourceBusy
             && self.path.ends_with("memory.limit_in_bytes")
     }
+
+    /// Whether the file that failed is `controller`'s (`memory.max`, `pids.max`, ...).
+    pub fn is_of(&self, controller: Controller) -> bool {
+        let prefix = format!("{}.", controller.name());
+        (self.path.file_name()).is_some_and(|name| name.to_string_lossy().starts_with(&prefix))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -581,6 +587,7 @@ mod tests {
         });
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].path.ends_with("pids.max"), "{errors:?}");
+        assert!(errors[0].is_of(Controller::Pids) && !errors[0].is_of(Controller::Cpu));
         assert_eq!(read("cpu.weight"), "300");
     }
 

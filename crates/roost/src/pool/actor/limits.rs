@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::Pool;
 use crate::pool::PoolControl;
-use crate::spawn::cgroup::CgroupError;
+use crate::spawn::cgroup::{CgroupError, Controller};
 use crate::worker::WorkerId;
 
 /// How long a refused memory limit waits for its next try, unless a worker leaves.
@@ -125,7 +125,7 @@ impl Pool {
 
     fn pids_written(&mut self, pids_max: u32, errors: &[CgroupError]) {
         let state = &mut self.limits;
-        if errors.iter().any(|e| e.path.ends_with("pids.max")) {
+        if errors.iter().any(|e| e.is_of(Controller::Pids)) {
             state.pids_held_back = false;
             return;
         }
@@ -153,7 +153,7 @@ impl Pool {
             }
             return;
         }
-        let memory_failed = errors.iter().any(|e| is_memory_limit(&e.path));
+        let memory_failed = errors.iter().any(|e| e.is_of(Controller::Memory));
         if std::mem::take(&mut state.memory_refused) && !memory_failed {
             tracing::info!(%limit, "the site's memory limit is in force");
             logs.error(&format!("the memory limit of {limit} is in force"));
@@ -201,9 +201,4 @@ impl Pool {
             }
         });
     }
-}
-
-/// Whether a control file is one the memory limit is written into.
-fn is_memory_limit(path: &std::path::Path) -> bool {
-    (path.file_name()).is_some_and(|name| name.to_string_lossy().starts_with("memory."))
 }
