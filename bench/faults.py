@@ -11,7 +11,11 @@ present afterwards, and that the node keeps no pipe of a worker that is gone (ea
 worker prints into a pipe the node reads), and that the changed site's last limits
 are in its registry row and, as root with cgroups, in force.
 
-  cargo build --release && python3 bench/faults.py [--seconds 60]     # as root
+With --fork-servers, s1 preloads its app (its workers fork from its template), and
+every 1.5 s the zygote or s1's template is killed in turn, with every worker it forked:
+those count as killed too.
+
+  cargo build --release && python3 bench/faults.py [--seconds 60] [--fork-servers]  # as root
 """
 import argparse
 import http.client
@@ -43,11 +47,52 @@ def cgroup_value(node, site, name):
     return None
 
 
+def parent_of(pid):
+    """The parent pid from /proc/<pid>/stat, or None once it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def comm_of(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def with_descendants(pid, candidates):
+    """`pid` and every process below it among `candidates`."""
+    parents = {p: parent_of(p) for p in candidates}
+    found = [pid]
+    for p in found:
+        found.extend(c for c, parent in parents.items() if parent == p)
+    return found
+
+
+def fork_server(zygotes, node_pid, template):
+    """The node's zygote, or (template) a site's template, among the zygote-mode
+    processes; None if there is none now."""
+    for pid in zygotes:
+        comm = comm_of(pid)
+        if template and comm == "roost-template":
+            return pid
+        if not template and comm not in ("roost-template", "roost-spare") \
+                and parent_of(pid) == node_pid:
+            return pid
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--fork-servers", action="store_true",
+                        help="also kill the zygote and a preloading site's template")
     args = parser.parse_args()
     require_root()
     work = workspace()
@@ -58,18 +103,19 @@ def main():
         subprocess.run([ROOST, "--registry", reg, "site", "set", name, "--pids-max", str(pids),
                         "--memory-max", str(memory)], check=True, stdout=subprocess.DEVNULL)
 
-    def add(name):
+    def add(name, *extra):
         subprocess.run([ROOST, "--registry", reg, "site", "add", name, "--host", name + ".bench",
-                        "--entry", app, "--user", "nobody"], check=True, stdout=subprocess.DEVNULL)
+                        "--entry", app, "--user", "nobody"] + list(extra), check=True,
+                       stdout=subprocess.DEVNULL)
 
     for i in range(args.sites):
-        add("s%d" % i)
+        add("s%d" % i, *(["--preload", "true"] if args.fork_servers and i == 1 else []))
     port = free_port()
     run = os.path.join(work, "run")
     node = serve(reg, port, work, "faults")
     stop = threading.Event()
     lock = threading.Lock()
-    counts = {"ok": 0, "failed": 0, "kills": 0}
+    counts = {"ok": 0, "failed": 0, "kills": 0, "zygote": 0, "template": 0}
     killed = set()
 
     def client(seed):
@@ -100,13 +146,24 @@ def main():
         tick = 0
         changes = 0
         while time.time() < end:
-            workers = processes(loader)[0]
-            if workers:
+            workers, zygotes = processes(loader)
+            victims, server = [], None
+            if args.fork_servers and tick % 15 == 14:  # every 1.5 s
+                server = ("zygote", "template")[(tick // 15) % 2]
+                pid = fork_server(zygotes, node.pid, server == "template")
+                if pid:
+                    victims = with_descendants(pid, workers + zygotes)
+            elif workers:
+                victims = [rng.choice(workers)]
+            if victims:
                 try:
-                    victim = rng.choice(workers)
-                    os.kill(victim, signal.SIGKILL)
-                    killed.add(victim)
-                    counts["kills"] += 1
+                    os.kill(victims[0], signal.SIGKILL)
+                    killed.update(victims)
+                    # Each worker killed (with its fork server or alone) can fail the
+                    # request on it.
+                    counts["kills"] += sum(1 for p in victims if p in workers)
+                    if server:
+                        counts[server] += 1
                 except ProcessLookupError:
                     pass
             tick += 1
@@ -165,6 +222,8 @@ def main():
     print("requests ok      %d" % counts["ok"])
     print("requests failed  %d" % counts["failed"])
     print("workers killed   %d" % counts["kills"])
+    if args.fork_servers:
+        print("  with them: %d zygotes, %d templates" % (counts["zygote"], counts["template"]))
     print("5xx answered     %d (on a worker not killed: %d)" % (answered_5xx, len(misattributed)))
     for line in misattributed[:5]:
         print("  " + line)

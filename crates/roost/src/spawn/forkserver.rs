@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
 use std::pin::Pin;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::process::{watch, Forked};
+use super::process::{watch, Ended, Forked};
 use super::WorkerProcess;
 
 // node -> server
@@ -38,12 +40,12 @@ const Z_READY: u8 = 0x21;
 const Z_SPAWNED: u8 = 0x22;
 const Z_SPAWN_FAILED: u8 = 0x23;
 const Z_EXITED: u8 = 0x24;
+/// How long a server whose control socket failed is given to be seen exiting.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
 /// Largest control message either side sends.
 const MAX_MESSAGE: usize = 64 << 10;
 /// How long a fork may take to be answered.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
-/// What an order to a retired server gets, at once.
-const RETIRED: &str = "it was retired";
 
 /// A started server process and the node's end of its control socket.
 pub struct Launched {
@@ -51,12 +53,45 @@ pub struct Launched {
     pub ctl: OwnedFd,
 }
 
-pub type LaunchFuture = Pin<Box<dyn Future<Output = Result<Launched, String>> + Send>>;
+pub type LaunchFuture = Pin<Box<dyn Future<Output = Result<Launched, ForkServerError>> + Send>>;
 /// Starts the server process; called again after it died.
 pub type Launch = Arc<dyn Fn() -> LaunchFuture + Send + Sync>;
 
 /// What READY said.
 pub type ReadyFields = HashMap<String, String>;
+
+/// Why a fork server did not start, or did not fork.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ForkServerError {
+    #[error("it could not be started: {reason}")]
+    Launch {
+        reason: String,
+        /// Stopped from outside on its way (the zygote a template comes from died).
+        killed: bool,
+    },
+    #[error("it exited before READY ({0})")]
+    ExitedBeforeReady(Ended),
+    #[error("it stopped: it exited ({0})")]
+    Exited(Ended),
+    #[error("it was retired")]
+    Retired,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ForkServerError {
+    /// Whether the server was stopped from outside (killed, or with the zygote that
+    /// forked it) rather than failing by itself.
+    pub fn killed(&self) -> bool {
+        match self {
+            ForkServerError::Launch { killed, .. } => *killed,
+            ForkServerError::ExitedBeforeReady(ended) | ForkServerError::Exited(ended) => {
+                ended.killed()
+            }
+            ForkServerError::Retired | ForkServerError::Failed(_) => false,
+        }
+    }
+}
 
 /// The node's handle on one fork server; cheap to clone.
 #[derive(Clone)]
@@ -68,7 +103,7 @@ pub struct ForkServer {
 
 enum Msg {
     /// Start the server if it is not running; answers once it is ready.
-    Start(oneshot::Sender<Result<(), String>>),
+    Start(oneshot::Sender<Result<(), ForkServerError>>),
     Fork(ForkOrder),
     /// No more forks: the server exits once its children did; SIGKILL at the deadline.
     Retire(Instant),
@@ -77,13 +112,15 @@ enum Msg {
 struct ForkOrder {
     payload: EnvironWriter,
     fds: Vec<OwnedFd>,
-    reply: oneshot::Sender<Result<Forked, String>>,
+    reply: oneshot::Sender<Result<Forked, ForkServerError>>,
 }
 
 impl ForkServer {
-    /// Starts the actor (not the process: that waits for the first need).
-    /// `on_ready` sees every READY, for the log; `start_timeout` bounds the wait for it.
+    /// Starts the actor (not the process: that waits for the first need). `kind` says
+    /// what the server is ("zygote", "template"); `on_ready` sees every READY, for the
+    /// log; `start_timeout` bounds the wait for it.
     pub fn new(
+        kind: &'static str,
         launch: Launch,
         start_timeout: Duration,
         on_ready: fn(&ReadyFields),
@@ -91,6 +128,7 @@ impl ForkServer {
     ) -> ForkServer {
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor {
+            kind,
             launch,
             start_timeout,
             on_ready,
@@ -103,30 +141,35 @@ impl ForkServer {
     }
 
     /// Starts the process if needed and waits until it is ready.
-    pub async fn ready(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<(), ForkServerError> {
         let (reply, started) = oneshot::channel();
         self.tx
             .send(Msg::Start(reply))
-            .map_err(|_| "its actor stopped".to_string())?;
-        started
-            .await
-            .unwrap_or_else(|_| Err("its actor stopped".into()))
+            .map_err(|_| actor_stopped())?;
+        started.await.unwrap_or_else(|_| Err(actor_stopped()))
     }
 
     /// Asks the (ready) server to fork; `fds` go with the order.
-    pub async fn fork(&self, payload: EnvironWriter, fds: Vec<OwnedFd>) -> Result<Forked, String> {
+    pub async fn fork(
+        &self,
+        payload: EnvironWriter,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Forked, ForkServerError> {
         let (reply, forked) = oneshot::channel();
+        let order = ForkOrder {
+            payload,
+            fds,
+            reply,
+        };
         self.tx
-            .send(Msg::Fork(ForkOrder {
-                payload,
-                fds,
-                reply,
-            }))
-            .map_err(|_| "its actor stopped".to_string())?;
+            .send(Msg::Fork(order))
+            .map_err(|_| actor_stopped())?;
         match tokio::time::timeout(FORK_TIMEOUT, forked).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("it stopped during the fork".into()),
-            Err(_) => Err(format!("no answer within {FORK_TIMEOUT:?}")),
+            Ok(Err(_)) => Err(ForkServerError::Failed("it stopped during the fork".into())),
+            Err(_) => Err(ForkServerError::Failed(format!(
+                "no answer within {FORK_TIMEOUT:?}"
+            ))),
         }
     }
 
@@ -144,7 +187,12 @@ impl ForkServer {
     }
 }
 
+fn actor_stopped() -> ForkServerError {
+    ForkServerError::Failed("its actor stopped".into())
+}
+
 struct Actor {
+    kind: &'static str,
     launch: Launch,
     start_timeout: Duration,
     on_ready: fn(&ReadyFields),
@@ -165,13 +213,17 @@ struct Running {
     process: WorkerProcess,
     ctl: AsyncFd<OwnedFd>,
     next_id: u64,
-    pending: HashMap<u64, oneshot::Sender<Result<Forked, String>>>,
-    exits: HashMap<u32, oneshot::Sender<i32>>,
+    pending: HashMap<u64, oneshot::Sender<Result<Forked, ForkServerError>>>,
+    exits: HashMap<u32, oneshot::Sender<Ended>>,
+    /// What the server is, for its children's end ([`Ended::WithItsForkServer`]).
+    kind: &'static str,
 }
 
 impl Actor {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut server: Option<Running> = None;
+        // How the last server ended: a fork ordered after it was ready fails with that.
+        let mut ended: Option<ForkServerError> = None;
         let mut phase = Phase::Open;
         let mut orphaned = false;
         loop {
@@ -192,10 +244,10 @@ impl Actor {
                     // spawn in flight as its last site went) are refused at once, not
                     // left unread until the server has gone.
                     Some(Msg::Start(reply)) if phase != Phase::Open => {
-                        let _ = reply.send(Err(RETIRED.into()));
+                        let _ = reply.send(Err(ForkServerError::Retired));
                     }
                     Some(Msg::Fork(order)) if phase != Phase::Open => {
-                        let _ = order.reply.send(Err(RETIRED.into()));
+                        let _ = order.reply.send(Err(ForkServerError::Retired));
                     }
                     Some(Msg::Retire(_)) if phase != Phase::Open => {}
                     Some(Msg::Start(reply)) => {
@@ -213,7 +265,10 @@ impl Actor {
                     Some(Msg::Fork(order)) => match &mut server {
                         Some(s) => s.send(order),
                         None => {
-                            let _ = order.reply.send(Err("it is not running".into()));
+                            let why = ended.clone().unwrap_or_else(|| {
+                                ForkServerError::Failed("it is not running".into())
+                            });
+                            let _ = order.reply.send(Err(why));
                         }
                     },
                     Some(Msg::Retire(deadline)) => match &mut server {
@@ -242,42 +297,55 @@ impl Actor {
                     let s = server.take().expect("events only run with a server");
                     if phase != Phase::Open {
                         tracing::debug!(reason = %died, "retired fork server exited");
+                        s.fail_all(&died);
                         break;
                     }
                     tracing::warn!(reason = %died, "fork server stopped; a new one starts on the next need");
                     s.process.kill_group();
                     s.fail_all(&died);
+                    ended = Some(died);
                 }
             }
         }
     }
 
     /// Starts the server and waits for its READY.
-    async fn start(&self) -> Result<Running, String> {
+    async fn start(&self) -> Result<Running, ForkServerError> {
         let Launched { process, ctl } = (self.launch)().await?;
-        let ctl = watch(ctl).map_err(|e| format!("cannot watch the control socket: {e}"))?;
+        let ctl = watch(ctl).map_err(|e| {
+            ForkServerError::Failed(format!("cannot watch the control socket: {e}"))
+        })?;
         let mut s = Running {
             process,
             ctl,
             next_id: 1,
             pending: HashMap::new(),
             exits: HashMap::new(),
+            kind: self.kind,
         };
         let ready = tokio::select! {
-            r = tokio::time::timeout(self.start_timeout, recv(&s.ctl)) => r
-                .unwrap_or_else(|_| Err(format!("no READY within {:?}", self.start_timeout))),
-            status = s.process.wait() => Err(match status {
-                Some(status) => format!("it exited before READY ({status})"),
-                None => "it exited before READY".into(),
-            }),
+            r = tokio::time::timeout(self.start_timeout, recv(&s.ctl)) => match r {
+                Ok(Ok(message)) => Ok(message),
+                Ok(Err(reason)) => Err(match s.exited_or(reason).await {
+                    Ok(ended) => ForkServerError::ExitedBeforeReady(ended),
+                    Err(reason) => ForkServerError::Failed(reason),
+                }),
+                Err(_) => Err(ForkServerError::Failed(format!(
+                    "no READY within {:?}",
+                    self.start_timeout
+                ))),
+            },
+            ended = s.process.wait() => Err(ForkServerError::ExitedBeforeReady(ended)),
         };
         let result = match ready {
             Ok((Z_READY, fields, _)) => {
                 (self.on_ready)(&fields);
                 return Ok(s);
             }
-            Ok((kind, _, _)) => format!("it said 0x{kind:02x} instead of READY"),
-            Err(reason) => reason,
+            Ok((kind, _, _)) => {
+                ForkServerError::Failed(format!("it said 0x{kind:02x} instead of READY"))
+            }
+            Err(error) => error,
         };
         s.process.kill_group();
         let _ = s.process.wait().await;
@@ -297,11 +365,14 @@ impl Running {
         message.push(0);
         message.extend_from_slice(&order.payload.finish());
         match self.send_message(&message, &order.fds) {
-            Ok(()) => {
+            // Its end is closed: it is on its way out, and the order fails with how it
+            // ended, as those in flight do, when the actor sees it go.
+            Ok(()) | Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
                 self.pending.insert(id, order.reply);
             }
             Err(e) => {
-                let _ = order.reply.send(Err(format!("cannot reach it: {e}")));
+                let unreachable = ForkServerError::Failed(format!("cannot reach it: {e}"));
+                let _ = order.reply.send(Err(unreachable));
             }
         }
         // The descriptors are the server's now (or nobody's): ours close here.
@@ -327,26 +398,37 @@ impl Running {
             self.process.kill_group();
         }
         for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err(RETIRED.into()));
+            let _ = reply.send(Err(ForkServerError::Retired));
         }
         Phase::Retired(deadline)
     }
 
+    /// The control socket failed for `reason`. A server that dies closes it on its way
+    /// out: how it ended, if seen within [`EXIT_AFTER_CLOSE`], says more.
+    async fn exited_or(&mut self, reason: String) -> Result<Ended, String> {
+        tokio::time::timeout(EXIT_AFTER_CLOSE, self.process.wait())
+            .await
+            .map_err(|_| reason)
+    }
+
     /// Handles messages until the server goes away or breaks the protocol; returns why.
-    async fn events(&mut self) -> String {
+    async fn events(&mut self) -> ForkServerError {
+        match self.handle_messages().await {
+            Ok(ended) => ForkServerError::Exited(ended),
+            Err(reason) => ForkServerError::Failed(format!("it stopped: {reason}")),
+        }
+    }
+
+    /// Handles messages until the server exits (how) or breaks the protocol (why).
+    async fn handle_messages(&mut self) -> Result<Ended, String> {
         loop {
             let message = tokio::select! {
                 m = recv(&self.ctl) => m,
-                status = self.process.wait() => {
-                    return match status {
-                        Some(s) => format!("it exited ({s})"),
-                        None => "it exited".into(),
-                    };
-                }
+                ended = self.process.wait() => return Ok(ended),
             };
             let (kind, fields, mut fds) = match message {
                 Ok(m) => m,
-                Err(reason) => return reason,
+                Err(reason) => return self.exited_or(reason).await,
             };
             let number = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
             match kind {
@@ -354,7 +436,7 @@ impl Running {
                     let (Some(id), Some(pid), Some(pidfd), true) =
                         (number("id"), number("pid"), fds.pop(), fds.is_empty())
                     else {
-                        return "it sent a SPAWNED without id, pid and one pidfd".into();
+                        return Err("it sent a SPAWNED without id, pid and one pidfd".into());
                     };
                     let pid = match u32::try_from(pid) {
                         Ok(pid) if is_child(&pidfd, pid, self.process.pid()) => pid,
@@ -365,16 +447,16 @@ impl Running {
                         // its interpreter, with it.
                         _ if has_exited(&pidfd) => {
                             if let Some(reply) = self.pending.remove(&id) {
-                                let _ = reply.send(Err(format!(
+                                let _ = reply.send(Err(ForkServerError::Failed(format!(
                                     "the new process (pid {pid}) exited as soon as it was forked"
-                                )));
+                                ))));
                             }
                             continue;
                         }
                         _ => {
-                            return format!(
+                            return Err(format!(
                                 "it sent a SPAWNED for pid {pid}, which it did not fork"
-                            )
+                            ))
                         }
                     };
                     let Some(reply) = self.pending.remove(&id) else {
@@ -391,15 +473,16 @@ impl Running {
                             }));
                         }
                         Err(e) => {
-                            let _ =
-                                reply.send(Err(format!("cannot watch the worker's pidfd: {e}")));
+                            let _ = reply.send(Err(ForkServerError::Failed(format!(
+                                "cannot watch the worker's pidfd: {e}"
+                            ))));
                         }
                     }
                 }
                 Z_SPAWN_FAILED => {
                     if let Some(reply) = number("id").and_then(|id| self.pending.remove(&id)) {
                         let why = fields.get("error").cloned().unwrap_or_default();
-                        let _ = reply.send(Err(why));
+                        let _ = reply.send(Err(ForkServerError::Failed(why)));
                     }
                 }
                 Z_EXITED => {
@@ -407,20 +490,24 @@ impl Running {
                     let status = fields.get("status").and_then(|s| s.parse().ok());
                     if let (Some(pid), Some(status)) = (pid, status) {
                         if let Some(tx) = self.exits.remove(&pid) {
-                            let _ = tx.send(status);
+                            let _ = tx.send(Ended::Status(ExitStatus::from_raw(status)));
                         }
                     }
                 }
-                other => return format!("it sent an unknown message 0x{other:02x}"),
+                other => return Err(format!("it sent an unknown message 0x{other:02x}")),
             }
         }
     }
 
-    fn fail_all(self, why: &str) {
+    /// The server is gone: the forks in flight fail with `why`, and its children died
+    /// with it (their parent-death signal), which is all that can be said of their end.
+    fn fail_all(self, why: &ForkServerError) {
         for (_, reply) in self.pending {
-            let _ = reply.send(Err(format!("it stopped: {why}")));
+            let _ = reply.send(Err(why.clone()));
         }
-        // Its children died with it (their parent-death signal); their pidfds say so.
+        for (_, exit) in self.exits {
+            let _ = exit.send(Ended::WithItsForkServer(self.kind));
+        }
     }
 }
 

@@ -43,12 +43,13 @@ use std::sync::Arc;
 use roost_registry::{OwnerError, Site};
 
 pub use cgroup::{Cgroups, SiteCgroup};
+pub use forkserver::ForkServerError;
 pub use inherited::seal_inherited_fds;
 pub use landlock_scope::LandlockScope;
 pub use plain::PlainSpawner;
 pub use prepare::SpawnConfig;
 pub use private_mounts::PrivateTargets;
-pub use process::WorkerProcess;
+pub use process::{Ended, WorkerProcess};
 pub use site_files::{FilesStalled, SiteFiles, LOOK_WITHIN};
 pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;
@@ -146,11 +147,25 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     #[error("the zygote for {python} is not available: {reason}")]
-    Zygote { python: PathBuf, reason: String },
+    Zygote {
+        python: PathBuf,
+        reason: ForkServerError,
+    },
     #[error("the zygote could not fork the worker: {0}")]
     Fork(String),
     #[error("the site's template is not available: {0}")]
-    Template(String),
+    Template(ForkServerError),
+}
+
+impl SpawnError {
+    /// Whether the spawn failed because the process forking the worker was stopped from
+    /// outside (a kill, or the zygote a template came from dying): not the site's fault.
+    pub fn killed_from_outside(&self) -> bool {
+        match self {
+            SpawnError::Zygote { reason, .. } | SpawnError::Template(reason) => reason.killed(),
+            _ => false,
+        }
+    }
 }
 
 pub type SpawnFuture<'a> =

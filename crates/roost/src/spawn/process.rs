@@ -17,11 +17,52 @@ pub enum WorkerProcess {
 }
 
 /// A worker forked by a zygote: not our child, so no `wait`; its pidfd turns readable
-/// when it exits, and the zygote (which reaps it) reports the status.
+/// when it exits, and the zygote (which reaps it) reports how it ended.
 pub struct Forked {
     pub pid: u32,
     pub pidfd: AsyncFd<OwnedFd>,
-    pub status: Option<oneshot::Receiver<i32>>,
+    pub status: Option<oneshot::Receiver<Ended>>,
+}
+
+/// How a process the node watches ended, as far as the node can know.
+#[derive(Clone, Copy, Debug)]
+pub enum Ended {
+    Status(ExitStatus),
+    /// The fork server (`"zygote"` or `"template"`) that forked it died before it said
+    /// how this process ended: the process died with it (its parent-death signal).
+    WithItsForkServer(&'static str),
+    /// Nothing said how.
+    Unknown,
+}
+
+impl Ended {
+    pub fn success(self) -> bool {
+        matches!(self, Ended::Status(s) if s.success())
+    }
+
+    /// Whether it was stopped from outside, by a signal a process sends to end another
+    /// (SIGKILL, SIGTERM) or with the fork server it came from, rather than ending by
+    /// its own doing (an exit, an exception, a crash).
+    pub fn killed(self) -> bool {
+        match self {
+            Ended::Status(s) => (s.signal())
+                .is_some_and(|s| s == Signal::SIGKILL as i32 || s == Signal::SIGTERM as i32),
+            Ended::WithItsForkServer(_) => true,
+            Ended::Unknown => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Status(s) => write!(f, "{s}"),
+            Ended::WithItsForkServer(server) => {
+                write!(f, "killed with the {server} that forked it")
+            }
+            Ended::Unknown => f.write_str("an unknown status"),
+        }
+    }
 }
 
 impl WorkerProcess {
@@ -32,10 +73,10 @@ impl WorkerProcess {
         }
     }
 
-    /// Waits for the process to end; the status when it is known.
-    pub async fn wait(&mut self) -> Option<ExitStatus> {
+    /// Waits for the process to end; how, as far as it is known.
+    pub async fn wait(&mut self) -> Ended {
         match self {
-            WorkerProcess::Child(c) => c.wait().await.ok(),
+            WorkerProcess::Child(c) => c.wait().await.map_or(Ended::Unknown, Ended::Status),
             WorkerProcess::Forked(f) => {
                 if let Ok(mut guard) = f.pidfd.readable().await {
                     guard.retain_ready();
@@ -43,11 +84,14 @@ impl WorkerProcess {
                 // The zygote reaps at once; its report is only a moment behind. Awaited
                 // in place: a wait given up meanwhile (a select's other branch won, as
                 // when the pool stops a worker that was killed) loses no report.
-                let report = tokio::time::timeout(Duration::from_secs(1), f.status.as_mut()?).await;
+                let Some(status) = f.status.as_mut() else {
+                    return Ended::Unknown;
+                };
+                let report = tokio::time::timeout(Duration::from_secs(1), status).await;
                 f.status = None;
                 match report {
-                    Ok(Ok(raw)) => Some(ExitStatus::from_raw(raw)),
-                    _ => None,
+                    Ok(Ok(ended)) => ended,
+                    _ => Ended::Unknown,
                 }
             }
         }

@@ -17,7 +17,7 @@ use roost_registry::Site;
 use roost_wire::EnvironWriter;
 use tokio::time::Instant;
 
-use super::forkserver::{ForkServer, Launch, Launched, ReadyFields};
+use super::forkserver::{ForkServer, ForkServerError, Launch, Launched, ReadyFields};
 use super::plain::socket_pairs;
 use super::{
     Role, SiteCgroup, SiteFiles, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker,
@@ -60,12 +60,18 @@ impl SiteTemplate {
                     cgroup: &cgroup,
                     files: &files,
                 };
-                let spawned = spawner
-                    .spawn(request)
-                    .await
-                    .map_err(|e| crate::error_chain(&e))?;
+                let spawned =
+                    spawner
+                        .spawn(request)
+                        .await
+                        .map_err(|e| ForkServerError::Launch {
+                            reason: crate::error_chain(&e),
+                            killed: e.killed_from_outside(),
+                        })?;
                 let ctl = spawned.sockets.into_iter().next();
-                let ctl = ctl.ok_or("the template got no control socket")?;
+                let ctl = ctl.ok_or_else(|| {
+                    ForkServerError::Failed("the template got no control socket".into())
+                })?;
                 Ok(Launched {
                     process: spawned.process,
                     ctl,
@@ -85,6 +91,7 @@ impl SiteTemplate {
         current
             .get_or_insert_with(|| {
                 ForkServer::new(
+                    "template",
                     self.launch.clone(),
                     self.start_timeout,
                     log_ready,

@@ -32,7 +32,7 @@ use std::time::Duration;
 use roost_wire::EnvironWriter;
 
 use super::child::{ChildPlan, WORKER_NOFILE};
-use super::forkserver::{control_pair, ForkServer, Launch, Launched, ReadyFields};
+use super::forkserver::{control_pair, ForkServer, ForkServerError, Launch, Launched, ReadyFields};
 use super::plain::{entry_args, socket_pairs, PlainSpawner};
 use super::prepare::{prepare, SpawnConfig};
 use super::{
@@ -151,9 +151,15 @@ impl ZygoteSpawner {
         let span = tracing::info_span!("zygote", python = %python.display());
         let launch: Launch = Arc::new(move || {
             let (python, config) = (python.clone(), config.clone());
-            Box::pin(async move { launch(&python, &config) })
+            Box::pin(async move { launch(&python, &config).map_err(ForkServerError::Failed) })
         });
-        Zygote::Server(ForkServer::new(launch, START_TIMEOUT, log_ready, span))
+        Zygote::Server(ForkServer::new(
+            "zygote",
+            launch,
+            START_TIMEOUT,
+            log_ready,
+            span,
+        ))
     }
 
     /// Spawns `key`'s workers plainly for a while: longer than `before`, the last wait,
@@ -202,6 +208,11 @@ impl ZygoteSpawner {
         if let Err(reason) = server.ready().await {
             if server.is_retired() {
                 return self.plain_after_retirement(request, &key).await;
+            }
+            if reason.killed() {
+                // Not the interpreter's fault: the next spawn starts a zygote again.
+                tracing::warn!(python = %key.python.display(), %reason, "the zygote was killed while it started; this worker is spawned plainly");
+                return self.plain.start(request).await;
             }
             tracing::warn!(python = %key.python.display(), %reason, "no zygote for this interpreter; spawning its workers plainly");
             self.mark_plain(&key, retried);

@@ -26,7 +26,7 @@ pub use conn::{ConnError, FrameReader, SlotConn};
 pub use inbox::{has_inbox, Foreign, Inbox, Packet, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
 
 use crate::logs::SiteLogs;
-use crate::spawn::{Role, SiteCgroup, SiteFiles, Spawn, SpawnRequest};
+use crate::spawn::{Ended, Role, SiteCgroup, SiteFiles, Spawn, SpawnRequest};
 
 /// Identifies a worker within the node for its whole life (pids get reused).
 pub type WorkerId = u64;
@@ -64,7 +64,7 @@ pub enum StartError {
     #[error("the application failed to load (traceback in the error log)")]
     AppFailed,
     #[error("the worker exited during start-up ({0})")]
-    Exited(std::process::ExitStatus),
+    Exited(crate::spawn::Ended),
     #[error("the worker did not become ready within {0:?}")]
     Timeout(Duration),
     #[error("the worker speaks protocol version {0}, this node {PROTOCOL_VERSION}")]
@@ -73,6 +73,18 @@ pub enum StartError {
     Handshake(#[source] ConnError),
     #[error("stopped during start-up")]
     Stopped,
+}
+
+impl StartError {
+    /// Whether the start was ended from outside (the worker, or the process forking it,
+    /// killed by someone), rather than by the app (an exception, an exit, a crash).
+    pub fn killed_from_outside(&self) -> bool {
+        match self {
+            StartError::Exited(ended) => ended.killed(),
+            StartError::Spawn(error) => error.killed_from_outside(),
+            _ => false,
+        }
+    }
 }
 
 /// What a worker task tells its pool.
@@ -92,7 +104,7 @@ pub enum WorkerEvent {
     },
     Exited {
         id: WorkerId,
-        status: Option<std::process::ExitStatus>,
+        status: Ended,
     },
 }
 
@@ -213,9 +225,11 @@ async fn run(
         Err(mut error) => {
             drop(slots);
             process.kill_group();
-            let status = process.wait().await;
-            if let (StartError::Handshake(ConnError::Closed), Some(s)) = (&error, status) {
-                error = StartError::Exited(s);
+            let ended = process.wait().await;
+            if matches!(error, StartError::Handshake(ConnError::Closed))
+                && !matches!(ended, Ended::Unknown)
+            {
+                error = StartError::Exited(ended);
             }
             if !matches!(error, StartError::AppFailed | StartError::Stopped) {
                 logs.error(&format!(

@@ -1,7 +1,8 @@
 //! Faults under load, the short form of `bench/faults.py` (which runs for a minute):
 //! workers are killed with SIGKILL while clients load several sites, sites are added
 //! to the registry, one loaded site's limits change again and again, and another is
-//! removed and added back again and again.
+//! removed and added back again and again. And the processes that fork workers (the
+//! zygote, a site's template) killed under load.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::http::get;
-use crate::harness::{comm, is_root, site_cgroup_file, Node};
+use crate::harness::{comm, is_root, parent_of, site_cgroup_file, Node};
 
 const SITES: usize = 4;
 const CLIENTS: usize = 8;
@@ -44,23 +45,8 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
     let removed = SITES - 1;
     let removed_spec = node.store().get(&format!("s{removed}")).unwrap().unwrap();
     let end = Instant::now() + LOAD;
-
-    let clients = futures_util::future::join_all((0..CLIENTS).map(|c| async move {
-        let mut seen = Seen::default();
-        let mut n = c;
-        while Instant::now() < end {
-            n += 1;
-            // A few milliseconds in the app, so that kills land mid-request.
-            let site = n % SITES;
-            match get(node.addr, &format!("s{site}.test"), "/sleep?s=0.005").await {
-                Ok(r) if r.status == 200 => seen.ok += 1,
-                Ok(r) if r.status == 404 && site == removed => seen.not_found += 1,
-                Ok(_) => seen.failed += 1,
-                Err(e) => seen.unanswered.push(e),
-            }
-        }
-        seen
-    }));
+    let sites: Vec<String> = (0..SITES).map(|i| format!("s{i}")).collect();
+    let clients = load(&node, &sites, Some(removed), end);
     let killer = async {
         let mut killed = HashSet::new();
         while Instant::now() < end {
@@ -123,60 +109,14 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
     let (seen, killed, added, changes, removals) =
         tokio::join!(clients, killer, writer, changer, remover);
 
-    let (ok, failed) = seen
-        .iter()
-        .fold((0, 0), |(o, f), s| (o + s.ok, f + s.failed));
-    let unanswered: Vec<&String> = seen.iter().flat_map(|s| &s.unanswered).collect();
-    assert!(
-        unanswered.is_empty(),
-        "requests without an answer: {unanswered:?}"
-    );
     assert!(killed.len() >= 20, "only {} workers killed", killed.len());
-    assert!(
-        ok > 0 && failed > 0,
-        "{ok} answered, {failed} failed: no kill hit a request"
-    );
     // One slot per worker: a kill can fail at most the request on it.
+    let failed = failures_only_on(&node, &sites, &seen, &killed).await;
     assert!(
         failed <= killed.len(),
         "{failed} failed for {} kills",
         killed.len()
     );
-
-    // Every 5xx the node logged was on a worker that was killed, and the clients saw
-    // exactly those. (A 404 of the removed site may be logged, by its draining pool.)
-    let mut logged_failures = 0;
-    let loaded = |line: &&str| line.contains("/sleep?") && status_of(line) != 404;
-    node.eventually("every request in the access logs", || async {
-        let lines: usize = (0..SITES)
-            .map(|i| node.log(&format!("s{i}"), "access.log"))
-            .map(|log| log.lines().filter(loaded).count())
-            .sum();
-        lines == ok + failed
-    })
-    .await;
-    for i in 0..SITES {
-        for line in node.log(&format!("s{i}"), "access.log").lines() {
-            if status_of(line) < 500 {
-                continue;
-            }
-            logged_failures += 1;
-            let pid = line.rsplit(' ').next().unwrap();
-            assert!(
-                pid.parse().is_ok_and(|p| killed.contains(&p)),
-                "a 5xx on a worker that was not killed: {line}\nits error log:\n{}",
-                node.log(&format!("s{i}"), "error.log")
-            );
-        }
-    }
-    assert_eq!(logged_failures, failed);
-    // The workers died of SIGKILL, and their logs say so; none broke the protocol, and
-    // no app is blamed.
-    for i in 0..SITES {
-        let errors = node.log(&format!("s{i}"), "error.log");
-        assert!(!errors.contains("killing worker"), "s{i}: {errors}");
-        assert!(!errors.contains("unknown status"), "s{i}: {errors}");
-    }
 
     // The pipes of each killed worker ended with it: the node (this process) holds
     // three per live worker (its output, both ends of its one slot's inbox); the
@@ -220,6 +160,213 @@ async fn workers_killed_under_load_fail_only_their_own_requests() {
         eprintln!("not root: s0's cgroup limits not checked (no cgroups)");
     }
     node.stop().await;
+}
+
+/// A zygote killed under load takes every worker it forked with it, a template its
+/// site's: the requests on those fail, and no other (a spawn on its way when its fork
+/// server died is started again, not taken for the app failing to load); every death
+/// is logged with its cause, and both sites serve after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fork_servers_killed_under_load_fail_only_their_workers_requests() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let sites: Vec<String> = ["forked", "preloaded"].map(String::from).to_vec();
+    for name in &sites {
+        let mut spec = node.spec(name, &[&format!("{name}.test")], &app);
+        spec.processes_max = Some(2);
+        spec.preload = Some(name == "preloaded");
+        node.add(spec).await;
+    }
+    let end = Instant::now() + LOAD;
+    let clients = load(&node, &sites, None, end);
+    let killer = async {
+        let mut killed = HashSet::new();
+        let mut servers_killed = [0, 0];
+        let mut round = 0;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            round += 1;
+            let processes = loader_processes(&node);
+            let workers: Vec<u32> = (processes.iter())
+                .filter(|p| p.comm == "roost-worker")
+                .map(|p| p.pid)
+                .collect();
+            // Every 700 ms the zygote or the template in turn, and with it its
+            // workers; a worker otherwise.
+            let victim = if round % 7 == 0 {
+                let which = (round / 7) % 2;
+                let server = processes.iter().find(|p| match which {
+                    0 => p.comm != "roost-template" && p.parent == std::process::id(),
+                    _ => p.comm == "roost-template",
+                });
+                server.map(|p| (p.pid, which))
+            } else {
+                workers.get(round % workers.len().max(1)).map(|&w| (w, 2))
+            };
+            let Some((pid, which)) = victim else {
+                continue;
+            };
+            let mut gone = descendants(&processes, pid);
+            gone.push(pid);
+            if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+                killed.extend(gone);
+                if which < 2 {
+                    servers_killed[which] += 1;
+                }
+            }
+        }
+        (killed, servers_killed)
+    };
+    let (seen, (killed, [zygotes, templates])) = tokio::join!(clients, killer);
+    assert!(
+        zygotes >= 2 && templates >= 2,
+        "{zygotes} zygotes and {templates} templates killed"
+    );
+    failures_only_on(&node, &sites, &seen, &killed).await;
+    for name in &sites {
+        let r = get(node.addr, &format!("{name}.test"), "/pid")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    for (name, server) in [("forked", "zygote"), ("preloaded", "template")] {
+        let with_it = format!("killed with the {server} that forked it");
+        assert!(
+            node.log(name, "error.log").contains(&with_it),
+            "{name}'s error log never says {with_it:?}"
+        );
+    }
+    node.stop().await;
+}
+
+/// Clients load `sites` (round robin, a few milliseconds in the app each, so kills
+/// land mid-request) until `end`; requests to the site numbered `may_be_gone` may get
+/// 404 (it is removed and added back meanwhile).
+async fn load(
+    node: &Node,
+    sites: &[String],
+    may_be_gone: Option<usize>,
+    end: Instant,
+) -> Vec<Seen> {
+    futures_util::future::join_all((0..CLIENTS).map(|c| async move {
+        let mut seen = Seen::default();
+        let mut n = c;
+        while Instant::now() < end {
+            n += 1;
+            let site = n % sites.len();
+            match get(
+                node.addr,
+                &format!("{}.test", sites[site]),
+                "/sleep?s=0.005",
+            )
+            .await
+            {
+                Ok(r) if r.status == 200 => seen.ok += 1,
+                Ok(r) if r.status == 404 && may_be_gone == Some(site) => seen.not_found += 1,
+                Ok(_) => seen.failed += 1,
+                Err(e) => seen.unanswered.push(e),
+            }
+        }
+        seen
+    }))
+    .await
+}
+
+/// Checks that every request was answered, some failed, and every 5xx the node logged
+/// was on a worker in `killed`, exactly the failures the clients saw; that the
+/// workers' deaths were logged with their cause, none for breaking the protocol.
+/// Returns how many failed.
+async fn failures_only_on(
+    node: &Node,
+    sites: &[String],
+    seen: &[Seen],
+    killed: &HashSet<u32>,
+) -> usize {
+    let (ok, failed) = seen
+        .iter()
+        .fold((0, 0), |(o, f), s| (o + s.ok, f + s.failed));
+    let unanswered: Vec<&String> = seen.iter().flat_map(|s| &s.unanswered).collect();
+    assert!(
+        unanswered.is_empty(),
+        "requests without an answer: {unanswered:?}"
+    );
+    assert!(
+        ok > 0 && failed > 0,
+        "{ok} answered, {failed} failed: no kill hit a request"
+    );
+    // (A 404 of a removed site may be logged, by its draining pool.)
+    let loaded = |line: &&str| line.contains("/sleep?") && status_of(line) != 404;
+    node.eventually("every request in the access logs", || async {
+        let lines: usize = (sites.iter())
+            .map(|site| node.log(site, "access.log"))
+            .map(|log| log.lines().filter(loaded).count())
+            .sum();
+        lines == ok + failed
+    })
+    .await;
+    let mut logged_failures = 0;
+    for site in sites {
+        for line in node.log(site, "access.log").lines() {
+            if status_of(line) < 500 {
+                continue;
+            }
+            logged_failures += 1;
+            let pid = line.rsplit(' ').next().unwrap();
+            assert!(
+                pid.parse().is_ok_and(|p| killed.contains(&p)),
+                "a 5xx on a worker that was not killed: {line}\nits error log:\n{}",
+                node.log(site, "error.log")
+            );
+        }
+    }
+    assert_eq!(logged_failures, failed);
+    for site in sites {
+        let errors = node.log(site, "error.log");
+        assert!(!errors.contains("killing worker"), "{site}: {errors}");
+        assert!(!errors.contains("unknown status"), "{site}: {errors}");
+    }
+    failed
+}
+
+/// A process running the node's loader: a zygote, a spare, a template or a worker.
+struct LoaderProcess {
+    pid: u32,
+    parent: u32,
+    comm: String,
+}
+
+fn loader_processes(node: &Node) -> Vec<LoaderProcess> {
+    let loader = node.dir.path().join("run/loader.py");
+    let loader = loader.to_string_lossy();
+    (std::fs::read_dir("/proc").unwrap().flatten())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (cmdline.split(|b| *b == 0)).any(|arg| arg == loader.as_bytes())
+        })
+        .map(|pid| LoaderProcess {
+            pid,
+            parent: parent_of(pid),
+            comm: comm(pid),
+        })
+        .collect()
+}
+
+/// Every process below `pid` among `processes`.
+fn descendants(processes: &[LoaderProcess], pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            processes
+                .iter()
+                .filter(|p| p.parent == parent)
+                .map(|p| p.pid),
+        );
+        i += 1;
+    }
+    found.split_off(1)
 }
 
 /// The status of an access log line.

@@ -5,7 +5,10 @@ use std::process::Command;
 
 use roost_registry::SiteSpec;
 
-use crate::harness::{get, python, Node};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::harness::{get, parent_of, pid_of, python, Node};
 
 /// A site's interpreter named as the virtualenv's folder or as its `bin/python`: either
 /// way its workers see the venv's packages. Until the twelfth session a zygote's
@@ -186,5 +189,77 @@ async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
         "sharedpkg: the runtime shared preloads 1.0, the site's virtualenv has 2.0",
     )
     .await;
+    node.stop().await;
+}
+
+/// A zygote killed while it preloads (an operator, the OOM killer) is not the runtime
+/// failing: the worker waiting for it is spawned plainly, and the next one is forked by
+/// a zygote again, where a zygote that cannot start leaves the runtime's workers
+/// spawned plainly for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_killed_while_it_preloads_is_started_again_at_the_next_need() {
+    let node = Node::start().await;
+    let root = node.dir.path().join("rt");
+    let starts = node.dir.path().join("zygote-starts");
+    // The zygote (root, or the node's user) notes its pid, then preloads for a second.
+    let slow = format!(
+        "import os, time\n\
+         with open({:?}, 'a') as f:\n\
+         \x20   f.write('%d\\n' % os.getpid())\n\
+         time.sleep(1)\n",
+        starts.display().to_string()
+    );
+    let venv = venv_with(&root.join("venv"), &[("slowpkg", &slow)], &[]);
+    let runtime = roost_registry::Runtime::validate(
+        "slow",
+        &python(),
+        Some(venv.to_str().unwrap()),
+        &["slowpkg".into()],
+        roost_registry::FsChecks::Full,
+    )
+    .unwrap();
+    node.store().add_runtime(&runtime).unwrap();
+    let app = node.app("tester.py");
+    let mut spec = node.spec("slow", &["slow.test"], &app);
+    spec.runtime = Some("slow".into());
+    let mut site = spec.validate(roost_registry::FsChecks::Full).unwrap();
+    node.store().attach_runtime(&spec, &mut site).unwrap();
+    node.store().add(&site).unwrap();
+
+    // The first request the node routes to the site starts its zygote.
+    let addr = node.addr;
+    let request = tokio::spawn(async move {
+        loop {
+            match get(addr, "slow.test", "/pid").await {
+                Ok(r) if r.status == 404 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => return other,
+            }
+        }
+    });
+    let zygote_starts = || std::fs::read_to_string(&starts).unwrap_or_default();
+    node.eventually("the zygote to start preloading", || async {
+        zygote_starts().ends_with('\n')
+    })
+    .await;
+    let zygote: i32 = zygote_starts().trim().parse().unwrap();
+    kill(Pid::from_raw(zygote), Signal::SIGKILL).unwrap();
+    let r = request.await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let node_pid = std::process::id();
+    assert_eq!(parent_of(pid_of(&r)), node_pid, "not spawned plainly");
+
+    // The next worker comes from a zygote again (a new one, which preloads anew).
+    let _ = get(node.addr, "slow.test", "/exit").await;
+    let r = get(node.addr, "slow.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let parent = parent_of(pid_of(&r));
+    assert_ne!(parent, node_pid, "spawned plainly, not by a zygote");
+    assert_eq!(
+        zygote_starts().lines().last(),
+        Some(parent.to_string().as_str()),
+        "the worker's parent is not the new zygote"
+    );
     node.stop().await;
 }

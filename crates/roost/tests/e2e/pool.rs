@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::harness::{alive, get, pid_of, touch_ahead, Node};
+use crate::harness::{alive, get, parent_of, pid_of, touch_ahead, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_starts_on_demand_and_really_exits_when_idle() {
@@ -140,6 +140,17 @@ async fn a_worker_dying_mid_request_gives_502_and_the_next_request_a_fresh_worke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_it_starts_is_started_again_twice_then_backs_off() {
+    killed_starts(false).await;
+}
+
+/// With `preload` the start that imports the app is the template's: killed, it is no
+/// more the app failing than a killed worker is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_killed_while_it_starts_is_started_again_twice_then_backs_off() {
+    killed_starts(true).await;
+}
+
+async fn killed_starts(preload: bool) {
     let node = Node::start().await;
     let app = node.app("tester.py");
     let tester = std::fs::read_to_string(&app).unwrap();
@@ -155,11 +166,12 @@ async fn a_worker_killed_while_it_starts_is_started_again_twice_then_backs_off()
     .unwrap();
     let mut spec = node.spec("killed", &["killed.test"], &app);
     spec.processes_max = Some(1);
+    spec.preload = Some(preload);
     node.add(spec).await;
 
     // Twice killed while it starts (an operator, a monitor, a fault): the waiting
     // request is served by the third, not failed as if the app could not load.
-    let seen = kill_the_worker(&node).await;
+    let seen = kill_the_importer(&node, preload).await;
     let request = tokio::spawn(get(node.addr, "killed.test", "/pid"));
     kill_next_start(&node, kill_next_start(&node, seen).await).await;
     let r = request.await.unwrap().unwrap();
@@ -167,7 +179,7 @@ async fn a_worker_killed_while_it_starts_is_started_again_twice_then_backs_off()
 
     // Killed at every start (the OOM killer at every import, say): the third kill in
     // a row is the app failing, with the backoff.
-    let mut seen = kill_the_worker(&node).await;
+    let mut seen = kill_the_importer(&node, preload).await;
     let request = tokio::spawn(get(node.addr, "killed.test", "/pid"));
     for _ in 0..3 {
         seen = kill_next_start(&node, seen).await;
@@ -191,25 +203,41 @@ fn starts(node: &Node) -> usize {
         .count()
 }
 
+/// The pid of the last start the site "killed" logged: the process importing its app.
+fn last_start(node: &Node) -> i32 {
+    let log = node.log("killed", "error.log");
+    let line = log.lines().rfind(|l| l.contains("starting pid")).unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// Kills the start after the `seen` ones while it imports; how many have been seen.
 async fn kill_next_start(node: &Node, seen: usize) -> usize {
     node.eventually(&format!("start {}", seen + 1), || async {
         starts(node) > seen
     })
     .await;
-    let log = node.log("killed", "error.log");
-    let line = log.lines().rfind(|l| l.contains("starting pid")).unwrap();
-    let pid: i32 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(last_start(node)), Signal::SIGKILL).unwrap();
     seen + 1
 }
 
-/// Kills the site's one worker, running; how many starts it has logged then.
-async fn kill_the_worker(node: &Node) -> usize {
-    let pid = pid_of(&get(node.addr, "killed.test", "/pid").await.unwrap());
-    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    node.eventually("the worker to go", || async { !alive(pid) })
+/// Kills what imported the running site's app: its one worker, or with `preload` its
+/// template (and the worker with it, which the error log then says); how many starts
+/// it has logged then.
+async fn kill_the_importer(node: &Node, preload: bool) -> usize {
+    let worker = pid_of(&get(node.addr, "killed.test", "/pid").await.unwrap());
+    let importer = last_start(node) as u32;
+    let expected = if preload { parent_of(worker) } else { worker };
+    assert_eq!(importer, expected, "the last start is not what serves");
+    kill(Pid::from_raw(importer as i32), Signal::SIGKILL).unwrap();
+    node.eventually("the worker to go", || async { !alive(worker) })
         .await;
+    if preload {
+        let died = format!("worker pid {worker} died: killed with the template that forked it");
+        node.eventually("the error log to say how the worker died", || async {
+            node.log("killed", "error.log").contains(&died)
+        })
+        .await;
+    }
     starts(node)
 }
 

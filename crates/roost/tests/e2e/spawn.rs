@@ -61,6 +61,12 @@ async fn workers_are_forked_by_the_zygote_which_restarts_when_killed() {
         !alive(worker)
     })
     .await;
+    // Nobody is left to say how it ended but the node, which knows why.
+    let died = format!("worker pid {worker} died: killed with the zygote that forked it");
+    node.eventually("the error log to say how the worker died", || async {
+        node.log("z", "error.log").contains(&died)
+    })
+    .await;
     node.until_status("z.test", "/pid", 200).await;
     let next = pid_of(&get(node.addr, "z.test", "/pid").await.unwrap());
     assert_ne!(next, worker);

@@ -546,7 +546,7 @@ impl Pool {
                     self.spawn_as_needed();
                     return;
                 }
-                if killed_from_outside(&error) && self.killed_starts < KILLED_STARTS_RETRIED {
+                if error.killed_from_outside() && self.killed_starts < KILLED_STARTS_RETRIED {
                     self.killed_starts += 1;
                     tracing::warn!(error = %crate::error_chain(&error), "a starting worker was killed; starting another");
                     self.spawn_as_needed();
@@ -577,15 +577,13 @@ impl Pool {
                 self.limits.worker_left();
                 w.gone.cancel();
                 self.release_followers(&mut w);
-                let clean = status.is_some_and(|s| s.success());
-                if clean || w.killed {
+                if status.success() || w.killed {
                     tracing::info!(pid = w.pid, "worker stopped");
                 } else {
-                    let what = status.map_or("an unknown status".into(), |s| s.to_string());
-                    tracing::error!(pid = w.pid, status = %what, "worker died");
+                    tracing::error!(pid = w.pid, %status, "worker died");
                     self.ctx
                         .logs
-                        .error(&format!("worker pid {} died: {what}", w.pid));
+                        .error(&format!("worker pid {} died: {status}", w.pid));
                 }
                 if self.workers.is_empty() {
                     self.empty_since = Some(Instant::now());
@@ -810,17 +808,6 @@ impl Pool {
             self.renew("its entry file changed");
         }
     }
-}
-
-/// Whether a worker's start ended by a signal some other process sends to stop it,
-/// rather than by the app (an exception, an exit, a crash).
-fn killed_from_outside(error: &worker::StartError) -> bool {
-    use nix::sys::signal::Signal;
-    use std::os::unix::process::ExitStatusExt;
-    let worker::StartError::Exited(status) = error else {
-        return false;
-    };
-    (status.signal()).is_some_and(|s| s == Signal::SIGKILL as i32 || s == Signal::SIGTERM as i32)
 }
 
 /// How long a worker (or a template) may take to import the app.
