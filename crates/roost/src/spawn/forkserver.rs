@@ -223,7 +223,7 @@ impl Actor {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut server: Option<Running> = None;
         // How the last server ended: a fork ordered after it was ready fails with that.
-        let mut ended: Option<ForkServerError> = None;
+        let mut last_death: Option<ForkServerError> = None;
         let mut phase = Phase::Open;
         let mut orphaned = false;
         loop {
@@ -265,7 +265,7 @@ impl Actor {
                     Some(Msg::Fork(order)) => match &mut server {
                         Some(s) => s.send(order),
                         None => {
-                            let why = ended.clone().unwrap_or_else(|| {
+                            let why = last_death.clone().unwrap_or_else(|| {
                                 ForkServerError::Failed("it is not running".into())
                             });
                             let _ = order.reply.send(Err(why));
@@ -303,7 +303,7 @@ impl Actor {
                     tracing::warn!(reason = %died, "fork server stopped; a new one starts on the next need");
                     s.process.kill_group();
                     s.fail_all(&died);
-                    ended = Some(died);
+                    last_death = Some(died);
                 }
             }
         }
