@@ -75,6 +75,8 @@ pub enum ForkServerError {
     Exited(Ended),
     #[error("it was retired")]
     Retired,
+    #[error("it did not answer a fork within {0:?}")]
+    NoAnswer(Duration),
     #[error("{0}")]
     Failed(String),
 }
@@ -88,7 +90,9 @@ impl ForkServerError {
             ForkServerError::ExitedBeforeReady(ended) | ForkServerError::Exited(ended) => {
                 ended.killed()
             }
-            ForkServerError::Retired | ForkServerError::Failed(_) => false,
+            ForkServerError::Retired
+            | ForkServerError::NoAnswer(_)
+            | ForkServerError::Failed(_) => false,
         }
     }
 }
@@ -167,9 +171,7 @@ impl ForkServer {
         match tokio::time::timeout(FORK_TIMEOUT, forked).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ForkServerError::Failed("it stopped during the fork".into())),
-            Err(_) => Err(ForkServerError::Failed(format!(
-                "no answer within {FORK_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(ForkServerError::NoAnswer(FORK_TIMEOUT)),
         }
     }
 
@@ -178,6 +180,11 @@ impl ForkServer {
     pub fn retire(&self, deadline: Instant) {
         self.retired.store(true, Ordering::SeqCst);
         let _ = self.tx.send(Msg::Retire(deadline));
+    }
+
+    /// Whether `other` is a handle on this same server.
+    pub fn is(&self, other: &ForkServer) -> bool {
+        self.tx.same_channel(&other.tx)
     }
 
     /// Whether [`ForkServer::retire`] was called: an order that failed may have been

@@ -260,6 +260,10 @@ impl ZygoteSpawner {
             Err(_) if server.is_retired() => {
                 return self.plain_after_retirement(request, &key).await;
             }
+            Err(reason @ ForkServerError::NoAnswer(_)) => {
+                self.retire_hung(&key, &server, &reason);
+                return self.plain.start(request).await;
+            }
             Err(reason) => {
                 return Err(SpawnError::Zygote {
                     python: key.python.clone(),
@@ -272,6 +276,19 @@ impl ZygoteSpawner {
             sockets: node.sockets,
             inboxes: node.inboxes,
         })
+    }
+
+    /// A zygote that left a fork unanswered (stopped, stuck) is retired, not killed:
+    /// killing it would take every worker it forked, of every site on its interpreter,
+    /// and those may be serving. It exits once they have (killed after
+    /// [`RETIRED_ZYGOTE_LIMIT`]); the next spawn starts a new zygote.
+    fn retire_hung(&self, key: &ZygoteKey, server: &ForkServer, reason: &ForkServerError) {
+        let mut zygotes = self.zygotes.lock().expect("zygote map lock poisoned");
+        if matches!(zygotes.get(key), Some(Zygote::Server(current)) if current.is(server)) {
+            tracing::warn!(python = %key.python.display(), %reason, "the zygote hangs: retired, its workers live on; a new one starts; this worker is spawned plainly");
+            zygotes.remove(key);
+            server.retire(tokio::time::Instant::now() + RETIRED_ZYGOTE_LIMIT);
+        }
     }
 
     /// The zygote was retired while this spawn was on its way (the last site on its

@@ -274,3 +274,60 @@ async fn a_zygote_refused_once_is_tried_again() {
     .await;
     node.stop().await;
 }
+
+/// A zygote that stops answering (stopped here; stuck, in life) is retired, not
+/// killed: the workers it forked keep serving, the spawn that waited for it is done
+/// plainly, the next worker is forked by a new zygote, and the old one exits once its
+/// workers have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zygote_that_hangs_is_replaced_and_its_workers_live_on() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("a", &["a.test"], &app)).await;
+    node.add(node.spec("b", &["b.test"], &app)).await;
+    let a_worker = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
+    let hung = parent_of(a_worker);
+    assert_eq!(zygotes(&node), vec![hung]);
+    let b_worker = pid_of(&get(node.addr, "b.test", "/pid").await.unwrap());
+    kill(Pid::from_raw(hung as i32), Signal::SIGSTOP).unwrap();
+
+    // b needs a worker: its zygote does not answer within the fork timeout.
+    let _ = get(node.addr, "b.test", "/exit").await;
+    node.eventually("b's worker to exit", || async { !alive(b_worker) })
+        .await;
+    let r = get(node.addr, "b.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        parent_of(pid_of(&r)),
+        std::process::id(),
+        "not spawned plainly"
+    );
+    // a's worker, forked by the hung zygote, serves on.
+    assert_eq!(
+        pid_of(&get(node.addr, "a.test", "/pid").await.unwrap()),
+        a_worker
+    );
+
+    // The next worker comes from a new zygote.
+    let _ = get(node.addr, "b.test", "/exit").await;
+    let r = get(node.addr, "b.test", "/pid").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let parent = parent_of(pid_of(&r));
+    assert!(
+        parent != hung && zygotes(&node).contains(&parent),
+        "b's worker's parent {parent} is no new zygote (the hung one: {hung})"
+    );
+
+    // Retired, the old zygote exits once its last worker has.
+    kill(Pid::from_raw(hung as i32), Signal::SIGCONT).unwrap();
+    assert!(
+        alive(hung),
+        "the hung zygote was killed, and its workers with it"
+    );
+    let _ = get(node.addr, "a.test", "/exit").await;
+    node.eventually("the retired zygote to exit", || async { !alive(hung) })
+        .await;
+    node.stop().await;
+}

@@ -276,6 +276,44 @@ async fn a_template_that_never_finishes_importing_is_killed() {
     node.stop().await;
 }
 
+/// A template that stops answering its forks (stopped here; the tenant's code stuck on
+/// the lock the fork needs, in life) is replaced: the fork fails after its timeout, the
+/// workers it forked retire gracefully (they finish what they serve), a new template
+/// imports the app, and the old one is killed at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_stops_answering_forks_is_replaced() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("stuck", &["stuck.test"], &app);
+    spec.preload = Some(true);
+    spec.processes_max = Some(2);
+    spec.request_timeout = Some(Duration::from_secs(3));
+    node.add(spec).await;
+    let template = node.pid("stuck.test", "/imported-by").await;
+    kill(Pid::from_raw(template as i32), Signal::SIGSTOP).unwrap();
+
+    // With its worker busy, a second request makes the pool fork another: unanswered.
+    let busy = tokio::spawn(get(node.addr, "stuck.test", "/sleep?s=1"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = get(node.addr, "stuck.test", "/pid").await.unwrap();
+    assert_eq!(waiting.status, 200, "{}", waiting.text());
+    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+    node.error_log_with("stuck", "did not answer a fork within")
+        .await;
+    node.eventually("the stuck template to be killed", || async {
+        !alive(template)
+    })
+    .await;
+    let r = get(node.addr, "stuck.test", "/imported-by").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let new_template = pid_of(&r);
+    assert_ne!(new_template, template);
+    assert_eq!(comm(new_template), "roost-template");
+    node.stop().await;
+}
+
 /// A site whose only worker died (here: it exits mid-request) and that nobody asks for
 /// again must not keep its template forever: it goes after idle_timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
