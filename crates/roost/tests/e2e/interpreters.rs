@@ -113,6 +113,27 @@ fn venv_with(
     root.to_owned()
 }
 
+/// Registers a runtime of the test python with `venv`'s packages, preloading `module`.
+fn add_runtime(node: &Node, name: &str, venv: &std::path::Path, module: &str) {
+    let runtime = roost_registry::Runtime::validate(
+        name,
+        &python(),
+        Some(venv.to_str().unwrap()),
+        &[module.into()],
+        roost_registry::FsChecks::Full,
+    )
+    .unwrap();
+    node.store().add_runtime(&runtime).unwrap();
+}
+
+/// Registers the site of `spec` on `runtime`, straight into the registry.
+fn add_on_runtime(node: &Node, mut spec: SiteSpec, runtime: &str) {
+    spec.runtime = Some(runtime.into());
+    let mut site = spec.validate(roost_registry::FsChecks::Full).unwrap();
+    node.store().attach_runtime(&spec, &mut site).unwrap();
+    node.store().add(&site).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
     let node = Node::start().await;
@@ -130,15 +151,7 @@ async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
         ],
         &[("sharedpkg", "2.0")],
     );
-    let runtime = roost_registry::Runtime::validate(
-        "shared",
-        &python(),
-        Some(runtime_venv.to_str().unwrap()),
-        &["sharedpkg".into()],
-        roost_registry::FsChecks::Full,
-    )
-    .unwrap();
-    node.store().add_runtime(&runtime).unwrap();
+    add_runtime(&node, "shared", &runtime_venv, "sharedpkg");
     let app_dir = root.join("app");
     std::fs::create_dir_all(&app_dir).unwrap();
     let app = app_dir.join("app.py");
@@ -159,13 +172,8 @@ async fn a_runtime_preloads_its_packages_and_a_site_venv_layers_above() {
     .unwrap();
     for (name, venv) in [("plainrt", None), ("layered", Some(&site_venv))] {
         let mut spec = node.spec(name, &[&format!("{name}.test")], &app);
-        spec.runtime = Some("shared".into());
-        if let Some(v) = venv {
-            spec.interpreter = Some(v.display().to_string());
-        }
-        let mut site = spec.validate(roost_registry::FsChecks::Full).unwrap();
-        node.store().attach_runtime(&spec, &mut site).unwrap();
-        node.store().add(&site).unwrap();
+        spec.interpreter = venv.map(|v| v.display().to_string());
+        add_on_runtime(&node, spec, "shared");
     }
     let answer = |host: &'static str| async move {
         let mut last = String::new();
@@ -210,21 +218,9 @@ async fn a_zygote_killed_while_it_preloads_is_started_again_at_the_next_need() {
         starts.display().to_string()
     );
     let venv = venv_with(&root.join("venv"), &[("slowpkg", &slow)], &[]);
-    let runtime = roost_registry::Runtime::validate(
-        "slow",
-        &python(),
-        Some(venv.to_str().unwrap()),
-        &["slowpkg".into()],
-        roost_registry::FsChecks::Full,
-    )
-    .unwrap();
-    node.store().add_runtime(&runtime).unwrap();
+    add_runtime(&node, "slow", &venv, "slowpkg");
     let app = node.app("tester.py");
-    let mut spec = node.spec("slow", &["slow.test"], &app);
-    spec.runtime = Some("slow".into());
-    let mut site = spec.validate(roost_registry::FsChecks::Full).unwrap();
-    node.store().attach_runtime(&spec, &mut site).unwrap();
-    node.store().add(&site).unwrap();
+    add_on_runtime(&node, node.spec("slow", &["slow.test"], &app), "slow");
 
     // The first request the node routes to the site starts its zygote.
     let addr = node.addr;
