@@ -64,9 +64,23 @@ def comm_of(pid):
         return None
 
 
-def with_descendants(pid, candidates):
-    """`pid` and every process below it among `candidates`."""
-    parents = {p: parent_of(p) for p in candidates}
+def stopped_with_descendants(pid, loader):
+    """Stops `pid` (so that it forks no child unseen), then returns it and every process
+    running `loader` below it; [] if it is gone."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return []
+    for _ in range(100):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].startswith(" T"):
+                    break
+        except OSError:
+            break
+        time.sleep(0.01)
+    workers, zygotes = processes(loader)
+    parents = {p: parent_of(p) for p in workers + zygotes}
     found = [pid]
     for p in found:
         found.extend(c for c, parent in parents.items() if parent == p)
@@ -152,16 +166,17 @@ def main():
                 server = ("zygote", "template")[(tick // 15) % 2]
                 pid = fork_server(zygotes, node.pid, server == "template")
                 if pid:
-                    victims = with_descendants(pid, workers + zygotes)
+                    victims = stopped_with_descendants(pid, loader)
             elif workers:
                 victims = [rng.choice(workers)]
             if victims:
+                # Each worker killed (with its fork server or alone) can fail the request
+                # on it.
+                hit = sum(1 for p in victims if comm_of(p) == "roost-worker")
                 try:
                     os.kill(victims[0], signal.SIGKILL)
                     killed.update(victims)
-                    # Each worker killed (with its fork server or alone) can fail the
-                    # request on it.
-                    counts["kills"] += sum(1 for p in victims if p in workers)
+                    counts["kills"] += hit
                     if server:
                         counts[server] += 1
                 except ProcessLookupError:

@@ -206,8 +206,16 @@ async fn fork_servers_killed_under_load_fail_only_their_workers_requests() {
             let Some((pid, which)) = victim else {
                 continue;
             };
-            let mut gone = descendants(&processes, pid);
-            gone.push(pid);
+            let mut gone = vec![pid];
+            if which < 2 {
+                // Stopped before its children are looked at, so that none it forks in
+                // between is missed.
+                if kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_err() {
+                    continue;
+                }
+                until_stopped(pid).await;
+                gone.extend(descendants(&loader_processes(&node), pid));
+            }
             if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
                 killed.extend(gone);
                 if which < 2 {
@@ -350,6 +358,18 @@ fn loader_processes(node: &Node) -> Vec<LoaderProcess> {
             comm: comm(pid),
         })
         .collect()
+}
+
+/// Waits (a second at most) until `pid` is stopped, or gone.
+async fn until_stopped(pid: u32) {
+    for _ in 0..100 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) if !stat.rsplit(')').next().unwrap_or("").starts_with(" T") => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Every process below `pid` among `processes`.
