@@ -64,26 +64,36 @@ def comm_of(pid):
         return None
 
 
-def stopped_with_descendants(pid, loader):
-    """Stops `pid` (so that it forks no child unseen), then returns it and every process
-    running `loader` below it; [] if it is gone."""
+def stop(pid):
+    """SIGSTOP, and a wait (a second at most) until it is stopped or gone."""
     try:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
-        return []
+        return
     for _ in range(100):
         try:
             with open("/proc/%d/stat" % pid) as f:
                 if f.read().rsplit(")", 1)[1].startswith(" T"):
-                    break
+                    return
         except OSError:
-            break
+            return
         time.sleep(0.01)
-    workers, zygotes = processes(loader)
-    parents = {p: parent_of(p) for p in workers + zygotes}
-    found = [pid]
-    for p in found:
-        found.extend(c for c, parent in parents.items() if parent == p)
+
+
+def stopped_with_descendants(pid, loader):
+    """Stops the fork server `pid` and every template below it (so that none forks a
+    worker unseen), then returns it and every process running `loader` below it."""
+    stopped, servers = set(), [pid]
+    while servers:
+        for server in servers:
+            stop(server)
+        stopped.update(servers)
+        workers, zygotes = processes(loader)
+        parents = {p: parent_of(p) for p in workers + zygotes}
+        found = [pid]
+        for p in found:
+            found.extend(c for c, parent in parents.items() if parent == p)
+        servers = [p for p in found if p not in stopped and comm_of(p) == "roost-template"]
     return found
 
 
@@ -222,7 +232,13 @@ def main():
                                            "--json"], check=True, capture_output=True,
                                           text=True).stdout)
         limits_kept = (shown["pids_max"], shown["memory_max"]) == (pids, memory)
-        cgroup_pids = cgroup_value("roost-bench-faults", "s0", "pids.max")
+        # (A lowered one waits for the workers it replaces, which may be starting.)
+        waited = time.time() + 10
+        while True:
+            cgroup_pids = cgroup_value("roost-bench-faults", "s0", "pids.max")
+            if cgroup_pids in (None, str(pids)) or time.time() > waited:
+                break
+            time.sleep(0.1)
         # The node holds three pipes per live worker of one slot (its output, both
         # ends of its slot's inbox) and one per zygote spare: a killed worker's end
         # with it. Counted once the killed workers are reaped.

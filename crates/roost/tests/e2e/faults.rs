@@ -208,13 +208,7 @@ async fn fork_servers_killed_under_load_fail_only_their_workers_requests() {
             };
             let mut gone = vec![pid];
             if which < 2 {
-                // Stopped before its children are looked at, so that none it forks in
-                // between is missed.
-                if kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).is_err() {
-                    continue;
-                }
-                until_stopped(pid).await;
-                gone.extend(descendants(&loader_processes(&node), pid));
+                gone.extend(stop_forking_below(&node, pid).await);
             }
             if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
                 killed.extend(gone);
@@ -358,6 +352,30 @@ fn loader_processes(node: &Node) -> Vec<LoaderProcess> {
             comm: comm(pid),
         })
         .collect()
+}
+
+/// Stops the fork server `pid` and every template below it (a zygote's), so that no
+/// worker is forked unseen; returns every process below it then.
+async fn stop_forking_below(node: &Node, pid: u32) -> Vec<u32> {
+    let mut stopped = Vec::new();
+    let mut servers = vec![pid];
+    loop {
+        for &server in &servers {
+            let _ = kill(Pid::from_raw(server as i32), Signal::SIGSTOP);
+            until_stopped(server).await;
+        }
+        stopped.extend(servers);
+        let processes = loader_processes(node);
+        let below = descendants(&processes, pid);
+        servers = (processes.iter())
+            .filter(|p| below.contains(&p.pid) && p.comm == "roost-template")
+            .map(|p| p.pid)
+            .filter(|p| !stopped.contains(p))
+            .collect();
+        if servers.is_empty() {
+            return below;
+        }
+    }
 }
 
 /// Waits (a second at most) until `pid` is stopped, or gone.
