@@ -10,6 +10,7 @@
 //! (pool/actor.rs), when the site changes, and when the entry file is touched; a
 //! retired template exits once its workers have.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct SiteTemplate {
     start_timeout: Duration,
     span: tracing::Span,
     current: Mutex<Option<ForkServer>>,
+    /// A fork went unanswered: the template hangs (the pool replaces it).
+    hangs: AtomicBool,
 }
 
 impl SiteTemplate {
@@ -83,7 +86,13 @@ impl SiteTemplate {
             start_timeout,
             span,
             current: Mutex::new(None),
+            hangs: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a fork went unanswered within its timeout.
+    pub fn hangs(&self) -> bool {
+        self.hangs.load(Ordering::Relaxed)
     }
 
     fn server(&self) -> ForkServer {
@@ -127,10 +136,12 @@ impl SiteTemplate {
         payload
             .push("slots", request.role.slots().to_string().as_bytes())
             .expect("digits have no NUL");
-        let forked = server
-            .fork(payload, child_ends)
-            .await
-            .map_err(SpawnError::Template)?;
+        let forked = server.fork(payload, child_ends).await.map_err(|e| {
+            if matches!(e, ForkServerError::NoAnswer(_)) {
+                self.hangs.store(true, Ordering::Relaxed);
+            }
+            SpawnError::Template(e)
+        })?;
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
             sockets: node.sockets,

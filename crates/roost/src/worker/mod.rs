@@ -64,7 +64,7 @@ pub enum StartError {
     #[error("the application failed to load (traceback in the error log)")]
     AppFailed,
     #[error("the worker exited during start-up ({0})")]
-    Exited(crate::spawn::Ended),
+    Exited(Ended),
     #[error("the worker did not become ready within {0:?}")]
     Timeout(Duration),
     #[error("the worker speaks protocol version {0}, this node {PROTOCOL_VERSION}")]

@@ -286,20 +286,36 @@ async fn a_template_that_stops_answering_forks_is_replaced() {
     use nix::unistd::Pid;
     let node = Node::start().await;
     let app = node.app("tester.py");
+    let tester = std::fs::read_to_string(&app).unwrap();
+    let imports = "the app is imported";
+    std::fs::write(
+        &app,
+        format!("import sys\nprint({imports:?}, file=sys.stderr, flush=True)\n{tester}"),
+    )
+    .unwrap();
     let mut spec = node.spec("stuck", &["stuck.test"], &app);
     spec.preload = Some(true);
-    spec.processes_max = Some(2);
+    spec.processes_max = Some(3);
+    // Two slots a worker: no inbox for requests to wait in behind a busy one.
+    spec.threads = Some(2);
     spec.request_timeout = Some(Duration::from_secs(3));
     node.add(spec).await;
     let template = node.pid("stuck.test", "/imported-by").await;
     kill(Pid::from_raw(template as i32), Signal::SIGSTOP).unwrap();
 
-    // With its worker busy, a second request makes the pool fork another: unanswered.
-    let busy = tokio::spawn(get(node.addr, "stuck.test", "/sleep?s=1"));
+    // With its worker busy, three more requests make the pool fork one or two more
+    // workers (as they come): unanswered. The busy worker serves them when it is free.
+    let get_all = |path: &'static str, n| {
+        (0..n)
+            .map(|_| tokio::spawn(get(node.addr, "stuck.test", path)))
+            .collect::<Vec<_>>()
+    };
+    let busy = get_all("/sleep?s=1", 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let waiting = get(node.addr, "stuck.test", "/pid").await.unwrap();
-    assert_eq!(waiting.status, 200, "{}", waiting.text());
-    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+    for request in get_all("/pid", 3).into_iter().chain(busy) {
+        let r = request.await.unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     node.error_log_with("stuck", "did not answer a fork within")
         .await;
     node.eventually("the stuck template to be killed", || async {
@@ -311,6 +327,8 @@ async fn a_template_that_stops_answering_forks_is_replaced() {
     let new_template = pid_of(&r);
     assert_ne!(new_template, template);
     assert_eq!(comm(new_template), "roost-template");
+    // One new template for both unanswered forks, not a second to replace the first.
+    assert_eq!(node.log("stuck", "error.log").matches(imports).count(), 2);
     node.stop().await;
 }
 

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle};
 use crate::logs::SiteLogs;
-use crate::spawn::{ForkServerError, SiteCgroup, SiteFiles, SiteTemplate, Spawn, SpawnError};
+use crate::spawn::{SiteCgroup, SiteFiles, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
 
 /// Worker ids are unique in the node, across pools.
@@ -552,10 +552,12 @@ impl Pool {
                     self.spawn_as_needed();
                     return;
                 }
-                if template_hangs(&error) {
+                if self.template.as_ref().is_some_and(|t| t.hangs()) {
                     // The template (the tenant's code) leaves forks unanswered: a new
                     // one takes its place, and the workers it forked retire gracefully
                     // (it could not be killed before them without taking them along).
+                    // Asked of the current template: a second fork that failed on the
+                    // same one renews nothing again.
                     self.retire_all("its template hangs");
                     self.renew_template();
                 }
@@ -815,14 +817,6 @@ impl Pool {
             self.renew("its entry file changed");
         }
     }
-}
-
-/// Whether the start failed because the site's template did not answer its fork.
-fn template_hangs(error: &worker::StartError) -> bool {
-    matches!(
-        error,
-        worker::StartError::Spawn(SpawnError::Template(ForkServerError::NoAnswer(_)))
-    )
 }
 
 /// How long a worker (or a template) may take to import the app.
