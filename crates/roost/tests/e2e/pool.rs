@@ -152,18 +152,13 @@ async fn a_template_killed_while_it_starts_is_started_again_twice_then_backs_off
 
 async fn killed_starts(preload: bool) {
     let node = Node::start().await;
-    let app = node.app("tester.py");
-    let tester = std::fs::read_to_string(&app).unwrap();
     // Each start says so in the error log, then takes a second to import.
-    std::fs::write(
-        &app,
-        format!(
-            "import os, sys, time\n\
-             print('starting pid %d' % os.getpid(), file=sys.stderr, flush=True)\n\
-             time.sleep(1)\n{tester}"
-        ),
-    )
-    .unwrap();
+    let app = node.app_with_prelude(
+        "tester.py",
+        "import os, sys, time\n\
+         print('starting pid %d' % os.getpid(), file=sys.stderr, flush=True)\n\
+         time.sleep(1)",
+    );
     let mut spec = node.spec("killed", &["killed.test"], &app);
     spec.processes_max = Some(1);
     spec.preload = Some(preload);

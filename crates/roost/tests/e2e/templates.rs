@@ -285,14 +285,9 @@ async fn a_template_that_stops_answering_forks_is_replaced() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let node = Node::start().await;
-    let app = node.app("tester.py");
-    let tester = std::fs::read_to_string(&app).unwrap();
     let imports = "the app is imported";
-    std::fs::write(
-        &app,
-        format!("import sys\nprint({imports:?}, file=sys.stderr, flush=True)\n{tester}"),
-    )
-    .unwrap();
+    let prelude = format!("import sys\nprint({imports:?}, file=sys.stderr, flush=True)");
+    let app = node.app_with_prelude("tester.py", &prelude);
     let mut spec = node.spec("stuck", &["stuck.test"], &app);
     spec.preload = Some(true);
     spec.processes_max = Some(3);

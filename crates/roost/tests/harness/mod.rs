@@ -159,6 +159,15 @@ impl Node {
         path
     }
 
+    /// The fixture app `fixture_name` with the Python `prelude` run first at each
+    /// import (to log or slow the app's starts): the node's one copy of it changes.
+    pub fn app_with_prelude(&self, fixture_name: &str, prelude: &str) -> PathBuf {
+        let path = self.app(fixture_name);
+        let app = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{prelude}\n{app}")).unwrap();
+        path
+    }
+
     pub fn spec(&self, name: &str, hosts: &[&str], entry: &Path) -> SiteSpec {
         SiteSpec {
             name: name.into(),
