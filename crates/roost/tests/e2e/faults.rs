@@ -196,7 +196,9 @@ async fn fork_servers_killed_under_load_fail_only_their_workers_requests() {
             let victim = if round % 7 == 0 {
                 let which = (round / 7) % 2;
                 let server = processes.iter().find(|p| match which {
-                    0 => p.comm != "roost-template" && p.parent == std::process::id(),
+                    // The node's child not named by the loader (a worker spawned
+                    // plainly, when a zygote was killed while it started, is one too).
+                    0 => !p.comm.starts_with("roost-") && p.parent == std::process::id(),
                     _ => p.comm == "roost-template",
                 });
                 server.map(|p| (p.pid, which))
