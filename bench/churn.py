@@ -2,9 +2,14 @@
 """Worker churn: does the node's memory stay flat while workers start and stop for
 ever? Many sites on a node whose budget holds few workers, visited at random, so nearly
 every request starts a worker and evicts another; with `--replace N`, N sites are also
-removed from the registry and added again under a new name each round. Prints the node's memory (RSS and PSS)
-after each round, and the growth per thousand worker starts between the second round
-and the last (the first one fills the allocator's pools and the node's tables).
+removed from the registry and added again under a new name each round. Prints, after
+each round, the node's memory (RSS and PSS), open descriptors and threads, and the most
+fork servers (zygotes, their spares, templates) seen at once during the round with their
+memory and descriptors then; and the node's growth per thousand worker starts between
+the second round and the last (the first one fills the allocator's pools and the node's
+tables). With `--preload`, every site imports its app once in a template of its own and
+its workers fork from it, so templates churn too: outside the budget, which counts
+workers, they must go with their site's last worker.
 
   cargo build --release && python3 bench/churn.py [--rounds 10] [--json]   # as root
 """
@@ -13,21 +18,34 @@ import json
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOST, get_once, many_sites, pss_kib, require_root, wait_port  # noqa: E402
+from common import (ROOST, get_once, many_sites, processes, pss_kib, require_root,  # noqa: E402
+                    wait_port)
 
 
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+def status_field(pid, field):
+    """A number of /proc/PID/status (VmRSS in KiB, Threads); 0 once the process is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return 0
+
+
+def open_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return 0
 
 
 def main():
@@ -39,11 +57,19 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--replace", type=int, default=0, metavar="N",
                         help="sites removed and added again (same host, new name) per round")
+    parser.add_argument("--preload", action="store_true",
+                        help="every site imports its app in a template and forks workers from it")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     require_root()
     work, port, node = many_sites(args.sites, "churn", args.max_workers)
     registry = os.path.join(work, "registry.db")
+    loader = os.path.join(work, "run", "loader.py")
+    if args.preload:
+        db = sqlite3.connect(registry)
+        db.execute("UPDATE sites SET preload = 1")
+        db.commit()
+        db.close()
     app = os.path.join(work, "apps", "pid.py")
     names = ["s%d" % i for i in range(args.sites)]
 
@@ -54,7 +80,8 @@ def main():
         subprocess.run(roost + ["rm", names[i]], check=True, stdout=subprocess.DEVNULL)
         names[i] = "s%d-%d" % (i, n)
         subprocess.run(roost + ["add", names[i], "--host", "s%d.bench" % i, "--entry", app,
-                                "--user", "nobody", "--idle-timeout", "5s"],
+                                "--user", "nobody", "--idle-timeout", "5s",
+                                "--preload", "true" if args.preload else "false"],
                        check=True, stdout=subprocess.DEVNULL)
 
     lock = threading.Lock()
@@ -94,17 +121,28 @@ def main():
                 t.start()
             for k in range(args.replace):
                 replace(rng, n * args.replace + k)
-            for t in threads:
-                t.join()
+            peak = (0, 0, 0)  # fork servers, their PSS and descriptors, at the most
+            while any(t.is_alive() for t in threads):
+                fork_servers = processes(loader)[1]
+                peak = max(peak, (len(fork_servers), sum(pss_kib(p) for p in fork_servers),
+                                  sum(open_fds(p) for p in fork_servers)))
+                threads[0].join(timeout=1)
             rounds.append({"round": n + 1, "seconds": time.time() - started,
                            "worker_starts": starts[0], "errors": len(errors), "not_found": gaps[0],
-                           "node_rss_kib": rss_kib(node.pid), "node_pss_kib": pss_kib(node.pid)})
+                           "node_rss_kib": status_field(node.pid, "VmRSS"),
+                           "node_pss_kib": pss_kib(node.pid), "node_fds": open_fds(node.pid),
+                           "node_threads": status_field(node.pid, "Threads"),
+                           "fork_servers": peak[0], "fork_server_pss_kib": peak[1],
+                           "fork_server_fds": peak[2]})
             if not args.json:
                 r = rounds[-1]
                 print("round %2d  %6.1f s  %6d worker starts  %d errors  %d 404 while replaced  "
-                      "node RSS %.2f MiB  PSS %.2f MiB"
+                      "node RSS %.2f MiB  PSS %.2f MiB  %d fds  %d threads  "
+                      "at most %d fork servers: PSS %.2f MiB, %d fds"
                       % (r["round"], r["seconds"], r["worker_starts"], r["errors"], r["not_found"],
-                         r["node_rss_kib"] / 1024, r["node_pss_kib"] / 1024), flush=True)
+                         r["node_rss_kib"] / 1024, r["node_pss_kib"] / 1024, r["node_fds"],
+                         r["node_threads"], r["fork_servers"], r["fork_server_pss_kib"] / 1024,
+                         r["fork_server_fds"]), flush=True)
     finally:
         node.terminate()
         node.wait(timeout=60)

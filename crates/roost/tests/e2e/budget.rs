@@ -1,5 +1,6 @@
 //! The node-wide worker budget: a full node evicts the least recently used idle worker
-//! of any site, and a busy site cannot starve a small one.
+//! of any site, a busy site cannot starve a small one, and a preloaded site that gives
+//! up its last worker lets its template go.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,5 +80,34 @@ async fn a_busy_site_does_not_starve_a_small_one() {
     for h in hammer {
         h.await.unwrap();
     }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_site_that_gives_its_last_worker_to_another_lets_its_template_go() {
+    let node = budget_node(1).await;
+    let app = node.app("tester.py");
+    for name in ["a", "b"] {
+        let mut spec = node.spec(name, &[&format!("{name}.test")], &app);
+        spec.preload = Some(true);
+        // Only the budget may end a's template within the test.
+        spec.idle_timeout = Some(Duration::from_secs(60));
+        node.add(spec).await;
+    }
+    let template = node.pid("a.test", "/imported-by").await;
+    // a's only worker is busy when b asks for the node's one room: it gives it up
+    // once its request is answered (not evicted idle: the other way a site goes quiet).
+    let addr = node.addr;
+    let busy = tokio::spawn(async move { get(addr, "a.test", "/sleep?s=1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = get(node.addr, "b.test", "/pid").await.unwrap();
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+    node.eventually(
+        "a's template to exit with a's last worker, not at its idle_timeout",
+        || async { !alive(template) },
+    )
+    .await;
+    assert_eq!(get(node.addr, "a.test", "/pid").await.unwrap().status, 200);
     node.stop().await;
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Pool, PoolControl, Reply, State, Waiter, WorkerEntry};
+use super::{Leave, Pool, PoolControl, Reply, State, Waiter, WorkerEntry};
 use crate::pool::CheckoutError;
 use crate::worker::{Foreign, Inbox, Packet, ReadBack, SlotConn, WorkerId, INBOX_DEPTH, TAG_LEN};
 
@@ -268,7 +268,7 @@ impl Pool {
         id: WorkerId,
         slot: usize,
         conn: Option<SlotConn>,
-        leaving: Option<&'static str>,
+        leaving: Option<Leave>,
     ) -> Result<(), Option<SlotConn>> {
         let Some(w) = self.workers.get_mut(&id) else {
             return Err(conn);
@@ -315,8 +315,8 @@ impl Pool {
         let lease = self.lease(id, conn, true);
         // If its client left meanwhile, the lease skips the answer before it comes back.
         let _ = follower.reply.send(Ok(lease));
-        if let Some(why) = leaving {
-            self.retire(id, why);
+        if let Some(leave) = leaving {
+            self.leave(id, leave);
         }
         Ok(())
     }

@@ -11,11 +11,11 @@
 //!
 //! A site with `preload` on has a template ([`SiteTemplate`]) that forks its workers:
 //! it starts with the first worker, and is retired when the site goes quiet (its last
-//! worker retired as idle or evicted, or no worker at all for idle_timeout after the
-//! last one died; processes.min keeps workers, and so it, alive), when no worker could
-//! start, when the site changes or is removed, and when its entry file is touched. A
-//! worker recycled (max_requests, memory.worker_soft) or lost is replaced by a new fork
-//! of the same template.
+//! worker retired as idle, evicted or given up to another site waiting for the node
+//! budget, or no worker at all for idle_timeout after the last one died; processes.min
+//! keeps workers, and so it, alive), when no worker could start, when the site changes
+//! or is removed, and when its entry file is touched. A worker recycled (max_requests,
+//! memory.worker_soft) or lost is replaced by a new fork of the same template.
 
 mod entry;
 mod follow;
@@ -45,6 +45,15 @@ use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle};
 use crate::logs::SiteLogs;
 use crate::spawn::{SiteCgroup, SiteFiles, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
+
+/// Why a worker retires once it has answered its request.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    /// Replaced by a fresh one when next needed: max_requests, memory.worker_soft.
+    Recycled(&'static str),
+    /// Its room goes to another site that waits for the node budget.
+    YieldRoom,
+}
 
 /// Worker ids are unique in the node, across pools.
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
@@ -438,7 +447,7 @@ impl Pool {
             }
             Some(_) if w.state != State::Running => {}
             Some(_) if leaving.is_some() => {
-                self.retire(id, leaving.expect("matched"));
+                self.leave(id, leaving.expect("matched"));
             }
             Some(c) => {
                 self.give_slot(id, c);
@@ -464,14 +473,14 @@ impl Pool {
     }
 
     /// Why worker `id` should retire now that it finished a request, if it should.
-    fn why_leave(&self, id: WorkerId) -> Option<&'static str> {
+    fn why_leave(&self, id: WorkerId) -> Option<Leave> {
         let w = self.workers.get(&id)?;
         let max_requests = self.site.pool.max_requests;
         if max_requests > 0 && w.served + 1 >= max_requests {
-            return Some("it served max_requests");
+            return Some(Leave::Recycled("it served max_requests"));
         }
         if self.over_soft_limit(w.pid) {
-            return Some("its memory is above memory.worker_soft");
+            return Some(Leave::Recycled("its memory is above memory.worker_soft"));
         }
         // Another site waits for room on a full node while this pool asks for none:
         // give this worker's room back rather than keep it for our own queue, so a
@@ -479,7 +488,21 @@ impl Pool {
         let yield_room = self.asked == 0
             && self.ctx.budget.under_pressure()
             && self.active_workers() > self.site.pool.processes_min as usize;
-        yield_room.then_some("another site waits for room in the node budget")
+        yield_room.then_some(Leave::YieldRoom)
+    }
+
+    /// Retires a worker that finished a request; one that leaves to give the node its
+    /// room takes the template along if the site keeps no worker: the site has gone
+    /// quiet as surely as if the budget had evicted an idle worker, and a template left
+    /// until idle_timeout is a process the budget does not count (under pressure, one
+    /// for every site served in the last idle_timeout, each holding its app).
+    fn leave(&mut self, id: WorkerId, leave: Leave) {
+        match leave {
+            Leave::Recycled(why) => self.retire(id, why),
+            Leave::YieldRoom => {
+                self.retire_quiet(id, "another site waits for room in the node budget")
+            }
+        }
     }
 
     /// Hands a free slot to the oldest follower no worker has read yet, else to the
@@ -748,10 +771,11 @@ impl Pool {
         self.stop_if_done(id);
     }
 
-    /// Retires a worker the site does not need; with the last one goes the template.
+    /// Retires a worker the site does not need; with the last one goes the template,
+    /// unless requests wait (the next worker needs it).
     fn retire_quiet(&mut self, id: WorkerId, why: &str) {
         self.retire(id, why);
-        if self.active_workers() == 0 {
+        if self.active_workers() == 0 && self.waiters.is_empty() {
             self.retire_template();
         }
     }
