@@ -44,6 +44,12 @@ pub struct ChildPlan {
 impl ChildPlan {
     /// Runs in the child. Each step names itself on failure.
     pub fn run(&self) -> std::io::Result<()> {
+        // Before the worker's descriptor limit: until exec the child holds every
+        // descriptor of the node (close-on-exec), and a node with more than
+        // WORKER_NOFILE open (sites' log files, clients) leaves no free number below it.
+        let lifted = step(b"copy the slot sockets out of the way\n", || {
+            Lifted::copy(&self.slots)
+        })?;
         step(b"join the site's cgroup\n", || {
             for fd in &self.cgroup_procs {
                 nix::unistd::write(fd.as_fd(), b"0")?;
@@ -86,7 +92,7 @@ impl ChildPlan {
         step(b"chdir to the site's directory\n", || {
             nix::unistd::chdir(self.workdir.as_c_str())
         })?;
-        step(b"place the slot sockets\n", || place_slots(&self.slots))?;
+        step(b"place the slot sockets\n", || lifted.place())?;
         Ok(())
     }
 
@@ -100,7 +106,7 @@ impl ChildPlan {
     }
 }
 
-fn step(name: &'static [u8], f: impl FnOnce() -> nix::Result<()>) -> std::io::Result<()> {
+fn step<T>(name: &'static [u8], f: impl FnOnce() -> nix::Result<T>) -> std::io::Result<T> {
     f().map_err(|errno| {
         // SAFETY: fd 2 is the worker's stderr, set up by std before pre_exec runs.
         let stderr = unsafe { BorrowedFd::borrow_raw(2) };
@@ -134,19 +140,39 @@ fn drop_privileges(uid: Uid, gid: Gid) -> nix::Result<()> {
     Ok(())
 }
 
-fn place_slots(fds: &[RawFd]) -> nix::Result<()> {
-    // Move every socket above the target range first, so that placing slot i on
-    // fd 3+i never overwrites a socket still to be placed.
-    let above = FIRST_SLOT_FD + fds.len() as RawFd;
-    let mut high = [0 as RawFd; 512];
-    for (i, fd) in fds.iter().enumerate() {
-        high[i] = fcntl(*fd, FcntlArg::F_DUPFD_CLOEXEC(above))?;
+/// The slot sockets, copied above the descriptors they go to, so that placing slot i
+/// on fd 3+i never overwrites a socket still to be placed. On the stack: the child may
+/// not allocate.
+struct Lifted {
+    fds: [RawFd; 512],
+    len: usize,
+}
+
+impl Lifted {
+    fn copy(slots: &[RawFd]) -> nix::Result<Lifted> {
+        let mut lifted = Lifted {
+            fds: [0; 512],
+            len: slots.len(),
+        };
+        let above = FIRST_SLOT_FD + slots.len() as RawFd;
+        let copies = lifted
+            .fds
+            .get_mut(..slots.len())
+            .ok_or(nix::Error::EINVAL)?;
+        for (copy, fd) in copies.iter_mut().zip(slots) {
+            *copy = fcntl(*fd, FcntlArg::F_DUPFD_CLOEXEC(above))?;
+        }
+        Ok(lifted)
     }
-    for (i, fd) in high[..fds.len()].iter().enumerate() {
-        // dup2 clears close-on-exec on the new descriptor: exactly these survive exec.
-        dup2(*fd, FIRST_SLOT_FD + i as RawFd)?;
+
+    fn place(&self) -> nix::Result<()> {
+        for (i, fd) in self.fds[..self.len].iter().enumerate() {
+            // dup2 clears close-on-exec on the new descriptor: exactly these survive
+            // exec.
+            dup2(*fd, FIRST_SLOT_FD + i as RawFd)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Raw descriptors of sockets the parent keeps open until the spawn returns.

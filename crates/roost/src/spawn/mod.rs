@@ -43,6 +43,7 @@ use std::sync::Arc;
 use roost_registry::{OwnerError, Site};
 
 pub use cgroup::{Cgroups, SiteCgroup};
+pub use child::WORKER_NOFILE;
 pub use forkserver::ForkServerError;
 pub use inherited::seal_inherited_fds;
 pub use landlock_scope::LandlockScope;

@@ -111,6 +111,49 @@ async fn no_batch_workers_leaves_the_normal_policy() {
     }
 }
 
+/// A worker may hold 4,096 descriptors (`WORKER_NOFILE`); the node may hold far more
+/// (each site's two log files, each client). Between fork and exec the child still has
+/// every one of the node's, so a step that needs a new descriptor once the worker's
+/// limit is set finds none free below it: with 2,000 sites registered, or 4,000
+/// clients connected, no worker or zygote could start (every request 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_more_descriptors_than_a_worker_may_still_starts_workers() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const HELD: u64 = roost::spawn::WORKER_NOFILE + 200;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= HELD + 1024,
+        "this test needs an open file limit of at least {} (the hard limit is {hard})",
+        HELD + 1024
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    // The node's own descriptors come after these, as they would after many sites'.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let held: Vec<std::os::fd::OwnedFd> = (0..HELD)
+        .map(|_| {
+            std::os::fd::AsFd::as_fd(&null)
+                .try_clone_to_owned()
+                .unwrap()
+        })
+        .collect();
+    for mode in [SpawnMode::Zygote, SpawnMode::Plain] {
+        let node = Node::start_with(|c| c.spawn = mode).await;
+        let app = node.app("tester.py");
+        node.add(node.spec("d", &["d.test"], &app)).await;
+        let r = get(node.addr, "d.test", "/pid").await.unwrap();
+        assert_eq!(r.status, 200, "{mode:?}: {}", r.text());
+        if mode == SpawnMode::Zygote {
+            assert_eq!(zygotes(&node).len(), 1, "no zygote started");
+            assert!(
+                zygotes(&node).contains(&parent_of(pid_of(&r))),
+                "the worker was not forked by the zygote"
+            );
+        }
+        node.stop().await;
+    }
+    drop(held);
+}
+
 /// A zygote serves a runtime (an interpreter and its preloads); once no site names that
 /// runtime any more, the zygote exits (after its workers), instead of staying until the
 /// node restarts.
