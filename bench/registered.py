@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""What registered sites cost while nobody visits them: for each count of sites, a node
+is started on a registry of that many, and the script reports how long it took to
+serve the last site, the node's memory (RSS, PSS), its open descriptors, the kernel
+memory that came with it (slab and per-CPU allocations, from /proc/meminfo: each site's
+cgroups live there; other work on the machine adds noise), the node's CPU while idle,
+and how long a site added through the CLI takes to answer.
+
+  cargo build --release && python3 bench/registered.py [--sites 1000,5000] [--json]   # as root
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (ROOST, free_port, get_once, install_app, pss_kib, register,  # noqa: E402
+                    require_root, serve, wait_port, workspace)
+
+
+def meminfo_kib(*fields):
+    """The sum of /proc/meminfo's `fields`, in KiB."""
+    total = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            if name in fields:
+                total += int(value.split()[0])
+    return total
+
+
+def kernel_kib():
+    """The kernel's slab and per-CPU allocations, in KiB."""
+    return meminfo_kib("Slab"), meminfo_kib("Percpu")
+
+
+def cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(count, options):
+    work = workspace()
+    app = install_app(work, "pid.py")
+    registry = os.path.join(work, "registry.db")
+    register(registry, app, count)
+    port = free_port()
+    # Two descriptors a site (its log files); the node takes its hard limit as its own.
+    need = 2 * count + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, need))
+        except (ValueError, OSError) as exc:
+            sys.exit("%d sites need an open file limit of %d; the hard limit is %d and "
+                     "cannot be raised here (%s)" % (count, need, hard, exc))
+    before = kernel_kib()
+    started = time.time()
+    node = serve(registry, port, work, "registered", *options)
+    try:
+        wait_port(port, 300)
+        last = "s%d.bench" % (count - 1)
+        while get_once(port, last)[0] != 200:
+            time.sleep(0.1)
+        ready = time.time() - started
+        time.sleep(8)  # the last site's worker exits at its idle timeout (5 s)
+        kernel = [after - then for after, then in zip(kernel_kib(), before)]
+        cpu = cpu_seconds(node.pid)
+        time.sleep(5)
+        idle_cpu = cpu_seconds(node.pid) - cpu
+        added = time.time()
+        subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "add", "new",
+                        "--host", "new.bench", "--entry", app, "--user", "nobody"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while get_once(port, "new.bench")[0] != 200:
+            time.sleep(0.01)
+        return {"sites": count, "seconds_to_serve_the_last": round(ready, 2),
+                "node_rss_kib": status_kib(node.pid, "VmRSS"), "node_pss_kib": pss_kib(node.pid),
+                "node_fds": len(os.listdir("/proc/%d/fd" % node.pid)),
+                "kernel_slab_kib": kernel[0], "kernel_percpu_kib": kernel[1], "idle_cpu_seconds_in_5": round(idle_cpu, 3),
+                "seconds_for_an_added_site_to_answer": round(time.time() - added, 3)}
+    finally:
+        node.terminate()
+        node.wait(timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", default="1000,5000,10000",
+                        help="counts of registered sites, comma-separated")
+    parser.add_argument("--no-cgroups", action="store_true", help="the node runs without cgroups")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    require_root()
+    rows = []
+    for count in (int(c) for c in args.sites.split(",")):
+        row = measure(count, ["--no-cgroups"] if args.no_cgroups else [])
+        rows.append(row)
+        if not args.json:
+            print("%6d sites: last served after %.2f s; node RSS %.1f MiB, PSS %.1f MiB, %d fds; "
+                  "kernel slab +%.1f MiB, per-CPU +%.1f MiB; idle CPU %.3f s in 5 s; a site added answers after %.3f s"
+                  % (count, row["seconds_to_serve_the_last"], row["node_rss_kib"] / 1024,
+                     row["node_pss_kib"] / 1024, row["node_fds"], row["kernel_slab_kib"] / 1024, row["kernel_percpu_kib"] / 1024,
+                     row["idle_cpu_seconds_in_5"], row["seconds_for_an_added_site_to_answer"]),
+                  flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
