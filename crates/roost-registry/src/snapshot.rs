@@ -29,6 +29,22 @@ impl Registry {
         }
     }
 
+    /// Shares with `previous` every site that is the same in both. The node compares
+    /// each new snapshot with the one it serves, on the thread that serves requests,
+    /// and then drops the old one: shared sites compare by pointer (`Arc` of an `Eq`
+    /// type) and are not freed, so a change costs that thread what changed, not every
+    /// site (8,000 sites: 42 ms a change before). The value comparisons happen here,
+    /// where the registry is read.
+    pub fn share_unchanged(&mut self, previous: &Registry) {
+        for (name, site) in self.sites.iter_mut() {
+            if let Some(old) = previous.sites.get(name) {
+                if old == site {
+                    *site = old.clone();
+                }
+            }
+        }
+    }
+
     /// Applies changes in order; `apply(old, diff(old, new)) == new`.
     pub fn apply(&self, changes: &[Change]) -> Registry {
         let mut sites = self.sites.clone();
@@ -90,6 +106,23 @@ mod tests {
 
     fn registry(entries: &BTreeMap<u8, u32>) -> Registry {
         Registry::from_sites(entries.iter().map(|(n, t)| site(&format!("s{n}"), *t)))
+    }
+
+    #[test]
+    fn a_new_snapshot_shares_the_sites_that_did_not_change() {
+        let old = Registry::from_sites([site("a", 1), site("b", 1)]);
+        let mut new = Registry::from_sites([site("a", 1), site("b", 2), site("c", 1)]);
+        new.share_unchanged(&old);
+        assert!(Arc::ptr_eq(&new.sites["a"], &old.sites["a"]));
+        assert!(!Arc::ptr_eq(&new.sites["b"], &old.sites["b"]));
+        assert_eq!(new.sites["b"].pool.threads, 2);
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                Change::Changed(new.sites["b"].clone()),
+                Change::Added(new.sites["c"].clone())
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_registry::{Loaded, SqliteStore};
+use roost_registry::{Loaded, Registry, SqliteStore};
 use tokio::sync::mpsc;
 
 /// Starts the watcher; its first message is the whole registry, then one per change.
@@ -31,6 +31,8 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
             };
             // Never equal to a real data_version: the first pass always loads.
             let mut version = i64::MIN;
+            // The last registry sent: the next shares its unchanged sites.
+            let mut last = Registry::default();
             while !tx.is_closed() {
                 let now = identity(&path);
                 if now != file {
@@ -57,7 +59,7 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
                     }
                 }
                 if let Some(store) = &store {
-                    if !reload_if_changed(store, &mut version, &tx) {
+                    if !reload_if_changed(store, &mut version, &mut last, &tx) {
                         return;
                     }
                 }
@@ -69,7 +71,12 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
 
 /// Sends a fresh snapshot when the registry's data_version moved past `version`;
 /// false when nobody listens any more.
-fn reload_if_changed(store: &SqliteStore, version: &mut i64, tx: &mpsc::Sender<Loaded>) -> bool {
+fn reload_if_changed(
+    store: &SqliteStore,
+    version: &mut i64,
+    last: &mut Registry,
+    tx: &mpsc::Sender<Loaded>,
+) -> bool {
     let now = match store.data_version() {
         Ok(v) => v,
         Err(e) => {
@@ -81,8 +88,10 @@ fn reload_if_changed(store: &SqliteStore, version: &mut i64, tx: &mpsc::Sender<L
         return true;
     }
     match store.load() {
-        Ok(loaded) => {
+        Ok(mut loaded) => {
             *version = now;
+            loaded.registry.share_unchanged(last);
+            *last = loaded.registry.clone();
             tx.blocking_send(loaded).is_ok()
         }
         Err(e) => {
