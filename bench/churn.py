@@ -25,27 +25,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOST, get_once, many_sites, processes, pss_kib, require_root,  # noqa: E402
-                    wait_port)
-
-
-def status_field(pid, field):
-    """A number of /proc/PID/status (VmRSS in KiB, Threads); 0 once the process is gone."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def open_fds(pid):
-    try:
-        return len(os.listdir("/proc/%d/fd" % pid))
-    except OSError:
-        return 0
+from common import (ROOST, get_once, many_sites, open_fds, processes, pss_kib,  # noqa: E402
+                    require_root, status_field, wait_port)
 
 
 def main():

@@ -194,6 +194,26 @@ def pss_kib(pid):
     return 0
 
 
+def status_field(pid, field):
+    """A number of /proc/PID/status (VmRSS in KiB, Threads); 0 once the process is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def open_fds(pid):
+    """How many descriptors a process holds; 0 once it is gone."""
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return 0
+
+
 def processes(loader):
     """(workers, zygotes) running a node's loader."""
     workers, zygotes = [], []

@@ -20,8 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOST, free_port, get_once, install_app, pss_kib, register,  # noqa: E402
-                    require_root, serve, wait_port, workspace)
+from common import (ROOST, free_port, get_once, install_app, open_fds, pss_kib,  # noqa: E402
+                    register, require_root, serve, status_field, wait_port, workspace)
 
 
 def meminfo_kib(*fields):
@@ -52,14 +52,6 @@ def cpu_seconds(pid, leave_out=None):
         if name != leave_out:
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def measure(count, options):
@@ -106,8 +98,8 @@ def measure(count, options):
             time.sleep(0.5)
         per_change = (cpu_seconds(node.pid, "registry-watch") - serving) / changes
         return {"sites": count, "seconds_to_serve_the_last": round(ready, 2),
-                "node_rss_kib": status_kib(node.pid, "VmRSS"), "node_pss_kib": pss_kib(node.pid),
-                "node_fds": len(os.listdir("/proc/%d/fd" % node.pid)),
+                "node_rss_kib": status_field(node.pid, "VmRSS"), "node_pss_kib": pss_kib(node.pid),
+                "node_fds": open_fds(node.pid),
                 "kernel_slab_kib": kernel[0], "kernel_percpu_kib": kernel[1], "idle_cpu_seconds_in_5": round(idle_cpu, 3),
                 "seconds_for_an_added_site_to_answer": round(added, 3),
                 "serving_cpu_ms_per_change": round(per_change * 1000, 1)}
