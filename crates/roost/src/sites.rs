@@ -116,8 +116,8 @@ impl Sites {
         self.publish();
     }
 
-    /// Sites of the registry that could not start (their log folder or cgroup could
-    /// not be made) are tried again, so that a passing fault (a full disk, a cgroup
+    /// Sites of the registry that could not start (their cgroup could not be made)
+    /// are tried again, so that a passing fault (a full disk, a cgroup
     /// busy) does not leave one unserved until the site changes.
     pub fn retry_unstarted(&mut self) {
         let unstarted: Vec<Arc<Site>> = (self.unstarted.iter())
@@ -155,7 +155,7 @@ impl Sites {
                 true
             }
             Err(e) if self.unstarted.insert(site.name.clone()) => {
-                tracing::error!(site = %site.name, error = %e, "cannot make the site's log folder or cgroup; it is not served, and is tried again every {RETRY_UNSTARTED:?}");
+                tracing::error!(site = %site.name, error = %e, "cannot make the site's cgroup; it is not served, and is tried again every {RETRY_UNSTARTED:?}");
                 false
             }
             Err(e) => {
@@ -180,7 +180,7 @@ impl Sites {
     }
 
     fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
-        let logs = self.logs.open_site(&site.name)?;
+        let logs = self.logs.open_site(&site.name);
         if let (Some(user), false) = (&site.user, self.users_enforced) {
             tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
         }
@@ -227,13 +227,12 @@ impl Sites {
         })
     }
 
-    /// After log rotation: every site's logs opened anew. Workers need nothing: they
-    /// print into pipes, and the node writes the files.
+    /// After log rotation: every site's logs closed, so that the next line of each
+    /// opens a new file. Workers need nothing: they print into pipes, and the node
+    /// writes the files.
     pub fn reopen_logs(&self) {
         for live in self.live.values() {
-            if let Err(e) = live.route.logs.reopen() {
-                tracing::error!(site = %live.route.site.name, error = %e, "cannot reopen the site's logs; it keeps the old ones");
-            }
+            live.route.logs.reopen();
         }
         tracing::info!(sites = self.live.len(), "logs reopened");
     }

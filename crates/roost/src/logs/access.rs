@@ -8,21 +8,21 @@
 //! neighbours'.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
 
+use super::clf_time;
 use super::error::ErrorLog;
-use super::{clf_time, say_write_outcome};
+use super::file::LogFile;
 
 /// Access records queued for the access log thread, for all sites, before new ones are
 /// dropped.
@@ -71,16 +71,12 @@ impl AccessLog {
 
 /// One site's `access.log`, shared by its [`SiteAccess`] and the records in flight.
 struct AccessFile {
-    /// Locked by the access log thread for each batch, and by [`SiteAccess::reopen`].
-    file: Mutex<File>,
-    path: PathBuf,
+    file: LogFile,
     /// Records of this site in the queue (at most [`ACCESS_SITE_SHARE`]).
     queued: AtomicUsize,
     /// Records lost because the thread fell behind; reported in the error log.
     dropped: AtomicU64,
     error_log: Arc<ErrorLog>,
-    /// The last write failed (a full disk): said once in the node's log, not per batch.
-    failing: AtomicBool,
 }
 
 /// What a site records its accesses with.
@@ -90,51 +86,43 @@ pub struct SiteAccess {
 }
 
 impl SiteAccess {
-    /// `file` is the site's `access.log`, open for append; dropped lines are counted
-    /// in `error_log`.
-    pub fn new(
-        access_log: &AccessLog,
-        path: PathBuf,
-        file: File,
-        error_log: Arc<ErrorLog>,
-    ) -> SiteAccess {
-        SiteAccess::sending_to(access_log.tx.clone(), path, file, error_log)
+    /// `path` is the site's `access.log`, opened by its first line; dropped lines are
+    /// counted in `error_log`.
+    pub fn new(access_log: &AccessLog, path: PathBuf, error_log: Arc<ErrorLog>) -> SiteAccess {
+        SiteAccess::sending_to(access_log.tx.clone(), path, error_log)
     }
 
     /// Records that go nowhere, for tests of other modules.
     #[cfg(test)]
     pub fn detached(error_log: Arc<ErrorLog>) -> SiteAccess {
-        let null = File::open("/dev/null").expect("/dev/null opens");
         let tx = mpsc::sync_channel(1).0;
-        SiteAccess::sending_to(tx, PathBuf::from("/dev/null"), null, error_log)
+        SiteAccess::sending_to(tx, PathBuf::from("/dev/null"), error_log)
     }
 
     fn sending_to(
         tx: SyncSender<AccessMessage>,
         path: PathBuf,
-        file: File,
         error_log: Arc<ErrorLog>,
     ) -> SiteAccess {
         SiteAccess {
             tx,
             file: Arc::new(AccessFile {
-                file: Mutex::new(file),
-                path,
+                file: LogFile::new(path),
                 queued: AtomicUsize::new(0),
                 dropped: AtomicU64::new(0),
                 error_log,
-                failing: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Later lines go to `file` (the log opened anew after rotation).
-    pub fn reopen(&self, file: File) {
-        *self
-            .file
-            .file
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = file;
+    /// Later lines go to a new file (after rotation renamed the old one).
+    pub fn reopen(&self) {
+        self.file.file.close();
+    }
+
+    /// Closes the file if it is idle ([`LogFile::close_if_idle`]).
+    pub fn close_if_idle(&self, now: std::time::Instant) {
+        self.file.file.close_if_idle(now)
     }
 
     /// Queues one line, or counts it as dropped.
@@ -186,13 +174,7 @@ fn write_access(rx: Receiver<AccessMessage>) {
             file.queued.fetch_sub(*taken, Ordering::Relaxed);
         }
         for (file, lines, _) in batch.into_values() {
-            let written = file
-                .file
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write_all(&lines);
-            let was_failing = file.failing.swap(written.is_err(), Ordering::Relaxed);
-            say_write_outcome(&file.path, was_failing, &written);
+            file.file.append(&lines);
             let lost = file.dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 file.error_log.note(&format!(
@@ -301,7 +283,7 @@ fn escape(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::logs::NodeLogs;
 
@@ -335,7 +317,7 @@ mod tests {
             .ends_with("\" 503 - \"-\" \"curl \\\"8\\\"\\x09\u{fffd}\" 1234 -\n"));
     }
 
-    fn record(status: u16) -> AccessRecord {
+    pub(in crate::logs) fn record(status: u16) -> AccessRecord {
         AccessRecord {
             peer: [10, 0, 0, 1].into(),
             start: UNIX_EPOCH,
@@ -355,7 +337,7 @@ mod tests {
     fn a_flood_loses_no_line_without_saying_so() {
         let dir = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
-        let logs = node.open_site("s").unwrap();
+        let logs = node.open_site("s");
         // Far more than the queue holds, faster than one batch interval.
         let sent = 10 * ACCESS_QUEUE;
         for _ in 0..sent {
@@ -387,11 +369,11 @@ mod tests {
     fn a_flooding_site_leaves_room_for_the_others() {
         let dir = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
-        let flood = node.open_site("flood").unwrap();
-        let calm = node.open_site("calm").unwrap();
+        let flood = node.open_site("flood");
+        let calm = node.open_site("calm");
         // Hold the flooding site's file, as a stalled disk would: the thread blocks on
         // its first batch and everything after piles up in the queue.
-        let stalled = flood.access.file.file.lock().unwrap();
+        let stalled = flood.access.file.file.stall();
         flood.access(record(200));
         std::thread::sleep(Duration::from_millis(100));
         let sent = 2 * ACCESS_QUEUE;
@@ -418,10 +400,7 @@ mod tests {
     fn lines_reach_each_sites_file() {
         let dir = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(dir.path().to_owned(), 1 << 30).unwrap();
-        let sites: Vec<_> = ["a", "b"]
-            .iter()
-            .map(|name| node.open_site(name).unwrap())
-            .collect();
+        let sites: Vec<_> = ["a", "b"].iter().map(|name| node.open_site(name)).collect();
         for (i, logs) in sites.iter().chain(sites.iter()).enumerate() {
             logs.access(record(200 + i as u16));
         }

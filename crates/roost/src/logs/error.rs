@@ -5,14 +5,14 @@
 //! most twice the limit on disk, and the log folder's disk stays free for the others.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{append_with_group, clf_time, say_write_outcome};
+use super::clf_time;
+use super::file::{LogFile, OpenLog};
 
 /// Bytes a second of one site's output the node copies to its error log, on average:
 /// the node's work (and disk writes) for one site's printing stay bounded. Beyond it,
@@ -31,36 +31,25 @@ const SLOWED_NOTE_EVERY: Duration = Duration::from_secs(60);
 pub const MIN_ERROR_LOG_SIZE: u64 = 1 << 20;
 
 pub struct ErrorLog {
-    path: PathBuf,
+    file: LogFile,
     /// Past this many bytes the file is renamed `error.log.old` and a new one begun.
     max_size: u64,
-    open: Mutex<OpenFile>,
     pace: Mutex<Pace>,
 }
 
-struct OpenFile {
-    file: File,
-    /// Bytes in the file: its size when opened, plus what the node appended since
-    /// (nobody else writes to it).
-    size: u64,
-    /// The last write failed (a full disk): said once in the node's log, not per line.
-    failing: bool,
-}
-
 impl ErrorLog {
-    /// Opens (or creates) `path`, new files with the group of its folder.
-    pub fn open(path: PathBuf, max_size: u64) -> std::io::Result<ErrorLog> {
-        let open = OpenFile::new(&path)?;
-        Ok(ErrorLog {
-            path,
+    /// The log at `path`, opened (or created, with the group of its folder) by its
+    /// first line.
+    pub fn new(path: PathBuf, max_size: u64) -> ErrorLog {
+        ErrorLog {
+            file: LogFile::new(path),
             max_size,
-            open: Mutex::new(open),
             pace: Mutex::new(Pace::new()),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Appends what a site's process printed, as one write, its control characters
@@ -68,18 +57,12 @@ impl ErrorLog {
     /// anew, or cannot be written, lines are dropped: the disk comes first.
     pub fn write(&self, bytes: &[u8]) {
         let bytes = &*escape_controls(bytes);
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
-            self.start_anew(&mut open)
-        } else {
-            Ok(())
-        }
-        .and_then(|()| open.file.write_all(bytes));
-        if written.is_ok() {
-            open.size += bytes.len() as u64;
-        }
-        say_write_outcome(&self.path, open.failing, &written);
-        open.failing = written.is_err();
+        self.file.write_with(|path, open| {
+            if open.size > 0 && open.size + bytes.len() as u64 > self.max_size {
+                self.start_anew(path, open)?;
+            }
+            open.append(bytes)
+        });
     }
 
     /// One line from the node: `[time] [roost] message`.
@@ -89,10 +72,13 @@ impl ErrorLog {
     }
 
     /// After log rotation renamed the file: later lines go to a new one.
-    pub fn reopen(&self) -> std::io::Result<()> {
-        let fresh = OpenFile::new(&self.path)?;
-        *self.open.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
-        Ok(())
+    pub fn reopen(&self) {
+        self.file.close();
+    }
+
+    /// Closes the file if it is idle ([`LogFile::close_if_idle`]).
+    pub fn close_if_idle(&self, now: Instant) {
+        self.file.close_if_idle(now)
     }
 
     /// How long the reader of a pipe waits before reading again, having just copied
@@ -115,16 +101,16 @@ impl ErrorLog {
 
     /// The file reached `max_size`: it becomes `error.log.old` and a new one begins.
     /// If rotation renamed it already, the file now at `path` is simply opened.
-    fn start_anew(&self, open: &mut OpenFile) -> std::io::Result<()> {
-        let old = self.path.with_extension("log.old");
-        let ours = match (std::fs::symlink_metadata(&self.path), open.file.metadata()) {
+    fn start_anew(&self, path: &Path, open: &mut OpenLog) -> std::io::Result<()> {
+        let old = path.with_extension("log.old");
+        let ours = match (std::fs::symlink_metadata(path), open.file().metadata()) {
             (Ok(here), Ok(mine)) => (here.dev(), here.ino()) == (mine.dev(), mine.ino()),
             _ => false,
         };
         if ours {
-            std::fs::rename(&self.path, &old)?;
+            std::fs::rename(path, &old)?;
         }
-        *open = OpenFile::new(&self.path)?;
+        *open = OpenLog::new(path)?;
         if ours {
             let line = format!(
                 "[{}] [roost] the error log reached its limit of {} bytes (--error-log-size); the lines before are in {}\n",
@@ -132,23 +118,9 @@ impl ErrorLog {
                 self.max_size,
                 old.file_name().unwrap_or_default().to_string_lossy(),
             );
-            open.file.write_all(line.as_bytes())?;
-            open.size += line.len() as u64;
+            open.append(line.as_bytes())?;
         }
         Ok(())
-    }
-}
-
-impl OpenFile {
-    fn new(path: &Path) -> std::io::Result<OpenFile> {
-        let folder = path.parent().unwrap_or(Path::new("."));
-        let file = append_with_group(path, std::fs::metadata(folder)?.gid())?;
-        let size = file.metadata()?.len();
-        Ok(OpenFile {
-            file,
-            size,
-            failing: false,
-        })
     }
 }
 
@@ -224,7 +196,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("error.log");
         std::fs::write(&path, "from before\n").unwrap();
-        let log = ErrorLog::open(path.clone(), 1000).unwrap();
+        let log = ErrorLog::new(path.clone(), 1000);
         let line = [b'x'; 99];
         for _ in 0..25 {
             log.write(&line);
@@ -253,7 +225,7 @@ mod tests {
     fn a_full_log_that_cannot_be_started_anew_drops_lines_rather_than_grow() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("error.log");
-        let log = ErrorLog::open(path.clone(), 100).unwrap();
+        let log = ErrorLog::new(path.clone(), 100);
         log.write(&[b'a'; 60]);
         // A folder where the old file goes: the rename fails (EISDIR).
         let blocker = dir.path().join("error.log.old");
@@ -289,7 +261,7 @@ mod tests {
     fn rotation_by_rename_is_followed_not_undone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("error.log");
-        let log = ErrorLog::open(path.clone(), 100).unwrap();
+        let log = ErrorLog::new(path.clone(), 100);
         log.write(b"first\n");
         std::fs::rename(&path, dir.path().join("error.log.1")).unwrap();
         // Full before the node was told: the renamed file is left alone.
@@ -304,7 +276,7 @@ mod tests {
             .ends_with(&"y".repeat(100)));
         // Told: a new file, as after SIGUSR1.
         std::fs::rename(&path, dir.path().join("error.log.2")).unwrap();
-        log.reopen().unwrap();
+        log.reopen();
         log.write(b"later\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "later\n");
     }
@@ -332,9 +304,9 @@ mod tests {
     fn a_slowed_site_is_told_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("error.log");
-        let log = ErrorLog::open(path.clone(), 1 << 20).unwrap();
+        let log = ErrorLog::new(path.clone(), 1 << 20);
         assert!(log.pace(OUTPUT_BURST as usize).is_zero());
-        assert!(std::fs::read_to_string(&path).unwrap().is_empty());
+        assert!(!path.exists(), "a note before the burst was spent");
         assert!(!log.pace(1 << 20).is_zero());
         assert!(!log.pace(1 << 20).is_zero());
         let text = std::fs::read_to_string(&path).unwrap();

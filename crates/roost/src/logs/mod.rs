@@ -5,14 +5,16 @@
 
 mod access;
 mod error;
+mod file;
 mod output;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use access::AccessRecord;
 pub use error::MIN_ERROR_LOG_SIZE;
@@ -27,46 +29,65 @@ const ERROR_LOG: &str = "error.log";
 const OLD_ERROR_LOG: &str = "error.log.old";
 const LOG_FILES: [&str; 3] = [ACCESS_LOG, ERROR_LOG, OLD_ERROR_LOG];
 
-/// The node's side of every site's logs: the access log thread and the output thread.
+/// How often the log closer looks for files with no line for [`file::IDLE`].
+const CLOSE_IDLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Every site's logs, for the log closer.
+type AllSiteLogs = Mutex<Vec<Weak<SiteLogs>>>;
+
+/// The node's side of every site's logs: the access log thread, the output thread, and
+/// the log closer, which closes the files of sites that stopped writing.
 pub struct NodeLogs {
     root: PathBuf,
     error_log_size: u64,
     access: AccessLog,
     output: WorkerOutput,
+    sites: Arc<AllSiteLogs>,
+    /// Dropped with the node's logs, which ends the log closer.
+    _closer: mpsc::Sender<()>,
 }
 
 impl NodeLogs {
     /// `root` holds a folder per site; a site's `error.log` is started anew past
     /// `error_log_size` bytes.
     pub fn start(root: PathBuf, error_log_size: u64) -> std::io::Result<NodeLogs> {
+        let sites = Arc::new(AllSiteLogs::default());
+        let (closer, stop) = mpsc::channel();
+        let watched = Arc::downgrade(&sites);
+        std::thread::Builder::new()
+            .name("log-closer".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CLOSE_IDLE_EVERY) {
+                    let Some(sites) = watched.upgrade() else {
+                        break;
+                    };
+                    close_idle(&sites, Instant::now());
+                }
+            })?;
         Ok(NodeLogs {
             root,
             error_log_size,
             access: AccessLog::start()?,
             output: WorkerOutput::start()?,
+            sites,
+            _closer: closer,
         })
     }
 
-    /// Creates `root/<site>/` (mode 0750: the site's group may read, other tenants
-    /// not) and opens the site's logs.
-    pub fn open_site(&self, site: &str) -> std::io::Result<Arc<SiteLogs>> {
+    /// The logs of `site`, in `root/<site>/`: nothing is made or opened until the
+    /// site's first line, or its first worker ([`SiteLogs::grant`]).
+    pub fn open_site(&self, site: &str) -> Arc<SiteLogs> {
         let dir = self.root.join(site);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
-        let error_log = Arc::new(ErrorLog::open(dir.join(ERROR_LOG), self.error_log_size)?);
-        let access_path = dir.join(ACCESS_LOG);
-        let access = SiteAccess::new(
-            &self.access,
-            access_path.clone(),
-            append(&access_path)?,
-            error_log.clone(),
-        );
-        Ok(Arc::new(SiteLogs {
+        let error_log = Arc::new(ErrorLog::new(dir.join(ERROR_LOG), self.error_log_size));
+        let access = SiteAccess::new(&self.access, dir.join(ACCESS_LOG), error_log.clone());
+        let logs = Arc::new(SiteLogs {
             dir,
             access,
             error_log,
             output: self.output.pipes(),
-        }))
+        });
+        (self.sites.lock().unwrap_or_else(PoisonError::into_inner)).push(Arc::downgrade(&logs));
+        logs
     }
 
     /// Writes the last lines of every site: what workers printed before they were
@@ -88,7 +109,13 @@ impl SiteLogs {
     /// Lets the site's group read its logs: the folder and files stay owned by the
     /// node (a tenant cannot swap them for links) with the site's gid as group. Logs
     /// another group was given were the site's previous owner's: set aside first.
+    /// Makes the folder and files if they are not there, so the site's user finds
+    /// them from its first worker on.
     pub fn grant(&self, gid: u32) {
+        if let Err(e) = file::folder_gid(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot make a site's log folder");
+            return;
+        }
         if let Err(e) = self.set_aside_from_previous_owner(gid) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot set aside the logs of a site's previous owner");
         }
@@ -139,16 +166,21 @@ impl SiteLogs {
             }
         }
         std::os::unix::fs::lchown(&self.dir, None, Some(gid))?;
-        self.reopen()
+        self.reopen();
+        Ok(())
     }
 
-    /// Opens both logs anew after log rotation renamed them: later lines go to the
-    /// new files, which get the folder's group ([`SiteLogs::grant`] made it the site's).
-    pub fn reopen(&self) -> std::io::Result<()> {
-        let gid = std::fs::metadata(&self.dir)?.gid();
-        self.access
-            .reopen(append_with_group(&self.dir.join(ACCESS_LOG), gid)?);
-        self.error_log.reopen()
+    /// Closes both logs, after log rotation renamed them: later lines go to new files,
+    /// which get the folder's group ([`SiteLogs::grant`] made it the site's).
+    pub fn reopen(&self) {
+        self.access.reopen();
+        self.error_log.reopen();
+    }
+
+    /// Closes the files that had no line for [`file::IDLE`].
+    fn close_if_idle(&self, now: Instant) {
+        self.access.close_if_idle(now);
+        self.error_log.close_if_idle(now);
     }
 
     /// A pipe into the error log, for a new process's stdout and stderr.
@@ -164,6 +196,12 @@ impl SiteLogs {
     pub fn access(&self, record: AccessRecord) {
         self.access.record(record);
     }
+}
+
+/// Closes the idle files of every site, and forgets the sites that are gone.
+fn close_idle(sites: &AllSiteLogs, now: Instant) {
+    let mut sites = sites.lock().unwrap_or_else(PoisonError::into_inner);
+    sites.retain(|site| site.upgrade().inspect(|s| s.close_if_idle(now)).is_some());
 }
 
 /// Says in the node's log when a site's log file stops taking writes (a full disk) and
@@ -232,9 +270,7 @@ pub fn clf_time(t: SystemTime) -> String {
 impl SiteLogs {
     /// Logs that lead nowhere, for tests of other modules.
     pub fn detached() -> Arc<SiteLogs> {
-        let null = Path::new("/dev/null");
-        let error_log =
-            Arc::new(ErrorLog::open(null.to_owned(), u64::MAX).expect("/dev/null opens"));
+        let error_log = Arc::new(ErrorLog::new(PathBuf::from("/dev/null"), u64::MAX));
         Arc::new(SiteLogs {
             dir: PathBuf::from("/dev"),
             access: SiteAccess::detached(error_log.clone()),
@@ -258,6 +294,47 @@ mod tests {
         assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
     }
 
+    /// The descriptors of this process open on files below `dir`.
+    fn open_below(dir: &Path) -> usize {
+        (std::fs::read_dir("/proc/self/fd").unwrap().flatten())
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
+    }
+
+    #[test]
+    fn a_site_holds_its_log_files_only_while_it_writes() {
+        let root = tempfile::tempdir().unwrap();
+        let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
+        let (quiet, busy) = (node.open_site("quiet"), node.open_site("busy"));
+        assert!(!root.path().join("quiet").exists(), "made before any line");
+        busy.error("a line");
+        busy.access(access::tests::record(200));
+        // Written by the log threads, a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while open_below(root.path()) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(open_below(root.path()), 2, "busy's two files");
+        close_idle(&node.sites, Instant::now());
+        assert_eq!(open_below(root.path()), 2, "closed while in use");
+        close_idle(&node.sites, Instant::now() + file::IDLE);
+        assert_eq!(open_below(root.path()), 0);
+        assert!(!root.path().join("quiet").exists());
+        // A site gone is forgotten.
+        drop(quiet);
+        close_idle(&node.sites, Instant::now());
+        assert_eq!(node.sites.lock().unwrap().len(), 1);
+        // The next line opens the file again, after the first.
+        busy.error("another line");
+        node.stop();
+        let errors = std::fs::read_to_string(root.path().join("busy").join(ERROR_LOG)).unwrap();
+        assert!(
+            errors.contains("a line\n") && errors.ends_with("another line\n"),
+            "{errors}"
+        );
+    }
+
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn logs_handed_back_and_forth_are_each_set_aside_whole() {
@@ -267,7 +344,7 @@ mod tests {
         );
         let root = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
-        let logs = node.open_site("shop").unwrap();
+        let logs = node.open_site("shop");
         let dir = root.path().join("shop");
         // Within a second, as a site handed back and forth under load is.
         for (n, gid) in [4001, 4002, 4001, 4002].into_iter().enumerate() {

@@ -197,7 +197,7 @@ mod tests {
     fn what_is_printed_reaches_the_log_and_the_stop_waits_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("error.log");
-        let log = Arc::new(ErrorLog::open(path.clone(), 1 << 20).unwrap());
+        let log = Arc::new(ErrorLog::new(path.clone(), 1 << 20));
         let output = WorkerOutput::start().unwrap();
         let pipes = output.pipes();
         let mut first = std::fs::File::from(pipes.open(log.clone()).unwrap());
@@ -209,8 +209,6 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("one\n") && text.contains("two\n"), "{text:?}");
         assert_eq!(text.len(), 8);
-        assert!(pipes
-            .open(Arc::new(ErrorLog::open(path, 1 << 20).unwrap()))
-            .is_err());
+        assert!(pipes.open(Arc::new(ErrorLog::new(path, 1 << 20))).is_err());
     }
 }
