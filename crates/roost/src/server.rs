@@ -309,11 +309,8 @@ pub async fn run(
         ));
     }
     tracing::info!("serving");
-    let mut retry = tokio::time::interval(crate::sites::RETRY_UNSTARTED);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = retry.tick() => sites.retry_unstarted(),
             update = updates.recv() => match update {
                 Some(loaded) => apply(&mut sites, loaded),
                 None => {

@@ -4,7 +4,7 @@
 //! starts pools for added sites, reconfigures changed ones, drains removed ones, and
 //! publishes a new route table in one atomic swap.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +19,6 @@ use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
 use crate::spawn::{Cgroups, SiteFiles, Spawn};
 
-/// How often sites that could not start are tried again.
-pub const RETRY_UNSTARTED: Duration = Duration::from_secs(5);
-
 pub struct Sites {
     registry: Registry,
     live: HashMap<String, LiveSite>,
@@ -35,9 +32,6 @@ pub struct Sites {
     budget: Budget,
     /// Parent of every site's private TMPDIR.
     tmp_root: PathBuf,
-    /// Sites of the registry that could not start: said once in the node's log, then
-    /// tried again quietly every RETRY_UNSTARTED.
-    unstarted: HashSet<String>,
     /// Pools of removed sites, draining or ending; awaited at shutdown. A site added
     /// back meanwhile revives its draining pool, or waits for the ending ones.
     draining: Vec<LiveSite>,
@@ -69,7 +63,6 @@ impl Sites {
             stop_grace,
             budget,
             tmp_root,
-            unstarted: HashSet::new(),
             draining: Vec::new(),
         }
     }
@@ -109,28 +102,10 @@ impl Sites {
             }
         }
         self.draining.retain(|d| !d.task.is_finished());
-        self.unstarted.retain(|name| next.sites.contains_key(name));
         self.registry = next;
         let sites: Vec<&Site> = self.registry.sites.values().map(|s| &**s).collect();
         self.spawner.retain(&sites);
         self.publish();
-    }
-
-    /// Sites of the registry that could not start (their cgroup could not be made)
-    /// are tried again, so that a passing fault (a full disk, a cgroup
-    /// busy) does not leave one unserved until the site changes.
-    pub fn retry_unstarted(&mut self) {
-        let unstarted: Vec<Arc<Site>> = (self.unstarted.iter())
-            .filter_map(|name| self.registry.sites.get(name))
-            .cloned()
-            .collect();
-        let mut started = false;
-        for site in &unstarted {
-            started |= self.serve(site);
-        }
-        if started {
-            self.publish();
-        }
     }
 
     fn publish(&self) {
@@ -140,29 +115,13 @@ impl Sites {
     }
 
     /// Serves `site` (added, or not served yet): its draining pool if it has one, else
-    /// a new pool. False when it cannot start, which is said in the node's log.
-    fn serve(&mut self, site: &Arc<Site>) -> bool {
-        if let Some(live) = self.revive(site) {
-            self.live.insert(site.name.clone(), live);
-            return true;
-        }
-        match self.start(site.clone()) {
-            Ok(live) => {
-                if self.unstarted.remove(&site.name) {
-                    tracing::info!(site = %site.name, "the site could start after all; served");
-                }
-                self.live.insert(site.name.clone(), live);
-                true
-            }
-            Err(e) if self.unstarted.insert(site.name.clone()) => {
-                tracing::error!(site = %site.name, error = %e, "cannot make the site's cgroup; it is not served, and is tried again every {RETRY_UNSTARTED:?}");
-                false
-            }
-            Err(e) => {
-                tracing::debug!(site = %site.name, error = %e, "the site still cannot start");
-                false
-            }
-        }
+    /// a new pool.
+    fn serve(&mut self, site: &Arc<Site>) {
+        let live = match self.revive(site) {
+            Some(live) => live,
+            None => self.start(site.clone()),
+        };
+        self.live.insert(site.name.clone(), live);
     }
 
     /// The pool of `site` if it was removed and still drains: it serves the site again.
@@ -179,36 +138,24 @@ impl Sites {
         })
     }
 
-    fn start(&self, site: Arc<Site>) -> std::io::Result<LiveSite> {
+    /// A new pool for `site`. Nothing is made on disk or in the kernel yet: its log
+    /// files come with its first line, its cgroup with its first process.
+    fn start(&self, site: Arc<Site>) -> LiveSite {
         let logs = self.logs.open_site(&site.name);
         if let (Some(user), false) = (&site.user, self.users_enforced) {
             tracing::warn!(site = %site.name, %user, "not enforced: the node is not root, so the site runs as the node's user");
         }
-        // Pools of the same name still ending remove its cgroup: this one waits, and
-        // writes its limits into the cgroup it then makes anew (not into theirs, which
-        // still holds their workers).
+        // Pools of the same name still ending remove its cgroup: this one waits for
+        // them before it starts a process, so that it makes its cgroup anew (and does
+        // not join theirs, which still holds their workers).
         let after: Vec<PoolHandle> = (self.draining.iter())
             .filter(|d| d.route.site.name == site.name)
             .map(|d| d.route.pool.clone())
             .collect();
-        let cgroup = match self.cgroups.site(&site.name) {
-            Ok(cgroup) => {
-                if after.is_empty() {
-                    if let Err(e) = cgroup.apply(&site.pool) {
-                        tracing::error!(site = %site.name, error = %crate::error_chain(&e), "cannot set the site's cgroup limits");
-                    }
-                }
-                cgroup
-            }
-            Err(e) => {
-                // Fail safe: a site whose limits cannot be set is not started.
-                return Err(std::io::Error::other(crate::error_chain(&e)));
-            }
-        };
         let ctx = PoolContext {
             spawner: self.spawner.clone(),
             logs: logs.clone(),
-            cgroup: Arc::new(cgroup),
+            cgroup: Arc::new(self.cgroups.site(&site.name, site.pool.clone())),
             files: SiteFiles::default(),
             stop_grace: self.stop_grace,
             poll_memory: !self.cgroups.has(Controller::Memory),
@@ -216,7 +163,7 @@ impl Sites {
             tmp_root: self.tmp_root.clone(),
         };
         let (pool, task) = pool::spawn_pool(site.clone(), ctx, after);
-        Ok(LiveSite {
+        LiveSite {
             route: Arc::new(Route {
                 site,
                 pool,
@@ -224,7 +171,7 @@ impl Sites {
                 hold: Default::default(),
             }),
             task,
-        })
+        }
     }
 
     /// After log rotation: every site's logs closed, so that the next line of each

@@ -3,8 +3,10 @@
 //! At start the node finds, for each controller it wants, where it is mounted and which
 //! cgroup the node itself is in (a v2 controller is used when the v2 hierarchy has it,
 //! else the v1 mount). Each site gets `<node's cgroup>/roost/<site>` in every usable
-//! hierarchy; the limits are written there, and a new worker joins before it runs any
-//! Python (the child writes "0" to `cgroup.procs` descriptors opened by the node).
+//! hierarchy, made with its first process (a site nobody visits costs the kernel
+//! nothing) and removed with its pool; the limits are written there, and a new worker
+//! joins before it runs any Python (the child writes "0" to `cgroup.procs` descriptors
+//! opened by the node).
 //!
 //! On v2 the "no internal processes" rule forbids enabling controllers for children
 //! of a cgroup that holds processes, so the node first moves itself into a leaf
@@ -14,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -196,15 +199,18 @@ impl Cgroups {
         parts.join("; ")
     }
 
-    /// The cgroup of one site in every usable hierarchy (created if needed).
-    pub fn site(&self, site: &str) -> Result<SiteCgroup, CgroupError> {
-        let cgroup = SiteCgroup {
+    /// The cgroup of one site in every usable hierarchy, to be made with `limits` by
+    /// its first process ([`SiteCgroup::make`]).
+    pub fn site(&self, site: &str, limits: PoolSettings) -> SiteCgroup {
+        SiteCgroup {
             dirs: (self.placements.iter())
                 .map(|p| (p.controller, p.version, p.base.join(site)))
                 .collect(),
-        };
-        cgroup.create()?;
-        Ok(cgroup)
+            state: Mutex::new(Made {
+                made: false,
+                limits,
+            }),
+        }
     }
 
     /// Removes this node's folders at shutdown (their site cgroups are gone by then).
@@ -237,34 +243,58 @@ impl Cgroups {
 }
 
 /// One site's cgroup directories, one per usable controller hierarchy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct SiteCgroup {
     dirs: Vec<(Controller, Version, PathBuf)>,
+    /// Held while the folders are made or their limits written: the limits written
+    /// last are the newest, whichever comes first.
+    state: Mutex<Made>,
+}
+
+#[derive(Debug)]
+struct Made {
+    /// The folders are there (made by this pool, which removes them).
+    made: bool,
+    /// The limits to make them with, or last written.
+    limits: PoolSettings,
 }
 
 impl SiteCgroup {
-    /// Makes the site's folders that do not exist; again after a pool of the same
-    /// site name removed them.
-    pub fn create(&self) -> Result<(), CgroupError> {
+    /// Makes the site's folders, with its limits, unless they are made: before each
+    /// process of the site joins them. A site whose limits cannot be written is not
+    /// started (the first error).
+    pub fn make(&self) -> Result<(), CgroupError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.made {
+            return Ok(());
+        }
         for (_, _, dir) in &self.dirs {
-            if !dir.is_dir() {
-                std::fs::create_dir(dir).map_err(io_err(dir))?;
+            match std::fs::create_dir(dir) {
+                // Left by a pool of the same name that could not remove it.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                made => made.map_err(io_err(dir))?,
             }
         }
+        if let Some(e) = self.write_limits(&state.limits).into_iter().next() {
+            return Err(e);
+        }
+        state.made = true;
         Ok(())
     }
 
-    /// Writes the site's limits into a cgroup just made: the first error.
-    pub fn apply(&self, limits: &PoolSettings) -> Result<(), CgroupError> {
-        self.apply_each(limits)
-            .into_iter()
-            .next()
-            .map_or(Ok(()), Err)
+    /// Writes the site's limits, which changed, each controller's though another's
+    /// were refused (cgroup v1 refuses a memory limit below usage): every error. Into
+    /// folders not made yet, nothing: they will be made with these.
+    pub fn apply_each(&self, limits: &PoolSettings) -> Vec<CgroupError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.limits = limits.clone();
+        if !state.made {
+            return Vec::new();
+        }
+        self.write_limits(limits)
     }
 
-    /// Writes the site's limits, each controller's though another's were refused
-    /// (cgroup v1 refuses a memory limit below usage): every error.
-    pub fn apply_each(&self, limits: &PoolSettings) -> Vec<CgroupError> {
+    fn write_limits(&self, limits: &PoolSettings) -> Vec<CgroupError> {
         (self.dirs.iter())
             .filter_map(|(controller, version, dir)| {
                 apply_one(*controller, *version, dir, limits).err()
@@ -306,6 +336,9 @@ impl SiteCgroup {
 
     /// Kills anything left and removes the directories (the site was removed).
     pub fn remove(&self) {
+        // Made or not: a make that failed halfway leaves folders.
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.made = false;
         self.kill_all();
         for (_, _, dir) in &self.dirs {
             if let Err(e) = remove_when_empty(dir) {
@@ -557,15 +590,19 @@ mod tests {
         ] {
             std::fs::write(site_dir.join(file), "").unwrap();
         }
-        let site = cgroups.site("blog").unwrap();
+        let site = cgroups.site("blog", PoolSettings::default());
         let limits = PoolSettings {
             memory_max: 64 << 20,
             pids_max: 16,
             cpu_weight: 250,
             ..PoolSettings::default()
         };
-        site.apply(&limits).unwrap();
         let read = |f: &str| std::fs::read_to_string(site_dir.join(f)).unwrap();
+        // The site changed before its first process: nothing is written yet, and the
+        // cgroup is made with the new limits.
+        assert!(site.apply_each(&limits).is_empty());
+        assert_eq!(read("pids.max"), "");
+        site.make().unwrap();
         assert_eq!(read("memory.max"), (64u64 << 20).to_string());
         assert_eq!(read("memory.swap.max"), "0");
         assert_eq!(read("pids.max"), "16");

@@ -92,7 +92,7 @@ pub struct SpawnRequest<'a> {
     pub role: Role,
     /// The site's logs; a new process's stdout and stderr are its error log.
     pub logs: &'a Arc<SiteLogs>,
-    pub cgroup: &'a SiteCgroup,
+    pub cgroup: &'a Arc<SiteCgroup>,
     /// Every look at the site's files (its owner, code, interpreter) goes through it.
     pub files: &'a SiteFiles,
 }
@@ -125,6 +125,8 @@ pub enum SpawnError {
     UnsafeCode(#[source] OwnerError),
     #[error("cannot join the site's cgroup")]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("cannot make the site's cgroup with its limits; a site whose limits cannot be set is not started")]
+    MakeCgroup(#[source] cgroup::CgroupError),
     #[error("cannot make the pipe to the site's error log")]
     Output(#[source] std::io::Error),
     #[error(transparent)]

@@ -1,6 +1,6 @@
 //! What every spawn does before any process exists: resolve and check the site's
-//! owner, check its code files, prepare its private TMPDIR and its log permissions, and
-//! build its clean environment. All of it looks at files and user databases a hung file
+//! owner, check its code files, make its cgroup (with the site's first process),
+//! prepare its private TMPDIR and its log permissions, and build its clean environment. All of it looks at files and user databases a hung file
 //! system or directory service can stall, so it runs as one of the site's looks
 //! ([`SiteFiles`](super::SiteFiles)), never on a runtime thread.
 
@@ -11,7 +11,7 @@ use roost_registry::{check_code_files, resolve, Identity, Site};
 
 use super::landlock_scope::LandlockScope;
 use super::private_mounts::{PrivateMounts, PrivateTargets};
-use super::{tmpdir, SpawnError, SpawnRequest, LOOK_WITHIN};
+use super::{tmpdir, SiteCgroup, SpawnError, SpawnRequest, LOOK_WITHIN};
 use crate::logs::SiteLogs;
 
 /// How this node starts workers.
@@ -79,14 +79,26 @@ pub async fn prepare(
     config: &Arc<SpawnConfig>,
     request: &SpawnRequest<'_>,
 ) -> Result<Prepared, SpawnError> {
-    let (config, site, logs) = (config.clone(), request.site.clone(), request.logs.clone());
+    let (config, site, logs, cgroup) = (
+        config.clone(),
+        request.site.clone(),
+        request.logs.clone(),
+        request.cgroup.clone(),
+    );
     request
         .files
-        .look(LOOK_WITHIN, move || prepare_now(&config, &site, &logs))
+        .look(LOOK_WITHIN, move || {
+            prepare_now(&config, &site, &logs, &cgroup)
+        })
         .await?
 }
 
-fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Prepared, SpawnError> {
+fn prepare_now(
+    config: &SpawnConfig,
+    site: &Site,
+    logs: &SiteLogs,
+    cgroup: &SiteCgroup,
+) -> Result<Prepared, SpawnError> {
     // Users and files change after `site add`: check again now.
     let identity = if config.as_root {
         let user = site.user.as_deref().ok_or(SpawnError::NoUser)?;
@@ -111,6 +123,7 @@ fn prepare_now(config: &SpawnConfig, site: &Site, logs: &SiteLogs) -> Result<Pre
             }
         }
     }
+    cgroup.make().map_err(SpawnError::MakeCgroup)?;
     let tmp = tmpdir::make(&config.tmp_root, &site.name, identity.as_ref())?;
     if let Some(id) = &identity {
         logs.grant(id.gid);

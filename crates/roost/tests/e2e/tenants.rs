@@ -432,6 +432,43 @@ async fn a_removed_site_loses_its_cgroups() {
     node.stop().await;
 }
 
+/// A site's cgroups are made with its first process, with the limits the site has
+/// then (here changed before anyone visited it): a site nobody visits costs the
+/// kernel nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: per-site cgroups"]
+async fn a_site_has_cgroups_from_its_first_process_on() {
+    need_root();
+    let node = Node::start().await;
+    let (quiet_user, busy_user) = (TestUser::create(), TestUser::create());
+    let mut quiet = tenant_site(&node, "quiet", &quiet_user);
+    quiet.pids_max = Some(80);
+    node.store()
+        .add(&quiet.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    // Added after it, and visited: the node has read the registry.
+    node.add(tenant_site(&node, "busy", &busy_user)).await;
+    assert!(!site_cgroup_dirs(&node.cgroup_name, "busy").is_empty());
+    assert_eq!(
+        site_cgroup_dirs(&node.cgroup_name, "quiet"),
+        [] as [PathBuf; 0]
+    );
+
+    quiet.pids_max = Some(72);
+    node.store()
+        .replace(&quiet.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.add(tenant_site(&node, "later", &busy_user)).await;
+    assert_eq!(
+        site_cgroup_dirs(&node.cgroup_name, "quiet"),
+        [] as [PathBuf; 0]
+    );
+    node.until_status("quiet.test", "/pid", 200).await;
+    let pids_max = site_cgroup_file(&node.cgroup_name, "quiet", "pids.max");
+    assert_eq!(std::fs::read_to_string(pids_max).unwrap().trim(), "72");
+    node.stop().await;
+}
+
 #[test]
 #[ignore = "needs root: runs sites as another user"]
 fn sigkill_of_the_node_leaves_no_worker_behind() {

@@ -215,14 +215,9 @@ impl Pool {
         after: Vec<PoolHandle>,
         _done: watch::Sender<()>,
     ) {
-        if !after.is_empty() {
-            for previous in &after {
-                previous.ended().await;
-            }
-            let cgroup = &self.ctx.cgroup;
-            if let Err(e) = cgroup.create().and_then(|()| cgroup.apply(&self.site.pool)) {
-                tracing::error!(error = %crate::error_chain(&e), "cannot make the site's cgroup again");
-            }
+        // They remove the cgroup this pool makes anew with its first process.
+        for previous in &after {
+            previous.ended().await;
         }
         // Registered by the site's name: any pool of that name before it has ended.
         self.ctx
