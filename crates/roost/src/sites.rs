@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use roost_registry::{diff, Change, Registry, Site};
 use tokio::task::JoinHandle;
 
-use crate::logs::NodeLogs;
+use crate::logs::{NodeLogs, SiteLogs};
 use crate::pool::{self, Budget, PoolContext, PoolHandle};
 use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
@@ -176,12 +176,16 @@ impl Sites {
 
     /// After log rotation: every site's logs closed, so that the next line of each
     /// opens a new file. Workers need nothing: they print into pipes, and the node
-    /// writes the files.
+    /// writes the files. Not on this thread, which serves requests: closing a file
+    /// waits for a write to it under way, which a stalled disk holds up.
     pub fn reopen_logs(&self) {
-        for live in self.live.values() {
-            live.route.logs.reopen();
-        }
-        tracing::info!(sites = self.live.len(), "logs reopened");
+        let logs: Vec<Arc<SiteLogs>> = (self.live.values()).map(|l| l.route.logs.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            for site in &logs {
+                site.reopen();
+            }
+            tracing::info!(sites = logs.len(), "logs reopened");
+        });
     }
 
     /// Drains every site and waits for their workers to exit.

@@ -76,6 +76,12 @@ impl ErrorLog {
         self.file.close();
     }
 
+    /// Holds the file as a stalled disk would ([`LogFile::stall`]).
+    #[cfg(test)]
+    pub fn stall(&self) -> impl Drop + '_ {
+        self.file.stall()
+    }
+
     /// Closes the file if it is idle ([`LogFile::close_if_idle`]).
     pub fn close_if_idle(&self, now: Instant) {
         self.file.close_if_idle(now)

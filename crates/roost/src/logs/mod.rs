@@ -200,8 +200,17 @@ impl SiteLogs {
 
 /// Closes the idle files of every site, and forgets the sites that are gone.
 fn close_idle(sites: &AllSiteLogs, now: Instant) {
-    let mut sites = sites.lock().unwrap_or_else(PoisonError::into_inner);
-    sites.retain(|site| site.upgrade().inspect(|s| s.close_if_idle(now)).is_some());
+    // Not under the list's lock: a file being written to a stalled disk holds up its
+    // closing, and a site added meanwhile (on a thread that serves requests) must not
+    // wait for that.
+    let live: Vec<Arc<SiteLogs>> = {
+        let mut sites = sites.lock().unwrap_or_else(PoisonError::into_inner);
+        sites.retain(|site| site.strong_count() > 0);
+        sites.iter().filter_map(Weak::upgrade).collect()
+    };
+    for site in live {
+        site.close_if_idle(now);
+    }
 }
 
 /// Says in the node's log when a site's log file stops taking writes (a full disk) and
@@ -333,6 +342,30 @@ mod tests {
             errors.contains("a line\n") && errors.ends_with("another line\n"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn a_file_on_a_stalled_disk_holds_up_no_site_added_meanwhile() {
+        let root = tempfile::tempdir().unwrap();
+        let node = Arc::new(NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap());
+        let stuck = node.open_site("stuck");
+        let stalled = stuck.error_log.stall();
+        let closer = {
+            let node = node.clone();
+            std::thread::spawn(move || close_idle(&node.sites, Instant::now() + file::IDLE))
+        };
+        // The closer is waiting for the stalled file by now.
+        std::thread::sleep(Duration::from_millis(100));
+        let (added_tx, added) = mpsc::channel();
+        let adding = {
+            let node = node.clone();
+            std::thread::spawn(move || added_tx.send(node.open_site("new").dir.clone()))
+        };
+        let added = added.recv_timeout(Duration::from_secs(5));
+        drop(stalled);
+        closer.join().unwrap();
+        adding.join().unwrap().ok();
+        assert_eq!(added, Ok(root.path().join("new")), "the new site waited");
     }
 
     #[test]
