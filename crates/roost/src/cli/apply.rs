@@ -105,7 +105,7 @@ fn summary(applied: &Applied, dry_run: bool) -> String {
             } else {
                 what.to_owned()
             };
-            out.push_str(&format!("{verb}: {}\n", names.join(", ")));
+            out.push_str(&format!("{verb}: {}\n", some_names(names)));
         }
     }
     // The unchanged ones by count: a fleet's file names thousands (--json lists them).
@@ -121,4 +121,44 @@ fn summary(applied: &Applied, dry_run: bool) -> String {
         out.push_str("running nodes pick the changes up within a second\n");
     }
     out
+}
+
+/// Names listed in a summary line before the rest are counted.
+const NAMES_LISTED: usize = 10;
+
+/// `a, b, c`; past [`NAMES_LISTED`], the first of them and how many more (a fleet's
+/// file adds thousands at once; `--json` lists them all).
+fn some_names(names: &[String]) -> String {
+    if names.len() <= NAMES_LISTED {
+        return names.join(", ");
+    }
+    format!(
+        "{} sites: {} and {} more (--json lists them)",
+        names.len(),
+        names[..NAMES_LISTED].join(", "),
+        names.len() - NAMES_LISTED
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_lists_a_few_names_and_counts_the_rest() {
+        let named = |n: usize| -> Vec<String> { (0..n).map(|i| format!("s{i}")).collect() };
+        let applied = Applied {
+            added: named(5_000),
+            changed: named(2),
+            unchanged: named(3),
+            removed: Vec::new(),
+        };
+        assert_eq!(
+            summary(&applied, false),
+            "added: 5000 sites: s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 and 4990 more (--json lists them)\n\
+             changed: s0, s1\n\
+             unchanged: 3 sites\n\
+             running nodes pick the changes up within a second\n"
+        );
+    }
 }
