@@ -6,18 +6,23 @@ memory that came with it (slab and per-CPU allocations, from /proc/meminfo: a vi
 site's cgroups live there; other work on the machine adds noise), the node's CPU while
 idle, the cold start of a site's first visit (its cgroups are made then) beside a later
 one, how long a site added through the CLI takes to answer, and the CPU a registry change
-costs the node's threads that serve requests (the registry is read and checked on a
-thread of its own; the new set of sites is put in place on the others).
+costs the node besides reading and checking the registry (a thread of its own): mostly
+its main thread's, which puts the new set of sites in place; then the tail latency of
+back-to-back requests to a warm site, quiet, while the CLI reads a site every 0.25 s
+(the control: the CLI's own CPU), and while it changes one every 0.25 s (requests are
+served on the runtime's worker threads, which should not wait for the change).
 
   cargo build --release && python3 bench/registered.py [--sites 1000,5000] [--json]   # as root
 """
 import argparse
+import http.client
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +61,50 @@ def cpu_seconds(pid, leave_out=None):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def latency_tail(port, host, seconds):
+    """p99.9 and max (ms) of back-to-back GETs on one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times, stop = [], time.time() + seconds
+    while time.time() < stop:
+        start = time.perf_counter()
+        conn.request("GET", "/", headers={"Host": host})
+        conn.getresponse().read()
+        times.append((time.perf_counter() - start) * 1000)
+    conn.close()
+    times.sort()
+    return [round(times[int(len(times) * 0.999)], 2), round(times[-1], 2)]
+
+
+def set_processes_max(registry, site):
+    subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "set", site,
+                    "--processes-max", "3"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def show(registry, site):
+    subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "show", site],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def latency_tail_while(port, host, seconds, action):
+    """[`latency_tail`] while `action(k)` runs every 0.25 s, k = 0, 1, ..."""
+    stop = threading.Event()
+
+    def act():
+        k = 0
+        while not stop.is_set():
+            action(k)
+            k += 1
+            time.sleep(0.25)
+    actor = threading.Thread(target=act)
+    actor.start()
+    try:
+        return latency_tail(port, host, seconds)
+    finally:
+        stop.set()
+        actor.join()
+
+
 def measure(count, options):
     work = workspace()
     app = install_app(work, "pid.py")
@@ -90,13 +139,18 @@ def measure(count, options):
         while get_once(port, "new.bench")[0] != 200:
             time.sleep(0.01)
         added = time.time() - added
-        changes, serving = 10, cpu_seconds(node.pid, "registry-watch")
+        changes, cpu_before = 10, cpu_seconds(node.pid, "registry-watch")
         for k in range(changes):
-            subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "set", "s%d" % k,
-                            "--processes-max", "3"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            set_processes_max(registry, "s%d" % k)
             time.sleep(0.5)
-        per_change = (cpu_seconds(node.pid, "registry-watch") - serving) / changes
+        per_change = (cpu_seconds(node.pid, "registry-watch") - cpu_before) / changes
+        # Does a change hold up requests? Those to a warm site: quiet; while the CLI
+        # reads a site every 0.25 s (the CLI's own cost on these cores, the control);
+        # while it changes one every 0.25 s.
+        quiet = latency_tail(port, "new.bench", 5)
+        reading = latency_tail_while(port, "new.bench", 5, lambda k: show(registry, "s1"))
+        during = latency_tail_while(port, "new.bench", 5,
+                                    lambda k: set_processes_max(registry, "s%d" % (changes + k)))
         return {"sites": count, "seconds_to_serve_the_last": round(ready, 2),
                 "node_rss_kib": status_field(node.pid, "VmRSS"), "node_pss_kib": pss_kib(node.pid),
                 "node_fds": open_fds(node.pid),
@@ -104,7 +158,9 @@ def measure(count, options):
                 "first_visit_ms_p50": round(statistics.median(first), 2),
                 "later_cold_start_ms_p50": round(statistics.median(again), 2),
                 "seconds_for_an_added_site_to_answer": round(added, 3),
-                "serving_cpu_ms_per_change": round(per_change * 1000, 1)}
+                "change_cpu_ms": round(per_change * 1000, 1),
+                "latency_p999_max_ms_quiet": quiet, "latency_p999_max_ms_during_reads": reading,
+                "latency_p999_max_ms_during_changes": during}
     finally:
         node.terminate()
         node.wait(timeout=120)
@@ -127,12 +183,15 @@ def main():
             print("%6d sites: last served after %.2f s; node RSS %.1f MiB, PSS %.1f MiB, %d fds; "
                   "kernel slab +%.1f MiB, per-CPU +%.1f MiB; idle CPU %.3f s in 5 s; a first visit "
                   "%.2f ms, a later cold start %.2f ms (p50); a site added answers "
-                  "after %.3f s; a change costs the serving threads %.1f ms"
+                  "after %.3f s; a change costs the node %.1f ms of CPU besides reading it; "
+                  "requests' p99.9/max %s ms quiet, %s ms during CLI reads, %s ms during changes"
                   % (count, row["seconds_to_serve_the_last"], row["node_rss_kib"] / 1024,
                      row["node_pss_kib"] / 1024, row["node_fds"], row["kernel_slab_kib"] / 1024, row["kernel_percpu_kib"] / 1024,
                      row["idle_cpu_seconds_in_5"], row["first_visit_ms_p50"],
                      row["later_cold_start_ms_p50"], row["seconds_for_an_added_site_to_answer"],
-                     row["serving_cpu_ms_per_change"]),
+                     row["change_cpu_ms"], "/".join(map(str, row["latency_p999_max_ms_quiet"])),
+                     "/".join(map(str, row["latency_p999_max_ms_during_reads"])),
+                     "/".join(map(str, row["latency_p999_max_ms_during_changes"]))),
                   flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
