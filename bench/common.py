@@ -142,11 +142,12 @@ def wait_port(port, limit=20.0):
             time.sleep(0.1)
 
 
-def register(registry, app, sites):
+def register(registry, app, sites, idle_timeout="5s"):
     """Adds the sites through the CLI once, then copies that row for the rest (the CLI
     validates each write; 1,000 runs of it would only measure process start-up)."""
     subprocess.run([ROOST, "--registry", "sqlite:" + registry, "site", "add", "s0", "--host",
-                    "s0.bench", "--entry", app, "--user", "nobody", "--idle-timeout", "5s"],
+                    "s0.bench", "--entry", app, "--user", "nobody", "--idle-timeout",
+                    idle_timeout],
                    check=True, stdout=subprocess.DEVNULL)
     db = sqlite3.connect(registry)
     cols = [r[1] for r in db.execute("PRAGMA table_info(sites)") if r[1] not in ("name", "updated_at")]

@@ -264,6 +264,11 @@ pub async fn run(
         SpawnMode::Plain => Arc::new(PlainSpawner::new(Arc::new(spawn_config))),
     };
     tracing::info!(mode = ?config.spawn, "spawning workers");
+    tracing::info!(
+        max_workers = config.budget.max_workers,
+        max_worker_memory = config.budget.max_memory,
+        "worker budget (0: unlimited)"
+    );
     let mut sites = Sites::new(
         spawner,
         cgroups.clone(),

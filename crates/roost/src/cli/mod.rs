@@ -192,9 +192,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub shared_tmp: bool,
     /// Most workers on this node, all sites together; when full, the idle worker used
-    /// least recently is stopped to make room. 0 is unlimited.
-    #[arg(long, default_value_t = 0)]
-    pub max_workers: usize,
+    /// least recently is stopped to make room. 0 is unlimited. Default: one per 64 MiB
+    /// of the host's memory, at least 8.
+    #[arg(long)]
+    pub max_workers: Option<usize>,
     /// Most resident memory of all workers together; above it, idle workers are
     /// stopped, least recently used first. 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_bytes)]
@@ -367,7 +368,7 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.private_tmp = !args.shared_tmp;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
-        max_workers: args.max_workers,
+        max_workers: (args.max_workers).unwrap_or_else(crate::pool::default_max_workers),
         max_memory: args.max_worker_memory,
     };
     for text in &args.trusted_proxy {

@@ -34,6 +34,37 @@ pub struct BudgetLimits {
     pub max_memory: u64,
 }
 
+/// Host memory the default `--max-workers` allows per worker.
+const HOST_MEMORY_PER_WORKER: u64 = 64 << 20;
+/// The default `--max-workers` on the smallest hosts.
+const FEWEST_DEFAULT_WORKERS: usize = 8;
+
+/// The default `--max-workers`: one worker per 64 MiB of the host's memory
+/// (`MemTotal` of `/proc/meminfo`), at least 8; 0 (unlimited) when it cannot be read.
+/// Each visit of a site with no worker starts one, which then waits for its
+/// `idle_timeout`: without a bound, a crawler visiting every site of a node (search
+/// engines and scanners do) forks a worker per site, and a node of thousands runs the
+/// host out of memory. The budget only stops idle workers, least recently used first.
+pub fn default_max_workers() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| workers_for(&meminfo))
+        .unwrap_or(0)
+}
+
+/// [`default_max_workers`] for the host `meminfo` describes.
+fn workers_for(meminfo: &str) -> Option<usize> {
+    let kib: u64 = (meminfo.lines())
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    let workers = (kib << 10) / HOST_MEMORY_PER_WORKER;
+    Some((workers as usize).max(FEWEST_DEFAULT_WORKERS))
+}
+
 /// What a pool says when the budget looks for a victim.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolUsage {
@@ -253,5 +284,20 @@ impl BudgetActor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_worker_budget_grows_with_the_host() {
+        let host = |kib: u64| format!("MemTotal:       {kib} kB\nMemFree:        1000 kB\n");
+        assert_eq!(workers_for(&host(24 << 20)), Some(384));
+        assert_eq!(workers_for(&host(2 << 20)), Some(32));
+        assert_eq!(workers_for(&host(256 << 10)), Some(8), "the fewest");
+        assert_eq!(workers_for("MemFree: 1000 kB\n"), None);
+        assert!(default_max_workers() >= 8, "this host's /proc/meminfo");
     }
 }

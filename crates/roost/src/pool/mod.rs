@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use actor::{spawn_pool, PoolContext};
-pub use budget::{Budget, BudgetLimits, Permit, PoolUsage};
+pub use budget::{default_max_workers, Budget, BudgetLimits, Permit, PoolUsage};
 
 use crate::worker::{SlotConn, WorkerEvent, WorkerId};
 

@@ -725,6 +725,39 @@ fn started(mut node: std::process::Child) -> bool {
     ready
 }
 
+/// A node's worker budget defaults to one worker per 64 MiB of the host's memory (a
+/// crawler visiting every site cannot fork a worker per site); `--max-workers 0` lifts it.
+#[test]
+fn serve_bounds_its_workers_by_the_hosts_memory_unless_told() {
+    let dir = crate::harness::test_dir();
+    let mem_total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("MemTotal in /proc/meminfo");
+    let expected = ((mem_total_kib << 10) / (64 << 20)).max(8);
+    for (extra, max_workers) in [(None, expected), (Some("0"), 0), (Some("12"), 12)] {
+        let mut args = serve_args(dir.path());
+        if let Some(value) = extra {
+            args.extend(["--max-workers".into(), value.into()]);
+        }
+        let mut node = serve(args);
+        let budget = stderr_lines(&mut node)
+            .iter()
+            .take_while(|line| !line.contains("accepting client connections"))
+            .find(|line| line.contains("worker budget"));
+        let _ = node.kill();
+        let _ = node.wait();
+        let budget = budget.expect("the node says its worker budget at start");
+        assert!(
+            budget.contains(&format!("max_workers={max_workers} ")),
+            "{extra:?}: {budget}"
+        );
+    }
+}
+
 /// The lines a child writes to its (piped) stderr, as they come.
 fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
