@@ -19,6 +19,9 @@ use crate::route::{Route, RouteTable, Routes};
 use crate::spawn::cgroup::Controller;
 use crate::spawn::{Cgroups, SiteFiles, Spawn};
 
+/// Changes of one registry load said one by one in the node's log; more are summed up.
+const SAID_ONE_BY_ONE: usize = 20;
+
 pub struct Sites {
     registry: Registry,
     live: HashMap<String, LiveSite>,
@@ -77,14 +80,31 @@ impl Sites {
         if changes.is_empty() {
             return;
         }
+        // A start, or a bulk `roost apply`, would say thousands of lines: then one, and
+        // each site's at debug level.
+        let one_by_one = changes.len() <= SAID_ONE_BY_ONE;
+        if !one_by_one {
+            let count = |f: fn(&Change) -> bool| changes.iter().filter(|c| f(c)).count();
+            tracing::info!(
+                added = count(|c| matches!(c, Change::Added(_))),
+                changed = count(|c| matches!(c, Change::Changed(_))),
+                removed = count(|c| matches!(c, Change::Removed(_))),
+                "sites loaded (each at debug level: -v)"
+            );
+        }
         for change in &changes {
             match change {
                 Change::Added(site) => {
-                    tracing::info!(site = %site.name, hosts = ?site.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "site added");
+                    let hosts: Vec<String> = site.hosts.iter().map(|h| h.to_string()).collect();
+                    say(
+                        one_by_one,
+                        &site.name,
+                        &format!("site added, hosts {hosts:?}"),
+                    );
                     self.serve(site);
                 }
                 Change::Changed(site) => {
-                    tracing::info!(site = %site.name, "site changed");
+                    say(one_by_one, &site.name, "site changed");
                     if let Some(live) = self.live.get_mut(&site.name) {
                         live.route.pool.reconfigure(site.clone());
                         live.route = live.route.serving(site.clone());
@@ -93,7 +113,7 @@ impl Sites {
                     }
                 }
                 Change::Removed(name) => {
-                    tracing::info!(site = %name, "site removed; draining");
+                    say(one_by_one, name, "site removed; draining");
                     if let Some(live) = self.live.remove(name) {
                         live.route.pool.drain();
                         self.draining.push(live);
@@ -205,5 +225,14 @@ impl Sites {
         // The last lines of every site.
         let logs = self.logs;
         let _ = tokio::task::spawn_blocking(move || logs.stop()).await;
+    }
+}
+
+/// One site's change in the node's log: at info level, or debug when summed up.
+fn say(one_by_one: bool, site: &str, what: &str) {
+    if one_by_one {
+        tracing::info!(site, "{what}");
+    } else {
+        tracing::debug!(site, "{what}");
     }
 }

@@ -758,6 +758,55 @@ fn serve_bounds_its_workers_by_the_hosts_memory_unless_told() {
     }
 }
 
+/// A node says each site it loads, unless it loads many at once (its start, a bulk
+/// `roost apply`): then one line with the counts, and each site at debug level.
+#[test]
+fn serve_sums_up_the_sites_it_loads_at_once() {
+    let dir = crate::harness::test_dir();
+    let app = dir.path().join("app.py");
+    std::fs::copy(fixture("tester.py"), &app).unwrap();
+    let user = if crate::harness::is_root() {
+        "user = \"nobody\"\n"
+    } else {
+        ""
+    };
+    let node_lines = |sites: usize| -> Vec<String> {
+        let file: String = (0..sites)
+            .map(|k| {
+                format!(
+                    "[site.s{k}]\nhosts = [\"s{k}.test\"]\nentry = \"app.py\"\ninterpreter = \"{}\"\n{user}",
+                    python()
+                )
+            })
+            .collect();
+        let sites_file = dir.path().join("sites.toml");
+        std::fs::write(&sites_file, file).unwrap();
+        let registry = dir.path().join("r.db");
+        let _ = std::fs::remove_file(&registry);
+        ok(&roost(&registry, &["apply", sites_file.to_str().unwrap()]));
+        let mut node = serve(serve_args(dir.path()));
+        let lines: Vec<String> = stderr_lines(&mut node)
+            .iter()
+            .take_while(|line| !line.contains("accepting client connections"))
+            .collect();
+        let _ = node.kill();
+        let _ = node.wait();
+        lines
+    };
+    let said = |lines: &[String], what: &str| lines.iter().filter(|l| l.contains(what)).count();
+
+    let few = node_lines(3);
+    assert_eq!(said(&few, "site added"), 3, "{few:#?}");
+    assert_eq!(said(&few, "sites loaded"), 0, "{few:#?}");
+    let many = node_lines(25);
+    assert_eq!(said(&many, "site added"), 0, "{many:#?}");
+    let summary: Vec<&String> = many.iter().filter(|l| l.contains("sites loaded")).collect();
+    assert!(
+        summary.len() == 1 && summary[0].contains("added=25 changed=0 removed=0"),
+        "{many:#?}"
+    );
+}
+
 /// The lines a child writes to its (piped) stderr, as they come.
 fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
