@@ -85,7 +85,9 @@ enum Msg {
     Acquire {
         site: String,
     },
-    Release,
+    Release {
+        site: String,
+    },
     /// A pool just saw a worker turn idle while others wait.
     Idle,
 }
@@ -98,15 +100,17 @@ pub struct Budget {
     pressure: Arc<AtomicBool>,
 }
 
-/// Room for one worker; dropping it gives the room back.
+/// Room for one worker of a site; dropping it gives the room back.
 #[derive(Debug)]
 pub struct Permit {
     tx: mpsc::UnboundedSender<Msg>,
+    site: String,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Release);
+        let site = std::mem::take(&mut self.site);
+        let _ = self.tx.send(Msg::Release { site });
     }
 }
 
@@ -121,6 +125,7 @@ impl Budget {
             pools: HashMap::new(),
             waiting: VecDeque::new(),
             live: 0,
+            held: HashMap::new(),
             evictions: VecDeque::new(),
         };
         tokio::spawn(actor.run(rx));
@@ -165,6 +170,9 @@ struct BudgetActor {
     waiting: VecDeque<String>,
     /// Permits out.
     live: usize,
+    /// Permits out by site: the pools that have workers, the only ones asked for an
+    /// idle worker or their memory (a node has thousands of pools, most without any).
+    held: HashMap<String, usize>,
     /// Evictions ordered and not yet turned into a released permit, so that one waiter
     /// does not cost several workers; an eviction the pool could not honour (the worker
     /// got busy) stops counting after `EVICTION_PATIENCE`.
@@ -203,8 +211,14 @@ impl BudgetActor {
                     self.make_room().await;
                 }
             }
-            Msg::Release => {
+            Msg::Release { site } => {
                 self.live = self.live.saturating_sub(1);
+                if let Some(count) = self.held.get_mut(&site) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.held.remove(&site);
+                    }
+                }
                 self.evictions.pop_front();
                 self.grant();
             }
@@ -228,8 +242,10 @@ impl BudgetActor {
                 continue;
             };
             self.live += 1;
+            *self.held.entry(site.clone()).or_default() += 1;
             let permit = Permit {
                 tx: self.tx.clone(),
+                site,
             };
             if pool.send(PoolControl::Permit(permit)).is_err() {
                 // The pool is gone; its permit came back through Drop already.
@@ -254,8 +270,9 @@ impl BudgetActor {
         if !waiting && self.limits.max_memory == 0 {
             return;
         }
-        let mut usages = Vec::with_capacity(self.pools.len());
-        for (site, pool) in &self.pools {
+        let mut usages = Vec::with_capacity(self.held.len());
+        let holding = (self.held.keys()).filter_map(|site| Some((site, self.pools.get(site)?)));
+        for (site, pool) in holding {
             let (reply, answer) = oneshot::channel();
             if pool.send(PoolControl::Usage(reply)).is_ok() {
                 usages.push((site.clone(), answer));
@@ -290,6 +307,43 @@ impl BudgetActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full budget with a site waiting asks the pools for an idle worker: only those
+    /// holding permits, not every registered one (thousands, most without workers,
+    /// which made each start past a full budget cost a message to every site).
+    #[tokio::test]
+    async fn only_pools_with_workers_are_asked_for_room() {
+        let budget = Budget::start(BudgetLimits {
+            max_workers: 1,
+            max_memory: 0,
+        });
+        let mut pools = HashMap::new();
+        for site in ["busy", "quiet", "new"] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            budget.register(site, tx);
+            pools.insert(site, rx);
+        }
+        budget.acquire("busy");
+        let busy = pools.get_mut("busy").unwrap();
+        let Some(PoolControl::Permit(permit)) = busy.recv().await else {
+            panic!("no permit for the first site");
+        };
+        budget.acquire("new");
+        let Some(PoolControl::Usage(reply)) = busy.recv().await else {
+            panic!("the pool holding the budget was not asked");
+        };
+        reply
+            .send(PoolUsage { idle: None, rss: 0 })
+            .expect("the budget waits for the answer");
+        drop(permit);
+        let Some(PoolControl::Permit(_)) = pools.get_mut("new").unwrap().recv().await else {
+            panic!("no permit for the waiting site once the room was given back");
+        };
+        for site in ["quiet", "new"] {
+            let asked = pools.get_mut(site).unwrap().try_recv();
+            assert!(asked.is_err(), "{site} was asked though it has no worker");
+        }
+    }
 
     #[test]
     fn the_default_worker_budget_grows_with_the_host() {
