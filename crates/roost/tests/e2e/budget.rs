@@ -1,6 +1,7 @@
 //! The node-wide worker budget: a full node evicts the least recently used idle worker
-//! of any site, a busy site cannot starve a small one, and a preloaded site that gives
-//! up its last worker lets its template go.
+//! of any site, workers over the memory budget are stopped in that order, a busy site
+//! cannot starve a small one, and a preloaded site that gives up its last worker lets
+//! its template go.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -109,5 +110,44 @@ async fn a_preloaded_site_that_gives_its_last_worker_to_another_lets_its_templat
     )
     .await;
     assert_eq!(get(node.addr, "a.test", "/pid").await.unwrap().status, 200);
+    node.stop().await;
+}
+
+/// `--max-worker-memory`: while the workers' resident memory is over it, idle workers
+/// are stopped, least recently used first, one a check (every second); a site asked
+/// for again gets a new worker. (A limit of one byte: every idle worker is over it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_over_the_memory_budget_are_stopped_least_recently_used_first() {
+    let node = Node::start_with(|c| {
+        c.budget = BudgetLimits {
+            max_workers: 0,
+            max_memory: 1,
+        }
+    })
+    .await;
+    let app = node.app("tester.py");
+    for name in ["a", "b"] {
+        node.add(node.spec(name, &[&format!("{name}.test")], &app))
+            .await;
+    }
+    let a = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
+    let b = pid_of(&get(node.addr, "b.test", "/pid").await.unwrap());
+    // Watched closely: the second eviction comes a check (a second) after the first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while alive(a) && alive(b) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no worker was stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !alive(a) && alive(b),
+        "b's worker went first, or both at once"
+    );
+    node.eventually("b's worker to be stopped too", || async { !alive(b) })
+        .await;
+    let again = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
+    assert_ne!(again, a, "served by a worker that was stopped");
     node.stop().await;
 }
