@@ -368,7 +368,9 @@ fn serve(registry: PathBuf, min_uid: u32, args: ServeArgs) -> anyhow::Result<()>
     config.private_tmp = !args.shared_tmp;
     config.zygote_spares = args.zygote_spares;
     config.budget = crate::pool::BudgetLimits {
-        max_workers: (args.max_workers).unwrap_or_else(crate::pool::default_max_workers),
+        max_workers: args
+            .max_workers
+            .unwrap_or_else(crate::pool::default_max_workers),
         max_memory: args.max_worker_memory,
     };
     for text in &args.trusted_proxy {

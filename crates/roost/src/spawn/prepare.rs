@@ -1,8 +1,9 @@
 //! What every spawn does before any process exists: resolve and check the site's
 //! owner, check its code files, make its cgroup (with the site's first process),
-//! prepare its private TMPDIR and its log permissions, and build its clean environment. All of it looks at files and user databases a hung file
-//! system or directory service can stall, so it runs as one of the site's looks
-//! ([`SiteFiles`](super::SiteFiles)), never on a runtime thread.
+//! prepare its private TMPDIR and its log permissions, and build its clean environment.
+//! All of it looks at files and user databases a hung file system or directory service
+//! can stall, so it runs as one of the site's looks ([`SiteFiles`](super::SiteFiles)),
+//! never on a runtime thread.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
