@@ -196,8 +196,9 @@ impl Sites {
 
     /// After log rotation: every site's logs closed, so that the next line of each
     /// opens a new file. Workers need nothing: they print into pipes, and the node
-    /// writes the files. Not on this thread, which serves requests: closing a file
-    /// waits for a write to it under way, which a stalled disk holds up.
+    /// writes the files. Not on the node's main thread, which applies every registry
+    /// change: closing a file waits for a write to it under way, which a stalled disk
+    /// holds up.
     pub fn reopen_logs(&self) {
         let logs: Vec<Arc<SiteLogs>> = (self.live.values()).map(|l| l.route.logs.clone()).collect();
         tokio::task::spawn_blocking(move || {

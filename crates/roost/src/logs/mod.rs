@@ -201,13 +201,11 @@ impl SiteLogs {
 /// Closes the idle files of every site, and forgets the sites that are gone.
 fn close_idle(sites: &AllSiteLogs, now: Instant) {
     // Not under the list's lock: a file being written to a stalled disk holds up its
-    // closing, and a site added meanwhile (on a thread that serves requests) must not
-    // wait for that.
-    let live: Vec<Arc<SiteLogs>> = {
-        let mut sites = sites.lock().unwrap_or_else(PoisonError::into_inner);
-        sites.retain(|site| site.strong_count() > 0);
-        sites.iter().filter_map(Weak::upgrade).collect()
-    };
+    // closing, and a site added meanwhile (on the node's main thread, which applies
+    // every registry change) must not wait for that.
+    let mut live: Vec<Arc<SiteLogs>> = Vec::new();
+    (sites.lock().unwrap_or_else(PoisonError::into_inner))
+        .retain(|site| site.upgrade().map(|s| live.push(s)).is_some());
     for site in live {
         site.close_if_idle(now);
     }
