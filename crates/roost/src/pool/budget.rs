@@ -70,7 +70,7 @@ fn workers_for(meminfo: &str) -> Option<usize> {
 pub struct PoolUsage {
     /// Its idle worker used least recently, if any.
     pub idle: Option<(Instant, WorkerId)>,
-    /// Resident memory of all its workers.
+    /// Resident memory of all its workers; 0 unless asked for.
     pub rss: u64,
 }
 
@@ -274,7 +274,8 @@ impl BudgetActor {
         let holding = (self.held.keys()).filter_map(|site| Some((site, self.pools.get(site)?)));
         for (site, pool) in holding {
             let (reply, answer) = oneshot::channel();
-            if pool.send(PoolControl::Usage(reply)).is_ok() {
+            let memory = self.limits.max_memory > 0;
+            if pool.send(PoolControl::Usage { reply, memory }).is_ok() {
                 usages.push((site.clone(), answer));
             }
         }
@@ -329,9 +330,10 @@ mod tests {
             panic!("no permit for the first site");
         };
         budget.acquire("new");
-        let Some(PoolControl::Usage(reply)) = busy.recv().await else {
+        let Some(PoolControl::Usage { reply, memory }) = busy.recv().await else {
             panic!("the pool holding the budget was not asked");
         };
+        assert!(!memory, "a budget without max_memory asked for memory");
         reply
             .send(PoolUsage { idle: None, rss: 0 })
             .expect("the budget waits for the answer");

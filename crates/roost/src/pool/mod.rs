@@ -66,8 +66,13 @@ pub enum PoolControl {
     Drain,
     /// The node budget grants room for one worker.
     Permit(Permit),
-    /// The budget asks for the least recently used idle worker and the pool's memory.
-    Usage(oneshot::Sender<PoolUsage>),
+    /// The budget asks for the least recently used idle worker and, if `memory`, the
+    /// workers' resident memory (a read of /proc per worker, which a budget without
+    /// `max_memory` does not need).
+    Usage {
+        reply: oneshot::Sender<PoolUsage>,
+        memory: bool,
+    },
     /// The budget needs room: retire this worker if it is still idle.
     Evict(WorkerId),
     /// A look at the site's entry file answered (or was given up).

@@ -38,8 +38,9 @@ impl Pool {
         }
     }
 
-    /// What the node budget needs to choose a worker to evict.
-    pub(super) fn usage(&self) -> PoolUsage {
+    /// What the node budget needs to choose a worker to evict; the workers' memory only
+    /// if asked.
+    pub(super) fn usage(&self, memory: bool) -> PoolUsage {
         let evictable = self.active_workers() > self.site.pool.processes_min as usize;
         let idle = self
             .workers
@@ -50,7 +51,7 @@ impl Pool {
         let rss = self
             .workers
             .values()
-            .filter(|w| w.pid != 0)
+            .filter(|w| memory && w.pid != 0)
             .filter_map(|w| rss_bytes(w.pid))
             .sum();
         PoolUsage { idle, rss }

@@ -308,8 +308,8 @@ impl Pool {
                 // Room this pool no longer needs goes back at once.
                 self.permits.clear();
             }
-            PoolControl::Usage(reply) => {
-                let _ = reply.send(self.usage());
+            PoolControl::Usage { reply, memory } => {
+                let _ = reply.send(self.usage(memory));
             }
             PoolControl::LimitsWritten(answer) => self.limits_written(answer),
             PoolControl::EntryLooked(answer) => {
