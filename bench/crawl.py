@@ -6,7 +6,8 @@ on fresh connections. Every visit starts a worker, which then stays idle until i
 idle timeout. The script reports how long the crawl took, its errors, and the most
 workers alive at once with their memory (the sum of their PSS, what the host pays, and
 of their RSS, what the node's `--max-worker-memory` counts), sampled every 0.5 s until
-the workers have gone. Options after `--` go to `roost serve` (a budget, say).
+the workers have gone, then how long the node takes to stop (each site visited removes
+its TMPDIR and cgroups). Options after `--` go to `roost serve` (a budget, say).
 
   cargo build --release && python3 bench/crawl.py [--sites 2000] [--json] [-- --max-worker-memory 1GiB]
 """
@@ -50,6 +51,14 @@ def crawl(port, sites, clients):
     return time.time() - start, failed
 
 
+def error_log_tail(work, site, lines=5):
+    try:
+        with open(os.path.join(work, "logs", site, "error.log")) as f:
+            return f.read().splitlines()[-lines:]
+    except OSError as exc:
+        return ["(%s)" % exc]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=2000)
@@ -89,20 +98,30 @@ def main():
             time.sleep(1)
         sampling.set()
         sampler.join()
+        node_rss = status_field(node.pid, "VmRSS")
+        # A stop ends every site: each removes its TMPDIR and cgroups.
+        stopping = time.time()
+        node.terminate()
+        node.wait(timeout=300)
+        stop_seconds = time.time() - stopping
         row = {"sites": args.sites, "serve_options": args.serve_options,
                "crawl_seconds": round(seconds, 1), "errors": len(failed),
                "first_errors": failed[:5], "peak_workers": peak["workers"],
                "peak_workers_pss_mib": round(peak["pss_kib"] / 1024, 1),
                "peak_workers_rss_mib": round(peak["rss_kib"] / 1024, 1),
-               "node_rss_mib": round(status_field(node.pid, "VmRSS") / 1024, 1)}
+               "node_rss_mib": round(node_rss / 1024, 1), "stop_seconds": round(stop_seconds, 1)}
         if args.json:
             print(json.dumps(row, indent=2))
         else:
             print("%d sites crawled in %.1f s (%s), %d errors; at most %d workers at once, "
-                  "PSS %.1f MiB, RSS %.1f MiB; node RSS %.1f MiB"
+                  "PSS %.1f MiB, RSS %.1f MiB; node RSS %.1f MiB; stopped in %.1f s"
                   % (row["sites"], row["crawl_seconds"], " ".join(args.serve_options) or "defaults",
                      row["errors"], row["peak_workers"], row["peak_workers_pss_mib"],
-                     row["peak_workers_rss_mib"], row["node_rss_mib"]))
+                     row["peak_workers_rss_mib"], row["node_rss_mib"], row["stop_seconds"]))
+            for host, status in row["first_errors"]:
+                print("  %s: %s; the end of its error log:" % (host, status))
+                for line in error_log_tail(work, host.split(".")[0]):
+                    print("    " + line)
     finally:
         if node is not None:
             node.terminate()
