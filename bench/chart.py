@@ -7,12 +7,14 @@
   python3 bench/chart.py front_overhead fo.json fo.png
   python3 bench/density.py --json > d.json && python3 bench/density_peers.py --json > dp.json
   python3 bench/chart.py density d.json dp.json density.png
+  python3 bench/slow_clients.py --json > sc.json && python3 bench/chart.py slow_clients sc.json sc.png
 
 throughput: requests per second per server (median, whiskers from the slowest to the
 fastest run) beside the canary's p50 and p99. cold_start: p50 per mode and app, whiskers
 from p10 to p90. front_overhead: mean round trip direct and through the front (median,
 whiskers over the runs). density: PSS per site, live and idle, roost beside the peers
-(whose processes never go idle).
+(whose processes never go idle). slow_clients: per attack, the share of the probe's
+requests each server answered within 5 s, and their median latency.
 """
 import json
 import sys
@@ -100,9 +102,40 @@ def density(roost, peers, out):
     fig.savefig(out, dpi=110)
 
 
+def slow_clients(report, out):
+    """{server: {attack: {probes, answered, p50_ms}}}: bars grouped by attack."""
+    servers = list(report)
+    attacks = list(report[servers[0]])
+    width = 0.8 / len(servers)
+    fig, (share, latency) = plt.subplots(2, 1, figsize=(13, 9))
+    for k, server in enumerate(servers):
+        pos = [a + (k - (len(servers) - 1) / 2) * width for a in range(len(attacks))]
+        runs = [report[server][attack] for attack in attacks]
+        answered = [100.0 * r["answered"] / max(r["probes"], 1) for r in runs]
+        share.bar(pos, answered, width, label=server)
+        for x, y, r in zip(pos, answered, runs):
+            share.annotate("%d/%d" % (r["answered"], r["probes"]), (x, y), ha="center",
+                           va="bottom", fontsize=6, rotation=90)
+        # A server that answered no probe has no latency to show: no bar.
+        latency.bar(pos, [r["p50_ms"] or float("nan") for r in runs], width, label=server)
+    for ax in (share, latency):
+        ax.set_xticks(list(range(len(attacks))))
+        ax.set_xticklabels(attacks)
+    share.set_ylabel("% of probes answered within 5 s")
+    share.set_ylim(0, 125)
+    share.set_title("an ordinary request every 0.5 s during each attack: answered", fontsize=10)
+    share.legend(fontsize=7, ncol=3, loc="upper right")
+    latency.set_ylabel("ms (p50 of those answered)")
+    latency.set_yscale("log")
+    latency.set_title("their median latency (no bar: none answered)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv):
     kinds = {"throughput": throughput, "cold_start": cold_start,
-             "front_overhead": front_overhead, "density": density}
+             "front_overhead": front_overhead, "density": density,
+             "slow_clients": slow_clients}
     if len(argv) < 4 or argv[1] not in kinds:
         sys.exit(__doc__)
     reports = []
