@@ -271,10 +271,10 @@ impl BudgetActor {
             return;
         }
         let mut usages = Vec::with_capacity(self.held.len());
+        let memory = self.limits.max_memory > 0;
         let holding = (self.held.keys()).filter_map(|site| Some((site, self.pools.get(site)?)));
         for (site, pool) in holding {
             let (reply, answer) = oneshot::channel();
-            let memory = self.limits.max_memory > 0;
             if pool.send(PoolControl::Usage { reply, memory }).is_ok() {
                 usages.push((site.clone(), answer));
             }

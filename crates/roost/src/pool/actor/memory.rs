@@ -48,12 +48,14 @@ impl Pool {
             .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
             .min_by_key(|(_, w)| w.last_used)
             .map(|(id, w)| (w.last_used, *id));
-        let rss = self
-            .workers
-            .values()
-            .filter(|w| memory && w.pid != 0)
-            .filter_map(|w| rss_bytes(w.pid))
-            .sum();
+        let rss = if memory {
+            (self.workers.values())
+                .filter(|w| w.pid != 0)
+                .filter_map(|w| rss_bytes(w.pid))
+                .sum()
+        } else {
+            0
+        };
         PoolUsage { idle, rss }
     }
 }
