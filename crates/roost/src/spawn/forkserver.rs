@@ -40,7 +40,8 @@ const Z_READY: u8 = 0x21;
 const Z_SPAWNED: u8 = 0x22;
 const Z_SPAWN_FAILED: u8 = 0x23;
 const Z_EXITED: u8 = 0x24;
-/// How long a server whose control socket failed is given to be seen exiting.
+/// How long a server whose control socket failed is given to exit (how it ended may
+/// take longer to be told: [`super::WorkerProcess::wait`]).
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
 /// Largest control message either side sends.
 const MAX_MESSAGE: usize = 64 << 10;
@@ -355,7 +356,7 @@ impl Actor {
             Err(error) => error,
         };
         s.process.kill_group();
-        let _ = s.process.wait().await;
+        s.process.gone().await;
         Err(result)
     }
 }
@@ -413,9 +414,10 @@ impl Running {
     /// The control socket failed for `reason`. A server that dies closes it on its way
     /// out: how it ended, if seen within [`EXIT_AFTER_CLOSE`], says more.
     async fn exited_or(&mut self, reason: String) -> Result<Ended, String> {
-        tokio::time::timeout(EXIT_AFTER_CLOSE, self.process.wait())
-            .await
-            .map_err(|_| reason)
+        match tokio::time::timeout(EXIT_AFTER_CLOSE, self.process.gone()).await {
+            Ok(()) => Ok(self.process.wait().await),
+            Err(_) => Err(reason),
+        }
     }
 
     /// Handles messages until the server goes away or breaks the protocol; returns why.

@@ -24,6 +24,19 @@ pub struct Forked {
     pub status: Option<oneshot::Receiver<Ended>>,
 }
 
+/// The longest wait for a zygote's report of how its child ended, once the child is
+/// gone. A zygote that never reports (stopped, stuck) costs each of its children's
+/// deaths this long before the pool hears of them.
+const EXIT_REPORT_WITHIN: Duration = Duration::from_secs(5);
+
+impl Forked {
+    async fn gone(&self) {
+        if let Ok(mut guard) = self.pidfd.readable().await {
+            guard.retain_ready();
+        }
+    }
+}
+
 /// How a process the node watches ended, as far as the node can know.
 #[derive(Clone, Copy, Debug)]
 pub enum Ended {
@@ -78,22 +91,32 @@ impl WorkerProcess {
         match self {
             WorkerProcess::Child(c) => c.wait().await.map_or(Ended::Unknown, Ended::Status),
             WorkerProcess::Forked(f) => {
-                if let Ok(mut guard) = f.pidfd.readable().await {
-                    guard.retain_ready();
-                }
-                // The zygote reaps at once; its report is only a moment behind. Awaited
-                // in place: a wait given up meanwhile (a select's other branch won, as
-                // when the pool stops a worker that was killed) loses no report.
+                f.gone().await;
+                // The zygote reaps at once, so its report is usually a moment behind;
+                // on a host short of CPU, a second was seen not to be enough, and how
+                // a start ended decides whether it is tried again at once (killed) or
+                // after a backoff (the app failed). Awaited in place: a wait given up
+                // meanwhile (a select's other branch won, as when the pool stops a
+                // worker that was killed) loses no report.
                 let Some(status) = f.status.as_mut() else {
                     return Ended::Unknown;
                 };
-                let report = tokio::time::timeout(Duration::from_secs(1), status).await;
+                let report = tokio::time::timeout(EXIT_REPORT_WITHIN, status).await;
                 f.status = None;
                 match report {
                     Ok(Ok(ended)) => ended,
                     _ => Ended::Unknown,
                 }
             }
+        }
+    }
+
+    /// Waits for the process to end, not for how it ended (a zygote's child: until its
+    /// pidfd says so, before the zygote's report).
+    pub async fn gone(&mut self) {
+        match self {
+            WorkerProcess::Child(c) => drop(c.wait().await),
+            WorkerProcess::Forked(f) => f.gone().await,
         }
     }
 
