@@ -124,7 +124,6 @@ impl Budget {
             pressure: pressure.clone(),
             pools: HashMap::new(),
             waiting: VecDeque::new(),
-            live: 0,
             held: HashMap::new(),
             evictions: VecDeque::new(),
         };
@@ -168,8 +167,6 @@ struct BudgetActor {
     pools: HashMap<String, mpsc::UnboundedSender<PoolControl>>,
     /// Sites waiting for a permit, first asked first served.
     waiting: VecDeque<String>,
-    /// Permits out.
-    live: usize,
     /// Permits out by site: the pools that have workers, the only ones asked for an
     /// idle worker or their memory (a node has thousands of pools, most without any).
     held: HashMap<String, usize>,
@@ -212,7 +209,6 @@ impl BudgetActor {
                 }
             }
             Msg::Release { site } => {
-                self.live = self.live.saturating_sub(1);
                 if let Some(count) = self.held.get_mut(&site) {
                     *count -= 1;
                     if *count == 0 {
@@ -229,7 +225,7 @@ impl BudgetActor {
     }
 
     fn full(&self) -> bool {
-        self.limits.max_workers > 0 && self.live >= self.limits.max_workers
+        self.limits.max_workers > 0 && self.held.values().sum::<usize>() >= self.limits.max_workers
     }
 
     /// Hands out permits while there is room, in order.
@@ -241,7 +237,6 @@ impl BudgetActor {
             let Some(pool) = self.pools.get(&site) else {
                 continue;
             };
-            self.live += 1;
             *self.held.entry(site.clone()).or_default() += 1;
             let permit = Permit {
                 tx: self.tx.clone(),
