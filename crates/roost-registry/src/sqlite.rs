@@ -4,7 +4,7 @@
 //! lets the node read while a writer commits, and `PRAGMA data_version` tells the node's
 //! watcher cheaply that another connection committed something.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,6 +58,33 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sites ADD COLUMN runtime TEXT;",
     // 4: per-site preloading (a template process per site).
     "ALTER TABLE sites ADD COLUMN preload INTEGER NOT NULL DEFAULT 0;",
+    // 5: a revision per site, moved by every write of its row or its hosts, whoever
+    // writes (triggers, so a hand-written UPDATE counts too), never given twice: a
+    // reader that knows what it read last reads again only the sites that changed.
+    "ALTER TABLE sites ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE revisions (last INTEGER NOT NULL);
+     INSERT INTO revisions VALUES (0);
+     CREATE TRIGGER site_added AFTER INSERT ON sites BEGIN
+        UPDATE revisions SET last = last + 1;
+        UPDATE sites SET revision = (SELECT last FROM revisions) WHERE rowid = NEW.rowid;
+     END;
+     CREATE TRIGGER site_changed AFTER UPDATE ON sites WHEN NEW.revision IS OLD.revision BEGIN
+        UPDATE revisions SET last = last + 1;
+        UPDATE sites SET revision = (SELECT last FROM revisions) WHERE rowid = NEW.rowid;
+     END;
+     CREATE TRIGGER host_added AFTER INSERT ON hosts BEGIN
+        UPDATE revisions SET last = last + 1;
+        UPDATE sites SET revision = (SELECT last FROM revisions) WHERE name = NEW.site;
+     END;
+     CREATE TRIGGER host_changed AFTER UPDATE ON hosts BEGIN
+        UPDATE revisions SET last = last + 1;
+        UPDATE sites SET revision = (SELECT last FROM revisions)
+            WHERE name IN (OLD.site, NEW.site);
+     END;
+     CREATE TRIGGER host_removed AFTER DELETE ON hosts BEGIN
+        UPDATE revisions SET last = last + 1;
+        UPDATE sites SET revision = (SELECT last FROM revisions) WHERE name = OLD.site;
+     END;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +139,30 @@ pub enum StoreError {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub registry: Registry,
+    /// The rows read that do not validate: all of them on a whole read; on a read of
+    /// what changed ([`SqliteStore::load_since`]), those among the changes.
     pub rejected: Vec<ValidationError>,
+}
+
+/// What a reader read last, for [`SqliteStore::load_since`] to read again only the
+/// sites whose revision moved. A watcher that read every site at each change spent
+/// 71 ms of CPU a change at 8,000 sites.
+#[derive(Debug, Default)]
+pub struct LastRead {
+    /// The runtimes as read; `None` before the first read. Sites hold their runtime:
+    /// when one changes, every site is read again.
+    runtimes: Option<Vec<Result<Runtime, ValidationError>>>,
+    /// Each site's revision as read, valid or not.
+    revisions: HashMap<String, i64>,
+    registry: Registry,
+}
+
+impl LastRead {
+    /// The next read reads every site (revisions of another file mean nothing), and
+    /// still shares the sites that are the same with the last one's.
+    pub fn forget_revisions(&mut self) {
+        self.runtimes = None;
+    }
 }
 
 pub struct SqliteStore {
@@ -194,40 +244,70 @@ impl SqliteStore {
 
     /// Every site, validated without file system checks, with its runtime attached.
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        let mut specs = self.read_specs(None)?;
+        self.load_since(&mut LastRead::default())
+    }
+
+    /// Every site, as [`SqliteStore::load`], reading only the sites that changed since
+    /// `last` (all of them the first time, or when a runtime changed); `last` becomes
+    /// this read. A site that is the same as in `last` is `last`'s `Arc`: the node
+    /// compares snapshots by pointer.
+    pub fn load_since(&self, last: &mut LastRead) -> Result<Loaded, StoreError> {
+        // One read transaction: the sites, their hosts and the runtimes of one commit.
+        let tx = self.conn.unchecked_transaction()?;
+        let runtimes = read_runtimes(&tx)?;
+        let revisions = read_revisions(&tx)?;
         let mut loaded = Loaded::default();
-        let runtimes: std::collections::BTreeMap<String, Arc<Runtime>> = self
-            .runtimes()?
-            .into_iter()
+        let whole = last.runtimes.as_ref() != Some(&runtimes);
+        let specs = if whole {
+            read_specs(&tx, None)?
+        } else {
+            let mut specs = Vec::new();
+            for (name, revision) in &revisions {
+                if last.revisions.get(name) != Some(revision) {
+                    specs.extend(read_specs(&tx, Some(name))?);
+                }
+            }
+            specs
+        };
+        drop(tx);
+        // Nothing fails from here: `last` becomes this read.
+        let attachable: BTreeMap<&str, Arc<Runtime>> = (runtimes.iter())
             .filter_map(|r| match r {
-                Ok(r) => Some((r.name.clone(), Arc::new(r))),
+                Ok(r) => Some((r.name.as_str(), Arc::new(r.clone()))),
                 Err(e) => {
-                    loaded.rejected.push(e);
+                    if whole {
+                        loaded.rejected.push(e.clone());
+                    }
                     None
                 }
             })
             .collect();
-        let mut sites = Vec::with_capacity(specs.len());
-        for spec in specs.drain(..) {
-            match spec.validate(FsChecks::Skip) {
-                Ok(mut site) => match &spec.runtime {
-                    None => sites.push(site),
-                    Some(name) => match runtimes.get(name) {
-                        Some(rt) => {
-                            site.runtime = Some(rt.clone());
-                            sites.push(site);
-                        }
-                        None => loaded.rejected.push(ValidationError {
-                            site: spec.name.clone(),
-                            field: "runtime",
-                            problem: format!("runtime {name:?} does not exist (or is invalid)"),
-                        }),
-                    },
-                },
+        let mut sites = std::mem::take(&mut last.registry.sites);
+        let before = if whole {
+            std::mem::take(&mut sites)
+        } else {
+            sites.retain(|name, _| revisions.contains_key(name));
+            BTreeMap::new()
+        };
+        for spec in specs {
+            let previous = sites
+                .remove(&spec.name)
+                .or_else(|| before.get(&spec.name).cloned());
+            match validate_with_runtime(&spec, &attachable) {
+                Ok(site) => {
+                    let site = match previous {
+                        Some(same) if *same == site => same,
+                        _ => Arc::new(site),
+                    };
+                    sites.insert(spec.name, site);
+                }
                 Err(e) => loaded.rejected.push(e),
             }
         }
-        loaded.registry = Registry::from_sites(sites);
+        last.registry.sites = sites;
+        last.runtimes = Some(runtimes);
+        last.revisions = revisions;
+        loaded.registry = last.registry.clone();
         Ok(loaded)
     }
 
@@ -266,31 +346,7 @@ impl SqliteStore {
 
     /// Every runtime, each validated without file system checks.
     pub fn runtimes(&self) -> Result<Vec<Result<Runtime, ValidationError>>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, python, venv, preload FROM runtimes ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, python, venv, preload) = row?;
-            let preload: Vec<String> = serde_json::from_str(&preload)
-                .unwrap_or_else(|_| vec!["<unreadable preload list>".into()]);
-            out.push(Runtime::validate(
-                &name,
-                &python,
-                venv.as_deref(),
-                &preload,
-                FsChecks::Skip,
-            ));
-        }
-        Ok(out)
+        read_runtimes(&self.conn)
     }
 
     /// Attaches the runtime a spec names to its validated site (writes need it).
@@ -466,6 +522,57 @@ fn specs_queries(one: bool) -> (String, String) {
         ),
         format!("SELECT site, host FROM hosts {hosts} ORDER BY site, position"),
     )
+}
+
+fn read_runtimes(conn: &Connection) -> Result<Vec<Result<Runtime, ValidationError>>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT name, python, venv, preload FROM runtimes ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, python, venv, preload) = row?;
+        let preload: Vec<String> = serde_json::from_str(&preload)
+            .unwrap_or_else(|_| vec!["<unreadable preload list>".into()]);
+        out.push(Runtime::validate(
+            &name,
+            &python,
+            venv.as_deref(),
+            &preload,
+            FsChecks::Skip,
+        ));
+    }
+    Ok(out)
+}
+
+/// Each site's revision, by name.
+fn read_revisions(conn: &Connection) -> Result<HashMap<String, i64>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT name, revision FROM sites")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// `spec` validated without file system checks, with the runtime it names attached.
+fn validate_with_runtime(
+    spec: &SiteSpec,
+    runtimes: &BTreeMap<&str, Arc<Runtime>>,
+) -> Result<Site, ValidationError> {
+    let mut site = spec.validate(FsChecks::Skip)?;
+    if let Some(name) = &spec.runtime {
+        let runtime = runtimes.get(name.as_str()).ok_or_else(|| ValidationError {
+            site: spec.name.clone(),
+            field: "runtime",
+            problem: format!("runtime {name:?} does not exist (or is invalid)"),
+        })?;
+        site.runtime = Some(runtime.clone());
+    }
+    Ok(site)
 }
 
 fn read_specs(conn: &Connection, only: Option<&str>) -> Result<Vec<SiteSpec>, StoreError> {
@@ -871,6 +978,110 @@ mod tests {
         store.remove("a").unwrap();
         store.remove_runtime("web").unwrap();
         assert!(store.runtimes().unwrap().is_empty());
+    }
+
+    /// Whatever a writer does to the rows (another process's SQL, with no care for
+    /// revisions), a read of what changed since the last read finds what a whole read
+    /// finds, and shares every site that stayed the same.
+    #[test]
+    fn a_read_of_what_changed_finds_what_a_whole_read_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        for i in 0..30 {
+            let (name, host) = (format!("s{i}"), format!("s{i}.test"));
+            store.add(&site(dir.path(), &name, &[&host])).unwrap();
+        }
+        // As the sqlite3 shell writes: without foreign keys, so hosts may outlive their
+        // site, name one that is not there, and find it again when the name comes back.
+        let writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "foreign_keys", "off").unwrap();
+        let columns = "entry, interpreter, directory, env, processes_max, processes_min,
+            threads, idle_timeout_ms, queue_max, queue_timeout_ms, request_timeout_ms,
+            max_requests, body_max, memory_max, memory_worker_soft, pids_max, cpu_weight,
+            run_user, run_group, runtime, preload";
+        let mut last = LastRead::default();
+        let mut before = store.load_since(&mut last).unwrap().registry;
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..300 {
+            let (a, b) = (format!("s{}", random(8)), format!("s{}", random(8)));
+            let host = format!("h{}.test", random(12));
+            let write = match random(10) {
+                0 => format!(
+                    "UPDATE sites SET threads = {} WHERE name = '{a}'",
+                    random(3)
+                ),
+                1 => format!("UPDATE sites SET env = '{{\"K\": \"{step}\"}}' WHERE name = '{a}'"),
+                2 => format!("INSERT OR IGNORE INTO hosts VALUES ('{host}', '{a}', {step})"),
+                3 => format!("DELETE FROM hosts WHERE host = '{host}'"),
+                4 => format!("UPDATE OR IGNORE hosts SET site = '{a}' WHERE host = '{host}'"),
+                5 => format!("UPDATE hosts SET position = {step} WHERE host = '{host}'"),
+                6 => format!("DELETE FROM sites WHERE name = '{a}'"),
+                // A name removed comes back with the row of another site.
+                7 => format!(
+                    "INSERT OR IGNORE INTO sites (name, {columns})
+                     SELECT '{a}', {columns} FROM sites WHERE name = '{b}'"
+                ),
+                8 => format!(
+                    "INSERT OR REPLACE INTO runtimes VALUES ('rt', '/bin/sh', NULL, '[\"m{}\"]')",
+                    random(2)
+                ),
+                _ => format!("UPDATE sites SET runtime = 'rt' WHERE name = '{a}'"),
+            };
+            writer.execute_batch(&write).unwrap();
+            let read = store.load_since(&mut last).unwrap();
+            let whole = store.load().unwrap();
+            assert_eq!(read.registry, whole.registry, "after {write}");
+            for rejected in &read.rejected {
+                assert!(
+                    whole.rejected.contains(rejected),
+                    "after {write}: {rejected}"
+                );
+            }
+            for (name, site) in &read.registry.sites {
+                if before.sites.get(name) == Some(site) {
+                    assert!(
+                        Arc::ptr_eq(site, &before.sites[name]),
+                        "after {write}: {name} is the same but not shared"
+                    );
+                }
+            }
+            before = read.registry;
+        }
+    }
+
+    /// The read of what changed reads only the sites whose revision moved: a write
+    /// that no trigger sees (none can, short of dropping them) is not read.
+    #[test]
+    fn a_read_of_what_changed_reads_only_sites_whose_revision_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        store.add(&site(dir.path(), "a", &["a.test"])).unwrap();
+        store.add(&site(dir.path(), "b", &["b.test"])).unwrap();
+        let mut last = LastRead::default();
+        store.load_since(&mut last).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "DROP TRIGGER site_changed;
+                 UPDATE sites SET threads = 3 WHERE name = 'a';
+                 UPDATE sites SET threads = 4, revision = revision + 1 WHERE name = 'b';",
+            )
+            .unwrap();
+        let read = store.load_since(&mut last).unwrap().registry;
+        assert_eq!(read.sites["a"].pool.threads, 1, "a's revision did not move");
+        assert_eq!(read.sites["b"].pool.threads, 4);
+        assert_eq!(store.load().unwrap().registry.sites["a"].pool.threads, 3);
+        // Revisions of another file mean nothing: everything is read.
+        last.forget_revisions();
+        let read = store.load_since(&mut last).unwrap().registry;
+        assert_eq!(read.sites["a"].pool.threads, 3);
     }
 
     /// A registry written by schema version 1 opens, migrates and keeps its sites.

@@ -2,7 +2,8 @@
 //! SQLite registry (by any process) and sends fresh snapshots to the node.
 //!
 //! `PRAGMA data_version` is a cheap per-connection counter, so polling it every
-//! `interval` costs next to nothing; a full reload happens only when it moves. The
+//! `interval` costs next to nothing; a read happens only when it moves, and reads
+//! again only the sites whose revision moved (`SqliteStore::load_since`). The
 //! file's identity is checked as often: a registry replaced by another file (a backup
 //! restored, a configuration tool that writes a copy and renames it over) is opened
 //! anew and loaded, where the open connection would go on reading the old file.
@@ -11,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_registry::{Loaded, Registry, SqliteStore};
+use roost_registry::{LastRead, Loaded, SqliteStore};
 use tokio::sync::mpsc;
 
 /// Starts the watcher; its first message is the whole registry, then one per change.
@@ -31,8 +32,8 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
             };
             // Never equal to a real data_version: the first pass always loads.
             let mut version = i64::MIN;
-            // The last registry sent: the next shares its unchanged sites.
-            let mut last = Registry::default();
+            // What was read last: the next read reads the sites that changed since.
+            let mut last = LastRead::default();
             while !tx.is_closed() {
                 let now = identity(&path);
                 if now != file {
@@ -52,6 +53,7 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
                             Ok(reopened) => {
                                 tracing::info!(path = %path.display(), "the registry file was replaced; loading the new one");
                                 (store, version) = (Some(reopened), i64::MIN);
+                                last.forget_revisions();
                             }
                             // Said once per file: tried again when it is replaced again.
                             Err(e) => tracing::error!(error = %crate::error_chain(&e), "the registry file was replaced by one that cannot be opened; serving the sites loaded last"),
@@ -74,7 +76,7 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
 fn reload_if_changed(
     store: &SqliteStore,
     version: &mut i64,
-    last: &mut Registry,
+    last: &mut LastRead,
     tx: &mpsc::Sender<Loaded>,
 ) -> bool {
     let now = match store.data_version() {
@@ -87,11 +89,9 @@ fn reload_if_changed(
     if now == *version {
         return true;
     }
-    match store.load() {
-        Ok(mut loaded) => {
+    match store.load_since(last) {
+        Ok(loaded) => {
             *version = now;
-            loaded.registry.share_unchanged(last);
-            *last = loaded.registry.clone();
             tx.blocking_send(loaded).is_ok()
         }
         Err(e) => {

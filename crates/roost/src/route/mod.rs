@@ -46,7 +46,13 @@ pub type Routes = Arc<ArcSwap<RouteTable>>;
 
 impl RouteTable {
     pub fn new(routes: impl IntoIterator<Item = Arc<Route>>) -> RouteTable {
-        let mut table = RouteTable::default();
+        let routes = routes.into_iter();
+        // A site has a host or more: sized for one each, the table is not rebuilt
+        // over and over as it grows (thousands of sites at every registry change).
+        let mut table = RouteTable {
+            exact: HashMap::with_capacity(routes.size_hint().0),
+            wildcard: HashMap::new(),
+        };
         for route in routes {
             for host in &route.site.hosts {
                 let map = match host {
