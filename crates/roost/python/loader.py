@@ -729,12 +729,22 @@ def libc():
     return _LIBC[0]
 
 
-def prctl_pdeathsig():
+class ParentGone(Exception):
+    """The zygote or template forking this worker exited before the worker was set up:
+    the node's doing (it retired or lost that parent), not the app's: one line in the
+    site's error log, no traceback."""
+
+
+def tie_to_parent(parent_pid, parent):
+    """From now on the worker dies with its parent (SIGKILL); ParentGone if the parent
+    is gone already, since then the signal would never come."""
     import ctypes
     import signal as _signal
     PR_SET_PDEATHSIG = 1
     if libc().prctl(PR_SET_PDEATHSIG, int(_signal.SIGKILL), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        raise ParentGone("the %s exited while it forked this worker" % parent)
 
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
@@ -891,9 +901,7 @@ def become_worker(request, fds, zygote_pid, own):
         step = "setsid"
         os.setsid()
         step = "set the parent-death signal"
-        prctl_pdeathsig()
-        if os.getppid() != zygote_pid:
-            raise OSError("the zygote exited during spawn")
+        tie_to_parent(zygote_pid, "zygote")
         if "uid" in fields:
             step = "drop privileges"
             uid, gid = int(fields["uid"]), int(fields["gid"])
@@ -909,9 +917,7 @@ def become_worker(request, fds, zygote_pid, own):
             else:
                 raise OSError("privileges could be regained")
             step = "set the parent-death signal after the drop"
-            prctl_pdeathsig()
-            if os.getppid() != zygote_pid:
-                raise OSError("the zygote exited during spawn")
+            tie_to_parent(zygote_pid, "zygote")
         step = "chdir to the site's directory"
         os.chdir(fields["directory"])
         step = "set the environment"
@@ -940,6 +946,12 @@ def become_worker(request, fds, zygote_pid, own):
             raise ValueError("unknown role %r" % role)
         code = run_worker(socks, inboxes, fields["kind"], fields["target"], fields["directory"],
                           role)
+    except ParentGone as gone:
+        try:
+            os.write(2, ("roost: worker setup stopped: %s\n" % gone).encode())
+        except OSError:
+            pass
+        code = 1
     except BaseException:
         import traceback
         try:
@@ -1343,12 +1355,13 @@ def become_forked_worker(app, fds, slots, template_pid):
         _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
         close_fds_except(set(fds))
         os.setsid()
-        prctl_pdeathsig()
-        if os.getppid() != template_pid:
-            raise OSError("the template exited during the fork")
+        tie_to_parent(template_pid, "template")
         name_process(b"roost-worker")
         slot_fds, inboxes = slot_channels(fds, slots)
         socks = [socket.socket(fileno=fd) for fd in slot_fds]
+    except ParentGone as gone:
+        log("worker setup stopped: %s" % gone)
+        return 1
     except BaseException:
         import traceback
         log("worker setup failed after the template's fork:\n%s" % traceback.format_exc())

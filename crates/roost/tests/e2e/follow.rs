@@ -244,17 +244,5 @@ async fn a_worker_cannot_slip_a_packet_into_its_inbox() {
 /// broken inbox message.
 #[test]
 fn the_loader_serves_its_socket_before_its_inbox() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(crate::harness::python())
-        .arg(dir.join("tests/fixtures/loader_inbox.py"))
-        .arg(dir.join("python/loader.py"))
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "{}\n{stdout}\n{stderr}",
-        out.status
-    );
+    crate::harness::loader_fixture("loader_inbox.py");
 }

@@ -374,3 +374,12 @@ async fn a_zygote_that_hangs_is_replaced_and_its_workers_live_on() {
         .await;
     node.stop().await;
 }
+
+/// A worker whose zygote or template exits while it forks it (the node retired or lost
+/// that parent) says so in one line of the site's error log, without the traceback of
+/// an app that failed to start (fixtures/loader_parent_gone.py: the loader's two forked
+/// starts, driven without a node, each told a parent that is not its own).
+#[test]
+fn a_worker_whose_parent_exits_while_it_forks_says_so_in_one_line() {
+    crate::harness::loader_fixture("loader_parent_gone.py");
+}

@@ -56,6 +56,24 @@ pub fn test_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(base).expect("temp dir in /var/lib/roost-e2e")
 }
 
+/// Runs a fixture script that drives the loader without a node
+/// (`tests/fixtures/NAME`, given the loader's path); it must print "ok".
+pub fn loader_fixture(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python())
+        .arg(dir.join("tests/fixtures").join(name))
+        .arg(dir.join("python/loader.py"))
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{name}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
 /// The python3 the tests run sites with: as root the system's (site users must be
 /// able to run it; a python under /root is out of their reach), else the first on PATH.
 pub fn python() -> String {
