@@ -8,13 +8,16 @@
   python3 bench/density.py --json > d.json && python3 bench/density_peers.py --json > dp.json
   python3 bench/chart.py density d.json dp.json density.png
   python3 bench/slow_clients.py --json > sc.json && python3 bench/chart.py slow_clients sc.json sc.png
+  python3 bench/live_change.py --json > lc.json && python3 bench/chart.py live_change lc.json lc.png
 
 throughput: requests per second per server (median, whiskers from the slowest to the
 fastest run) beside the canary's p50 and p99. cold_start: p50 per mode and app, whiskers
 from p10 to p90. front_overhead: mean round trip direct and through the front (median,
 whiskers over the runs). density: PSS per site, live and idle, roost beside the peers
 (whose processes never go idle). slow_clients: per attack, the share of the probe's
-requests each server answered within 5 s, and their median latency.
+requests each server answered within 5 s, and their median latency. live_change: per
+server, how long a site added took to answer (median, whiskers over the adds) and the
+neighbour's slowest request during the add beside its slowest just before.
 """
 import json
 import sys
@@ -132,10 +135,33 @@ def slow_clients(report, out):
     fig.savefig(out, dpi=110)
 
 
+def live_change(report, out):
+    """[{server, adds: [{add_ms, neighbour_max_ms, neighbour_quiet_max_ms, ...}]}]."""
+    labels = [r["server"] for r in report]
+    fig, (added, neighbour) = plt.subplots(1, 2, figsize=(11, 4.5))
+    adds = [[a["add_ms"] for a in r["adds"]] for r in report]
+    bars(added, labels, [r["add_ms_median"] for r in report], [min(a) for a in adds],
+         [max(a) for a in adds], "ms (log)", "a site added: its first answer after")
+    added.set_yscale("log")
+    width = 0.4
+    for k, (field, name) in enumerate((("neighbour_quiet_max_ms", "the second before"),
+                                       ("neighbour_max_ms", "during the add"))):
+        pos = [x + (k - 0.5) * width for x in range(len(report))]
+        neighbour.bar(pos, [r["%s_median" % field] for r in report], width, label=name)
+    neighbour.set_xticks(list(range(len(report))))
+    neighbour.set_xticklabels(labels)
+    neighbour.set_yscale("log")
+    neighbour.set_ylabel("ms (log, median over the adds)")
+    neighbour.set_title("a neighbour under load: its slowest request", fontsize=10)
+    neighbour.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv):
     kinds = {"throughput": throughput, "cold_start": cold_start,
              "front_overhead": front_overhead, "density": density,
-             "slow_clients": slow_clients}
+             "slow_clients": slow_clients, "live_change": live_change}
     if len(argv) < 4 or argv[1] not in kinds:
         sys.exit(__doc__)
     reports = []

@@ -1,16 +1,25 @@
 //! The registry watcher: a background thread that notices committed changes to the
 //! SQLite registry (by any process) and sends fresh snapshots to the node.
 //!
-//! `PRAGMA data_version` is a cheap per-connection counter, so polling it every
-//! `interval` costs next to nothing; a read happens only when it moves, and reads
-//! again only the sites whose revision moved (`SqliteStore::load_since`). The
-//! file's identity is checked as often: a registry replaced by another file (a backup
-//! restored, a configuration tool that writes a copy and renames it over) is opened
-//! anew and loaded, where the open connection would go on reading the old file.
+//! `PRAGMA data_version` is a cheap per-connection counter, so checking it costs next
+//! to nothing; a read happens only when it moves, and reads again only the sites whose
+//! revision moved (`SqliteStore::load_since`). It is checked as soon as a file of the
+//! registry is written (inotify on its folder: `Wakeup`), and every `interval`
+//! besides, for what inotify does not see. The file's identity is checked as often: a
+//! registry replaced by another file (a backup restored, a configuration tool that
+//! writes a copy and renames it over) is opened anew and loaded, where the open
+//! connection would go on reading the old file.
 
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use roost_registry::{LastRead, Loaded, SqliteStore};
 use tokio::sync::mpsc;
@@ -22,6 +31,10 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
     std::thread::Builder::new()
         .name("registry-watch".into())
         .spawn(move || {
+            // Before the first read: a write after it wakes the watcher.
+            let wakeup = Wakeup::new(&path);
+            // The checks still to make soon after a wake-up (none before one).
+            let mut rechecks = RECHECKS[..0].iter();
             let mut file = identity(&path);
             let mut store = match SqliteStore::open(&path) {
                 Ok(s) => Some(s),
@@ -60,43 +73,137 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
                         }
                     }
                 }
+                let mut read = Read::Same;
                 if let Some(store) = &store {
-                    if !reload_if_changed(store, &mut version, &mut last, &tx) {
-                        return;
-                    }
+                    read = reload_if_changed(store, &mut version, &mut last, &tx);
                 }
-                std::thread::sleep(interval);
+                let wait = match read {
+                    Read::NobodyListens => return,
+                    Read::Changed => {
+                        rechecks = RECHECKS[..0].iter();
+                        interval
+                    }
+                    Read::Same => rechecks.next().map_or(interval, |r| interval.min(*r)),
+                };
+                if wakeup.wait(wait) {
+                    rechecks = RECHECKS.iter();
+                }
             }
         })?;
     Ok(rx)
 }
 
-/// Sends a fresh snapshot when the registry's data_version moved past `version`;
-/// false when nobody listens any more.
+/// After a write wakes the watcher, checks again this long after each check that saw
+/// no new commit (each at most the poll's interval): SQLite writes a commit's pages to
+/// the log (the write inotify sees), syncs the log, which a busy disk can take a while
+/// to do, and only then marks the commit in its shared index, memory inotify does not
+/// see.
+const RECHECKS: [Duration; 5] = [
+    Duration::from_millis(2),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_millis(1000),
+];
+
+enum Read {
+    Changed,
+    Same,
+    NobodyListens,
+}
+
+/// Sends a fresh snapshot when the registry's data_version moved past `version`.
 fn reload_if_changed(
     store: &SqliteStore,
     version: &mut i64,
     last: &mut LastRead,
     tx: &mpsc::Sender<Loaded>,
-) -> bool {
+) -> Read {
     let now = match store.data_version() {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot poll the registry");
-            return true;
+            return Read::Same;
         }
     };
     if now == *version {
-        return true;
+        return Read::Same;
     }
     match store.load_since(last) {
         Ok(loaded) => {
             *version = now;
-            tx.blocking_send(loaded).is_ok()
+            match tx.blocking_send(loaded) {
+                Ok(()) => Read::Changed,
+                Err(_) => Read::NobodyListens,
+            }
         }
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot reload the registry");
-            true
+            Read::Same
+        }
+    }
+}
+
+/// Wakes the watcher when a file of the registry is written or renamed in place: the
+/// events of its folder whose names begin with the registry's (`registry.db`, its
+/// `-wal` and `-journal`). A change is then read within milliseconds of its commit,
+/// not at the next poll (`bench/live_change.py`).
+struct Wakeup {
+    /// None where inotify cannot watch the folder: the poll alone, then.
+    inotify: Option<Inotify>,
+    name: OsString,
+}
+
+impl Wakeup {
+    fn new(path: &Path) -> Wakeup {
+        let name = path.file_name().unwrap_or_default().to_owned();
+        let folder = (path.parent())
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let watched = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).and_then(|i| {
+            let events =
+                AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE;
+            i.add_watch(folder, events).map(|_| i)
+        });
+        let inotify = match watched {
+            Ok(inotify) => Some(inotify),
+            Err(e) => {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the registry's folder; changes are seen at the next poll");
+                None
+            }
+        };
+        Wakeup { inotify, name }
+    }
+
+    /// Waits until a file of the registry is written, or `limit` passes; true when
+    /// written (or when events were lost: the queue overflowed).
+    fn wait(&self, limit: Duration) -> bool {
+        let Some(inotify) = &self.inotify else {
+            std::thread::sleep(limit);
+            return false;
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => return false,
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => {
+                    std::thread::sleep(left);
+                    return false;
+                }
+            }
+            let events = inotify.read_events().unwrap_or_default();
+            let ours = |name: &Option<OsString>| {
+                (name.as_deref()).is_some_and(|n| n.as_bytes().starts_with(self.name.as_bytes()))
+            };
+            if (events.iter())
+                .any(|e| ours(&e.name) || e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW))
+            {
+                return true;
+            }
         }
     }
 }

@@ -269,6 +269,33 @@ async fn a_registry_file_replaced_by_another_is_loaded() {
     node.stop().await;
 }
 
+/// A commit is read when it is written, not at the next poll: with a poll once an hour,
+/// a site added, changed and removed by another process is served, changed and gone,
+/// and a registry file renamed over the old one is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_read_when_it_is_written_not_at_the_next_poll() {
+    let node = Node::start_with(|c| c.registry_poll = Duration::from_secs(3600)).await;
+    let app = node.app("tester.py");
+    node.add(node.spec("woken", &["woken.test"], &app)).await;
+    let mut spec = node.spec("woken", &["woken.test", "alias.test"], &app);
+    spec.threads = Some(2);
+    node.store()
+        .replace(&spec.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    node.until_status("alias.test", "/pid", 200).await;
+    node.store().remove("woken").unwrap();
+    node.until_status("woken.test", "/pid", 404).await;
+
+    let copy = node.registry.with_extension("new");
+    let mut store = roost_registry::SqliteStore::open(&copy).unwrap();
+    let spec = node.spec("renamed", &["renamed.test"], &app);
+    store.add(&spec.validate(FsChecks::Full).unwrap()).unwrap();
+    store.close().unwrap();
+    std::fs::rename(&copy, &node.registry).unwrap();
+    node.until_status("renamed.test", "/pid", 200).await;
+    node.stop().await;
+}
+
 /// A removed site's TMPDIR goes with it, with what its workers left there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_site_takes_its_tmpdir_with_it() {
