@@ -147,7 +147,9 @@ fn reload_if_changed(
 /// Wakes the watcher when a file of the registry is written or renamed in place: the
 /// events of its folder whose names begin with the registry's (`registry.db`, its
 /// `-wal` and `-journal`). A change is then read within milliseconds of its commit,
-/// not at the next poll (`bench/live_change.py`).
+/// not at the next poll (`bench/live_change.py`). A registry reached through a
+/// symbolic link is watched where the link points: SQLite keeps its log beside the
+/// file itself.
 struct Wakeup {
     /// None where inotify cannot watch the folder: the poll alone, then.
     inotify: Option<Inotify>,
@@ -156,6 +158,8 @@ struct Wakeup {
 
 impl Wakeup {
     fn new(path: &Path) -> Wakeup {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        let path = real.as_path();
         let name = path.file_name().unwrap_or_default().to_owned();
         let folder = (path.parent())
             .filter(|p| !p.as_os_str().is_empty())

@@ -296,6 +296,25 @@ async fn a_commit_is_read_when_it_is_written_not_at_the_next_poll() {
     node.stop().await;
 }
 
+/// A registry reached through a symbolic link wakes the watcher too: SQLite writes its
+/// log beside the file the link points to, which is the folder watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_to_a_registry_behind_a_symbolic_link_is_read_when_it_is_written() {
+    let link = tempfile::tempdir().unwrap();
+    let linked = link.path().join("registry.db");
+    let node = Node::start_with(|c| {
+        std::os::unix::fs::symlink(&c.registry, &linked).unwrap();
+        c.registry = linked.clone();
+        c.registry_poll = Duration::from_secs(3600);
+    })
+    .await;
+    let app = node.app("tester.py");
+    node.add(node.spec("linked", &["linked.test"], &app)).await;
+    node.store().remove("linked").unwrap();
+    node.until_status("linked.test", "/pid", 404).await;
+    node.stop().await;
+}
+
 /// A removed site's TMPDIR goes with it, with what its workers left there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_site_takes_its_tmpdir_with_it() {
