@@ -16,8 +16,9 @@ from p10 to p90. front_overhead: mean round trip direct and through the front (m
 whiskers over the runs). density: PSS per site, live and idle, roost beside the peers
 (whose processes never go idle). slow_clients: per attack, the share of the probe's
 requests each server answered within 5 s, and their median latency. live_change: per
-server, how long a site added took to answer (median, whiskers over the adds) and the
-neighbour's slowest request during the add beside its slowest just before.
+server, how long a site added took to answer and a site removed to be gone (median,
+whiskers over the changes), and a neighbour's slowest request during them beside its
+slowest just before.
 """
 import json
 import sys
@@ -136,24 +137,36 @@ def slow_clients(report, out):
 
 
 def live_change(report, out):
-    """[{server, adds: [{add_ms, neighbour_max_ms, neighbour_quiet_max_ms, ...}]}]."""
+    """[{server, adds: [{ms, ...}], removes: [...], <kind>_ms_median,
+    <kind>_neighbour_max_ms_median, <kind>_neighbour_quiet_max_ms_median}]."""
     labels = [r["server"] for r in report]
-    fig, (added, neighbour) = plt.subplots(1, 2, figsize=(11, 4.5))
-    adds = [[a["add_ms"] for a in r["adds"]] for r in report]
-    bars(added, labels, [r["add_ms_median"] for r in report], [min(a) for a in adds],
-         [max(a) for a in adds], "ms (log)", "a site added: its first answer after")
-    added.set_yscale("log")
+    fig, (changed, neighbour) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.4
-    for k, (field, name) in enumerate((("neighbour_quiet_max_ms", "the second before"),
-                                       ("neighbour_max_ms", "during the add"))):
+    for k, (kind, name) in enumerate((("adds", "a site added: served"),
+                                      ("removes", "a site removed: gone"))):
         pos = [x + (k - 0.5) * width for x in range(len(report))]
-        neighbour.bar(pos, [r["%s_median" % field] for r in report], width, label=name)
-    neighbour.set_xticks(list(range(len(report))))
-    neighbour.set_xticklabels(labels)
-    neighbour.set_yscale("log")
-    neighbour.set_ylabel("ms (log, median over the adds)")
+        medians = [r[kind + "_ms_median"] for r in report]
+        spread = [[m - min(c["ms"] for c in r[kind]) for m, r in zip(medians, report)],
+                  [max(c["ms"] for c in r[kind]) - m for m, r in zip(medians, report)]]
+        changed.bar(pos, medians, width, yerr=spread, capsize=4, label=name)
+        for x, v in zip(pos, medians):
+            changed.annotate("{:,.0f}".format(v), (x, v), ha="center", va="bottom", fontsize=7)
+    neighbour_bars = (("adds_neighbour_quiet_max_ms_median", "the second before an add"),
+                      ("adds_neighbour_max_ms_median", "during an add"),
+                      ("removes_neighbour_max_ms_median", "during a removal"))
+    width = 0.8 / len(neighbour_bars)
+    for k, (field, name) in enumerate(neighbour_bars):
+        pos = [x + (k - (len(neighbour_bars) - 1) / 2) * width for x in range(len(report))]
+        neighbour.bar(pos, [r[field] for r in report], width, label=name)
+    for ax in (changed, neighbour):
+        ax.set_xticks(list(range(len(report))))
+        ax.set_xticklabels(labels)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    changed.set_ylabel("ms after the command (log, median)")
+    changed.set_title("the change takes effect after", fontsize=10)
+    neighbour.set_ylabel("ms (log, median over the changes)")
     neighbour.set_title("a neighbour under load: its slowest request", fontsize=10)
-    neighbour.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -1,27 +1,30 @@
 #!/usr/bin/env python3
-"""A site added to a running server, beside the peers that host many sites: how long
-until the new site answers, and what the change costs a neighbour under load.
+"""A site added to and removed from a running server, beside the peers that host many
+sites: how long until the new site answers (and the removed one no longer does), and
+what each change costs a neighbour under load.
 
 Each server hosts `--sites` hello sites (s0 ... as nobody) and is warm; a client
 requests s0 back to back on a keep-alive connection all along (a connection the
 server closes is opened again and the request retried once, as clients do; it fails
 only if the retry fails too). Every `--pause` seconds a site is added, `--rounds`
-times, the way each server is told:
+times, then the added sites are removed one by one, the way each server is told:
 
-  roost     `roost site add` (the CLI writes the registry; the node reads it)
+  roost     `roost site add`, `roost site rm` (the CLI writes the registry; the node
+            reads it)
   mod_wsgi  Apache 2.4 (event MPM), a virtual host and `WSGIDaemonProcess` per site
             (as bench/density_peers.py) after a first, catch-all one that serves
             nothing (else Apache answers an unknown name with its first site): the
-            new one appended to the configuration, then a graceful restart
-            (SIGUSR1, `apachectl graceful`)
-  uWSGI     an Emperor with a vassal per site on its own HTTP socket: the new vassal's
-            file written into the vassals folder (the Emperor's default scan, every
-            3 s; `--emperor-freq`)
+            configuration rewritten with the site or without it, then a graceful
+            restart (SIGUSR1, `apachectl graceful`)
+  uWSGI     an Emperor with a vassal per site on its own HTTP socket: the vassal's
+            file written into the vassals folder, or deleted (the Emperor's default
+            scan, every 3 s; `--emperor-freq`)
 
-For each add: the time from the command to the new site's first 200 (polled every
-10 ms on fresh connections), and the neighbour's requests from the command to one
-second after that answer: how many, how many failed, the slowest, against its
-slowest in the quiet second before the command.
+For each change: the time from the command to the new site's first 200, or to the
+removed site's first 404 or refused connection (polled every 10 ms on fresh
+connections), and the neighbour's requests from the command to one second after
+that: how many, how many failed, the slowest, against its slowest in the quiet second
+before the command.
 
   bench/install_peers.sh && python3 bench/live_change.py [--sites 50] [--rounds 3] [--json]
 """
@@ -75,48 +78,62 @@ class Neighbour(threading.Thread):
         return [(t, s, ok) for t, s, ok in self.done if start <= t < end]
 
 
-def first_answer(port, host, limit=120.0):
-    """Seconds until `host` answers 200 on a fresh connection, polled every 10 ms."""
-    start = time.perf_counter()
+def answered(port, host):
+    """The status `host` answers on a fresh connection, None when refused."""
+    try:
+        return get_once(port, host, timeout=10)[0]
+    except OSError:
+        return None
+
+
+def seconds_until(start, port, host, done, limit=120.0):
+    """Seconds from `start` until `done(status)` for `host`, polled every 10 ms."""
     while time.perf_counter() - start < limit:
-        try:
-            if get_once(port, host, timeout=10)[0] == 200:
-                return time.perf_counter() - start
-        except OSError:
-            pass
+        if done(answered(port, host)):
+            return time.perf_counter() - start
         time.sleep(0.01)
-    raise RuntimeError("%s did not answer within %.0f s" % (host, limit))
+    raise RuntimeError("%s did not change within %.0f s" % (host, limit))
 
 
-def run_adds(server, sites, rounds, pause):
-    """Adds `rounds` sites to the running `server` while the neighbour loads s0."""
+def served(status):
+    return status == 200
+
+
+def gone(status):
+    return status in (None, 404)
+
+
+def run_changes(server, sites, rounds, pause):
+    """Adds `rounds` sites to the running `server`, then removes them, while the
+    neighbour loads s0: {"adds": [...], "removes": [...]}."""
     port, host = server.neighbour
     neighbour = Neighbour(port, host)
     neighbour.start()
-    results = []
+    results = {"adds": [], "removes": []}
+    changes = [("adds", server.add, served, sites + k) for k in range(rounds)]
+    changes += [("removes", server.remove, gone, sites + k) for k in range(rounds)]
     try:
-        for k in range(rounds):
+        for kind, change, done, i in changes:
             time.sleep(pause)
             start = time.perf_counter()
-            new_port, new_host = server.add(sites + k)
-            took = first_answer(new_port, new_host)
+            took = seconds_until(start, *change(i), done)
             end = start + took + 1.0
             time.sleep(max(0.0, end - time.perf_counter()))
             during = neighbour.between(start, end)
             quiet = neighbour.between(start - 1.0, start)
-            results.append({
-                "add_ms": round(took * 1000, 1),
+            result = {
+                "ms": round(took * 1000, 1),
                 "neighbour_requests": len(during),
                 "neighbour_failed": sum(1 for _, _, ok in during if not ok),
                 "neighbour_max_ms": round(max(s for _, s, _ in during) * 1000, 1),
                 "neighbour_quiet_max_ms": round(max(s for _, s, _ in quiet) * 1000, 1),
-            })
-            print("  %s: add %d took %.1f ms; neighbour: %d requests, %d failed, slowest "
-                  "%.1f ms (quiet: %.1f ms)" % (server.name, k + 1, took * 1000,
-                                                len(during), results[-1]["neighbour_failed"],
-                                                results[-1]["neighbour_max_ms"],
-                                                results[-1]["neighbour_quiet_max_ms"]),
-                  file=sys.stderr, flush=True)
+            }
+            results[kind].append(result)
+            print("  %s: s%d %s after %.1f ms; neighbour: %d requests, %d failed, slowest "
+                  "%.1f ms (quiet: %.1f ms)" % (
+                      server.name, i, "served" if kind == "adds" else "gone", result["ms"],
+                      len(during), result["neighbour_failed"], result["neighbour_max_ms"],
+                      result["neighbour_quiet_max_ms"]), file=sys.stderr, flush=True)
     finally:
         neighbour.stop.set()
         neighbour.join(timeout=60)
@@ -143,6 +160,12 @@ class Roost:
                        stderr=subprocess.DEVNULL)
         return self.neighbour[0], "s%d.bench" % i
 
+    def remove(self, i):
+        subprocess.run([ROOST, "--registry", "sqlite:" + self.registry, "site", "rm",
+                        "s%d" % i], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return self.neighbour[0], "s%d.bench" % i
+
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
@@ -164,8 +187,8 @@ class ModWsgi:
         self.port = free_port()
         empty = os.path.join(work, "empty")
         os.makedirs(empty)
-        self.body = CATCH_ALL.format(port=self.port, empty=empty)
-        self.body += "".join(self.site(i) for i in range(sites))
+        self.catch_all = CATCH_ALL.format(port=self.port, empty=empty)
+        self.sites = {i: self.site(i) for i in range(sites)}
         self.conf = os.path.join(work, "apache.conf")
         self.write()
         self.process = subprocess.Popen(["/usr/sbin/apache2", "-f", self.conf, "-DFOREGROUND"],
@@ -180,12 +203,20 @@ class ModWsgi:
         return APACHE_SITE.format(port=self.port, i=i, app=path, dir=os.path.dirname(path))
 
     def write(self):
+        body = self.catch_all + "".join(self.sites.values())
         with open(self.conf, "w") as f:
             f.write(apache_conf(self.work, self.port, ["mpm_event", "authz_core", "wsgi"],
-                                self.body))
+                                body))
 
     def add(self, i):
-        self.body += self.site(i)
+        self.sites[i] = self.site(i)
+        return self.reload(i)
+
+    def remove(self, i):
+        del self.sites[i]
+        return self.reload(i)
+
+    def reload(self, i):
         self.write()
         self.process.send_signal(signal.SIGUSR1)  # apachectl graceful
         return self.port, "s%d.bench" % i
@@ -209,6 +240,7 @@ class Uwsgi:
         for i, port in enumerate(ports):
             visit(port, "s%d.bench" % i)
         self.neighbour = (ports[0], "s0.bench")
+        self.ports = dict(enumerate(ports))
 
     def vassal(self, i):
         """Writes site i's vassal file whole (a rename), returns its port."""
@@ -221,7 +253,12 @@ class Uwsgi:
         return port
 
     def add(self, i):
-        return self.vassal(i), "s%d.bench" % i
+        self.ports[i] = self.vassal(i)
+        return self.ports[i], "s%d.bench" % i
+
+    def remove(self, i):
+        os.unlink(os.path.join(self.vassals, "s%d.ini" % i))
+        return self.ports.pop(i), "s%d.bench" % i
 
     def stop(self):
         self.process.terminate()
@@ -248,25 +285,30 @@ def main():
         print("%s: %d sites" % (key, args.sites), file=sys.stderr, flush=True)
         server = SERVERS[key](work, args.sites)
         try:
-            adds = run_adds(server, args.sites, args.rounds, args.pause)
+            row = run_changes(server, args.sites, args.rounds, args.pause)
         finally:
             server.stop()
-        median = lambda field: statistics.median(a[field] for a in adds)  # noqa: E731
-        rows.append({"server": server.name, "sites": args.sites, "adds": adds,
-                     "add_ms_median": median("add_ms"),
-                     "neighbour_failed": sum(a["neighbour_failed"] for a in adds),
-                     "neighbour_max_ms_median": median("neighbour_max_ms"),
-                     "neighbour_quiet_max_ms_median": median("neighbour_quiet_max_ms")})
+        row.update(server=server.name, sites=args.sites)
+        for kind in ("adds", "removes"):
+            done = row[kind]
+            row[kind + "_ms_median"] = statistics.median(c["ms"] for c in done)
+            row[kind + "_neighbour_failed"] = sum(c["neighbour_failed"] for c in done)
+            for field in ("neighbour_max_ms", "neighbour_quiet_max_ms"):
+                row["%s_%s_median" % (kind, field)] = statistics.median(c[field] for c in done)
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print("| server (%d sites) | a new site answers after (median) | neighbour's failed "
-          "requests | neighbour's slowest during / before (median) |" % args.sites)
-    print("|---|---|---|---|")
+    print("| server (%d sites) | change | the site served / gone after (median) | "
+          "neighbour's failed requests | neighbour's slowest during / before (median) |"
+          % args.sites)
+    print("|---|---|---|---|---|")
     for r in rows:
-        print("| %s | %.1f ms | %d | %.1f / %.1f ms |" % (
-            r["server"], r["add_ms_median"], r["neighbour_failed"],
-            r["neighbour_max_ms_median"], r["neighbour_quiet_max_ms_median"]))
+        for kind, name in (("adds", "add"), ("removes", "remove")):
+            print("| %s | %s | %.1f ms | %d | %.1f / %.1f ms |" % (
+                r["server"], name, r[kind + "_ms_median"], r[kind + "_neighbour_failed"],
+                r[kind + "_neighbour_max_ms_median"],
+                r[kind + "_neighbour_quiet_max_ms_median"]))
 
 
 if __name__ == "__main__":
