@@ -257,15 +257,20 @@ impl SqliteStore {
         let runtimes = read_runtimes(&tx)?;
         let revisions = read_revisions(&tx)?;
         let mut loaded = Loaded::default();
-        let whole = last.runtimes.as_ref() != Some(&runtimes);
+        let changed: Vec<&str> = (revisions.iter())
+            .filter(|(name, revision)| last.revisions.get(*name) != Some(revision))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        // Site by site costs about twice a whole read's share of each (17 µs against 10
+        // at 8,000 sites): past half of them changed (a bulk `roost apply`), read all.
+        let whole =
+            last.runtimes.as_ref() != Some(&runtimes) || changed.len() * 2 > revisions.len();
         let specs = if whole {
             read_specs(&tx, None)?
         } else {
             let mut specs = Vec::new();
-            for (name, revision) in &revisions {
-                if last.revisions.get(name) != Some(revision) {
-                    specs.extend(read_specs(&tx, Some(name))?);
-                }
+            for name in changed {
+                specs.extend(read_specs(&tx, Some(name))?);
             }
             specs
         };

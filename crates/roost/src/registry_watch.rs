@@ -33,8 +33,10 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
         .spawn(move || {
             // Before the first read: a write after it wakes the watcher.
             let wakeup = Wakeup::new(&path);
-            // The checks still to make soon after a wake-up (none before one).
-            let mut rechecks = RECHECKS[..0].iter();
+            // The checks still to make soon after a wake-up. The start counts as one: a
+            // commit whose log was written before the watch began, and marked after the
+            // first read, would otherwise wait for the poll.
+            let mut rechecks = RECHECKS.iter();
             let mut file = identity(&path);
             let mut store = match SqliteStore::open(&path) {
                 Ok(s) => Some(s),
@@ -73,18 +75,12 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
                         }
                     }
                 }
-                let mut read = Read::Same;
                 if let Some(store) = &store {
-                    read = reload_if_changed(store, &mut version, &mut last, &tx);
-                }
-                let wait = match read {
-                    Read::NobodyListens => return,
-                    Read::Changed => {
-                        rechecks = RECHECKS[..0].iter();
-                        interval
+                    if !reload_if_changed(store, &mut version, &mut last, &tx) {
+                        return;
                     }
-                    Read::Same => rechecks.next().map_or(interval, |r| interval.min(*r)),
-                };
+                }
+                let wait = rechecks.next().map_or(interval, |r| interval.min(*r));
                 if wakeup.wait(wait) {
                     rechecks = RECHECKS.iter();
                 }
@@ -93,11 +89,11 @@ pub fn spawn(path: PathBuf, interval: Duration) -> std::io::Result<mpsc::Receive
     Ok(rx)
 }
 
-/// After a write wakes the watcher, checks again this long after each check that saw
-/// no new commit (each at most the poll's interval): SQLite writes a commit's pages to
-/// the log (the write inotify sees), syncs the log, which a busy disk can take a while
-/// to do, and only then marks the commit in its shared index, memory inotify does not
-/// see.
+/// After a write wakes the watcher, checks again this long after each check (each at
+/// most the poll's interval), whatever the checks find: SQLite writes a commit's pages
+/// to the log (the write inotify sees), syncs the log, which a busy disk can take a
+/// while to do, and only then marks the commit in its shared index, memory inotify
+/// does not see; and the writes of a burst of commits wake the watcher once.
 const RECHECKS: [Duration; 5] = [
     Duration::from_millis(2),
     Duration::from_millis(10),
@@ -106,40 +102,32 @@ const RECHECKS: [Duration; 5] = [
     Duration::from_millis(1000),
 ];
 
-enum Read {
-    Changed,
-    Same,
-    NobodyListens,
-}
-
-/// Sends a fresh snapshot when the registry's data_version moved past `version`.
+/// Sends a fresh snapshot when the registry's data_version moved past `version`;
+/// false when nobody listens any more.
 fn reload_if_changed(
     store: &SqliteStore,
     version: &mut i64,
     last: &mut LastRead,
     tx: &mpsc::Sender<Loaded>,
-) -> Read {
+) -> bool {
     let now = match store.data_version() {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot poll the registry");
-            return Read::Same;
+            return true;
         }
     };
     if now == *version {
-        return Read::Same;
+        return true;
     }
     match store.load_since(last) {
         Ok(loaded) => {
             *version = now;
-            match tx.blocking_send(loaded) {
-                Ok(()) => Read::Changed,
-                Err(_) => Read::NobodyListens,
-            }
+            tx.blocking_send(loaded).is_ok()
         }
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot reload the registry");
-            Read::Same
+            true
         }
     }
 }

@@ -35,12 +35,17 @@ const ACCESS_SITE_SHARE: usize = ACCESS_QUEUE / 4;
 /// late, and a busy node costs one write per site (and no wake-up of the thread) per
 /// batch instead of one per request. 16,384 records per 20 ms is 800,000 a second.
 const ACCESS_BATCH_EVERY: Duration = Duration::from_millis(20);
+/// The longest wait for the thread to write what is queued before a site's logs change
+/// hands (a stalled disk holds it up; the lines then go to the new files).
+const FLUSH_WITHIN: Duration = Duration::from_secs(1);
 
 /// What the access log thread is sent.
 // Stop is sent once in a node's life; boxing records would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum AccessMessage {
     Record(Arc<AccessFile>, AccessRecord),
+    /// Write what came before, then say so.
+    Flush(SyncSender<()>),
     /// Write what came before, then end.
     Stop,
 }
@@ -115,6 +120,16 @@ impl SiteAccess {
         }
     }
 
+    /// Returns once the lines queued so far (of every site) are written, or after
+    /// [`FLUSH_WITHIN`]: before a site's logs are set aside for its previous owner, the
+    /// lines of that owner's last requests, up to a batch interval behind, go with them.
+    pub fn flush(&self) {
+        let (done, written) = mpsc::sync_channel(1);
+        if self.tx.try_send(AccessMessage::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(FLUSH_WITHIN);
+        }
+    }
+
     /// Later lines go to a new file (after rotation renamed the old one).
     pub fn reopen(&self) {
         self.file.file.close();
@@ -158,10 +173,18 @@ fn write_access(rx: Receiver<AccessMessage>) {
         // Keyed by the file's address: each site's lines together, in arrival order.
         let mut batch: HashMap<*const AccessFile, (Arc<AccessFile>, Vec<u8>, usize)> =
             HashMap::new();
+        let mut flushed = None;
         for message in std::iter::once(first).chain(rx.try_iter()) {
-            let AccessMessage::Record(file, record) = message else {
-                stopping = true;
-                break;
+            let (file, record) = match message {
+                AccessMessage::Record(file, record) => (file, record),
+                AccessMessage::Flush(done) => {
+                    flushed = Some(done);
+                    break;
+                }
+                AccessMessage::Stop => {
+                    stopping = true;
+                    break;
+                }
             };
             let (_, lines, taken) = batch
                 .entry(Arc::as_ptr(&file))
@@ -181,6 +204,10 @@ fn write_access(rx: Receiver<AccessMessage>) {
                     "{lost} access log lines were dropped: the access log fell behind (a slow disk?)"
                 ));
             }
+        }
+        if let Some(done) = flushed {
+            let _ = done.send(());
+            continue;
         }
         if !stopping {
             std::thread::sleep(ACCESS_BATCH_EVERY);
