@@ -367,9 +367,8 @@ mod tests {
         assert_eq!(added, Ok(root.path().join("new")), "the new site waited");
     }
 
-    #[test]
-    #[ignore = "needs root: gives log files to other groups"]
-    fn logs_handed_back_and_forth_are_each_set_aside_whole() {
+    /// The logs of a site "shop" in a new folder, for a test that gives them to groups.
+    fn shop_logs_as_root() -> (tempfile::TempDir, NodeLogs, Arc<SiteLogs>) {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (it gives files to other groups); run the suite as root, as CI does"
@@ -377,6 +376,13 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
         let logs = node.open_site("shop");
+        (root, node, logs)
+    }
+
+    #[test]
+    #[ignore = "needs root: gives log files to other groups"]
+    fn logs_handed_back_and_forth_are_each_set_aside_whole() {
+        let (root, node, logs) = shop_logs_as_root();
         let dir = root.path().join("shop");
         // Within a second, as a site handed back and forth under load is.
         for (n, gid) in [4001, 4002, 4001, 4002].into_iter().enumerate() {
@@ -411,13 +417,7 @@ mod tests {
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn the_previous_owners_last_access_lines_are_set_aside_with_its_logs() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (it gives files to other groups); run the suite as root, as CI does"
-        );
-        let root = tempfile::tempdir().unwrap();
-        let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
-        let logs = node.open_site("shop");
+        let (root, node, logs) = shop_logs_as_root();
         let dir = root.path().join("shop");
         logs.grant(4001);
         for status in [200, 201] {
