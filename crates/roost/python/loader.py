@@ -18,6 +18,7 @@ A template imports the app once, then forks the site's workers on the node's ord
 over a SOCK_SEQPACKET control socket on fd 3 (the zygote's messages).
 """
 
+import math
 import os
 import struct
 import sys
@@ -866,11 +867,9 @@ def become_worker(request, fds, zygote_pid, own):
     Never returns: the process exits with the worker's status.
     """
     import resource
-    import signal as _signal
     step = "start"
     try:
-        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
+        leave_fork_server()
         fields = dict(request)
         n_cgroup, n_slots = int(fields["cgroups"]), int(fields["slots"])
         log_fd, cgroup_fds = fds[0], fds[1:1 + n_cgroup]
@@ -993,12 +992,56 @@ def report_exit(ctl, pid, status):
         pass
 
 
-def reap_children(ctl):
-    """Installs the SIGCHLD handler of a fork server: reap every child that exited and
-    report it (the node watches pidfds, but only the parent knows the status)."""
-    import signal as _signal
+class Children(object):
+    """A fork server's children: its loop reaps each one that exits and reports how
+    (EXITED; the node watches pidfds, but only the parent knows the status).
 
-    def reap(signum, frame_):
+    SIGCHLD only wakes the loop: its handler writes a byte to a pipe
+    (signal.set_wakeup_fd) that the loop polls beside the control socket. A Python
+    handler runs between bytecodes only, so one that reaped, as before, missed a
+    SIGCHLD that came just before the loop blocked in recvmsg: the exit was reported
+    with the next order, and the node took a killed start for the app failing. Reaping
+    in the loop also sends every EXITED after the SPAWNED of its pid.
+    """
+
+    def __init__(self, ctl):
+        import select
+        import signal as _signal
+        self.ctl = ctl
+        self.wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The C handler that writes the byte is there only with a Python handler.
+        _signal.signal(_signal.SIGCHLD, lambda signum, frame_: None)
+        _signal.set_wakeup_fd(self.wake[1], warn_on_full_buffer=False)
+        self.poller = select.poll()
+        self.poller.register(ctl.fileno(), select.POLLIN)
+        self.poller.register(self.wake[0], select.POLLIN)
+
+    def next_order(self, timeout=None):
+        """Waits until the control socket can be read (an order, or its end): True; or
+        until `timeout` seconds have passed: False. Every child that exits meanwhile
+        is reaped and reported."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_ms = None
+            if deadline is not None:
+                # Rounded up: a wait rounded down to 0 ms would spin until the deadline.
+                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            ready = [fd for fd, _events in self.poller.poll(wait_ms)]
+            if self.wake[0] in ready:
+                self.reap()
+            if self.ctl.fileno() in ready:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def reap(self):
+        """Reports every child that has exited. The wake-up bytes go first: an exit
+        after the last waitpid writes another and wakes the loop again."""
+        try:
+            while os.read(self.wake[0], 512):
+                pass
+        except BlockingIOError:
+            pass
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -1006,21 +1049,25 @@ def reap_children(ctl):
                 return
             if pid == 0:
                 return
-            report_exit(ctl, pid, status)
+            report_exit(self.ctl, pid, status)
 
-    _signal.signal(_signal.SIGCHLD, reap)
+    def wait_all(self):
+        """Reaps and reports every child until none is left (a retired server)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            report_exit(self.ctl, pid, status)
 
 
-def wait_for_children(ctl):
-    """Reaps (and reports) every child until none is left; SIGCHLD stays blocked."""
+def leave_fork_server():
+    """In a child of a fork server, first: SIGCHLD back to its default, and no wake-up
+    descriptor (once the server's descriptors are closed, a signal would write into
+    whatever took its number)."""
     import signal as _signal
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
-        report_exit(ctl, pid, status)
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
 
 
 def send_spawned(ctl, req_id, pid):
@@ -1097,7 +1144,6 @@ class Spares(object):
         self.ready = []  # (pid, socket to send the order on)
 
     def fill(self):
-        import signal as _signal
         import socket
         while len(self.ready) < self.count:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -1107,7 +1153,7 @@ class Spares(object):
             if pid == 0:
                 # Never back into the zygote's loop, whatever happens (see zygote_main).
                 try:
-                    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+                    leave_fork_server()
                     name_process(b"roost-spare")
                     # Keep nothing of the zygote's while waiting: not its control
                     # socket, and not the sockets of a worker it was just handing out.
@@ -1188,36 +1234,30 @@ def zygote_main(preload_extra, spare_count, own):
         ("pid", me), ("preload_us", int((time.perf_counter() - started) * 1e6)),
         ("python", sys.version.split()[0]), ("warm_up", practised)]))
 
-    reap_children(ctl)
+    children = Children(ctl)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     spares = Spares(spare_count, ctl, me, own)
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
     spares.fill()
-    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     # Every order is received into this one buffer, and cleared once its child has
     # it: a child starts with a copy of the zygote's memory, and what the zygote kept
     # of one site's order (its paths, its user) would be in the next site's worker,
     # freed but not cleared. Nothing else reads the order: the child decodes it.
     order = bytearray(ORDER_MAX)
+    refill = False
     while True:
-        try:
-            n, fds, truncated = receive_order(ctl, order)
-        except InterruptedError:
-            continue
-        except socket.timeout:  # TimeoutError from 3.10 on; its own class in 3.9
+        if not children.next_order(SPARE_REFILL_DELAY if refill else None):
             # Quiet for a moment: refill the spares now. Forking right after a spawn
             # would take a CPU from the worker just handed out (a fork of the zygote
             # copies its page tables: about a millisecond).
-            ctl.settimeout(None)
-            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+            refill = False
             spares.fill()
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
             continue
+        n, fds, truncated = receive_order(ctl, order)
         if n == 0 or order[0] == Z_RETIRE:
             # No site needs this zygote any more (or the node is gone): fork no more,
             # and exit once the workers have, so they keep their parent meanwhile.
             spares.close()
-            wait_for_children(ctl)
+            children.wait_all()
             return 0
         req_id = "?"
         try:
@@ -1226,8 +1266,6 @@ def zygote_main(preload_extra, spare_count, own):
             req_id = order_id(order, n)
             if truncated:
                 raise ValueError("an order longer than %d bytes" % ORDER_MAX)
-            # Exits are reported only after SPAWNED, so the node knows the pid first.
-            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
             sys.stdout.flush()
             sys.stderr.flush()
             with memoryview(order) as view:
@@ -1243,15 +1281,13 @@ def zygote_main(preload_extra, spare_count, own):
                     os._exit(1)
             send_spawned(ctl, req_id, pid)
             # Refilled once the zygote has been quiet for SPARE_REFILL_DELAY.
-            if spares.count:
-                ctl.settimeout(SPARE_REFILL_DELAY)
+            refill = spares.count > 0
         except Exception as exc:
             if not send_spawn_failed(ctl, req_id, exc):
                 return 1
         finally:
             order[:n] = bytes(n)
             close_quietly(fds)
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
 
 
 # The longest order a zygote takes: the node's are a few hundred bytes (the site's
@@ -1294,21 +1330,18 @@ def run_template(ctl, app, import_micros):
             % sys.version.split()[0])
         return 3
     import gc
-    import signal as _signal
     import socket
     name_process(b"roost-template")
     # Shared copy-on-write with every worker: keep the collector off these pages.
     gc.collect()
     gc.freeze()
     me = os.getpid()
-    reap_children(ctl)
+    children = Children(ctl)
     ctl.send(bytes([Z_READY]) + pairs_encode([
         ("pid", me), ("import_us", import_micros), ("python", sys.version.split()[0])]))
     while True:
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
-        except InterruptedError:
-            continue
+        children.next_order()
+        msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, 256)
         if not msg or msg[0] == Z_RETIRE:
             break
         req_id = "?"
@@ -1319,7 +1352,6 @@ def run_template(ctl, app, import_micros):
             req_id = fields.get("id", "?")
             slots = int(fields["slots"])
             slot_channels(fds, slots)
-            _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
@@ -1339,20 +1371,17 @@ def run_template(ctl, app, import_micros):
                 break
         finally:
             close_quietly(fds)
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
     # Retired (or the node is gone): no more forks; exit once the workers have, so the
     # ones still finishing a request keep their parent (their parent-death signal).
-    wait_for_children(ctl)
+    children.wait_all()
     return 0
 
 
 def become_forked_worker(app, fds, slots, template_pid):
     """In a child of the template: its own session, tied to the template, serving."""
-    import signal as _signal
     import socket
     try:
-        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, set())
+        leave_fork_server()
         close_fds_except(set(fds))
         os.setsid()
         tie_to_parent(template_pid, "template")

@@ -383,3 +383,14 @@ async fn a_zygote_that_hangs_is_replaced_and_its_workers_live_on() {
 fn a_worker_whose_parent_exits_while_it_forks_says_so_in_one_line() {
     crate::harness::loader_fixture("loader_parent_gone.py");
 }
+
+/// A fork server reports each child's exit while it waits for its next order, however
+/// close to that wait the child dies (fixtures/loader_reports_every_exit.py: a template
+/// driven without a node, its workers killed as their SPAWNED arrives). Its SIGCHLD
+/// handler once reaped: one that came just before the wait ran only with the next
+/// order, and the node, which waits 5 s for the report, took a killed start for the
+/// app failing (the pool tests' killed starts, a few percent of runs under load).
+#[test]
+fn a_fork_server_reports_an_exit_without_waiting_for_its_next_order() {
+    crate::harness::loader_fixture("loader_reports_every_exit.py");
+}
