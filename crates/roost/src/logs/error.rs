@@ -48,8 +48,14 @@ impl ErrorLog {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub fn path(&self) -> PathBuf {
         self.file.path()
+    }
+
+    /// The file was set aside at `path` for the site's previous owner, whose processes
+    /// still print into this log: their lines follow it there.
+    pub fn moved_to(&self, path: PathBuf) {
+        self.file.moved_to(path);
     }
 
     /// Appends what a site's process printed, as one write, its control characters

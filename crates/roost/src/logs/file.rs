@@ -20,11 +20,12 @@ use super::{append_with_group, say_write_outcome};
 pub(super) const IDLE: Duration = Duration::from_secs(30);
 
 pub(super) struct LogFile {
-    path: PathBuf,
     state: Mutex<State>,
 }
 
 struct State {
+    /// Where lines go: the file's path, until it is set aside ([`LogFile::moved_to`]).
+    path: PathBuf,
     open: Option<OpenLog>,
     /// When a line was last written (or tried).
     used: Instant,
@@ -44,8 +45,8 @@ impl LogFile {
     /// Opens nothing yet.
     pub fn new(path: PathBuf) -> LogFile {
         LogFile {
-            path,
             state: Mutex::new(State {
+                path,
                 open: None,
                 used: Instant::now(),
                 failing: false,
@@ -53,23 +54,34 @@ impl LogFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.path.clone()
+    }
+
+    /// The file was renamed to `path` (set aside for a site's previous owner): later
+    /// lines go there, through the open file if it is open, else by opening `path`.
+    pub fn moved_to(&self, path: PathBuf) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .path = path;
     }
 
     /// Runs `write` on the open file, opening it first if it is closed.
     pub fn write_with(&self, write: impl FnOnce(&Path, &mut OpenLog) -> std::io::Result<()>) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *guard;
         state.used = Instant::now();
         let written = match &mut state.open {
-            Some(open) => write(&self.path, open),
-            None => OpenLog::new(&self.path).and_then(|mut open| {
-                let written = write(&self.path, &mut open);
+            Some(open) => write(&state.path, open),
+            None => OpenLog::new(&state.path).and_then(|mut open| {
+                let written = write(&state.path, &mut open);
                 state.open = Some(open);
                 written
             }),
         };
-        say_write_outcome(&self.path, state.failing, &written);
+        say_write_outcome(&state.path, state.failing, &written);
         state.failing = written.is_err();
     }
 

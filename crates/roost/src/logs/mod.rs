@@ -83,8 +83,10 @@ impl NodeLogs {
         let logs = Arc::new(SiteLogs {
             dir,
             access,
-            error_log,
+            error_log: Mutex::new(error_log),
+            error_log_size: self.error_log_size,
             output: self.output.pipes(),
+            every_site: Arc::downgrade(&self.sites),
         });
         (self.sites.lock().unwrap_or_else(PoisonError::into_inner)).push(Arc::downgrade(&logs));
         logs
@@ -101,8 +103,15 @@ impl NodeLogs {
 pub struct SiteLogs {
     dir: PathBuf,
     access: SiteAccess,
-    error_log: Arc<ErrorLog>,
+    /// Started anew when the site changes hands: the previous owner's processes keep
+    /// printing into the one their pipes were opened on, which follows its file where
+    /// it is set aside ([`SiteLogs::grant`]).
+    error_log: Mutex<Arc<ErrorLog>>,
+    error_log_size: u64,
     output: OutputPipes,
+    /// Every site's logs: a site removed and added again has logs of its own, whose
+    /// processes may still run when the new site's are set aside.
+    every_site: Weak<AllSiteLogs>,
 }
 
 impl SiteLogs {
@@ -142,7 +151,8 @@ impl SiteLogs {
     /// The site changed hands (its group changed, or a removed site's name was reused
     /// by another owner's site): what its logs hold (tracebacks, whatever the app
     /// printed) moves to `previous-gid<G>-<seconds.nanoseconds>/`, which only root can open, and
-    /// the site starts new files. Nothing is lost; the operator still has it.
+    /// the site starts new files. Nothing is lost; the operator still has it. What the
+    /// previous owner's processes print while they finish goes there too.
     fn set_aside_from_previous_owner(&self, gid: u32) -> std::io::Result<()> {
         // Workers of a site start together: one looks and sets aside at a time.
         static HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -166,32 +176,73 @@ impl SiteLogs {
                 moved => moved?,
             }
         }
+        for logs in self.generations() {
+            logs.start_error_log_anew(aside.join(ERROR_LOG));
+        }
         std::os::unix::fs::lchown(&self.dir, None, Some(gid))?;
         self.reopen();
         Ok(())
+    }
+
+    /// The logs of every site of this folder still held: this one, and those of a site
+    /// of the same name removed before (its pool still draining).
+    fn generations(&self) -> Vec<Arc<SiteLogs>> {
+        let Some(every_site) = self.every_site.upgrade() else {
+            return Vec::new();
+        };
+        let every_site = every_site.lock().unwrap_or_else(PoisonError::into_inner);
+        (every_site.iter())
+            .filter_map(Weak::upgrade)
+            .filter(|logs| logs.dir == self.dir)
+            .collect()
+    }
+
+    /// Later lines (and processes) get a new error log; the one the processes started
+    /// until now print into follows its file to `moved_to`.
+    fn start_error_log_anew(&self, moved_to: PathBuf) {
+        let path = self.dir.join(ERROR_LOG);
+        let fresh = Arc::new(ErrorLog::new(path, self.error_log_size));
+        let previous = {
+            let mut current = self
+                .error_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            std::mem::replace(&mut *current, fresh)
+        };
+        previous.moved_to(moved_to);
+    }
+
+    /// The error log of processes started now. Its own lock is not held while the
+    /// file is written: a stalled disk would hold up every spawn of the site.
+    fn error_log(&self) -> Arc<ErrorLog> {
+        (self
+            .error_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+        .clone()
     }
 
     /// Closes both logs, after log rotation renamed them: later lines go to new files,
     /// which get the folder's group ([`SiteLogs::grant`] made it the site's).
     pub fn reopen(&self) {
         self.access.reopen();
-        self.error_log.reopen();
+        self.error_log().reopen();
     }
 
     /// Closes the files that had no line for [`file::IDLE`].
     fn close_if_idle(&self, now: Instant) {
         self.access.close_if_idle(now);
-        self.error_log.close_if_idle(now);
+        self.error_log().close_if_idle(now);
     }
 
     /// A pipe into the error log, for a new process's stdout and stderr.
     pub fn output(&self) -> std::io::Result<OwnedFd> {
-        self.output.open(self.error_log.clone())
+        self.output.open(self.error_log())
     }
 
     /// One line from the node in the error log, written by the output thread.
     pub fn error(&self, message: &str) {
-        self.output.note(self.error_log.clone(), message.to_owned());
+        self.output.note(self.error_log(), message.to_owned());
     }
 
     pub fn access(&self, record: AccessRecord) {
@@ -282,8 +333,10 @@ impl SiteLogs {
         Arc::new(SiteLogs {
             dir: PathBuf::from("/dev"),
             access: SiteAccess::detached(error_log.clone()),
-            error_log,
+            error_log: Mutex::new(error_log),
+            error_log_size: u64::MAX,
             output: OutputPipes::detached(),
+            every_site: Weak::new(),
         })
     }
 }
@@ -348,7 +401,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let node = Arc::new(NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap());
         let stuck = node.open_site("stuck");
-        let stalled = stuck.error_log.stall();
+        let stuck_log = stuck.error_log();
+        let stalled = stuck_log.stall();
         let closer = {
             let node = node.clone();
             std::thread::spawn(move || close_idle(&node.sites, Instant::now() + file::IDLE))
@@ -379,6 +433,18 @@ mod tests {
         (root, node, logs)
     }
 
+    /// The folders of a site's logs set aside for previous owners, in the order they
+    /// were set aside (`previous-gid<G>-<time>`).
+    fn set_aside(dir: &Path) -> Vec<PathBuf> {
+        let mut asides: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        asides.sort_by_key(|p| p.to_string_lossy().rsplit('-').next().map(str::to_owned));
+        asides
+    }
+
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn logs_handed_back_and_forth_are_each_set_aside_whole() {
@@ -390,13 +456,7 @@ mod tests {
             let mut error_log = append(&dir.join(ERROR_LOG)).unwrap();
             std::io::Write::write_all(&mut error_log, format!("owner {n}\n").as_bytes()).unwrap();
         }
-        let mut asides: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_dir())
-            .collect();
-        // previous-gid<G>-<time>: in the order they were set aside.
-        asides.sort_by_key(|p| p.to_string_lossy().rsplit('-').next().map(str::to_owned));
+        let asides = set_aside(&dir);
         assert_eq!(asides.len(), 3, "{asides:?}");
         let kept: Vec<String> = (asides.iter())
             .map(|a| std::fs::read_to_string(a.join(ERROR_LOG)).unwrap())
@@ -424,14 +484,46 @@ mod tests {
             logs.access(access::tests::record(status));
         }
         logs.grant(4002);
-        let aside = (std::fs::read_dir(&dir).unwrap())
-            .map(|e| e.unwrap().path())
-            .find(|p| p.is_dir())
-            .expect("the previous owner's logs set aside");
+        let aside = (set_aside(&dir).pop()).expect("the previous owner's logs set aside");
         let kept = std::fs::read_to_string(aside.join(ACCESS_LOG)).unwrap_or_default();
         assert_eq!(kept.lines().count(), 2, "set aside: {kept:?}");
         let current = std::fs::read_to_string(dir.join(ACCESS_LOG)).unwrap_or_default();
         assert_eq!(current, "", "the new owner's access log");
         node.stop();
+    }
+
+    /// What the previous owner's processes print while they finish, after the site
+    /// changed hands, goes to its set-aside error log, never into the new owner's:
+    /// from a site of the same name removed before (logs of its own, its pool still
+    /// draining) and from the site itself given to another user (the same logs).
+    #[test]
+    #[ignore = "needs root: gives log files to other groups"]
+    fn the_previous_owners_processes_print_into_its_set_aside_log() {
+        let (root, node, removed) = shop_logs_as_root();
+        let dir = root.path().join("shop");
+        let print = |fd: &OwnedFd, line: &str| {
+            nix::unistd::write(fd, line.as_bytes()).unwrap();
+        };
+        removed.grant(4001);
+        let removed_worker = removed.output().unwrap();
+        print(&removed_worker, "alice before\n");
+        let added = node.open_site("shop");
+        added.grant(4002);
+        let added_worker = added.output().unwrap();
+        print(&removed_worker, "alice after\n");
+        print(&added_worker, "bob before\n");
+        added.grant(4001);
+        let given_back_worker = added.output().unwrap();
+        print(&added_worker, "bob after\n");
+        print(&given_back_worker, "alice again\n");
+        drop((removed_worker, added_worker, given_back_worker));
+        node.stop();
+
+        let asides = set_aside(&dir);
+        let read = |path: &Path| std::fs::read_to_string(path.join(ERROR_LOG)).unwrap();
+        assert_eq!(asides.len(), 2, "{asides:?}");
+        assert_eq!(read(&asides[0]), "alice before\nalice after\n");
+        assert_eq!(read(&asides[1]), "bob before\nbob after\n");
+        assert_eq!(read(&dir), "alice again\n");
     }
 }
