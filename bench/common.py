@@ -195,6 +195,40 @@ def pss_kib(pid):
     return 0
 
 
+def site_cgroups_anon_kib(node_pid, name):
+    """What `--max-worker-memory` counts: the anonymous memory of every site cgroup of
+    the node started by serve(..., name) (`anon` of v2's memory.stat, `rss` of v1's),
+    in KiB; 0 without a memory cgroup."""
+    try:
+        with open("/proc/%d/cgroup" % node_pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    total = 0
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, key = "/sys/fs/cgroup", "anon"
+        elif "memory" in controllers.split(","):
+            mount, key = "/sys/fs/cgroup/memory", "rss"
+        else:
+            continue
+        # The node sits in <its cgroup>/roost-bench-<name>/node on v2, in its own
+        # cgroup on v1; its sites' cgroups are <its cgroup>/roost-bench-<name>/<site>.
+        own = path.rsplit("/roost-bench-%s/" % name, 1)[0].rstrip("/")
+        base = os.path.join(mount + own, "roost-bench-" + name)
+        for site in (os.listdir(base) if os.path.isdir(base) else []):
+            try:
+                with open(os.path.join(base, site, "memory.stat")) as f:
+                    for stat in f:
+                        k, _, v = stat.partition(" ")
+                        if k == key:
+                            total += int(v) // 1024
+            except OSError:
+                pass
+    return total
+
+
 def status_field(pid, field):
     """A number of /proc/PID/status (VmRSS in KiB, Threads); 0 once the process is gone."""
     try:

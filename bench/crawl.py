@@ -4,8 +4,9 @@ scanners visit every site of a shared host: N registered sites (`pid.py`, as nob
 the default idle timeout of 60 s), each asked for / once, in order, by a few clients
 on fresh connections. Every visit starts a worker, which then stays idle until its
 idle timeout. The script reports how long the crawl took, its errors, and the most
-workers alive at once with their memory (the sum of their PSS, what the host pays, and
-of their RSS, what the node's `--max-worker-memory` counts), sampled every 0.5 s until
+workers alive at once with their memory (the sum of their PSS and of their RSS, and the
+anonymous memory of the sites' cgroups, which the node's `--max-worker-memory` counts:
+what the workers made for themselves, not what they share), sampled every 0.5 s until
 the workers have gone, then how long the node takes to stop (each site visited removes
 its TMPDIR and cgroups). Options after `--` go to `roost serve` (a budget, say).
 
@@ -21,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (free_port, get_once, install_app, processes, pss_kib,  # noqa: E402
+                    site_cgroups_anon_kib,
                     register, require_root, serve, status_field, wait_port, workspace)
 
 
@@ -77,7 +79,7 @@ def main():
         node = serve(registry, port, work, "crawl", *args.serve_options)
         wait_port(port, 120)
         loader = os.path.join(work, "run", "loader.py")
-        peak = {"workers": 0, "pss_kib": 0, "rss_kib": 0}
+        peak = {"workers": 0, "pss_kib": 0, "rss_kib": 0, "cgroups_kib": 0}
         sampling = threading.Event()
 
         def sample():
@@ -88,6 +90,8 @@ def main():
                 peak["workers"] = max(peak["workers"], len(workers))
                 peak["pss_kib"] = max(peak["pss_kib"], pss)
                 peak["rss_kib"] = max(peak["rss_kib"], rss)
+                peak["cgroups_kib"] = max(peak["cgroups_kib"],
+                                          site_cgroups_anon_kib(node.pid, "crawl"))
                 time.sleep(0.5)
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -109,15 +113,18 @@ def main():
                "first_errors": failed[:5], "peak_workers": peak["workers"],
                "peak_workers_pss_mib": round(peak["pss_kib"] / 1024, 1),
                "peak_workers_rss_mib": round(peak["rss_kib"] / 1024, 1),
+               "peak_site_cgroups_anon_mib": round(peak["cgroups_kib"] / 1024, 1),
                "node_rss_mib": round(node_rss / 1024, 1), "stop_seconds": round(stop_seconds, 1)}
         if args.json:
             print(json.dumps(row, indent=2))
         else:
             print("%d sites crawled in %.1f s (%s), %d errors; at most %d workers at once, "
-                  "PSS %.1f MiB, RSS %.1f MiB; node RSS %.1f MiB; stopped in %.1f s"
+                  "PSS %.1f MiB, RSS %.1f MiB, their cgroups' own %.1f MiB; node RSS %.1f MiB; "
+                  "stopped in %.1f s"
                   % (row["sites"], row["crawl_seconds"], " ".join(args.serve_options) or "defaults",
                      row["errors"], row["peak_workers"], row["peak_workers_pss_mib"],
-                     row["peak_workers_rss_mib"], row["node_rss_mib"], row["stop_seconds"]))
+                     row["peak_workers_rss_mib"], row["peak_site_cgroups_anon_mib"],
+                     row["node_rss_mib"], row["stop_seconds"]))
             for host, status in row["first_errors"]:
                 print("  %s: %s; the end of its error log:" % (host, status))
                 for line in error_log_tail(work, host.split(".")[0]):

@@ -196,7 +196,8 @@ pub struct ServeArgs {
     /// of the host's memory, at least 8.
     #[arg(long)]
     pub max_workers: Option<usize>,
-    /// Most resident memory of all workers together; above it, idle workers are
+    /// Most memory all sites' processes hold together (what their memory cgroups
+    /// count; without cgroups, their workers' RSS); above it, idle workers are
     /// stopped, least recently used first. 0 is unlimited.
     #[arg(long, default_value = "0", value_parser = parse_bytes)]
     pub max_worker_memory: u64,

@@ -1,5 +1,6 @@
 //! The node-wide worker budget, shared by every site: at most `max_workers` workers and
-//! `max_memory` bytes of worker RSS in total.
+//! `max_memory` bytes of the sites' memory in total (what their cgroups count, or
+//! their workers' RSS: `pool/actor/memory.rs`).
 //!
 //! A pool that wants a worker asks the budget for a [`Permit`]; the permit lives as long
 //! as the worker, and dropping it gives the room back. When the budget is full, the
@@ -22,7 +23,7 @@ use crate::worker::WorkerId;
 
 /// How often a full budget with waiters looks for something to evict, as a backstop.
 const RETRY: Duration = Duration::from_millis(100);
-/// How often worker memory is summed against `max_memory`.
+/// How often the sites' memory is summed against `max_memory`.
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
 /// How long an ordered eviction is expected to free its room.
 const EVICTION_PATIENCE: Duration = Duration::from_secs(2);
@@ -70,8 +71,8 @@ fn workers_for(meminfo: &str) -> Option<usize> {
 pub struct PoolUsage {
     /// Its idle worker used least recently, if any.
     pub idle: Option<(Instant, WorkerId)>,
-    /// Resident memory of all its workers; 0 unless asked for.
-    pub rss: u64,
+    /// The memory its processes hold (`pool/actor/memory.rs`); 0 unless asked for.
+    pub memory: u64,
 }
 
 enum Msg {
@@ -275,22 +276,22 @@ impl BudgetActor {
             }
         }
         let mut candidates = Vec::new();
-        let mut total_rss = 0;
+        let mut total_memory = 0;
         for (site, answer) in usages {
             if let Ok(Ok(usage)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
-                total_rss += usage.rss;
+                total_memory += usage.memory;
                 if let Some((since, worker)) = usage.idle {
                     candidates.push((since, site, worker));
                 }
             }
         }
         candidates.sort_by_key(|(since, _, _)| *since);
-        let over_memory = self.limits.max_memory > 0 && total_rss > self.limits.max_memory;
+        let over_memory = self.limits.max_memory > 0 && total_memory > self.limits.max_memory;
         if !(waiting || over_memory) {
             return;
         }
         if let Some((_, site, worker)) = candidates.into_iter().next() {
-            tracing::info!(%site, worker, total_rss, reason = if over_memory { "worker memory over the node budget" } else { "a site waits for room" }, "evicting the least recently used idle worker");
+            tracing::info!(%site, worker, total_memory, reason = if over_memory { "worker memory over the node budget" } else { "a site waits for room" }, "evicting the least recently used idle worker");
             if let Some(pool) = self.pools.get(&site) {
                 if pool.send(PoolControl::Evict(worker)).is_ok() {
                     self.evictions.push_back(Instant::now());
@@ -330,7 +331,10 @@ mod tests {
         };
         assert!(!memory, "a budget without max_memory asked for memory");
         reply
-            .send(PoolUsage { idle: None, rss: 0 })
+            .send(PoolUsage {
+                idle: None,
+                memory: 0,
+            })
             .expect("the budget waits for the answer");
         drop(permit);
         let Some(PoolControl::Permit(_)) = pools.get_mut("new").unwrap().recv().await else {

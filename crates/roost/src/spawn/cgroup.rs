@@ -321,6 +321,21 @@ impl SiteCgroup {
         Ok(fds)
     }
 
+    /// The anonymous memory the site's processes hold, as the memory controller
+    /// counts it (`anon` of v2's `memory.stat`, `rss` of v1's): the pages each process
+    /// made or copied for itself once in the cgroup, not those it still shares with
+    /// the zygote it was forked from, which RSS counts again in every worker. `None`
+    /// without a memory controller, or before the site's first process.
+    pub fn anon_memory(&self) -> Option<u64> {
+        let (_, version, dir) = (self.dirs.iter()).find(|(c, _, _)| *c == Controller::Memory)?;
+        let key = match version {
+            Version::V2 => "anon",
+            Version::V1 => "rss",
+        };
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+        stat_value(&stat, key)
+    }
+
     /// Whether pids.max is enforced (the host has that controller).
     pub fn limits_pids(&self) -> bool {
         self.dirs.iter().any(|(c, _, _)| *c == Controller::Pids)
@@ -386,6 +401,13 @@ fn apply_one(
             write(dir, "cpu.shares", &shares.to_string())
         }
     }
+}
+
+/// The value of `key` in a flat-keyed file such as `memory.stat` ("key value" lines).
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    (stat.lines())
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// A control file's value, `None` where the kernel has no such file.
@@ -540,6 +562,27 @@ fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> Option<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site's anonymous memory is the exact key's line of `memory.stat`, not a
+    /// longer key it begins (`anon_thp`, `rss_huge`), nor v1's `total_rss`.
+    #[test]
+    fn anon_memory_reads_the_exact_key_of_memory_stat() {
+        let v2 = "anon_thp 2097152\nanon 9904128\nfile 0\n";
+        let v1 = "cache 0\nrss_huge 0\nrss 9904128\ntotal_rss 19808256\n";
+        assert_eq!(stat_value(v2, "anon"), Some(9_904_128));
+        assert_eq!(stat_value(v1, "rss"), Some(9_904_128));
+        assert_eq!(stat_value(v1, "anon"), None);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.stat"), v2).unwrap();
+        let site = SiteCgroup {
+            dirs: vec![(Controller::Memory, Version::V2, dir.path().to_owned())],
+            state: Mutex::new(Made {
+                made: true,
+                limits: PoolSettings::default(),
+            }),
+        };
+        assert_eq!(site.anon_memory(), Some(9_904_128));
+    }
 
     /// The v2 path against a folder laid out like a cgroup2 mount (this project's CI
     /// host has no v2 controllers, so the kernel's side is not exercised here): the

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use roost::pool::BudgetLimits;
 
-use crate::harness::{alive, get, pid_of, Node};
+use crate::harness::{alive, get, need_root, pid_of, Node};
 
 async fn budget_node(max_workers: usize) -> Node {
     Node::start_with(|c| {
@@ -150,4 +150,72 @@ async fn workers_over_the_memory_budget_are_stopped_least_recently_used_first() 
     let again = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
     assert_ne!(again, a, "served by a worker that was stopped");
     node.stop().await;
+}
+
+/// `--max-worker-memory` counts what the sites' processes add to the host, as their
+/// memory cgroups count it, not their RSS, which counts again in every worker the
+/// pages it shares with its zygote. Four idle workers whose RSS adds up to more than
+/// the limit, and whose own pages do not, are left running; a worker that then takes
+/// 64 MiB of its own puts the node over, and it alone is stopped, being the one used
+/// least recently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: the sites' memory cgroups"]
+async fn the_memory_budget_counts_what_workers_add_not_what_they_share() {
+    need_root("the memory budget reads the sites' memory cgroups");
+    const LIMIT: u64 = 48 << 20;
+    let node = Node::start_with(|c| {
+        c.budget = BudgetLimits {
+            max_workers: 0,
+            max_memory: LIMIT,
+        }
+    })
+    .await;
+    let app = node.app("tester.py");
+    let names = ["a", "b", "c", "d"];
+    for name in names {
+        node.add(node.spec(name, &[&format!("{name}.test")], &app))
+            .await;
+    }
+    let mut pids = Vec::new();
+    for name in names {
+        pids.push(pid_of(
+            &get(node.addr, &format!("{name}.test"), "/pid")
+                .await
+                .unwrap(),
+        ));
+    }
+    let rss: u64 = pids.iter().map(|pid| rss_bytes(*pid)).sum();
+    assert!(
+        rss > LIMIT,
+        "the workers' RSS ({rss} bytes) must exceed the limit for this test to tell"
+    );
+    // Three checks of the budget (one a second).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for (name, pid) in names.iter().zip(&pids) {
+        assert!(alive(*pid), "{name}'s worker was stopped, its RSS counted");
+    }
+
+    let held = get(node.addr, "a.test", "/hold?mib=64").await.unwrap();
+    assert_eq!(pid_of(&held), pids[0]);
+    for name in &names[1..] {
+        get(node.addr, &format!("{name}.test"), "/pid")
+            .await
+            .unwrap();
+    }
+    node.eventually("a's worker, over the limit, to be stopped", || async {
+        !alive(pids[0])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (name, pid) in names.iter().zip(&pids).skip(1) {
+        assert!(alive(*pid), "{name}'s worker was stopped once a's had gone");
+    }
+    node.stop().await;
+}
+
+/// A process's resident memory, from /proc/<pid>/statm.
+fn rss_bytes(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
 }

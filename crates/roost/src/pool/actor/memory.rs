@@ -1,6 +1,6 @@
 //! What the pool knows of its workers' memory: resident sizes from /proc, for
-//! `memory.worker_soft`, for memory.max where no memory cgroup enforces it, and for the
-//! node budget's choice of a worker to evict.
+//! `memory.worker_soft` and for memory.max where no memory cgroup enforces it; and the
+//! site's memory for the node budget (`--max-worker-memory`).
 
 use super::{Pool, State};
 use crate::pool::{PoolControl, PoolUsage};
@@ -38,7 +38,7 @@ impl Pool {
         }
     }
 
-    /// What the node budget needs to choose a worker to evict; the workers' memory only
+    /// What the node budget needs to choose a worker to evict; the site's memory only
     /// if asked.
     pub(super) fn usage(&self, memory: bool) -> PoolUsage {
         let evictable = self.active_workers() > self.site.pool.processes_min as usize;
@@ -48,15 +48,22 @@ impl Pool {
             .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
             .min_by_key(|(_, w)| w.last_used)
             .map(|(id, w)| (w.last_used, *id));
-        let rss = if memory {
-            (self.workers.values())
-                .filter(|w| w.pid != 0)
-                .filter_map(|w| rss_bytes(w.pid))
-                .sum()
-        } else {
-            0
-        };
-        PoolUsage { idle, rss }
+        let memory = if memory { self.memory_in_use() } else { 0 };
+        PoolUsage { idle, memory }
+    }
+
+    /// What the site's processes add to the host's memory: its cgroup's anonymous
+    /// memory, where a memory cgroup counts it. Without one, its workers' RSS summed,
+    /// which also counts, in each, the pages it shares with its zygote (for a small
+    /// app about 10 times what the cgroup counts: docs/benchmarks.md).
+    fn memory_in_use(&self) -> u64 {
+        if let Some(anon) = self.ctx.cgroup.anon_memory() {
+            return anon;
+        }
+        (self.workers.values())
+            .filter(|w| w.pid != 0)
+            .filter_map(|w| rss_bytes(w.pid))
+            .sum()
     }
 }
 
