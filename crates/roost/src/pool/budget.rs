@@ -73,6 +73,8 @@ pub struct PoolUsage {
     pub idle: Option<(Instant, WorkerId)>,
     /// The memory its processes hold (`pool/actor/memory.rs`); 0 unless asked for.
     pub memory: u64,
+    /// How many workers it runs.
+    pub workers: usize,
 }
 
 enum Msg {
@@ -180,15 +182,16 @@ struct BudgetActor {
 impl BudgetActor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut retry = tokio::time::interval(RETRY);
-        let mut memory = tokio::time::interval(MEMORY_CHECK);
+        // The first check a period after the start: at the start no site has workers.
+        let mut memory = tokio::time::interval_at(Instant::now() + MEMORY_CHECK, MEMORY_CHECK);
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg).await,
                     None => return,
                 },
-                _ = retry.tick(), if !self.waiting.is_empty() => self.make_room().await,
-                _ = memory.tick(), if self.limits.max_memory > 0 => self.make_room().await,
+                _ = retry.tick(), if !self.waiting.is_empty() => self.make_room(false).await,
+                _ = memory.tick(), if self.limits.max_memory > 0 => self.make_room(true).await,
             }
         }
     }
@@ -206,7 +209,7 @@ impl BudgetActor {
                 self.waiting.push_back(site);
                 self.grant();
                 if !self.waiting.is_empty() {
-                    self.make_room().await;
+                    self.make_room(false).await;
                 }
             }
             Msg::Release { site } => {
@@ -219,7 +222,7 @@ impl BudgetActor {
                 self.evictions.pop_front();
                 self.grant();
             }
-            Msg::Idle => self.make_room().await,
+            Msg::Idle => self.make_room(false).await,
         }
         self.pressure
             .store(!self.waiting.is_empty(), Ordering::Relaxed);
@@ -251,8 +254,11 @@ impl BudgetActor {
     }
 
     /// Evicts the least recently used idle worker of any site when someone waits on a
-    /// full budget, and as many as it takes while worker memory is over its limit.
-    async fn make_room(&mut self) {
+    /// full budget; at a memory check, as many idle workers as it takes (each site's
+    /// least recently used, the oldest first) to bring the sites' memory under its
+    /// limit, each counted as its site's memory shared by its workers. (Memory is only weighed once a second: the
+    /// workers evicted at one check are gone by the next, and count no more.)
+    async fn make_room(&mut self, memory_check: bool) {
         let now = Instant::now();
         while self
             .evictions
@@ -263,11 +269,11 @@ impl BudgetActor {
         }
         // Waiters not yet covered by an eviction on its way.
         let waiting = self.full() && self.waiting.len() > self.evictions.len();
-        if !waiting && self.limits.max_memory == 0 {
+        let memory = memory_check && self.limits.max_memory > 0;
+        if !waiting && !memory {
             return;
         }
         let mut usages = Vec::with_capacity(self.held.len());
-        let memory = self.limits.max_memory > 0;
         let holding = (self.held.keys()).filter_map(|site| Some((site, self.pools.get(site)?)));
         for (site, pool) in holding {
             let (reply, answer) = oneshot::channel();
@@ -281,22 +287,39 @@ impl BudgetActor {
             if let Ok(Ok(usage)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
                 total_memory += usage.memory;
                 if let Some((since, worker)) = usage.idle {
-                    candidates.push((since, site, worker));
+                    let share = usage.memory / usage.workers.max(1) as u64;
+                    candidates.push((since, site, worker, share));
                 }
             }
         }
-        candidates.sort_by_key(|(since, _, _)| *since);
-        let over_memory = self.limits.max_memory > 0 && total_memory > self.limits.max_memory;
-        if !(waiting || over_memory) {
+        candidates.sort_by_key(|(since, _, _, _)| *since);
+        let excess = if memory {
+            total_memory.saturating_sub(self.limits.max_memory)
+        } else {
+            0
+        };
+        let (mut evicted, mut freed) = (0, 0);
+        for (_, site, worker, share) in candidates {
+            if freed >= excess && (evicted > 0 || !waiting) {
+                break;
+            }
+            let Some(pool) = self.pools.get(&site) else {
+                continue;
+            };
+            if pool.send(PoolControl::Evict(worker)).is_ok() {
+                tracing::debug!(%site, worker, share, "evicting an idle worker");
+                self.evictions.push_back(Instant::now());
+                evicted += 1;
+                freed += share;
+            }
+        }
+        if evicted == 0 {
             return;
         }
-        if let Some((_, site, worker)) = candidates.into_iter().next() {
-            tracing::info!(%site, worker, total_memory, reason = if over_memory { "worker memory over the node budget" } else { "a site waits for room" }, "evicting the least recently used idle worker");
-            if let Some(pool) = self.pools.get(&site) {
-                if pool.send(PoolControl::Evict(worker)).is_ok() {
-                    self.evictions.push_back(Instant::now());
-                }
-            }
+        if excess > 0 {
+            tracing::info!(evicted, total_memory, limit = self.limits.max_memory, "the sites' memory is over the node budget: evicting the least recently used idle workers");
+        } else {
+            tracing::info!("a site waits for room: evicting the least recently used idle worker");
         }
     }
 }
@@ -334,6 +357,7 @@ mod tests {
             .send(PoolUsage {
                 idle: None,
                 memory: 0,
+                workers: 0,
             })
             .expect("the budget waits for the answer");
         drop(permit);
@@ -344,6 +368,62 @@ mod tests {
             let asked = pools.get_mut(site).unwrap().try_recv();
             assert!(asked.is_err(), "{site} was asked though it has no worker");
         }
+    }
+
+    /// Over the memory limit, one check evicts as many idle workers as it takes to get
+    /// under it, the oldest first, each counted as its site's memory shared among its
+    /// workers; the rest stay.
+    #[tokio::test]
+    async fn a_memory_check_evicts_as_many_as_it_takes_oldest_first() {
+        const MIB: u64 = 1 << 20;
+        let budget = Budget::start(BudgetLimits {
+            max_workers: 0,
+            max_memory: 100 * MIB,
+        });
+        // (site, its memory, its workers, idle for): 160 MiB, 60 over the limit.
+        let sites = [
+            ("oldest", 40 * MIB, 2, 30),
+            ("middle", 60 * MIB, 1, 20),
+            ("newest", 60 * MIB, 1, 10),
+        ];
+        let mut pools = Vec::new();
+        for (site, ..) in sites {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            budget.register(site, tx);
+            budget.acquire(site);
+            let Some(PoolControl::Permit(permit)) = rx.recv().await else {
+                panic!("no permit for {site}");
+            };
+            pools.push((rx, permit));
+        }
+        let now = Instant::now();
+        for ((rx, _), (site, memory, workers, idle_for)) in pools.iter_mut().zip(sites) {
+            let Some(PoolControl::Usage {
+                reply,
+                memory: asked,
+            }) = rx.recv().await
+            else {
+                panic!("{site} was not asked at the memory check");
+            };
+            assert!(asked, "the memory check did not ask for {site}'s memory");
+            let since = now - Duration::from_secs(idle_for);
+            let usage = PoolUsage {
+                idle: Some((since, 1)),
+                memory,
+                workers,
+            };
+            reply.send(usage).expect("the budget waits for the answer");
+        }
+        // The oldest's worker counts 20 MiB (its site's 40 over 2 workers): not enough
+        // alone; with the middle one's 60, it is.
+        let mut evicted = Vec::new();
+        for ((rx, _), (site, ..)) in pools.iter_mut().zip(sites) {
+            let next = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+            if let Ok(Some(PoolControl::Evict(_))) = next {
+                evicted.push(site);
+            }
+        }
+        assert_eq!(evicted, ["oldest", "middle"]);
     }
 
     #[test]

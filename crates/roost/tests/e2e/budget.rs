@@ -113,11 +113,13 @@ async fn a_preloaded_site_that_gives_its_last_worker_to_another_lets_its_templat
     node.stop().await;
 }
 
-/// `--max-worker-memory`: while the workers' resident memory is over it, idle workers
-/// are stopped, least recently used first, one a check (every second); a site asked
-/// for again gets a new worker. (A limit of one byte: every idle worker is over it.)
+/// `--max-worker-memory`: while the sites' memory is over it, idle workers are
+/// stopped; a site asked for again gets a new worker. (A limit of one byte: every idle
+/// worker must go. That one check stops as many as it takes, oldest first, is
+/// `pool::budget`'s unit test; which goes when one is enough,
+/// `the_memory_budget_counts_what_workers_add_not_what_they_share`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_over_the_memory_budget_are_stopped_least_recently_used_first() {
+async fn workers_over_the_memory_budget_are_stopped_as_many_as_it_takes() {
     let node = Node::start_with(|c| {
         c.budget = BudgetLimits {
             max_workers: 0,
@@ -132,21 +134,10 @@ async fn workers_over_the_memory_budget_are_stopped_least_recently_used_first() 
     }
     let a = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
     let b = pid_of(&get(node.addr, "b.test", "/pid").await.unwrap());
-    // Watched closely: the second eviction comes a check (a second) after the first.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while alive(a) && alive(b) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no worker was stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        !alive(a) && alive(b),
-        "b's worker went first, or both at once"
-    );
-    node.eventually("b's worker to be stopped too", || async { !alive(b) })
-        .await;
+    node.eventually("both workers to be stopped", || async {
+        !alive(a) && !alive(b)
+    })
+    .await;
     let again = pid_of(&get(node.addr, "a.test", "/pid").await.unwrap());
     assert_ne!(again, a, "served by a worker that was stopped");
     node.stop().await;

@@ -49,13 +49,18 @@ impl Pool {
             .min_by_key(|(_, w)| w.last_used)
             .map(|(id, w)| (w.last_used, *id));
         let memory = if memory { self.memory_in_use() } else { 0 };
-        PoolUsage { idle, memory }
+        let workers = self.workers.values().filter(|w| w.pid != 0).count();
+        PoolUsage {
+            idle,
+            memory,
+            workers,
+        }
     }
 
     /// What the site's processes add to the host's memory: its cgroup's anonymous
     /// memory, where a memory cgroup counts it. Without one, its workers' RSS summed,
     /// which also counts, in each, the pages it shares with its zygote (for a small
-    /// app about 10 times what the cgroup counts: docs/benchmarks.md).
+    /// app about 20 times what the cgroup counts: docs/benchmarks.md, "A crawler").
     fn memory_in_use(&self) -> u64 {
         if let Some(anon) = self.ctx.cgroup.anon_memory() {
             return anon;
