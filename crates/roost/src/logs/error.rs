@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::clf_time;
-use super::file::{LogFile, OpenLog};
+use super::file::{HeldLogFile, LogFile, OpenLog};
 
 /// Bytes a second of one site's output the node copies to its error log, on average:
 /// the node's work (and disk writes) for one site's printing stay bounded. Beyond it,
@@ -52,10 +52,11 @@ impl ErrorLog {
         self.file.path()
     }
 
-    /// The file was set aside at `path` for the site's previous owner, whose processes
-    /// still print into this log: their lines follow it there.
-    pub fn moved_to(&self, path: PathBuf) {
-        self.file.moved_to(path);
+    /// Holds the log still while its file is set aside for the site's previous owner,
+    /// whose processes still print into it: their lines follow it where it goes
+    /// ([`HeldLogFile::moved_to`]).
+    pub fn hold(&self) -> HeldLogFile<'_> {
+        self.file.hold()
     }
 
     /// Appends what a site's process printed, as one write, its control characters

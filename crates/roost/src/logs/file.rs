@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{append_with_group, say_write_outcome};
@@ -59,13 +59,10 @@ impl LogFile {
         state.path.clone()
     }
 
-    /// The file was renamed to `path` (set aside for a site's previous owner): later
-    /// lines go there, through the open file if it is open, else by opening `path`.
-    pub fn moved_to(&self, path: PathBuf) {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .path = path;
+    /// Holds the file still: no line is written (nor a file opened) until the
+    /// [`HeldLogFile`] is dropped or told where the file was moved.
+    pub fn hold(&self) -> HeldLogFile<'_> {
+        HeldLogFile(self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Runs `write` on the open file, opening it first if it is closed.
@@ -117,6 +114,17 @@ impl LogFile {
     pub fn is_open(&self) -> bool {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.open.is_some()
+    }
+}
+
+/// A [`LogFile`] held still while its file is renamed.
+pub(super) struct HeldLogFile<'a>(MutexGuard<'a, State>);
+
+impl HeldLogFile<'_> {
+    /// The file was renamed to `path` (set aside for a site's previous owner): later
+    /// lines go there, through the open file if it is open, else by opening `path`.
+    pub fn moved_to(mut self, path: PathBuf) {
+        self.0.path = path;
     }
 }
 

@@ -170,14 +170,21 @@ impl SiteLogs {
         let aside = self.dir.join(format!("previous-gid{previous}-{stamp}"));
         std::fs::DirBuilder::new().mode(0o700).create(&aside)?;
         self.access.flush();
+        // The previous owner's error logs are held from before the rename until they
+        // know where their file went: a line written between, into a log whose file
+        // was closed, would open a new file at the old path, the new owner's.
+        let previous: Vec<Arc<ErrorLog>> = (self.generations().iter())
+            .map(|logs| logs.start_error_log_anew())
+            .collect();
+        let held: Vec<_> = previous.iter().map(|log| log.hold()).collect();
         for name in LOG_FILES {
             match std::fs::rename(self.dir.join(name), aside.join(name)) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 moved => moved?,
             }
         }
-        for logs in self.generations() {
-            logs.start_error_log_anew(aside.join(ERROR_LOG));
+        for log in held {
+            log.moved_to(aside.join(ERROR_LOG));
         }
         std::os::unix::fs::lchown(&self.dir, None, Some(gid))?;
         self.reopen();
@@ -197,19 +204,16 @@ impl SiteLogs {
             .collect()
     }
 
-    /// Later lines (and processes) get a new error log; the one the processes started
-    /// until now print into follows its file to `moved_to`.
-    fn start_error_log_anew(&self, moved_to: PathBuf) {
+    /// Later lines (and processes) get a new error log; returns the one the processes
+    /// started until now print into, to follow its file where it is set aside.
+    fn start_error_log_anew(&self) -> Arc<ErrorLog> {
         let path = self.dir.join(ERROR_LOG);
         let fresh = Arc::new(ErrorLog::new(path, self.error_log_size));
-        let previous = {
-            let mut current = self
-                .error_log
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            std::mem::replace(&mut *current, fresh)
-        };
-        previous.moved_to(moved_to);
+        let mut current = self
+            .error_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *current, fresh)
     }
 
     /// The error log of processes started now. Its own lock is not held while the
@@ -489,6 +493,46 @@ mod tests {
         assert_eq!(kept.lines().count(), 2, "set aside: {kept:?}");
         let current = std::fs::read_to_string(dir.join(ACCESS_LOG)).unwrap_or_default();
         assert_eq!(current, "", "the new owner's access log");
+        node.stop();
+    }
+
+    /// A line of the previous owner's, written while its logs are being set aside,
+    /// never starts a new file where the new owner's log will be: its log is held
+    /// while the files move. Its writer here closes the file before every line, so
+    /// that each line opens it again (at the path the log has then).
+    #[test]
+    #[ignore = "needs root: gives log files to other groups"]
+    fn a_line_written_during_the_handover_stays_the_previous_owners() {
+        let (root, node, logs) = shop_logs_as_root();
+        let dir = root.path().join("shop");
+        for round in 0..200 {
+            let (previous, next) = if round % 2 == 0 {
+                (4001, 4002)
+            } else {
+                (4002, 4001)
+            };
+            logs.grant(previous);
+            let old = logs.error_log();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        old.reopen();
+                        old.write(format!("owner {previous}\n").as_bytes());
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_micros(200));
+            logs.grant(next);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            writer.join().unwrap();
+            let current = std::fs::read_to_string(dir.join(ERROR_LOG)).unwrap_or_default();
+            assert!(
+                !current.contains(&format!("owner {previous}")),
+                "round {round}: the new owner's error.log has the previous owner's line"
+            );
+        }
         node.stop();
     }
 
