@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -14,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::stream::WorkerBody;
-use crate::logs::{AccessRecord, SiteLogs};
+use crate::logs::{AccessRecord, AccessTarget};
 
 /// Why a response body ended early; hyper then aborts the connection so the client
 /// sees a broken response rather than a short one that looks complete.
@@ -78,7 +77,7 @@ impl Body for ResponseBody {
 
 /// What the access log needs, captured when the request arrives.
 pub struct PendingAccess {
-    pub logs: Arc<SiteLogs>,
+    pub log: AccessTarget,
     pub peer: IpAddr,
     pub method: Method,
     pub target: Option<PathAndQuery>,
@@ -93,7 +92,7 @@ pub struct PendingAccess {
 
 impl PendingAccess {
     pub fn finish(self, status: u16, bytes: u64) {
-        self.logs.access(AccessRecord {
+        self.log.record(AccessRecord {
             peer: self.peer,
             start: self.start,
             method: self.method,

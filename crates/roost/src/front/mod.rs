@@ -225,7 +225,7 @@ impl Front {
         let (parts, body) = req.into_parts();
         let client = environ::client(&parts, conn, &self.config.trusted_proxies);
         let mut access = Some(PendingAccess {
-            logs: route.logs.clone(),
+            log: route.logs.access_target(),
             peer: client.addr,
             method: parts.method.clone(),
             target: parts.uri.path_and_query().cloned(),

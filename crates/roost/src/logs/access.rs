@@ -20,9 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method};
 
+use arc_swap::ArcSwap;
+
 use super::clf_time;
 use super::error::ErrorLog;
-use super::file::LogFile;
+use super::file::{HeldLogFile, LogFile};
 
 /// Access records queued for the access log thread, for all sites, before new ones are
 /// dropped.
@@ -35,17 +37,12 @@ const ACCESS_SITE_SHARE: usize = ACCESS_QUEUE / 4;
 /// late, and a busy node costs one write per site (and no wake-up of the thread) per
 /// batch instead of one per request. 16,384 records per 20 ms is 800,000 a second.
 const ACCESS_BATCH_EVERY: Duration = Duration::from_millis(20);
-/// The longest wait for the thread to write what is queued before a site's logs change
-/// hands (a stalled disk holds it up; the lines then go to the new files).
-const FLUSH_WITHIN: Duration = Duration::from_secs(1);
 
 /// What the access log thread is sent.
 // Stop is sent once in a node's life; boxing records would cost an allocation each.
 #[allow(clippy::large_enum_variant)]
 enum AccessMessage {
     Record(Arc<AccessFile>, AccessRecord),
-    /// Write what came before, then say so.
-    Flush(SyncSender<()>),
     /// Write what came before, then end.
     Stop,
 }
@@ -75,7 +72,9 @@ impl AccessLog {
 }
 
 /// One site's `access.log`, shared by its [`SiteAccess`] and the records in flight.
-struct AccessFile {
+/// When the site changes hands, the file is set aside and a new one started: requests
+/// that arrived before keep the old one ([`AccessTarget`]), which follows its file.
+pub(super) struct AccessFile {
     file: LogFile,
     /// Records of this site in the queue (at most [`ACCESS_SITE_SHARE`]).
     queued: AtomicUsize,
@@ -84,10 +83,42 @@ struct AccessFile {
     error_log: Arc<ErrorLog>,
 }
 
+impl AccessFile {
+    fn new(path: PathBuf, error_log: Arc<ErrorLog>) -> Arc<AccessFile> {
+        Arc::new(AccessFile {
+            file: LogFile::new(path),
+            queued: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            error_log,
+        })
+    }
+
+    /// Holds the file still while it is set aside for the site's previous owner
+    /// ([`LogFile::hold`]): the lines of the requests that owner's site received
+    /// follow it where it goes.
+    pub fn hold(&self) -> HeldLogFile<'_> {
+        self.file.hold()
+    }
+}
+
 /// What a site records its accesses with.
 pub struct SiteAccess {
     tx: SyncSender<AccessMessage>,
+    path: PathBuf,
+    current: ArcSwap<AccessFile>,
+}
+
+/// Where a request's access line goes: the site's access log when the request came.
+pub struct AccessTarget {
+    tx: SyncSender<AccessMessage>,
     file: Arc<AccessFile>,
+}
+
+impl AccessTarget {
+    /// Queues the request's line, or counts it as dropped.
+    pub fn record(&self, record: AccessRecord) {
+        queue(&self.tx, &self.file, record);
+    }
 }
 
 impl SiteAccess {
@@ -111,54 +142,61 @@ impl SiteAccess {
     ) -> SiteAccess {
         SiteAccess {
             tx,
-            file: Arc::new(AccessFile {
-                file: LogFile::new(path),
-                queued: AtomicUsize::new(0),
-                dropped: AtomicU64::new(0),
-                error_log,
-            }),
+            current: ArcSwap::new(AccessFile::new(path.clone(), error_log)),
+            path,
         }
     }
 
-    /// Returns once the lines queued so far (of every site) are written, or after
-    /// [`FLUSH_WITHIN`]: before a site's logs are set aside for its previous owner, the
-    /// lines of that owner's last requests, up to a batch interval behind, go with them.
-    pub fn flush(&self) {
-        let (done, written) = mpsc::sync_channel(1);
-        if self.tx.try_send(AccessMessage::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(FLUSH_WITHIN);
+    /// Where the line of a request that comes now goes, whenever it ends.
+    pub fn target(&self) -> AccessTarget {
+        AccessTarget {
+            tx: self.tx.clone(),
+            file: self.current.load_full(),
         }
+    }
+
+    /// Later requests' lines go to a new file, whose dropped lines are counted in
+    /// `error_log`; returns the one the requests until now write to, to follow its
+    /// file where it is set aside.
+    pub fn start_anew(&self, error_log: Arc<ErrorLog>) -> Arc<AccessFile> {
+        self.current
+            .swap(AccessFile::new(self.path.clone(), error_log))
     }
 
     /// Later lines go to a new file (after rotation renamed the old one).
     pub fn reopen(&self) {
-        self.file.file.close();
+        self.current.load().file.close();
     }
 
     /// Closes the file if it is idle ([`LogFile::close_if_idle`]).
     pub fn close_if_idle(&self, now: std::time::Instant) {
-        self.file.file.close_if_idle(now)
+        self.current.load().file.close_if_idle(now)
     }
 
-    /// Queues one line, or counts it as dropped.
+    /// Queues one line into the current file, or counts it as dropped.
     pub fn record(&self, record: AccessRecord) {
-        let file = &self.file;
-        if file.queued.fetch_add(1, Ordering::Relaxed) >= ACCESS_SITE_SHARE {
+        queue(&self.tx, &self.current.load(), record);
+    }
+}
+
+/// Queues one line for `file`, or counts it as dropped: past the site's share of the
+/// queue, or with the queue full.
+fn queue(tx: &SyncSender<AccessMessage>, file: &Arc<AccessFile>, record: AccessRecord) {
+    if file.queued.fetch_add(1, Ordering::Relaxed) >= ACCESS_SITE_SHARE {
+        file.queued.fetch_sub(1, Ordering::Relaxed);
+        file.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let message = AccessMessage::Record(file.clone(), record);
+    match tx.try_send(message) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
             file.queued.fetch_sub(1, Ordering::Relaxed);
             file.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
         }
-        let message = AccessMessage::Record(file.clone(), record);
-        match self.tx.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                file.queued.fetch_sub(1, Ordering::Relaxed);
-                file.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            // The node is stopping.
-            Err(TrySendError::Disconnected(_)) => {
-                file.queued.fetch_sub(1, Ordering::Relaxed);
-            }
+        // The node is stopping.
+        Err(TrySendError::Disconnected(_)) => {
+            file.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -173,14 +211,9 @@ fn write_access(rx: Receiver<AccessMessage>) {
         // Keyed by the file's address: each site's lines together, in arrival order.
         let mut batch: HashMap<*const AccessFile, (Arc<AccessFile>, Vec<u8>, usize)> =
             HashMap::new();
-        let mut flushed = None;
         for message in std::iter::once(first).chain(rx.try_iter()) {
             let (file, record) = match message {
                 AccessMessage::Record(file, record) => (file, record),
-                AccessMessage::Flush(done) => {
-                    flushed = Some(done);
-                    break;
-                }
                 AccessMessage::Stop => {
                     stopping = true;
                     break;
@@ -204,10 +237,6 @@ fn write_access(rx: Receiver<AccessMessage>) {
                     "{lost} access log lines were dropped: the access log fell behind (a slow disk?)"
                 ));
             }
-        }
-        if let Some(done) = flushed {
-            let _ = done.send(());
-            continue;
         }
         if !stopping {
             std::thread::sleep(ACCESS_BATCH_EVERY);
@@ -400,7 +429,8 @@ pub(super) mod tests {
         let calm = node.open_site("calm");
         // Hold the flooding site's file, as a stalled disk would: the thread blocks on
         // its first batch and everything after piles up in the queue.
-        let stalled = flood.access.file.file.stall();
+        let flood_file = flood.access.current.load_full();
+        let stalled = flood_file.file.stall();
         flood.access(record(200));
         std::thread::sleep(Duration::from_millis(100));
         let sent = 2 * ACCESS_QUEUE;

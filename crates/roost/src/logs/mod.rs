@@ -16,10 +16,10 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use access::AccessRecord;
+pub use access::{AccessRecord, AccessTarget};
 pub use error::MIN_ERROR_LOG_SIZE;
 
-use access::{AccessLog, SiteAccess};
+use access::{AccessFile, AccessLog, SiteAccess};
 use error::ErrorLog;
 use output::{OutputPipes, WorkerOutput};
 
@@ -169,22 +169,25 @@ impl SiteLogs {
         let stamp = format!("{}.{:09}", since.as_secs(), since.subsec_nanos());
         let aside = self.dir.join(format!("previous-gid{previous}-{stamp}"));
         std::fs::DirBuilder::new().mode(0o700).create(&aside)?;
-        self.access.flush();
-        // The previous owner's error logs are held from before the rename until they
-        // know where their file went: a line written between, into a log whose file
-        // was closed, would open a new file at the old path, the new owner's.
-        let previous: Vec<Arc<ErrorLog>> = (self.generations().iter())
-            .map(|logs| logs.start_error_log_anew())
+        // The previous owner's logs are held from before the rename until they know
+        // where their file went: a line written between, into a log whose file was
+        // closed, would open a new file at the old path, the new owner's.
+        let previous: Vec<_> = (self.generations().iter())
+            .map(|logs| logs.start_anew())
             .collect();
-        let held: Vec<_> = previous.iter().map(|log| log.hold()).collect();
+        let held_errors: Vec<_> = previous.iter().map(|(error, _)| error.hold()).collect();
+        let held_access: Vec<_> = previous.iter().map(|(_, access)| access.hold()).collect();
         for name in LOG_FILES {
             match std::fs::rename(self.dir.join(name), aside.join(name)) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 moved => moved?,
             }
         }
-        for log in held {
+        for log in held_errors {
             log.moved_to(aside.join(ERROR_LOG));
+        }
+        for log in held_access {
+            log.moved_to(aside.join(ACCESS_LOG));
         }
         std::os::unix::fs::lchown(&self.dir, None, Some(gid))?;
         self.reopen();
@@ -204,16 +207,18 @@ impl SiteLogs {
             .collect()
     }
 
-    /// Later lines (and processes) get a new error log; returns the one the processes
-    /// started until now print into, to follow its file where it is set aside.
-    fn start_error_log_anew(&self) -> Arc<ErrorLog> {
+    /// Later processes and requests get new logs; returns the error log the processes
+    /// started until now print into, and the access log of the requests that came
+    /// until now, to follow their files where they are set aside.
+    fn start_anew(&self) -> (Arc<ErrorLog>, Arc<AccessFile>) {
         let path = self.dir.join(ERROR_LOG);
         let fresh = Arc::new(ErrorLog::new(path, self.error_log_size));
+        let access = self.access.start_anew(fresh.clone());
         let mut current = self
             .error_log
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut *current, fresh)
+        (std::mem::replace(&mut *current, fresh), access)
     }
 
     /// The error log of processes started now. Its own lock is not held while the
@@ -249,8 +254,15 @@ impl SiteLogs {
         self.output.note(self.error_log(), message.to_owned());
     }
 
+    /// Records a line in the access log of now.
     pub fn access(&self, record: AccessRecord) {
         self.access.record(record);
+    }
+
+    /// Where the line of a request that comes now goes, whenever it ends: the access
+    /// log of the site's owner when it came.
+    pub fn access_target(&self) -> AccessTarget {
+        self.access.target()
     }
 }
 
@@ -477,7 +489,8 @@ mod tests {
 
     /// The access lines of the previous owner's last requests, still queued for the
     /// access log thread (up to a batch interval behind) when the site changes hands,
-    /// are set aside with its logs, not written into the new owner's.
+    /// and those of the requests that came before and end after, are set aside with
+    /// its logs, not written into the new owner's.
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn the_previous_owners_last_access_lines_are_set_aside_with_its_logs() {
@@ -487,13 +500,20 @@ mod tests {
         for status in [200, 201] {
             logs.access(access::tests::record(status));
         }
+        let came_before = logs.access_target();
         logs.grant(4002);
-        let aside = (set_aside(&dir).pop()).expect("the previous owner's logs set aside");
-        let kept = std::fs::read_to_string(aside.join(ACCESS_LOG)).unwrap_or_default();
-        assert_eq!(kept.lines().count(), 2, "set aside: {kept:?}");
-        let current = std::fs::read_to_string(dir.join(ACCESS_LOG)).unwrap_or_default();
-        assert_eq!(current, "", "the new owner's access log");
+        logs.access(access::tests::record(202));
+        came_before.record(access::tests::record(203));
         node.stop();
+        let statuses = |path: &Path| -> Vec<String> {
+            let text = std::fs::read_to_string(path.join(ACCESS_LOG)).unwrap_or_default();
+            (text.lines())
+                .map(|line| line.split("\" ").nth(1).unwrap()[..3].to_owned())
+                .collect()
+        };
+        let aside = (set_aside(&dir).pop()).expect("the previous owner's logs set aside");
+        assert_eq!(statuses(&aside), ["200", "201", "203"], "set aside");
+        assert_eq!(statuses(&dir), ["202"], "the new owner's access log");
     }
 
     /// A line of the previous owner's, written while its logs are being set aside,
