@@ -67,10 +67,11 @@ fn workers_for(meminfo: &str) -> Option<usize> {
 }
 
 /// What a pool says when the budget looks for a victim.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PoolUsage {
-    /// Its idle worker used least recently, if any.
-    pub idle: Option<(Instant, WorkerId)>,
+    /// Its idle workers it can do without (above `processes.min`), least recently
+    /// used first.
+    pub idle: Vec<(Instant, WorkerId)>,
     /// The memory its processes hold (`pool/actor/memory.rs`); 0 unless asked for.
     pub memory: u64,
     /// How many workers it runs.
@@ -254,9 +255,9 @@ impl BudgetActor {
     }
 
     /// Evicts the least recently used idle worker of any site when someone waits on a
-    /// full budget; at a memory check, as many idle workers as it takes (each site's
-    /// least recently used, the oldest first) to bring the sites' memory under its
-    /// limit, each counted as its site's memory shared by its workers. (Memory is only weighed once a second: the
+    /// full budget; at a memory check, as many idle workers as it takes (of any site,
+    /// the least recently used first) to bring the sites' memory under its limit, each
+    /// counted as its site's memory shared by its workers. (Memory is only weighed once a second: the
     /// workers evicted at one check are gone by the next, and count no more.)
     async fn make_room(&mut self, memory_check: bool) {
         let now = Instant::now();
@@ -286,9 +287,9 @@ impl BudgetActor {
         for (site, answer) in usages {
             if let Ok(Ok(usage)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
                 total_memory += usage.memory;
-                if let Some((since, worker)) = usage.idle {
-                    let share = usage.memory / usage.workers.max(1) as u64;
-                    candidates.push((since, site, worker, share));
+                let share = usage.memory / usage.workers.max(1) as u64;
+                for (since, worker) in usage.idle {
+                    candidates.push((since, site.clone(), worker, share));
                 }
             }
         }
@@ -355,7 +356,7 @@ mod tests {
         assert!(!memory, "a budget without max_memory asked for memory");
         reply
             .send(PoolUsage {
-                idle: None,
+                idle: Vec::new(),
                 memory: 0,
                 workers: 0,
             })
@@ -371,8 +372,8 @@ mod tests {
     }
 
     /// Over the memory limit, one check evicts as many idle workers as it takes to get
-    /// under it, the oldest first, each counted as its site's memory shared among its
-    /// workers; the rest stay.
+    /// under it, the oldest first, of any site (two of one), each counted as its site's
+    /// memory shared among its workers; the rest stay.
     #[tokio::test]
     async fn a_memory_check_evicts_as_many_as_it_takes_oldest_first() {
         const MIB: u64 = 1 << 20;
@@ -380,11 +381,12 @@ mod tests {
             max_workers: 0,
             max_memory: 100 * MIB,
         });
-        // (site, its memory, its workers, idle for): 160 MiB, 60 over the limit.
-        let sites = [
-            ("oldest", 40 * MIB, 2, 30),
-            ("middle", 60 * MIB, 1, 20),
-            ("newest", 60 * MIB, 1, 10),
+        // (site, its memory, its workers, how long each has been idle): 160 MiB, 60
+        // over the limit.
+        let sites: [(&str, u64, usize, &[u64]); 3] = [
+            ("oldest", 40 * MIB, 2, &[30, 25]),
+            ("middle", 60 * MIB, 1, &[20]),
+            ("newest", 60 * MIB, 1, &[10]),
         ];
         let mut pools = Vec::new();
         for (site, ..) in sites {
@@ -406,24 +408,28 @@ mod tests {
                 panic!("{site} was not asked at the memory check");
             };
             assert!(asked, "the memory check did not ask for {site}'s memory");
-            let since = now - Duration::from_secs(idle_for);
+            let idle = (idle_for.iter().zip(1..))
+                .map(|(secs, worker)| (now - Duration::from_secs(*secs), worker))
+                .collect();
             let usage = PoolUsage {
-                idle: Some((since, 1)),
+                idle,
                 memory,
                 workers,
             };
             reply.send(usage).expect("the budget waits for the answer");
         }
-        // The oldest's worker counts 20 MiB (its site's 40 over 2 workers): not enough
-        // alone; with the middle one's 60, it is.
+        // The oldest site's workers count 20 MiB each (its 40 over 2 workers): not
+        // enough, both; with the middle one's 60, it is.
         let mut evicted = Vec::new();
         for ((rx, _), (site, ..)) in pools.iter_mut().zip(sites) {
-            let next = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
-            if let Ok(Some(PoolControl::Evict(_))) = next {
-                evicted.push(site);
+            let wait = Duration::from_millis(300);
+            while let Ok(Some(PoolControl::Evict(worker))) =
+                tokio::time::timeout(wait, rx.recv()).await
+            {
+                evicted.push((site, worker));
             }
         }
-        assert_eq!(evicted, ["oldest", "middle"]);
+        assert_eq!(evicted, [("oldest", 1), ("oldest", 2), ("middle", 1)]);
     }
 
     #[test]

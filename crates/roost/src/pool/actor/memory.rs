@@ -41,13 +41,14 @@ impl Pool {
     /// What the node budget needs to choose a worker to evict; the site's memory only
     /// if asked.
     pub(super) fn usage(&self, memory: bool) -> PoolUsage {
-        let evictable = self.active_workers() > self.site.pool.processes_min as usize;
-        let idle = self
-            .workers
-            .iter()
-            .filter(|(_, w)| evictable && w.state == State::Running && w.busy() == 0)
-            .min_by_key(|(_, w)| w.last_used)
-            .map(|(id, w)| (w.last_used, *id));
+        let evictable =
+            (self.active_workers()).saturating_sub(self.site.pool.processes_min as usize);
+        let mut idle: Vec<_> = (self.workers.iter())
+            .filter(|(_, w)| w.state == State::Running && w.busy() == 0)
+            .map(|(id, w)| (w.last_used, *id))
+            .collect();
+        idle.sort_unstable();
+        idle.truncate(evictable);
         let memory = if memory { self.memory_in_use() } else { 0 };
         let workers = self.workers.values().filter(|w| w.pid != 0).count();
         PoolUsage {
