@@ -1034,9 +1034,10 @@ class Children(object):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    def reap(self):
-        """Reports every child that has exited. The wake-up bytes go first: an exit
-        after the last waitpid writes another and wakes the loop again."""
+    def reap(self, until_none_left=False):
+        """Reports every child that has exited; `until_none_left` (a retired server),
+        waits for the others to exit too. The wake-up bytes go first: an exit after
+        the last waitpid writes another and wakes the loop again."""
         try:
             while os.read(self.wake[0], 512):
                 pass
@@ -1044,19 +1045,10 @@ class Children(object):
             pass
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, 0 if until_none_left else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
-                return
-            report_exit(self.ctl, pid, status)
-
-    def wait_all(self):
-        """Reaps and reports every child until none is left (a retired server)."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
                 return
             report_exit(self.ctl, pid, status)
 
@@ -1257,7 +1249,7 @@ def zygote_main(preload_extra, spare_count, own):
             # No site needs this zygote any more (or the node is gone): fork no more,
             # and exit once the workers have, so they keep their parent meanwhile.
             spares.close()
-            children.wait_all()
+            children.reap(until_none_left=True)
             return 0
         req_id = "?"
         try:
@@ -1373,7 +1365,7 @@ def run_template(ctl, app, import_micros):
             close_quietly(fds)
     # Retired (or the node is gone): no more forks; exit once the workers have, so the
     # ones still finishing a request keep their parent (their parent-death signal).
-    children.wait_all()
+    children.reap(until_none_left=True)
     return 0
 
 

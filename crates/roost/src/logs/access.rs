@@ -104,7 +104,6 @@ impl AccessFile {
 /// What a site records its accesses with.
 pub struct SiteAccess {
     tx: SyncSender<AccessMessage>,
-    path: PathBuf,
     current: ArcSwap<AccessFile>,
 }
 
@@ -142,8 +141,7 @@ impl SiteAccess {
     ) -> SiteAccess {
         SiteAccess {
             tx,
-            current: ArcSwap::new(AccessFile::new(path.clone(), error_log)),
-            path,
+            current: ArcSwap::new(AccessFile::new(path, error_log)),
         }
     }
 
@@ -159,8 +157,9 @@ impl SiteAccess {
     /// `error_log`; returns the one the requests until now write to, to follow its
     /// file where it is set aside.
     pub fn start_anew(&self, error_log: Arc<ErrorLog>) -> Arc<AccessFile> {
-        self.current
-            .swap(AccessFile::new(self.path.clone(), error_log))
+        // The current file is never moved: its path is the site's access.log.
+        let path = self.current.load().file.path();
+        self.current.swap(AccessFile::new(path, error_log))
     }
 
     /// Later lines go to a new file (after rotation renamed the old one).

@@ -437,8 +437,10 @@ mod tests {
         assert_eq!(added, Ok(root.path().join("new")), "the new site waited");
     }
 
-    /// The logs of a site "shop" in a new folder, for a test that gives them to groups.
-    fn shop_logs_as_root() -> (tempfile::TempDir, NodeLogs, Arc<SiteLogs>) {
+    /// The logs of a site "shop" in a new folder, for a test that gives them to groups:
+    /// the folder (kept while the test runs), the site's log folder, the node's logs and
+    /// the site's.
+    fn shop_logs_as_root() -> (tempfile::TempDir, PathBuf, NodeLogs, Arc<SiteLogs>) {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (it gives files to other groups); run the suite as root, as CI does"
@@ -446,7 +448,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let node = NodeLogs::start(root.path().to_owned(), 1 << 20).unwrap();
         let logs = node.open_site("shop");
-        (root, node, logs)
+        let dir = root.path().join("shop");
+        (root, dir, node, logs)
     }
 
     /// The folders of a site's logs set aside for previous owners, in the order they
@@ -464,8 +467,7 @@ mod tests {
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn logs_handed_back_and_forth_are_each_set_aside_whole() {
-        let (root, node, logs) = shop_logs_as_root();
-        let dir = root.path().join("shop");
+        let (_root, dir, node, logs) = shop_logs_as_root();
         // Within a second, as a site handed back and forth under load is.
         for (n, gid) in [4001, 4002, 4001, 4002].into_iter().enumerate() {
             logs.grant(gid);
@@ -494,8 +496,7 @@ mod tests {
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn the_previous_owners_last_access_lines_are_set_aside_with_its_logs() {
-        let (root, node, logs) = shop_logs_as_root();
-        let dir = root.path().join("shop");
+        let (_root, dir, node, logs) = shop_logs_as_root();
         logs.grant(4001);
         for status in [200, 201] {
             logs.access(access::tests::record(status));
@@ -523,8 +524,7 @@ mod tests {
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn a_line_written_during_the_handover_stays_the_previous_owners() {
-        let (root, node, logs) = shop_logs_as_root();
-        let dir = root.path().join("shop");
+        let (_root, dir, node, logs) = shop_logs_as_root();
         for round in 0..200 {
             let (previous, next) = if round % 2 == 0 {
                 (4001, 4002)
@@ -563,8 +563,7 @@ mod tests {
     #[test]
     #[ignore = "needs root: gives log files to other groups"]
     fn the_previous_owners_processes_print_into_its_set_aside_log() {
-        let (root, node, removed) = shop_logs_as_root();
-        let dir = root.path().join("shop");
+        let (_root, dir, node, removed) = shop_logs_as_root();
         let print = |fd: &OwnedFd, line: &str| {
             nix::unistd::write(fd, line.as_bytes()).unwrap();
         };

@@ -257,8 +257,8 @@ impl BudgetActor {
     /// Evicts the least recently used idle worker of any site when someone waits on a
     /// full budget; at a memory check, as many idle workers as it takes (of any site,
     /// the least recently used first) to bring the sites' memory under its limit, each
-    /// counted as its site's memory shared by its workers. (Memory is only weighed once a second: the
-    /// workers evicted at one check are gone by the next, and count no more.)
+    /// counted as its site's memory shared by its workers. (Memory is only weighed once
+    /// a second: the workers evicted at one check are gone by the next.)
     async fn make_room(&mut self, memory_check: bool) {
         let now = Instant::now();
         while self
