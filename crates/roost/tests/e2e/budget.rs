@@ -186,7 +186,12 @@ async fn the_memory_budget_counts_what_workers_add_not_what_they_share() {
         assert!(alive(*pid), "{name}'s worker was stopped, its RSS counted");
     }
 
-    let held = get(node.addr, "a.test", "/hold?mib=64").await.unwrap();
+    // a's worker takes the memory a second after it answered: a check of the budget
+    // that came while it took it within a request would find it busy, and evict the
+    // idle others (all of them: they cannot make up the excess) in its place.
+    let held = get(node.addr, "a.test", "/hold?mib=64&after=1")
+        .await
+        .unwrap();
     assert_eq!(pid_of(&held), pids[0]);
     for name in &names[1..] {
         get(node.addr, &format!("{name}.test"), "/pid")
