@@ -23,4 +23,5 @@ mod e2e {
     pub mod streams;
     pub mod templates;
     pub mod tenants;
+    pub mod unread;
 }

@@ -122,7 +122,7 @@ impl Exchange {
     fn check_frame(&mut self, frame: Result<Frame, ConnError>) -> Result<Frame, FrontError> {
         match frame {
             Ok(f) => Ok(f),
-            Err(ConnError::Closed) => {
+            Err(e) if e.is_closed() => {
                 self.lose();
                 Err(FrontError::WorkerGone)
             }
@@ -187,6 +187,12 @@ enum WriterOutcome {
     Task(JoinHandle<Option<OwnedWriteHalf>>),
 }
 
+/// How many more workers a request without a body is sent to when the one it went to
+/// turns out to have ended before reading it (killed while idle, just before the pool
+/// learnt of it): no app saw the request, so sending it again repeats nothing. Bounded,
+/// so that a site whose workers all die at once fails fast.
+const UNREAD_RETRIES: u32 = 2;
+
 /// Sends one request to the site's worker and returns its response.
 pub async fn forward(
     route: &Route,
@@ -196,7 +202,7 @@ pub async fn forward(
     policy: &Arc<SlowClients>,
 ) -> Result<Response<ResponseBody>, FrontError> {
     let site = &route.site;
-    let (first, rest) = match body {
+    let (first, mut rest) = match body {
         RequestBody::Whole(all) => (all, None),
         RequestBody::Partial { first, rest } => (first, Some(rest)),
     };
@@ -207,80 +213,27 @@ pub async fn forward(
     let small = bodiless
         .then(|| request_frames(&head, &first, true))
         .filter(|frames| frames.len() <= INBOX_MAX);
-    let checkout = route.pool.checkout(site, small.clone()).await;
-    let mut lease = match checkout {
-        Ok(lease) => lease,
-        Err(CheckoutError::WorkerLost { pid, .. }) => {
-            if let Some(access) = access.as_mut() {
-                access.worker_pid = Some(pid);
+    let mut retries = UNREAD_RETRIES;
+    let (mut ex, frame) = loop {
+        let request = Request {
+            head: &head,
+            first: &first,
+            rest: rest.take(),
+            small: small.clone(),
+        };
+        match start(route, request, access).await? {
+            Started::Answered { ex, frame } => break (ex, frame),
+            // Only a request written in one packet no larger than a worker's first read
+            // is known unread whole when the worker's end closes with data in it.
+            Started::Unread { pid } if small.is_some() && retries > 0 => {
+                retries -= 1;
+                tracing::info!(pid, site = %site.name, "worker ended before reading a request; sending it to another");
+                route.logs.error(&format!(
+                    "worker pid {pid} ended before it read a request; the request goes to another worker"
+                ));
             }
-            return Err(FrontError::WorkerGone);
+            Started::Unread { .. } => return Err(FrontError::WorkerGone),
         }
-        Err(e) => return Err(e.into()),
-    };
-    if let Some(access) = access.as_mut() {
-        access.worker_pid = Some(lease.pid);
-    }
-    let lease_gone = lease.gone.clone();
-    let deadline = Instant::now() + site.pool.request_timeout;
-    let delivered = lease.delivered;
-    let (reader, mut writer) = lease.take().split();
-    let pool = lease.pool();
-    let mut ex = Exchange {
-        lease: Some(lease),
-        pool,
-        reader: Some(reader),
-        writer: Writer::Gone,
-        deadline,
-        state: State::Open,
-    };
-
-    if !delivered {
-        let out = small.unwrap_or_else(|| request_frames(&head, &first, rest.is_none()));
-        if timeout_at(deadline, writer.write_all(&out))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            ex.lose();
-            return Err(FrontError::WorkerGone);
-        }
-        if rest.is_none() {
-            if let Some(lease) = &ex.lease {
-                lease.request_sent();
-            }
-        }
-    }
-    let mut too_large = None;
-    if let Some(rest) = rest {
-        let (stop, stop_rx) = oneshot::channel();
-        let (over, over_rx) = oneshot::channel();
-        let task = tokio::spawn(pump_request_body(
-            writer,
-            rest,
-            first.len() as u64,
-            site.pool.body_max,
-            deadline,
-            stop_rx,
-            over,
-        ));
-        ex.writer = Writer::Pumping { task, stop };
-        too_large = Some(over_rx);
-    } else {
-        ex.writer = Writer::Idle(writer);
-    }
-
-    let reader = ex.reader.as_mut().expect("set above");
-    let gone = lease_gone.clone();
-    let frame = tokio::select! {
-        frame = timeout_at(deadline, reader.next_frame()) => frame,
-        _ = gone.cancelled() => Ok(Err(ConnError::Closed)),
-        Ok(()) = async { too_large.as_mut().expect("guarded").await }, if too_large.is_some() => {
-            return Err(FrontError::BodyTooLarge { limit: site.pool.body_max });
-        }
-    };
-    let Ok(frame) = frame else {
-        ex.kill("it overran request_timeout".into());
-        return Err(FrontError::Timeout);
     };
     let payload = match ex.check_frame(frame)? {
         Frame::ResponseHead(payload) => payload,
@@ -346,6 +299,148 @@ pub async fn forward(
         policy,
         &route.hold,
     ))
+}
+
+/// What [`start`] sends.
+struct Request<'a> {
+    head: &'a Bytes,
+    /// What the front has of the body (all of it when `rest` is `None`).
+    first: &'a Bytes,
+    rest: Option<ClientBody>,
+    /// Its frames, for a request without a body that fits an inbox.
+    small: Option<Bytes>,
+}
+
+/// How sending a request to a worker went, short of a failure.
+// Returned once per attempt and taken apart at once; boxing the exchange would cost
+// every request an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Started {
+    /// The worker's first frame (or why none came), and the exchange it belongs to.
+    Answered {
+        ex: Exchange,
+        frame: Result<Frame, ConnError>,
+    },
+    /// The worker's end of the slot closed with the request written into it unread.
+    Unread { pid: u32 },
+}
+
+/// Takes a slot, writes the request to it (unless a follower's was posted to its
+/// inbox), streams the body in the background, and waits for the worker's first frame.
+async fn start(
+    route: &Route,
+    request: Request<'_>,
+    access: &mut Option<PendingAccess>,
+) -> Result<Started, FrontError> {
+    let site = &route.site;
+    let Request {
+        head,
+        first,
+        rest,
+        small,
+    } = request;
+    let checkout = route.pool.checkout(site, small.clone()).await;
+    let mut lease = match checkout {
+        Ok(lease) => lease,
+        Err(CheckoutError::WorkerLost { pid, .. }) => {
+            if let Some(access) = access.as_mut() {
+                access.worker_pid = Some(pid);
+            }
+            return Err(FrontError::WorkerGone);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pid = lease.pid;
+    if let Some(access) = access.as_mut() {
+        access.worker_pid = Some(pid);
+    }
+    let lease_gone = lease.gone.clone();
+    let deadline = Instant::now() + site.pool.request_timeout;
+    let delivered = lease.delivered;
+    let (reader, mut writer) = lease.take().split();
+    let pool = lease.pool();
+    let mut ex = Exchange {
+        lease: Some(lease),
+        pool,
+        reader: Some(reader),
+        writer: Writer::Gone,
+        deadline,
+        state: State::Open,
+    };
+
+    if !delivered {
+        let out = small.unwrap_or_else(|| request_frames(head, first, rest.is_none()));
+        match timeout_at(deadline, writer.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            // Its end is closed (or shut for reading): nothing written reached it.
+            Ok(Err(e)) if is_closed_peer(&e) => {
+                ex.lose();
+                return Ok(Started::Unread { pid });
+            }
+            _ => {
+                ex.lose();
+                return Err(FrontError::WorkerGone);
+            }
+        }
+        if rest.is_none() {
+            if let Some(lease) = &ex.lease {
+                lease.request_sent();
+            }
+        }
+    }
+    let mut too_large = None;
+    if let Some(rest) = rest {
+        let (stop, stop_rx) = oneshot::channel();
+        let (over, over_rx) = oneshot::channel();
+        let task = tokio::spawn(pump_request_body(
+            writer,
+            rest,
+            first.len() as u64,
+            site.pool.body_max,
+            deadline,
+            stop_rx,
+            over,
+        ));
+        ex.writer = Writer::Pumping { task, stop };
+        too_large = Some(over_rx);
+    } else {
+        ex.writer = Writer::Idle(writer);
+    }
+
+    let reader = ex.reader.as_mut().expect("set above");
+    let frame = tokio::select! {
+        frame = timeout_at(deadline, reader.next_frame()) => frame,
+        _ = lease_gone.cancelled() => Ok(Err(ConnError::Closed)),
+        Ok(()) = async { too_large.as_mut().expect("guarded").await }, if too_large.is_some() => {
+            return Err(FrontError::BodyTooLarge { limit: site.pool.body_max });
+        }
+    };
+    let Ok(frame) = frame else {
+        ex.kill("it overran request_timeout".into());
+        return Err(FrontError::Timeout);
+    };
+    // The process may be known gone before its socket's end is read: the socket says
+    // whether the request was left in it. What a follower's worker left unread was not
+    // this request (that went through its inbox).
+    let frame = match frame {
+        Err(ConnError::Closed) if !delivered => Err(reader.after_exit()),
+        Err(ConnError::Unread) if delivered => Err(ConnError::Closed),
+        other => other,
+    };
+    if matches!(frame, Err(ConnError::Unread)) {
+        ex.lose();
+        return Ok(Started::Unread { pid });
+    }
+    Ok(Started::Answered { ex, frame })
+}
+
+/// Whether a write failed because the worker's end of the slot is closed, or shut for
+/// reading: either way it took none of what the write carried.
+fn is_closed_peer(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// The frames that start a request: its head, what the front has of its body, and its

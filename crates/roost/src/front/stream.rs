@@ -456,7 +456,7 @@ async fn pump_frames(
                 ex.kill(format!("sent {:?} inside a response body", other.kind()));
                 Piece::Fail(BodyError::Protocol)
             }
-            Err(ConnError::Closed) => {
+            Err(e) if e.is_closed() => {
                 ex.lose();
                 Piece::Fail(BodyError::WorkerGone)
             }

@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 pub enum ConnError {
     #[error("worker closed its slot")]
     Closed,
+    /// Its process ended (or it shut its slot) with what the node wrote still unread:
+    /// the worker never took the request, so another may serve it.
+    #[error("worker closed its slot without reading the request")]
+    Unread,
     #[error("worker broke the protocol")]
     Protocol(#[from] WireError),
     #[error("reading from the worker failed")]
@@ -23,13 +27,19 @@ pub enum ConnError {
 }
 
 impl ConnError {
-    /// A reset is how a killed worker's socket ends when a request was still unread
-    /// in it: the worker is gone, it broke no protocol.
+    /// A reset is how a killed worker's socket ends when what the node wrote was still
+    /// unread in it (Linux sets it on the survivor of a Unix socket pair whose other
+    /// end closed with data queued): the worker is gone, it broke no protocol.
     fn from_read(e: std::io::Error) -> ConnError {
         match e.kind() {
-            std::io::ErrorKind::ConnectionReset => ConnError::Closed,
+            std::io::ErrorKind::ConnectionReset => ConnError::Unread,
             _ => ConnError::Io(e),
         }
+    }
+
+    /// The worker is gone, one way or the other: the slot is lost, nobody is to blame.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, ConnError::Closed | ConnError::Unread)
     }
 }
 
@@ -130,6 +140,25 @@ impl FrameReader {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
 
+    /// How the slot ended, once the worker's process is known gone but no read has
+    /// said so yet: [`ConnError::Unread`] if the worker's end closed with what the
+    /// node wrote still in it, else [`ConnError::Closed`] (also while some other
+    /// process, a child it forked, still holds that end). A peek that never waits.
+    pub fn after_exit(&self) -> ConnError {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let stream: &UnixStream = self.half.as_ref();
+        let mut byte = [0u8; 1];
+        match recv(
+            stream.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::ECONNRESET) => ConnError::Unread,
+            _ => ConnError::Closed,
+        }
+    }
+
     /// Reads the rest of a response and drops it: its client left. `Err(None)` if the
     /// worker is gone (its slot closed, or `gone` fired); `Err(Some(why))` if it broke
     /// the protocol or did not end the response by `deadline`: it is to be killed.
@@ -148,7 +177,7 @@ impl FrameReader {
                     Ok(Frame::ResponseEnd | Frame::ResponseAbort) => return Ok(()),
                     Ok(Frame::ResponseHead(_) | Frame::ResponseBody(_)) => continue,
                     Ok(other) => return Err(Some(format!("unexpected {:?} frame", other.kind()))),
-                    Err(ConnError::Closed) => return Err(None),
+                    Err(e) if e.is_closed() => return Err(None),
                     Err(e) => return Err(Some(crate::error_chain(&e))),
                 }
             }

@@ -226,7 +226,7 @@ async fn run(
             drop(slots);
             process.kill_group();
             let ended = process.wait().await;
-            if matches!(error, StartError::Handshake(ConnError::Closed))
+            if matches!(error, StartError::Handshake(ref e) if e.is_closed())
                 && !matches!(ended, Ended::Unknown)
             {
                 error = StartError::Exited(ended);

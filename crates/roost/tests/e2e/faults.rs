@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::http::get;
-use crate::harness::{comm, is_root, parent_of, site_cgroup_file, Node};
+use crate::harness::{comm, is_root, parent_of, process_state, site_cgroup_file, Node};
 
 const SITES: usize = 4;
 const CLIENTS: usize = 8;
@@ -383,10 +383,8 @@ async fn stop_forking_below(node: &Node, pid: u32) -> Vec<u32> {
 /// Waits (a second at most) until `pid` is stopped, or gone.
 async fn until_stopped(pid: u32) {
     for _ in 0..100 {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) if !stat.rsplit(')').next().unwrap_or("").starts_with(" T") => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
+        match process_state(pid) {
+            Some(state) if state != 'T' => tokio::time::sleep(Duration::from_millis(10)).await,
             _ => return,
         }
     }

@@ -406,18 +406,29 @@ where
     }
 }
 
+/// The fields of /proc/<pid>/stat after the command's parentheses (the state first,
+/// the 3rd field), or `None` once the process is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The state letter of a process (`T` stopped, `Z` a zombie), `None` once it is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
 /// True while a process exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
+    process_state(pid).is_some_and(|state| state != 'Z')
 }
 
 /// The parent of a process (the 4th field of /proc/<pid>/stat).
 pub fn parent_of(pid: u32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    after_name.split(' ').nth(1).unwrap().parse().unwrap()
+    stat_fields(pid).expect("the process exists")[1]
+        .parse()
+        .unwrap()
 }
 
 /// The name a process gave itself (/proc/<pid>/comm).
@@ -452,9 +463,9 @@ pub fn site_cgroup_dirs(node: &str, site: &str) -> Vec<PathBuf> {
 
 /// The scheduling policy of a process (the 41st field of /proc/<pid>/stat).
 pub fn sched_policy(pid: u32) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    after_name.split(' ').nth(38).unwrap().parse().unwrap()
+    stat_fields(pid).expect("the process exists")[38]
+        .parse()
+        .unwrap()
 }
 
 /// Peak resident memory (VmHWM) of a process, in KiB.
