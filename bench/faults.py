@@ -213,9 +213,12 @@ def main():
             served.append(conn.getresponse().status)
             conn.close()
         # Every 5xx the node gave must name a worker that was killed.
-        misattributed, answered_5xx = [], 0
+        misattributed, answered_5xx, sent_again = [], 0, 0
         logs = os.path.join(work, "logs")
         for site in os.listdir(logs):
+            # Requests a killed worker never read, which the node sent to another.
+            with open(os.path.join(logs, site, "error.log")) as f:
+                sent_again += f.read().count("ended before it read a request")
             with open(os.path.join(logs, site, "access.log")) as f:
                 for line in f:
                     fields = line.rsplit(" ", 2)
@@ -258,6 +261,7 @@ def main():
     print("5xx answered     %d (on a worker not killed: %d)" % (answered_5xx, len(misattributed)))
     for line in misattributed[:5]:
         print("  " + line)
+    print("sent again       %d (a killed worker had not read them)" % sent_again)
     print("sites added      %d (missing afterwards: %d; answering 200: %d)"
           % (len(added), len(missing), served.count(200)))
     print("node's pipes     %d, for %d live workers" % (pipes, len(live)))
