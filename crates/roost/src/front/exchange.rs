@@ -187,7 +187,7 @@ enum WriterOutcome {
     Task(JoinHandle<Option<OwnedWriteHalf>>),
 }
 
-/// How many more workers a request without a body is sent to when the one it went to
+/// How many more workers a request of one packet is sent to when the one it went to
 /// turns out to have ended before reading it (killed while idle, just before the pool
 /// learnt of it): no app saw the request, so sending it again repeats nothing. Bounded,
 /// so that a site whose workers all die at once fails fast.
@@ -206,26 +206,27 @@ pub async fn forward(
         RequestBody::Whole(all) => (all, None),
         RequestBody::Partial { first, rest } => (first, Some(rest)),
     };
-    // A request without a body may follow a busy slot's request (pool/actor/follow.rs):
-    // its frames go with the checkout. Others are encoded once they have a slot, so a
+    // A request whose frames fit one packet is read by a worker whole or not at all,
+    // so it can be sent again if a worker's end closes with it unread. Of those, one
+    // without a body may follow a busy slot's request (pool/actor/follow.rs): its
+    // frames go with the checkout. Others are encoded once they have a slot, so a
     // queued body is not held twice.
-    let bodiless = rest.is_none() && first.is_empty();
-    let small = bodiless
+    let packet = (rest.is_none() && head.len() + first.len() <= INBOX_MAX)
         .then(|| request_frames(&head, &first, true))
         .filter(|frames| frames.len() <= INBOX_MAX);
+    let follower = packet.clone().filter(|_| first.is_empty());
     let mut retries = UNREAD_RETRIES;
     let (mut ex, frame) = loop {
         let request = Request {
             head: &head,
             first: &first,
             rest: rest.take(),
-            small: small.clone(),
+            packet: packet.clone(),
+            follower: follower.clone(),
         };
         match start(route, request, access).await? {
             Started::Answered { ex, frame } => break (ex, frame),
-            // Only a request written in one packet no larger than a worker's first read
-            // is known unread whole when the worker's end closes with data in it.
-            Started::Unread { pid } if small.is_some() && retries > 0 => {
+            Started::Unread { pid } if retries > 0 => {
                 retries -= 1;
                 tracing::info!(pid, site = %site.name, "worker ended before reading a request; sending it to another");
                 route.logs.error(&format!(
@@ -307,8 +308,10 @@ struct Request<'a> {
     /// What the front has of the body (all of it when `rest` is `None`).
     first: &'a Bytes,
     rest: Option<ClientBody>,
-    /// Its frames, for a request without a body that fits an inbox.
-    small: Option<Bytes>,
+    /// Its frames, when they fit one packet (an inbox's).
+    packet: Option<Bytes>,
+    /// The same, when it has no body too: it may follow a busy slot's request.
+    follower: Option<Bytes>,
 }
 
 /// How sending a request to a worker went, short of a failure.
@@ -321,7 +324,8 @@ enum Started {
         ex: Exchange,
         frame: Result<Frame, ConnError>,
     },
-    /// The worker's end of the slot closed with the request written into it unread.
+    /// The worker's end of the slot closed with the request written into it unread,
+    /// whole: no app saw it.
     Unread { pid: u32 },
 }
 
@@ -337,9 +341,10 @@ async fn start(
         head,
         first,
         rest,
-        small,
+        packet,
+        follower,
     } = request;
-    let checkout = route.pool.checkout(site, small.clone()).await;
+    let checkout = route.pool.checkout(site, follower).await;
     let mut lease = match checkout {
         Ok(lease) => lease,
         Err(CheckoutError::WorkerLost { pid, .. }) => {
@@ -357,7 +362,13 @@ async fn start(
     let lease_gone = lease.gone.clone();
     let deadline = Instant::now() + site.pool.request_timeout;
     let delivered = lease.delivered;
-    let (reader, mut writer) = lease.take().split();
+    let (mut reader, mut writer) = lease.take().split();
+    // A request of one packet, written when the worker had read all of the one
+    // before, is read whole or not at all: then what the worker left unread says
+    // whether it began it.
+    let split = !delivered && packet.is_none();
+    let after_split = reader.request_written(split);
+    let whole_or_none = !delivered && !split && !after_split;
     let pool = lease.pool();
     let mut ex = Exchange {
         lease: Some(lease),
@@ -369,11 +380,12 @@ async fn start(
     };
 
     if !delivered {
-        let out = small.unwrap_or_else(|| request_frames(head, first, rest.is_none()));
+        let out = packet.unwrap_or_else(|| request_frames(head, first, rest.is_none()));
         match timeout_at(deadline, writer.write_all(&out)).await {
             Ok(Ok(())) => {}
-            // Its end is closed (or shut for reading): nothing written reached it.
-            Ok(Err(e)) if is_closed_peer(&e) => {
+            // One write, refused: the worker's end is closed (or shut for reading), and
+            // none of the request reached it.
+            Ok(Err(e)) if !split && is_closed_peer(&e) => {
                 ex.lose();
                 return Ok(Started::Unread { pid });
             }
@@ -420,11 +432,12 @@ async fn start(
         return Err(FrontError::Timeout);
     };
     // The process may be known gone before its socket's end is read: the socket says
-    // whether the request was left in it. What a follower's worker left unread was not
-    // this request (that went through its inbox).
+    // whether the request was left in it. Otherwise bytes left unread may be the end of
+    // a request the worker began, or not this request at all (a follower's came
+    // through the inbox).
     let frame = match frame {
-        Err(ConnError::Closed) if !delivered => Err(reader.after_exit()),
-        Err(ConnError::Unread) if delivered => Err(ConnError::Closed),
+        Err(ConnError::Closed) if whole_or_none => Err(reader.after_exit()),
+        Err(ConnError::Unread) if !whole_or_none => Err(ConnError::Closed),
         other => other,
     };
     if matches!(frame, Err(ConnError::Unread)) {

@@ -52,6 +52,12 @@ pub struct SlotConn {
     buf: BytesMut,
     /// Its place among the worker's slots (and inboxes).
     slot: usize,
+    /// The last request written to the slot took more than one write (a streamed body,
+    /// or frames over one packet). The loader reads what is left of a request after it
+    /// answered, so it may still be reading that when the next request is written, and
+    /// take part of the next with it: then a worker that dies with bytes unread may
+    /// have begun the next all the same.
+    split_request: bool,
 }
 
 impl SlotConn {
@@ -60,6 +66,7 @@ impl SlotConn {
             stream,
             buf: BytesMut::with_capacity(8 << 10),
             slot,
+            split_request: false,
         }
     }
 
@@ -74,6 +81,7 @@ impl SlotConn {
                 half: read,
                 buf: self.buf,
                 slot: self.slot,
+                split_request: self.split_request,
             },
             write,
         )
@@ -85,6 +93,7 @@ impl SlotConn {
             stream,
             buf: reader.buf,
             slot: reader.slot,
+            split_request: reader.split_request,
         })
     }
 
@@ -114,9 +123,17 @@ pub struct FrameReader {
     half: OwnedReadHalf,
     buf: BytesMut,
     slot: usize,
+    split_request: bool,
 }
 
 impl FrameReader {
+    /// Records whether the request now sent on the slot goes in more than one write
+    /// (one that came through the inbox wrote nothing here), and gives whether the one
+    /// before did ([`SlotConn`]'s `split_request`).
+    pub fn request_written(&mut self, split: bool) -> bool {
+        std::mem::replace(&mut self.split_request, split)
+    }
+
     /// A frame already in the buffer, without waiting.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ConnError> {
         Ok(decode_from_worker(&mut self.buf)?)

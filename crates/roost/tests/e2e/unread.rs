@@ -1,13 +1,16 @@
 //! A request no worker read goes to another worker: one whose worker ended (or shut
 //! its end of the slot) after its last answer, before the pool knew, was seen by no
-//! app, so the node sends it again instead of answering 502 (front/exchange.rs,
-//! `UNREAD_RETRIES`).
+//! app, so the node sends it again instead of answering 502, when it fits one packet
+//! (front/exchange.rs, `UNREAD_RETRIES`).
 
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use sha2::{Digest, Sha256};
+
+use crate::harness::http::{post, Resp};
 use crate::harness::{get, pid_of, process_state, Node};
 
 const RETRIED: &str = "ended before it read a request; the request goes to another worker";
@@ -15,20 +18,74 @@ const RETRIED: &str = "ended before it read a request; the request goes to anoth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_left_unread_in_a_killed_workers_slot_goes_to_another_worker() {
     let (node, pid) = one_idle_worker().await;
-    // Stopped, the worker reads nothing more; the pool still has its slot as free.
-    signal(pid, Signal::SIGSTOP);
     let addr = node.addr;
-    let request = tokio::spawn(async move { get(addr, "one.test", "/pid").await.unwrap() });
-    // The node writes the request into the stopped worker's slot at once; then the
-    // worker dies with it unread, as a worker killed while idle does.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    signal(pid, Signal::SIGKILL);
-    let answer = request.await.unwrap();
+    let answer =
+        killed_with_request_unread(
+            pid,
+            async move { get(addr, "one.test", "/pid").await.unwrap() },
+        )
+        .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_ne!(pid_of(&answer), pid, "answered by the killed worker");
     node.error_log_with("one", &format!("worker pid {pid} {RETRIED}"))
         .await;
+    let next = pid_of(&answer);
+    assert_ne!(next, pid, "answered by the killed worker");
+
+    // A request with a body is read whole or not at all too, when it fits one packet.
+    let form = "name=roost&kind=form";
+    let answer = killed_with_request_unread(next, async move {
+        post(addr, "one.test", "/upload", form).await.unwrap()
+    })
+    .await;
+    assert_eq!(answer.text(), uploaded(form.as_bytes()));
+    node.error_log_with("one", &format!("worker pid {next} {RETRIED}"))
+        .await;
     node.stop().await;
+}
+
+/// The request after one whose body went in several writes is not sent again: the
+/// loader reads what is left of a body after it answered, and a read of that may
+/// take the start of the next request with it, which the worker may then begin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_a_body_in_several_writes_is_not_sent_again() {
+    let (node, pid) = one_idle_worker().await;
+    let addr = node.addr;
+    let body = vec![b'x'; 64 << 10];
+    let up = post(addr, "one.test", "/upload", body.clone())
+        .await
+        .unwrap();
+    assert_eq!(up.text(), uploaded(&body));
+    let answer =
+        killed_with_request_unread(
+            pid,
+            async move { get(addr, "one.test", "/pid").await.unwrap() },
+        )
+        .await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    node.error_log_with("one", &format!("worker pid {pid} died"))
+        .await;
+    assert!(!node.log("one", "error.log").contains(RETRIED));
+    node.stop().await;
+}
+
+/// What the tester app's /upload answers for `body`.
+fn uploaded(body: &[u8]) -> String {
+    format!("{} {:x}", body.len(), Sha256::digest(body))
+}
+
+/// Stops the site's worker `pid` (it reads nothing more, while the pool still has its
+/// slot as free), makes `request` (which the node writes into that slot), kills the
+/// worker with the request unread, as a worker killed while idle, and gives the
+/// request's answer.
+async fn killed_with_request_unread(
+    pid: u32,
+    request: impl std::future::Future<Output = Resp> + Send + 'static,
+) -> Resp {
+    signal(pid, Signal::SIGSTOP);
+    let request = tokio::spawn(request);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(pid, Signal::SIGKILL);
+    request.await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
