@@ -444,6 +444,22 @@ async fn start(
         ex.lose();
         return Ok(Started::Unread { pid });
     }
+    if delivered && frame.as_ref().is_err_and(ConnError::is_closed) {
+        let unread = ex.lease.as_mut().and_then(|lease| lease.unread.take());
+        ex.lose();
+        // The lease goes back without its socket: the pool reads the worker's inbox
+        // back, and says whether the request was still in it.
+        drop(ex);
+        let told = match unread {
+            Some(told) => matches!(timeout_at(deadline, told).await, Ok(Ok(()))),
+            None => false,
+        };
+        return if told {
+            Ok(Started::Unread { pid })
+        } else {
+            Err(FrontError::WorkerGone)
+        };
+    }
     Ok(Started::Answered { ex, frame })
 }
 

@@ -193,6 +193,10 @@ pub struct Lease {
     /// The request went through the slot's inbox and the worker has it, or will read
     /// it next: only its answer is to be read.
     pub delivered: bool,
+    /// For a delivered request the worker may not have read yet: told if, the slot
+    /// lost (this lease back without its socket) or the worker gone, the pool found
+    /// the request still in the inbox. No app saw it then.
+    pub unread: Option<oneshot::Receiver<()>>,
     /// Set once the whole request is written (a request may follow it then).
     sent: Arc<AtomicBool>,
     /// How long the worker may take to answer a delivered request nobody waits for.
@@ -291,6 +295,7 @@ mod tests {
             pool: PoolHandle::detached(tx).0,
             gone: CancellationToken::new(),
             delivered: true,
+            unread: None,
             sent: Default::default(),
             request_timeout: Duration::from_secs(5),
         };

@@ -43,6 +43,39 @@ async fn a_request_left_unread_in_a_killed_workers_slot_goes_to_another_worker()
     node.stop().await;
 }
 
+/// A request that followed a busy one into its worker's inbox, and had the slot when
+/// the worker died without taking it from there: the pool finds it still in the inbox,
+/// and it goes to another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_left_unread_in_a_killed_workers_inbox_goes_to_another_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    let mut spec = node.spec("one", &["one.test"], &app);
+    spec.processes_max = Some(1);
+    node.add(spec).await;
+    let addr = node.addr;
+    // The only worker answers this after a moment, then stops itself before it
+    // reads its inbox.
+    let busy =
+        tokio::spawn(async move { get(addr, "one.test", "/stop-at-close?s=0.5").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let follower = tokio::spawn(async move { get(addr, "one.test", "/pid").await.unwrap() });
+    let busy = busy.await.unwrap();
+    assert_eq!(busy.status, 200, "{}", busy.text());
+    let pid = pid_of(&busy);
+    node.eventually("the worker to stop itself", || async {
+        process_state(pid) == Some('T')
+    })
+    .await;
+    signal(pid, Signal::SIGKILL);
+    let answer = follower.await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_ne!(pid_of(&answer), pid, "answered by the killed worker");
+    node.error_log_with("one", &format!("worker pid {pid} {RETRIED}"))
+        .await;
+    node.stop().await;
+}
+
 /// The request after one whose body went in several writes is not sent again: the
 /// loader reads what is left of a body after it answered, and a read of that may
 /// take the start of the next request with it, which the worker may then begin.

@@ -14,6 +14,9 @@
 //!    │──its slot is lost, its worker retires or dies─────► read back: queued again first
 //!    │                                                     already read: served there,
 //!    │                                                     or 502 if the worker died
+//!    │──has the slot, its worker dies before reading it──► read back: its exchange is
+//!    │                                                     told, and sends it to another
+//!    │                                                     worker (front/exchange.rs)
 //!    └──its client leaves───────────────────────────────► read back, or its answer is
 //!                                                           read and dropped (pool/mod.rs)
 //! ```
@@ -27,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Leave, Pool, PoolControl, Reply, State, Waiter, WorkerEntry};
@@ -44,11 +48,19 @@ pub(super) struct SlotState {
     /// Its current request, when that came through the inbox and the worker may not
     /// have read it yet: then it is in the inbox before every follower, and the node
     /// must not read it back (the worker would answer the next one in its place).
-    current: Option<Packet>,
+    current: Option<Current>,
     /// Requests posted behind the current one, in the order the worker reads them.
     followers: VecDeque<Follower>,
     /// The tag of the next packet posted.
     next_tag: u64,
+}
+
+/// A slot's current request, from the inbox, that its worker may not have read yet.
+struct Current {
+    packet: Packet,
+    /// Told if the request is found still in the inbox once the slot is lost or its
+    /// worker gone: no app saw it, and its exchange may send it elsewhere.
+    unread: oneshot::Sender<()>,
 }
 
 struct Follower {
@@ -101,17 +113,25 @@ impl SlotState {
         Ok(())
     }
 
-    /// The first follower now has the slot; its request may still be in the inbox.
-    fn promote(&mut self) -> Option<Follower> {
+    /// The first follower now has the slot; its request may still be in the inbox,
+    /// and if it is found there unread when the slot is lost, the receiver is told.
+    fn promote(&mut self) -> Option<(Follower, Option<oneshot::Receiver<()>>)> {
         let first = self.followers.pop_front()?;
-        self.current = (!first.taken).then_some(first.packet);
-        Some(first)
+        let (current, unread) = if first.taken {
+            (None, None)
+        } else {
+            let (unread, told) = oneshot::channel();
+            let packet = first.packet;
+            (Some(Current { packet, unread }), Some(told))
+        };
+        self.current = current;
+        Some((first, unread))
     }
 
     /// True once the worker has read the slot's current request: only then may the
     /// node read from the inbox without taking it.
     fn current_taken(&mut self) -> bool {
-        let (Some(_), Some(inbox)) = (self.current, &self.inbox) else {
+        let (Some(_), Some(inbox)) = (&self.current, &self.inbox) else {
             return true;
         };
         // While the current request is there, no follower was taken: the pipe holds it
@@ -160,17 +180,20 @@ impl SlotState {
     }
 
     /// Empties the inbox: the followers in it leave the slot, in their order; those the
-    /// worker read stay, taken. The current request, if it was still there, is gone.
+    /// worker read stay, taken. The current request, if it was still there, is gone,
+    /// and its exchange is told.
     fn take_back_all(&mut self) -> Result<Vec<Follower>, Foreign> {
         let Some(inbox) = &self.inbox else {
             return Ok(Vec::new());
         };
         let mut packets = inbox.read_back_all()?.into_iter().peekable();
         // The slot's own request, still unread: it is not a follower's.
-        if packets.peek() == self.current.as_ref() {
-            packets.next();
+        if let Some(current) = self.current.take() {
+            if packets.peek() == Some(&current.packet) {
+                packets.next();
+                let _ = current.unread.send(());
+            }
         }
-        self.current = None;
         let mut back = Vec::new();
         let mut kept = VecDeque::new();
         for mut f in self.followers.drain(..) {
@@ -283,6 +306,12 @@ impl Pool {
             state.current = None;
         }
         let Some(first) = state.followers.front() else {
+            if conn.is_none() && state.current.is_some() {
+                // Lost: its request may never have left the inbox.
+                if state.take_back_all().is_err() {
+                    self.tampered(id);
+                }
+            }
             return Err(conn);
         };
         // Bytes read past the answer are the follower's answer beginning, if the worker
@@ -299,7 +328,7 @@ impl Pool {
             }
         }
         let w = self.workers.get_mut(&id).expect("looked up above");
-        let Some(follower) = w.slots[slot].promote() else {
+        let Some((follower, unread)) = w.slots[slot].promote() else {
             return Err(conn);
         };
         let Some(conn) = conn else {
@@ -312,7 +341,8 @@ impl Pool {
         };
         w.served += 1;
         w.last_used = Instant::now();
-        let lease = self.lease(id, conn, true);
+        let mut lease = self.lease(id, conn, true);
+        lease.unread = unread;
         // If its client left meanwhile, the lease skips the answer before it comes back.
         let _ = follower.reply.send(Ok(lease));
         if let Some(leave) = leaving {
@@ -438,7 +468,7 @@ mod tests {
         post(&mut slot, b"b");
         post(&mut slot, b"c");
         // "a" has the slot now, but the worker has not read it yet.
-        assert_eq!(&slot.promote().unwrap().request[..], b"a");
+        assert_eq!(&slot.promote().unwrap().0.request[..], b"a");
         assert!(slot.take_oldest().unwrap().is_none());
         assert_eq!(worker_takes(&worker_end), b"a");
         let moved = slot.take_oldest().unwrap().unwrap();
@@ -447,6 +477,29 @@ mod tests {
         assert_eq!(requests(&slot.followers), [(&b"c"[..], false)]);
         assert!(slot.take_oldest().unwrap().is_none());
         assert_eq!(requests(&slot.followers), [(&b"c"[..], true)]);
+    }
+
+    /// The exchange of a slot's current request hears whether the worker had read it
+    /// when the inbox is emptied (the slot lost, the worker gone); only then is it told.
+    #[test]
+    fn an_emptied_inbox_tells_whether_the_current_request_was_still_in_it() {
+        let (mut slot, worker_end) = slot_with_inbox();
+        post(&mut slot, b"a");
+        post(&mut slot, b"b");
+        let (_, mut unread) = slot.promote().unwrap();
+        let back = slot.take_back_all().unwrap();
+        assert_eq!(&back[0].request[..], b"b");
+        assert_eq!(unread.take().unwrap().try_recv(), Ok(()));
+
+        post(&mut slot, b"c");
+        let (_, unread) = slot.promote().unwrap();
+        assert_eq!(worker_takes(&worker_end), b"c");
+        assert!(slot.take_back_all().unwrap().is_empty());
+        // Read by the worker: the sender is gone without a word.
+        assert_eq!(
+            unread.unwrap().try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
     }
 
     #[test]

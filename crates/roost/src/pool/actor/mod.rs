@@ -406,6 +406,7 @@ impl Pool {
             pool: self.handle.clone(),
             gone,
             delivered,
+            unread: None,
             sent,
             request_timeout: self.site.pool.request_timeout,
         }
