@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 pub enum ConnError {
     #[error("worker closed its slot")]
     Closed,
-    /// Its process ended (or it shut its slot) with what the node wrote still unread:
-    /// the worker never took the request, so another may serve it.
-    #[error("worker closed its slot without reading the request")]
+    /// Its end of the slot closed with bytes the node wrote still unread in it: of a
+    /// request written in one packet, the worker then read none (front/exchange.rs).
+    #[error("worker closed its slot with a request unread")]
     Unread,
     #[error("worker broke the protocol")]
     Protocol(#[from] WireError),
