@@ -9,7 +9,10 @@ worker that was killed (the access log names each request's worker pid), that th
 node never stops answering, that every registry write made during the run is
 present afterwards, and that the node keeps no pipe of a worker that is gone (each
 worker prints into a pipe the node reads), and that the changed site's last limits
-are in its registry row and, as root with cgroups, in force.
+are in its registry row and, as root with cgroups, in force. The clients send GETs,
+small form POSTs and 8 KiB POSTs, each with an id the app notes in its error log as
+it begins the request: a request the node sent to another worker because the killed
+one had not read it must never have been begun twice.
 
 With --fork-servers, s1 preloads its app (its workers fork from its template), and
 every 1.5 s the zygote or s1's template is killed in turn, with every worker it forked:
@@ -18,10 +21,12 @@ those count as killed too.
   cargo build --release && python3 bench/faults.py [--seconds 60] [--fork-servers]  # as root
 """
 import argparse
+import collections
 import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -120,7 +125,7 @@ def main():
     args = parser.parse_args()
     require_root()
     work = workspace()
-    app = install_app(work, "pid.py")
+    app = install_app(work, "once.py")
     reg = "sqlite:" + os.path.join(work, "registry.db")
 
     def set_limits(name, pids, memory):
@@ -144,11 +149,23 @@ def main():
 
     def client(seed):
         rng = random.Random(seed)
+        sent = 0
         while not stop.is_set():
             host = "s%d.bench" % rng.randrange(args.sites)
+            sent += 1
+            ident = "%d-%d" % (seed, sent)
+            # Mostly GETs; some small form POSTs (one packet, sent again if no worker
+            # read them), some of 8 KiB (never sent again, nor the request after).
+            kind = rng.random()
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("GET", "/", headers={"Host": host})
+                if kind < 0.7:
+                    conn.request("GET", "/?id=" + ident, headers={"Host": host})
+                else:
+                    pad = "x" * (100 if kind < 0.9 else 8192)
+                    conn.request("POST", "/", body="id=%s&pad=%s" % (ident, pad),
+                                 headers={"Host": host,
+                                          "Content-Type": "application/x-www-form-urlencoded"})
                 r = conn.getresponse()
                 r.read()
                 conn.close()
@@ -214,11 +231,18 @@ def main():
             conn.close()
         # Every 5xx the node gave must name a worker that was killed.
         misattributed, answered_5xx, sent_again = [], 0, 0
+        begun = collections.Counter()
         logs = os.path.join(work, "logs")
         for site in os.listdir(logs):
-            # Requests a killed worker never read, which the node sent to another.
-            with open(os.path.join(logs, site, "error.log")) as f:
-                sent_again += f.read().count("ended before it read a request")
+            for name in ("error.log", "error.log.old"):
+                try:
+                    with open(os.path.join(logs, site, name)) as f:
+                        text = f.read()
+                except FileNotFoundError:
+                    continue
+                # Requests a killed worker never read, which the node sent to another.
+                sent_again += text.count("ended before it read a request")
+                begun.update(m.group(1) for m in re.finditer(r"began (\S+)", text))
             with open(os.path.join(logs, site, "access.log")) as f:
                 for line in f:
                     fields = line.rsplit(" ", 2)
@@ -228,6 +252,7 @@ def main():
                         pid = fields[-1].strip()
                         if not pid.isdigit() or int(pid) not in killed:
                             misattributed.append(line.strip())
+        begun_twice = sorted(i for i, n in begun.items() if n > 1)
         # s0's last limits: in its row, and in its cgroup once the workers a lowered
         # pids.max waits for have gone.
         pids, memory = LIMITS[(changes - 1) % len(LIMITS)]
@@ -262,12 +287,15 @@ def main():
     for line in misattributed[:5]:
         print("  " + line)
     print("sent again       %d (a killed worker had not read them)" % sent_again)
+    print("begun twice      %d (requests an app began more than once)" % len(begun_twice))
+    for ident in begun_twice[:5]:
+        print("  " + ident)
     print("sites added      %d (missing afterwards: %d; answering 200: %d)"
           % (len(added), len(missing), served.count(200)))
     print("node's pipes     %d, for %d live workers" % (pipes, len(live)))
     print("limit changes    %d (the last in the registry: %s; pids.max in force: %s)"
           % (changes, "yes" if limits_kept else "NO", cgroup_pids or "no pids cgroup"))
-    bad = (counts["failed"] > counts["kills"] or missing or misattributed
+    bad = (counts["failed"] > counts["kills"] or missing or misattributed or begun_twice
            or served.count(200) != len(added) or pipes > 3 * len(live) + 8
            or not limits_kept or cgroup_pids not in (None, str(pids)))
     print("RESULT", "FAIL" if bad else "PASS")
