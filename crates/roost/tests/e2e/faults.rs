@@ -258,13 +258,9 @@ async fn load(
         while Instant::now() < end {
             n += 1;
             let site = n % sites.len();
-            match get(
-                node.addr,
-                &format!("{}.test", sites[site]),
-                "/sleep?s=0.005",
-            )
-            .await
-            {
+            // The app notes the id as it begins the request (`never_begun_twice`).
+            let path = format!("/sleep?s=0.005&id={c}-{n}");
+            match get(node.addr, &format!("{}.test", sites[site]), &path).await {
                 Ok(r) if r.status == 200 => seen.ok += 1,
                 Ok(r) if r.status == 404 && may_be_gone == Some(site) => seen.not_found += 1,
                 Ok(_) => seen.failed += 1,
@@ -329,7 +325,24 @@ async fn failures_only_on(
         assert!(!errors.contains("killing worker"), "{site}: {errors}");
         assert!(!errors.contains("unknown status"), "{site}: {errors}");
     }
+    never_begun_twice(node, sites);
     failed
+}
+
+/// A request the node sent to another worker, as the one it went to had died with it
+/// unread, was begun by no app before: no id is noted twice in the error logs.
+fn never_begun_twice(node: &Node, sites: &[String]) {
+    let mut begun = HashSet::new();
+    for site in sites {
+        let errors = node.log(site, "error.log");
+        for id in errors.lines().filter_map(|l| l.split("began ").nth(1)) {
+            assert!(
+                begun.insert(id.to_owned()),
+                "request {id} was begun twice; {site}'s error log:\n{errors}"
+            );
+        }
+    }
+    assert!(!begun.is_empty(), "no request noted its id");
 }
 
 /// A process running the node's loader: a zygote, a spare, a template or a worker.
