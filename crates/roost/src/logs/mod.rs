@@ -244,14 +244,24 @@ impl SiteLogs {
         self.error_log().close_if_idle(now);
     }
 
-    /// A pipe into the error log, for a new process's stdout and stderr.
-    pub fn output(&self) -> std::io::Result<OwnedFd> {
-        self.output.open(self.error_log())
+    /// A pipe into the error log, for a new process's stdout and stderr, and that
+    /// log, for the node's notes on the process.
+    pub fn output(&self) -> std::io::Result<(OwnedFd, ProcessLog)> {
+        let log = self.process_log();
+        Ok((self.output.open(log.log.clone())?, log))
     }
 
     /// One line from the node in the error log, written by the output thread.
     pub fn error(&self, message: &str) {
         self.output.note(self.error_log(), message.to_owned());
+    }
+
+    /// The error log of processes started now.
+    pub fn process_log(&self) -> ProcessLog {
+        ProcessLog {
+            output: self.output.clone(),
+            log: self.error_log(),
+        }
     }
 
     /// Records a line in the access log of now.
@@ -263,6 +273,29 @@ impl SiteLogs {
     /// log of the site's owner when it came.
     pub fn access_target(&self) -> AccessTarget {
         self.access.target()
+    }
+}
+
+/// The error log a site's process prints into: the one of the site's owner when it
+/// started, which follows its file where it is set aside if the site changes hands.
+/// The node's notes on the process (its death, why it was killed) go there too, not to
+/// a later owner.
+#[derive(Clone)]
+pub struct ProcessLog {
+    output: OutputPipes,
+    log: Arc<ErrorLog>,
+}
+
+impl std::fmt::Debug for ProcessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessLog").finish_non_exhaustive()
+    }
+}
+
+impl ProcessLog {
+    /// One line from the node, written by the output thread.
+    pub fn error(&self, message: &str) {
+        self.output.note(self.log.clone(), message.to_owned());
     }
 }
 
@@ -568,15 +601,15 @@ mod tests {
             nix::unistd::write(fd, line.as_bytes()).unwrap();
         };
         removed.grant(4001);
-        let removed_worker = removed.output().unwrap();
+        let removed_worker = removed.output().unwrap().0;
         print(&removed_worker, "alice before\n");
         let added = node.open_site("shop");
         added.grant(4002);
-        let added_worker = added.output().unwrap();
+        let added_worker = added.output().unwrap().0;
         print(&removed_worker, "alice after\n");
         print(&added_worker, "bob before\n");
         added.grant(4001);
-        let given_back_worker = added.output().unwrap();
+        let given_back_worker = added.output().unwrap().0;
         print(&added_worker, "bob after\n");
         print(&given_back_worker, "alice again\n");
         drop((removed_worker, added_worker, given_back_worker));

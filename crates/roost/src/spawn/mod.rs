@@ -55,7 +55,7 @@ pub use site_files::{FilesStalled, SiteFiles, LOOK_WITHIN};
 pub use template::SiteTemplate;
 pub use zygote::ZygoteSpawner;
 
-use crate::logs::SiteLogs;
+use crate::logs::{ProcessLog, SiteLogs};
 use crate::worker::Inbox;
 
 /// What the new process is for.
@@ -98,8 +98,9 @@ pub struct SpawnRequest<'a> {
 }
 
 impl SpawnRequest<'_> {
-    /// A pipe into the site's error log, for the new process's stdout and stderr.
-    pub fn output(&self) -> Result<OwnedFd, SpawnError> {
+    /// A pipe into the site's error log, for the new process's stdout and stderr, and
+    /// that log.
+    pub fn output(&self) -> Result<(OwnedFd, ProcessLog), SpawnError> {
         self.logs.output().map_err(SpawnError::Output)
     }
 }
@@ -113,6 +114,8 @@ pub struct SpawnedWorker {
     /// Each slot's inbox, in slot order; none for a template or a worker of several
     /// slots ([`has_inbox`](crate::worker::has_inbox)).
     pub inboxes: Vec<Inbox>,
+    /// The error log it prints into.
+    pub log: ProcessLog,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -52,7 +52,7 @@ impl PlainSpawner {
         };
         let (node, child_ends) = socket_pairs(request.role)?;
         let (kind, target) = entry_args(&site.entry);
-        let output = request.output()?;
+        let (output, log) = request.output()?;
 
         // A named runtime runs its own python; the site's venv goes on PYTHONPATH,
         // ahead of the runtime's packages.
@@ -112,6 +112,7 @@ impl PlainSpawner {
             process: WorkerProcess::Child(child),
             sockets: node.sockets,
             inboxes: node.inboxes,
+            log,
         })
     }
 }

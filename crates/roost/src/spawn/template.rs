@@ -24,11 +24,14 @@ use super::{
     Role, SiteCgroup, SiteFiles, Spawn, SpawnError, SpawnFuture, SpawnRequest, SpawnedWorker,
     WorkerProcess,
 };
-use crate::logs::SiteLogs;
+use crate::logs::{ProcessLog, SiteLogs};
 
 /// Forks one site's workers from its template; starts the template on first need.
 pub struct SiteTemplate {
     launch: Launch,
+    /// The error log of the template process now running: its workers inherit its
+    /// stdout and stderr.
+    log: Arc<Mutex<Option<ProcessLog>>>,
     start_timeout: Duration,
     span: tracing::Span,
     current: Mutex<Option<ForkServer>>,
@@ -47,13 +50,16 @@ impl SiteTemplate {
         start_timeout: Duration,
     ) -> SiteTemplate {
         let span = tracing::info_span!("template", site = %site.name);
+        let log = Arc::new(Mutex::new(None));
+        let launched_log = log.clone();
         let launch: Launch = Arc::new(move || {
-            let (spawner, site, logs, cgroup, files) = (
+            let (spawner, site, logs, cgroup, files, launched_log) = (
                 spawner.clone(),
                 site.clone(),
                 logs.clone(),
                 cgroup.clone(),
                 files.clone(),
+                launched_log.clone(),
             );
             Box::pin(async move {
                 let request = SpawnRequest {
@@ -75,6 +81,7 @@ impl SiteTemplate {
                 let ctl = ctl.ok_or_else(|| {
                     ForkServerError::Failed("the template got no control socket".into())
                 })?;
+                *launched_log.lock().expect("template lock poisoned") = Some(spawned.log);
                 Ok(Launched {
                     process: spawned.process,
                     ctl,
@@ -83,6 +90,7 @@ impl SiteTemplate {
         });
         SiteTemplate {
             launch,
+            log,
             start_timeout,
             span,
             current: Mutex::new(None),
@@ -142,10 +150,15 @@ impl SiteTemplate {
             }
             SpawnError::Template(e)
         })?;
+        // The log of the template launched last: the worker's parent, unless that died
+        // since (and the worker with it).
+        let log = (self.log.lock().expect("template lock poisoned").clone())
+            .unwrap_or_else(|| request.logs.process_log());
         Ok(SpawnedWorker {
             process: WorkerProcess::Forked(forked),
             sockets: node.sockets,
             inboxes: node.inboxes,
+            log,
         })
     }
 }

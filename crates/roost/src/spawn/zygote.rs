@@ -251,7 +251,8 @@ impl ZygoteSpawner {
                 .push(k, v.as_bytes())
                 .map_err(|e| SpawnError::Fork(e.to_string()))?;
         }
-        let mut fds: Vec<OwnedFd> = vec![request.output()?];
+        let (output, log) = request.output()?;
+        let mut fds: Vec<OwnedFd> = vec![output];
         fds.extend(cgroup_fds);
         fds.push(environment_memfd(&prepared.env).map_err(SpawnError::Environment)?);
         fds.extend(child_ends);
@@ -275,6 +276,7 @@ impl ZygoteSpawner {
             process: WorkerProcess::Forked(forked),
             sockets: node.sockets,
             inboxes: node.inboxes,
+            log,
         })
     }
 

@@ -25,7 +25,7 @@ use tokio::time::{timeout_at, Instant};
 pub use conn::{ConnError, FrameReader, SlotConn};
 pub use inbox::{has_inbox, Foreign, Inbox, Packet, ReadBack, INBOX_DEPTH, INBOX_MAX, TAG_LEN};
 
-use crate::logs::SiteLogs;
+use crate::logs::{ProcessLog, SiteLogs};
 use crate::spawn::{Ended, Role, SiteCgroup, SiteFiles, Spawn, SpawnRequest};
 
 /// Identifies a worker within the node for its whole life (pids get reused).
@@ -97,6 +97,8 @@ pub enum WorkerEvent {
         /// One per slot, or none (see [`has_inbox`]).
         inboxes: Vec<Inbox>,
         import_time: Duration,
+        /// The error log it prints into, for the node's notes on it.
+        log: ProcessLog,
     },
     StartFailed {
         id: WorkerId,
@@ -167,11 +169,11 @@ async fn run(
             })
             .collect::<Result<Vec<_>, _>>();
         match slots {
-            Ok(slots) => Ok((s.process, slots, s.inboxes)),
+            Ok(slots) => Ok((s.process, slots, s.inboxes, s.log)),
             Err(e) => Err(StartError::Spawn(crate::spawn::SpawnError::SocketPair(e))),
         }
     });
-    let (mut process, mut slots, inboxes) = match spawned {
+    let (mut process, mut slots, inboxes, log) = match spawned {
         Ok(s) => s,
         Err(error) => {
             logs.error(&format!(
@@ -220,6 +222,7 @@ async fn run(
                 slots,
                 inboxes,
                 import_time,
+                log,
             });
         }
         Err(mut error) => {

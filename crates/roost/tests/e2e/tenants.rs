@@ -708,19 +708,7 @@ async fn a_site_that_changes_hands_does_not_hand_over_its_tmpdir_or_logs() {
     assert!(written.starts_with("ok"), "{written}");
     assert_eq!(text(&node, "shop.test", "/tmp-list").await, "orders.csv");
 
-    let given = tenant_site(&node, "shop", &bob);
-    node.store()
-        .replace(&given.validate(FsChecks::Full).unwrap())
-        .unwrap();
-    node.eventually("the site to run as its new owner", || async {
-        // Answers in between may be errors: the old owner's workers are retiring.
-        let r = get(node.addr, "shop.test", "/whoami").await;
-        r.is_ok_and(|r| {
-            r.status == 200
-                && serde_json::from_str::<serde_json::Value>(&r.text()).unwrap()["uid"] == bob.uid
-        })
-    })
-    .await;
+    hand_over(&node, "shop", &bob).await;
     let whoami: serde_json::Value =
         serde_json::from_str(&text(&node, "shop.test", "/whoami").await).unwrap();
     assert_eq!(whoami["tmp_owner"], bob.uid);
@@ -766,6 +754,70 @@ async fn a_site_that_changes_hands_does_not_hand_over_its_tmpdir_or_logs() {
     assert_eq!(
         std::fs::metadata(logs.join("access.log")).unwrap().gid(),
         bob_gid.as_raw()
+    );
+    node.stop().await;
+}
+
+/// Gives the site `name` to `user`, and waits until its new workers run as that user.
+async fn hand_over(node: &Node, name: &str, user: &TestUser) {
+    let given = tenant_site(node, name, user);
+    node.store()
+        .replace(&given.validate(FsChecks::Full).unwrap())
+        .unwrap();
+    let host = format!("{name}.test");
+    node.eventually("the site to run as its new owner", || async {
+        // Answers in between may be errors: the old owner's workers are retiring.
+        let r = get(node.addr, &host, "/whoami").await;
+        r.is_ok_and(|r| {
+            r.status == 200
+                && serde_json::from_str::<serde_json::Value>(&r.text()).unwrap()["uid"] == user.uid
+        })
+    })
+    .await;
+}
+
+/// What the node says of the previous owner's workers still finishing after the site
+/// changed hands (here: one killed mid-request) goes to that owner's set-aside log,
+/// where their own output goes, not to the new owner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs sites as other users"]
+async fn the_nodes_notes_on_the_previous_owners_workers_follow_its_logs() {
+    need_root();
+    let node = Node::start().await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    let spec = SiteSpec {
+        processes_max: Some(2),
+        ..tenant_site(&node, "shop", &alice)
+    };
+    node.add(spec).await;
+    let pid: u32 = text(&node, "shop.test", "/pid").await.parse().unwrap();
+    let addr = node.addr;
+    let busy = tokio::spawn(async move { get(addr, "shop.test", "/hog?mib=1&hold=30").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    hand_over(&node, "shop", &bob).await;
+    // Alice's worker, retiring but busy, is killed from outside.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(busy.await.unwrap().unwrap().status, 502);
+
+    let logs = node.dir.path().join("logs").join("shop");
+    let aside = (std::fs::read_dir(&logs).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("the previous owner's logs set aside");
+    let died = format!("worker pid {pid} died");
+    node.eventually("the note in the previous owner's error log", || async {
+        std::fs::read_to_string(aside.join("error.log")).is_ok_and(|log| log.contains(&died))
+    })
+    .await;
+    let current = node.log("shop", "error.log");
+    assert!(
+        !current.contains(&format!("pid {pid}")),
+        "the new owner's error log tells of the previous owner's worker:\n{current}"
     );
     node.stop().await;
 }

@@ -397,7 +397,7 @@ impl Pool {
                 Err(Foreign) => {
                     let note = format!("worker pid {} wrote into its inbox", w.pid);
                     tracing::error!("{note}");
-                    self.ctx.logs.error(&note);
+                    w.log.error(&note);
                 }
             }
             for follower in std::mem::take(&mut state.followers) {

@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Budget, CheckoutError, Lease, Permit, PoolControl, PoolHandle};
-use crate::logs::SiteLogs;
+use crate::logs::{ProcessLog, SiteLogs};
 use crate::spawn::{SiteCgroup, SiteFiles, SiteTemplate, Spawn};
 use crate::worker::{self, SlotConn, WorkerContext, WorkerEvent, WorkerHandle, WorkerId};
 
@@ -123,6 +123,10 @@ struct WorkerEntry {
     _permit: Permit,
     /// Cancelled when the process exits; every lease on it carries a clone.
     gone: tokio_util::sync::CancellationToken,
+    /// The error log it prints into (until it is ready, the site's when it was asked
+    /// for), for the node's notes on it: a worker of the site's previous owner still
+    /// finishing has those go to that owner's log, not to the new owner's.
+    log: ProcessLog,
 }
 
 impl WorkerEntry {
@@ -280,8 +284,7 @@ impl Pool {
             PoolControl::Kill { worker, reason } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     tracing::error!(pid = w.pid, %reason, "killing worker");
-                    self.ctx
-                        .logs
+                    w.log
                         .error(&format!("killing worker pid {}: {reason}", w.pid));
                     w.handle.kill();
                     w.killed = true;
@@ -526,11 +529,13 @@ impl Pool {
                 slots,
                 inboxes,
                 import_time,
+                log,
             } => {
                 let Some(w) = self.workers.get_mut(&id) else {
                     return;
                 };
                 w.pid = pid;
+                w.log = log;
                 w.slots = follow::slot_states(slots.len(), inboxes);
                 self.failure = None;
                 self.killed_starts = 0;
@@ -609,9 +614,7 @@ impl Pool {
                     tracing::info!(pid = w.pid, "worker stopped");
                 } else {
                     tracing::error!(pid = w.pid, %status, "worker died");
-                    self.ctx
-                        .logs
-                        .error(&format!("worker pid {} died: {status}", w.pid));
+                    w.log.error(&format!("worker pid {} died: {status}", w.pid));
                 }
                 if self.workers.is_empty() {
                     self.empty_since = Some(Instant::now());
@@ -751,6 +754,7 @@ impl Pool {
                 last_used: Instant::now(),
                 killed: false,
                 _permit: permit,
+                log: self.ctx.logs.process_log(),
                 gone: Default::default(),
             },
         );
