@@ -101,26 +101,6 @@ async fn a_request_after_a_body_in_several_writes_is_not_sent_again() {
     node.stop().await;
 }
 
-/// What the tester app's /upload answers for `body`.
-fn uploaded(body: &[u8]) -> String {
-    format!("{} {:x}", body.len(), Sha256::digest(body))
-}
-
-/// Stops the site's worker `pid` (it reads nothing more, while the pool still has its
-/// slot as free), makes `request` (which the node writes into that slot), kills the
-/// worker with the request unread, as a worker killed while idle, and gives the
-/// request's answer.
-async fn killed_with_request_unread(
-    pid: u32,
-    request: impl std::future::Future<Output = Resp> + Send + 'static,
-) -> Resp {
-    signal(pid, Signal::SIGSTOP);
-    let request = tokio::spawn(request);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    signal(pid, Signal::SIGKILL);
-    request.await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_a_worker_can_no_longer_read_goes_to_another_worker() {
     let (node, _) = one_idle_worker().await;
@@ -162,4 +142,24 @@ async fn one_idle_worker() -> (Node, u32) {
 
 fn signal(pid: u32, signal: Signal) {
     kill(Pid::from_raw(pid as i32), signal).unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
+}
+
+/// What the tester app's /upload answers for `body`.
+fn uploaded(body: &[u8]) -> String {
+    format!("{} {:x}", body.len(), Sha256::digest(body))
+}
+
+/// Stops the site's worker `pid` (it reads nothing more, while the pool still has its
+/// slot as free), makes `request` (which the node writes into that slot), kills the
+/// worker with the request unread, as a worker killed while idle, and gives the
+/// request's answer.
+async fn killed_with_request_unread(
+    pid: u32,
+    request: impl std::future::Future<Output = Resp> + Send + 'static,
+) -> Resp {
+    signal(pid, Signal::SIGSTOP);
+    let request = tokio::spawn(request);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(pid, Signal::SIGKILL);
+    request.await.unwrap()
 }
