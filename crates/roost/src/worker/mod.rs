@@ -235,7 +235,9 @@ async fn run(
                 error = StartError::Exited(ended);
             }
             if !matches!(error, StartError::AppFailed | StartError::Stopped) {
-                logs.error(&format!(
+                // Where its own output went (it may have printed why), whoever has the
+                // site now.
+                log.error(&format!(
                     "worker pid {pid} failed to start: {}",
                     crate::error_chain(&error)
                 ));
