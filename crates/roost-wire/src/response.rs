@@ -11,6 +11,8 @@
 pub struct ResponseHead<'a> {
     pub status: u16,
     pub headers: Vec<(&'a [u8], &'a [u8])>,
+    /// The body's length its Content-Length declares (every one of them agrees).
+    pub content_length: Option<u64>,
 }
 
 /// Why a worker's response head is refused (the request then gets a 502).
@@ -59,8 +61,12 @@ impl<'a> ResponseHead<'a> {
             }
             headers.push((name, value));
         }
-        check_content_length(&headers)?;
-        Ok(ResponseHead { status, headers })
+        let content_length = content_length(&headers)?;
+        Ok(ResponseHead {
+            status,
+            headers,
+            content_length,
+        })
     }
 }
 
@@ -88,7 +94,8 @@ fn parse_status(line: &[u8]) -> Result<u16, ResponseHeadError> {
 /// Every Content-Length is digits only (no sign, space or `_`, which lenient parsers
 /// such as Python's `int` accept), of at most 19 (a u64), and all of them agree: a
 /// client or proxy must not be able to frame the body otherwise than the node does.
-fn check_content_length(headers: &[(&[u8], &[u8])]) -> Result<(), ResponseHeadError> {
+/// The length they declare, if any.
+fn content_length(headers: &[(&[u8], &[u8])]) -> Result<Option<u64>, ResponseHeadError> {
     let mut seen: Option<&[u8]> = None;
     for (name, value) in headers {
         if !name.eq_ignore_ascii_case(b"content-length") {
@@ -100,7 +107,8 @@ fn check_content_length(headers: &[(&[u8], &[u8])]) -> Result<(), ResponseHeadEr
         }
         seen = Some(value);
     }
-    Ok(())
+    // Digits only, at most 19 of them: a u64 holds any.
+    Ok(seen.map(|digits| (digits.iter()).fold(0, |n, d| n * 10 + u64::from(d - b'0'))))
 }
 
 /// RFC 9110 token characters.
@@ -128,6 +136,7 @@ mod tests {
                 (&b"X-Empty"[..], &b""[..])
             ]
         );
+        assert_eq!(head.content_length, None);
         assert_eq!(ResponseHead::parse(b"204").unwrap().status, 204);
     }
 
@@ -180,6 +189,12 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(ResponseHead::parse(b"200 OK\0Content-Length\x005\0content-length\x005").is_ok());
+        let twice = ResponseHead::parse(b"200 OK\0Content-Length\x005\0content-length\x005");
+        assert_eq!(twice.unwrap().content_length, Some(5));
+        let most = ResponseHead::parse(b"200 OK\0Content-Length\x009999999999999999999");
+        assert_eq!(
+            most.unwrap().content_length,
+            Some(9_999_999_999_999_999_999)
+        );
     }
 }

@@ -345,9 +345,10 @@ def check_header_text(what, text):
 class Exchange(object):
     """One request on one slot: the state start_response and write() share."""
 
-    __slots__ = ("sock", "head", "head_sent", "remaining", "head_only", "mid_frame")
+    __slots__ = ("sock", "head", "head_sent", "remaining", "head_request", "head_only",
+                 "mid_frame")
 
-    def __init__(self, sock, head_only):
+    def __init__(self, sock, head_request):
         self.sock = sock
         self.head = None  # head_text() of the last start_response
         self.head_sent = False
@@ -355,7 +356,10 @@ class Exchange(object):
         # frame may follow until the payload is complete.
         self.mid_frame = False
         self.remaining = None  # bytes still allowed by Content-Length
-        self.head_only = head_only
+        self.head_request = head_request
+        # No body goes out: a HEAD's, a 204's or a 304's (their Content-Length, if
+        # any, describes no body that is sent).
+        self.head_only = head_request
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -395,6 +399,7 @@ class Exchange(object):
                 check_header_text("header value", value)
         self.head = head
         self.remaining = remaining
+        self.head_only = self.head_request or status[:3] in ("204", "304")
         return self.write
 
     def head_frame(self):
@@ -403,6 +408,29 @@ class Exchange(object):
         self.head_sent = True
         head = self.head.encode("latin-1")
         return FRAME.pack(RESPONSE_HEAD, len(head)) + head
+
+    def shortfall(self):
+        """Bytes the declared Content-Length still wants, were the body to end now."""
+        return 0 if self.head_only or self.remaining is None else self.remaining
+
+    def check_whole(self, size):
+        """Refuses a whole body of `size` bytes that is shorter than its Content-Length,
+        before its head goes out: the node would refuse it too (a client would read
+        the start of the next response as the rest of this one)."""
+        missing = self.shortfall()
+        if missing:
+            raise ValueError("the response's Content-Length is %d, but its body has %d bytes"
+                             % (size + missing, size))
+
+    def end_frame(self):
+        """The frame that ends a response whose head went out: an abort when the body
+        fell short of its Content-Length, so that the client sees it broken."""
+        missing = self.shortfall()
+        if not missing:
+            return END_FRAME
+        log("the application sent %d bytes fewer than its Content-Length; "
+            "the response was cut off" % missing)
+        return ABORT_FRAME
 
     def clip(self, data):
         """Enforces a declared Content-Length: no byte beyond it is sent."""
@@ -426,7 +454,10 @@ class Exchange(object):
             self.sock.sendall(out)
 
     def send_file(self, wrapper):
-        """Streams a regular file with sendfile; False if the file-like is not one."""
+        """Streams a regular file with sendfile; False if the file-like is not one, or
+        the head already went out through write()."""
+        if self.head_sent:
+            return False
         try:
             fd = wrapper.filelike.fileno()
             offset = wrapper.filelike.tell()
@@ -440,6 +471,7 @@ class Exchange(object):
         if self.remaining is not None:
             left = min(left, self.remaining)
             self.remaining -= left
+        self.check_whole(left)
         self.sock.sendall(self.head_frame())
         if self.head_only:
             return True
@@ -504,16 +536,16 @@ class Worker(object):
             result = self.app(environ, ex.start_response)
             if type(result) is list and not ex.head_sent:
                 # The common case: the whole response in one write.
-                data = b"".join(result)
+                data = ex.clip(b"".join(result))
+                ex.check_whole(len(data))
                 head = ex.head_frame()
-                data = ex.clip(data)
                 if ex.head_only or not data:
                     ex.sock.sendall(head + END_FRAME)
                 else:
                     ex.sock.sendall(head + body_frames(data) + END_FRAME)
                 return
             if isinstance(result, FileWrapper) and ex.send_file(result):
-                ex.sock.sendall(END_FRAME)
+                ex.sock.sendall(ex.end_frame())
                 return
             for data in result:
                 if type(data) is not bytes:
@@ -534,7 +566,11 @@ class Worker(object):
                     ex.sock.sendall(out + END_FRAME)
                     return
                 ex.sock.sendall(out)
-            ex.sock.sendall((b"" if ex.head_sent else ex.head_frame()) + END_FRAME)
+            if ex.head_sent:
+                ex.sock.sendall(ex.end_frame())
+            else:
+                ex.check_whole(0)
+                ex.sock.sendall(ex.head_frame() + END_FRAME)
         except (BrokenPipeError, ConnectionResetError):
             raise
         except ClientAbort:

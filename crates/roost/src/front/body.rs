@@ -33,6 +33,39 @@ pub enum BodyError {
     Spool,
 }
 
+/// What a response's body must come to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// None goes out (a HEAD's, a 204's, a 304's), whatever the head declares.
+    Bodiless,
+    /// What its Content-Length declares.
+    Declared(u64),
+    /// Whatever the worker sends.
+    Open,
+}
+
+impl BodyLength {
+    /// Whether a body of `n` bytes, all of it, is what was declared.
+    pub fn check_whole(self, n: u64) -> Result<(), String> {
+        match self {
+            BodyLength::Declared(declared) if declared != n => Err(format!(
+                "its response declared a Content-Length of {declared} and ended after {n} bytes"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `n` bytes of the body so far stay within what was declared.
+    pub fn check_so_far(self, n: u64) -> Result<(), String> {
+        match self {
+            BodyLength::Declared(declared) if n > declared => Err(format!(
+                "its response declared a Content-Length of {declared} and sent more"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub enum ResponseBody {
     Full(Option<Bytes>),
     Worker(Box<WorkerBody>),

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Response, StatusCode};
 use roost_wire::{encode_header, Frame, Kind, ResponseHead, MAX_BODY_CHUNK};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
@@ -20,10 +20,10 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::body::{PendingAccess, ResponseBody};
+use super::body::{BodyLength, PendingAccess, ResponseBody};
 use super::request_body::{ClientBody, RequestBody};
 use super::slow_clients::SlowClients;
-use super::stream::{stream, UNCOUNTED_MAX};
+use super::stream::{stream, BodySoFar, UNCOUNTED_MAX};
 use super::FrontError;
 use crate::pool::{CheckoutError, Lease, PoolHandle};
 use crate::route::Route;
@@ -196,6 +196,7 @@ const UNREAD_RETRIES: u32 = 2;
 /// Sends one request to the site's worker and returns its response.
 pub async fn forward(
     route: &Route,
+    method: &Method,
     head: Bytes,
     body: RequestBody,
     access: &mut Option<PendingAccess>,
@@ -244,7 +245,7 @@ pub async fn forward(
             return Err(FrontError::Protocol(why));
         }
     };
-    let mut response = match response_head(&payload) {
+    let (mut response, length) = match response_head(&payload, method) {
         Ok(r) => r,
         Err(why) => {
             ex.kill(why.clone());
@@ -267,13 +268,24 @@ pub async fn forward(
                 break Some(Ok(Frame::ResponseEnd));
             }
             Ok(Some(Frame::ResponseEnd)) => {
+                // hyper frames a body it is given whole by the body's size, and writes
+                // the app's Content-Length as it is: were they to differ, a client
+                // would take the bytes past the declared length for the next response,
+                // or the next response's start for the rest of this body.
+                if let Err(why) = length.check_whole(buffered as u64) {
+                    ex.kill(why.clone());
+                    return Err(FrontError::Protocol(why));
+                }
                 ex.finish();
                 let body = if chunks.len() <= 1 {
                     chunks.pop_front().unwrap_or_default()
                 } else {
                     chunks.iter().flatten().copied().collect::<Vec<u8>>().into()
                 };
-                *response.body_mut() = ResponseBody::full(body);
+                // hyper would not send a bodiless response's body, nor expect one.
+                if length != BodyLength::Bodiless {
+                    *response.body_mut() = ResponseBody::full(body);
+                }
                 // The slot goes back now. When requests wait for one, this task steps
                 // aside: the pool hands the slot to the next, which writes to the worker
                 // before this response is written to its client, and a worker that finds
@@ -291,10 +303,14 @@ pub async fn forward(
             other => break Some(other.map(|f| f.expect("matched above"))),
         }
     };
+    let body = BodySoFar {
+        length,
+        pending: chunks,
+    };
     Ok(stream(
         ex,
         response,
-        chunks,
+        body,
         next,
         access,
         policy,
@@ -488,7 +504,11 @@ fn request_frames(head: &[u8], first: &[u8], whole: bool) -> Bytes {
     out.freeze()
 }
 
-fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
+/// The response a worker's head describes, and the length its body must have.
+fn response_head(
+    payload: &[u8],
+    method: &Method,
+) -> Result<(Response<ResponseBody>, BodyLength), String> {
     let head = ResponseHead::parse(payload).map_err(|e| e.to_string())?;
     let mut response = Response::new(ResponseBody::Full(None));
     *response.status_mut() = StatusCode::from_u16(head.status).map_err(|e| e.to_string())?;
@@ -501,7 +521,18 @@ fn response_head(payload: &[u8]) -> Result<Response<ResponseBody>, String> {
         let value = HeaderValue::from_bytes(value).map_err(|e| e.to_string())?;
         headers.append(name, value);
     }
-    Ok(response)
+    // RFC 9110 §8.6: no Content-Length on a 204, which has no body whatever it says.
+    if head.status == 204 {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    // A HEAD's, a 204's and a 304's Content-Length describe no body that is sent.
+    let length = if method == Method::HEAD || matches!(head.status, 204 | 304) {
+        BodyLength::Bodiless
+    } else {
+        head.content_length
+            .map_or(BodyLength::Open, BodyLength::Declared)
+    };
+    Ok((response, length))
 }
 
 /// Streams the rest of the client's body (`sent` bytes of it already went with the

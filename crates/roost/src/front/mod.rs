@@ -252,7 +252,8 @@ impl Front {
                 &route.hold,
             )
             .await?;
-            exchange::forward(&route, head, body, &mut access, &self.slow_clients).await
+            let policy = &self.slow_clients;
+            exchange::forward(&route, &parts.method, head, body, &mut access, policy).await
         }
         .await;
         let response = result.unwrap_or_else(|e| {

@@ -27,7 +27,7 @@ use roost_wire::Frame;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
-use super::body::{BodyError, PendingAccess, ResponseBody};
+use super::body::{BodyError, BodyLength, PendingAccess, ResponseBody};
 use super::exchange::Exchange;
 use super::slow_clients::{SiteHold, SlowClients};
 use crate::worker::ConnError;
@@ -283,19 +283,19 @@ impl Drop for Held<'_> {
     }
 }
 
-/// The response, its body fed by a pump task from the exchange. `pending` was read
-/// with the head; `next` is what followed it, if that was no body frame.
+/// The response, its body fed by a pump task from the exchange. `body` has what was
+/// read of it with the head; `next` is what followed, if that was no body frame.
 pub(super) fn stream(
     ex: Exchange,
     mut response: Response<ResponseBody>,
-    pending: VecDeque<Bytes>,
+    body: BodySoFar,
     next: Option<Result<Frame, ConnError>>,
     access: &mut Option<PendingAccess>,
     policy: &Arc<SlowClients>,
     site: &Arc<SiteHold>,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(pump(ex, pending, next, tx, policy.clone(), site.clone()));
+    tokio::spawn(pump(ex, body, next, tx, policy.clone(), site.clone()));
     let body = WorkerBody {
         status: response.status().as_u16(),
         rx,
@@ -308,25 +308,23 @@ pub(super) fn stream(
     response
 }
 
+/// What the pump knows of the body when it starts: what it must come to, and what of
+/// it was read with the head.
+pub(super) struct BodySoFar {
+    pub length: BodyLength,
+    pub pending: VecDeque<Bytes>,
+}
+
 async fn pump(
     mut ex: Exchange,
-    pending: VecDeque<Bytes>,
+    body: BodySoFar,
     next: Option<Result<Frame, ConnError>>,
     tx: mpsc::Sender<Piece>,
     policy: Arc<SlowClients>,
     site: Arc<SiteHold>,
 ) {
     let mut held_up_since = None;
-    pump_frames(
-        &mut ex,
-        &mut held_up_since,
-        pending,
-        next,
-        &tx,
-        &policy,
-        &site,
-    )
-    .await;
+    pump_frames(&mut ex, &mut held_up_since, body, next, &tx, &policy, &site).await;
     // An exchange left open is salvaged within the worker's own time.
     restart_worker_clock(&mut ex, &mut held_up_since);
 }
@@ -336,7 +334,7 @@ async fn pump(
 async fn pump_frames(
     ex: &mut Exchange,
     held_up_since: &mut Option<Instant>,
-    pending: VecDeque<Bytes>,
+    body: BodySoFar,
     mut next: Option<Result<Frame, ConnError>>,
     tx: &mpsc::Sender<Piece>,
     policy: &Arc<SlowClients>,
@@ -351,7 +349,12 @@ async fn pump_frames(
         policy: policy.clone(),
         site: site.clone(),
     });
+    // hyper cuts a body at its Content-Length and ends the connection after one that
+    // falls short; a worker that does either is lying about its response, and goes.
+    let BodySoFar { length, pending } = body;
+    let mut received = 0;
     for chunk in pending.into_iter().filter(|c| !c.is_empty()) {
+        received += chunk.len() as u64;
         if let Err(e) = held.push(chunk).await {
             return cut_off(tx, e);
         }
@@ -433,6 +436,12 @@ async fn pump_frames(
         };
         last = Some(match frame {
             Ok(Frame::ResponseBody(data)) => {
+                received += data.len() as u64;
+                if let Err(why) = length.check_so_far(received) {
+                    ex.kill(why);
+                    let _ = tx.try_send(Piece::Fail(BodyError::Protocol));
+                    return;
+                }
                 if held.is_empty() {
                     waiting_since = Instant::now();
                 }
@@ -444,10 +453,16 @@ async fn pump_frames(
                 continue;
             }
             // The slot goes back now, whatever the client still has to take.
-            Ok(Frame::ResponseEnd) => {
-                ex.finish();
-                Piece::End
-            }
+            Ok(Frame::ResponseEnd) => match length.check_whole(received) {
+                Ok(()) => {
+                    ex.finish();
+                    Piece::End
+                }
+                Err(why) => {
+                    ex.kill(why);
+                    Piece::Fail(BodyError::Protocol)
+                }
+            },
             Ok(Frame::ResponseAbort) => {
                 ex.finish();
                 Piece::Fail(BodyError::AppAborted)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{alive, get, peak_rss_kib, thread_cpu, Node};
+use crate::harness::{alive, get, peak_rss_kib, raw, thread_cpu, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_cost_the_worker_and_nothing_else() {
@@ -25,6 +25,8 @@ async fn protocol_violations_cost_the_worker_and_nothing_else() {
         ("/order", 502),
         ("/length", 502),
         ("/switch", 502),
+        ("/overlong", 502),
+        ("/underlong", 502),
     ] {
         let before = worker(get(node.addr, "evil.test", "/").await.unwrap().text());
         let started = tokio::time::Instant::now();
@@ -61,6 +63,74 @@ async fn protocol_violations_cost_the_worker_and_nothing_else() {
     assert_eq!(get(node.addr, "evil.test", "/").await.unwrap().status, 200);
     assert_eq!(get(node.addr, "calm.test", "/").await.unwrap().status, 200);
     node.error_log_with("evil", "killing worker").await;
+    node.stop().await;
+}
+
+/// A worker whose body belies its Content-Length, by bytes past it (a forged response)
+/// or by bytes it never sends: on a kept-alive connection (a load balancer's, shared
+/// by many clients and sites) the client would take those bytes for the next
+/// response, or the next response's start for the end of this one. Whether the body
+/// comes with its head or after it, nothing past the declared length reaches the
+/// client, and a short body ends the connection. A HEAD's answer sends no body at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_belies_its_content_length_never_frames_the_next_response() {
+    let node = Node::start().await;
+    let hostile = node.app("hostile.py");
+    let cases = [
+        ("GET", "/overlong", "502"),
+        ("GET", "/underlong", "502"),
+        ("GET", "/overlong?stream", "200"),
+        ("GET", "/underlong?stream", "200"),
+        ("HEAD", "/overlong", "200"),
+    ];
+    // A site each: a liar that is not killed sleeps on in its request, and a request
+    // sent to its slot (which the node believes free) would wait for it.
+    for (i, (method, target, first)) in cases.into_iter().enumerate() {
+        let (site, host) = (format!("evil{i}"), format!("evil{i}.test"));
+        node.add(node.spec(&site, &[&host], &hostile)).await;
+        let next = match method {
+            "GET" => format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            _ => String::new(),
+        };
+        let close = if next.is_empty() {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        let pipelined = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n{next}");
+        let out = raw(node.addr, pipelined.as_bytes()).await;
+        let what = format!("{method} {target}");
+        assert!(
+            !out.contains("injected"),
+            "{what}: a forged response went out:\n{out}"
+        );
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {first}")),
+            "{what}:\n{out}"
+        );
+        match (method, target) {
+            ("HEAD", _) => assert!(out.ends_with("\r\n\r\n"), "{what}: a body:\n{out}"),
+            // Its head went out before the lie: the connection ends after "abc".
+            (_, "/underlong?stream") => {
+                let answers = out.matches("HTTP/1.1 ").count();
+                assert_eq!(answers, 1, "{what}: the connection went on:\n{out}");
+            }
+            // Its client may get "abc", complete under its own length, and the
+            // connection go on, or end.
+            (_, "/overlong?stream") => {}
+            _ => assert!(
+                out.contains("\r\n\r\nok "),
+                "{what}: no second answer:\n{out}"
+            ),
+        }
+    }
+    for (site, lie) in [
+        ("evil0", "of 3 and ended after 49"),
+        ("evil1", "of 10 and ended after 3"),
+    ] {
+        node.error_log_with(site, &format!("declared a Content-Length {lie} bytes"))
+            .await;
+    }
     node.stop().await;
 }
 

@@ -7,7 +7,7 @@ use http::Request;
 use http_body_util::{Full, StreamBody};
 use hyper::body::Frame;
 
-use crate::harness::{get, send, Node};
+use crate::harness::{get, raw, send, Node};
 
 const BODY: &str = "line one\nline two\nthird line without newline";
 
@@ -132,5 +132,92 @@ async fn iteration_stops_at_the_declared_content_length() {
         !errors.contains("iterated past its Content-Length"),
         "the loader iterated past the declared length:\n{errors}"
     );
+    node.stop().await;
+}
+
+/// A body shorter than its Content-Length: whole (a list, a file) it never leaves the
+/// worker, and the app gets a 500 and a line in its error log; streamed (a generator)
+/// its head went out first, and the response ends broken, never complete-looking
+/// with the next response's start read as its end. The worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_short_of_its_content_length_is_refused_or_broken_off() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("short", &["short.test"], &app)).await;
+    let pid = get(node.addr, "short.test", "/pid").await.unwrap().text();
+    for via in ["list", "file"] {
+        let r = get(node.addr, "short.test", &format!("/short?via={via}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 500, "{via}: {}", r.text());
+    }
+    let cut = get(node.addr, "short.test", "/short?via=generator").await;
+    assert!(cut.is_err(), "a short body looked complete: {cut:?}");
+    // A HEAD's Content-Length describes a body that is not sent.
+    let head = Request::head("/short?via=list")
+        .header("Host", "short.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send(node.addr, head).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], "10");
+
+    assert_eq!(
+        get(node.addr, "short.test", "/pid").await.unwrap().text(),
+        pid,
+        "the worker did not survive its app's short bodies"
+    );
+    let errors = node.error_log_with("short", "bytes fewer than").await;
+    assert!(
+        errors.contains("Content-Length is 10, but its body has 3 bytes"),
+        "{errors}"
+    );
+    assert!(!errors.contains("killing worker"), "{errors}");
+    node.stop().await;
+}
+
+/// A 204 has no body and must not say it has (RFC 9110 §8.6), whatever the app
+/// declares. Neither a 204 nor a 304 sends the body the app gave, and the connection
+/// goes on in step. `write()` followed by a `wsgi.file_wrapper` sends both, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_answers_keep_the_connection_in_step() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    node.add(node.spec("bodiless", &["bodiless.test"], &app))
+        .await;
+    let host = "Host: bodiless.test\r\n";
+    let out = raw(
+        node.addr,
+        format!(
+            "GET /bodiless?status=204 HTTP/1.1\r\n{host}\r\n\
+             GET /bodiless?status=304 HTTP/1.1\r\n{host}\r\n\
+             GET /echo?text=next HTTP/1.1\r\n{host}Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{out}");
+    assert!(answers[0].starts_with("204"), "{out}");
+    assert!(
+        !answers[0].to_ascii_lowercase().contains("content-length"),
+        "{out}"
+    );
+    for (status, answer) in ["204", "304"].iter().zip(&answers) {
+        assert!(answer.starts_with(status), "{out}");
+        assert!(
+            answer.ends_with("\r\n\r\n"),
+            "a body after the {status}:\n{out}"
+        );
+    }
+    assert!(answers[2].starts_with("200"), "{out}");
+    assert!(answers[2].ends_with("\r\n\r\nnext"), "{out}");
+
+    let r = get(node.addr, "bodiless.test", "/write-then-file")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "abcdef");
+    let errors = node.log("bodiless", "error.log");
+    assert!(!errors.contains("killing worker"), "{errors}");
     node.stop().await;
 }
