@@ -28,4 +28,4 @@ pub use frame::{
     FRAME_HEADER_LEN, MAX_BODY_CHUNK, MAX_FATAL, MAX_REQUEST_HEAD, MAX_RESPONSE_HEAD,
     PROTOCOL_VERSION,
 };
-pub use response::{ResponseHead, ResponseHeadError};
+pub use response::{ResponseHead, ResponseHeadError, MAX_RESPONSE_HEADERS};

@@ -35,8 +35,11 @@ REQUEST_HEAD, REQUEST_BODY, REQUEST_END, REQUEST_ABORT = 0x01, 0x02, 0x03, 0x04
 READY, RESPONSE_HEAD, RESPONSE_BODY, RESPONSE_END, FATAL, RESPONSE_ABORT = (
     0x10, 0x11, 0x12, 0x13, 0x14, 0x15)
 
+# The limits of roost-wire (frame.rs, response.rs): the node kills a worker past them.
 MAX_CHUNK = 1 << 20
 MAX_REQUEST_HEAD = 1 << 20
+MAX_RESPONSE_HEAD = 64 << 10
+MAX_RESPONSE_HEADERS = 256
 MAX_FATAL = 64 << 10
 FIRST_SLOT_FD = 3
 # Bytes asked of the kernel by one read of a slot: a usual request (head and end
@@ -342,6 +345,15 @@ def check_header_text(what, text):
             raise ValueError("%s %r contains a control character" % (what, text))
 
 
+def check_latin1(what, text):
+    """PEP 3333: a status and headers are str holding latin-1 only."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("%s %r is not latin-1, as PEP 3333 asks of response heads "
+                         "(encode it: RFC 8187, or percent-encoding)" % (what, text)) from None
+
+
 class Exchange(object):
     """One request on one slot: the state start_response and write() share."""
 
@@ -350,7 +362,7 @@ class Exchange(object):
 
     def __init__(self, sock, head_request):
         self.sock = sock
-        self.head = None  # head_text() of the last start_response
+        self.head = None  # head_text() of the last start_response, encoded
         self.head_sent = False
         # True between a body frame's header and the end of its payload: no other
         # frame may follow until the payload is complete.
@@ -397,6 +409,18 @@ class Exchange(object):
             for name, value in headers:
                 check_header_text("header name", name)
                 check_header_text("header value", value)
+        if len(headers) > MAX_RESPONSE_HEADERS:
+            raise ValueError("%d response headers, more than the limit of %d"
+                             % (len(headers), MAX_RESPONSE_HEADERS))
+        try:
+            head = head.encode("latin-1")
+        except UnicodeEncodeError:
+            for what, text in [("status", status)] + [("header", "%s: %s" % h) for h in headers]:
+                check_latin1(what, text)
+            raise
+        if len(head) > MAX_RESPONSE_HEAD:
+            raise ValueError("the response head is %d bytes, more than the limit of %d"
+                             % (len(head), MAX_RESPONSE_HEAD))
         self.head = head
         self.remaining = remaining
         self.head_only = self.head_request or status[:3] in ("204", "304")
@@ -406,8 +430,7 @@ class Exchange(object):
         if self.head is None:
             raise AssertionError("the application returned without calling start_response")
         self.head_sent = True
-        head = self.head.encode("latin-1")
-        return FRAME.pack(RESPONSE_HEAD, len(head)) + head
+        return FRAME.pack(RESPONSE_HEAD, len(self.head)) + self.head
 
     def shortfall(self):
         """Bytes the declared Content-Length still wants, were the body to end now."""

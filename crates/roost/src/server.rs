@@ -405,3 +405,38 @@ fn worker_base_env() -> Vec<(String, String)> {
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LOADER_SOURCE;
+
+    /// The loader keeps its own copies of the wire's version and limits. Past a limit
+    /// the node kills the worker: a loader that let an app's response go past one
+    /// would cost a worker for what is the app's error (a 500).
+    #[test]
+    fn the_loaders_limits_are_the_wires() {
+        for (name, wire) in [
+            (
+                "PROTOCOL_VERSION",
+                usize::from(roost_wire::PROTOCOL_VERSION),
+            ),
+            ("MAX_CHUNK", roost_wire::MAX_BODY_CHUNK),
+            ("MAX_REQUEST_HEAD", roost_wire::MAX_REQUEST_HEAD),
+            ("MAX_RESPONSE_HEAD", roost_wire::MAX_RESPONSE_HEAD),
+            ("MAX_RESPONSE_HEADERS", roost_wire::MAX_RESPONSE_HEADERS),
+            ("MAX_FATAL", roost_wire::MAX_FATAL),
+        ] {
+            let prefix = format!("{name} = ");
+            let value = (LOADER_SOURCE.lines())
+                .find_map(|line| line.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("the loader has no {name}"));
+            let loaders: usize = match value.split_once(" << ") {
+                Some((base, shift)) => {
+                    base.parse::<usize>().unwrap() << shift.parse::<u32>().unwrap()
+                }
+                None => value.parse().unwrap(),
+            };
+            assert_eq!(loaders, wire, "{name}");
+        }
+    }
+}

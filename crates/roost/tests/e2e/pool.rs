@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::harness::{alive, get, parent_of, pid_of, touch_ahead, Node};
+use crate::harness::{alive, get, parent_of, pid_of, raw, touch_ahead, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_starts_on_demand_and_really_exits_when_idle() {
@@ -309,6 +309,12 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
             "spaced-length",
             "ValueError: Content-Length ' 5' is not one decimal number",
         ),
+        // Beyond what the node takes: the app's error too, not the worker's end.
+        (
+            "euro-value",
+            "ValueError: header 'X-Test: €' is not latin-1",
+        ),
+        ("huge-value", "ValueError: the response head is 65"),
     ] {
         let before = node.log("errs", "error.log").matches(complaint).count();
         let r = get(node.addr, "errs.test", &format!("/bad-header?what={what}"))
@@ -319,14 +325,36 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
         assert!(!r.text().contains("must not be sent"), "{what}");
         node.error_log_count("errs", complaint, before + 1).await;
     }
-    // A status that is no final response (101 would switch the client's protocol).
-    for line in ["101%20Switching%20Protocols", "999%20Weird"] {
+    // A status that is no final response (101 would switch the client's protocol),
+    // or that is not latin-1.
+    for line in [
+        "101%20Switching%20Protocols",
+        "999%20Weird",
+        "200%20%E2%82%AC",
+    ] {
         let r = get(node.addr, "errs.test", &format!("/status?line={line}"))
             .await
             .unwrap();
         assert_eq!(r.status, 500, "{line}");
     }
-    node.error_log_count("errs", "ValueError: status", 2).await;
+    node.error_log_count("errs", "ValueError: status", 3).await;
+    let r = get(node.addr, "errs.test", "/many-headers?n=257")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 500);
+    node.error_log_with(
+        "errs",
+        "ValueError: 257 response headers, more than the limit of 256",
+    )
+    .await;
+    // (More headers than hyper's client reads.)
+    let most = raw(
+        node.addr,
+        b"GET /many-headers?n=256 HTTP/1.1\r\nHost: errs.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(most.starts_with("HTTP/1.1 200"), "{most}");
+    assert_eq!(most.matches("\r\nx-").count(), 256, "{most}");
     // A failure after the head was sent breaks the response instead of faking success.
     let late = get(node.addr, "errs.test", "/late-error").await;
     assert!(
