@@ -601,7 +601,10 @@ class Worker(object):
                 ex.sock.sendall(ERROR_RESPONSE)
             else:
                 ex.sock.sendall(ABORT_FRAME)
-        except Exception:
+        except BaseException:
+            # SystemExit and KeyboardInterrupt too: raised by the app in a request,
+            # they are its errors (mod_wsgi's way), not the loader's end; in a slot's
+            # thread, SystemExit would end the thread silently and take the slot.
             import traceback
             log("error in the application on %s %s:\n%s" % (
                 environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
@@ -616,7 +619,7 @@ class Worker(object):
             if close is not None:
                 try:
                     close()
-                except Exception:
+                except BaseException:
                     import traceback
                     log("error in the application's close():\n%s" % traceback.format_exc().rstrip())
 

@@ -269,6 +269,51 @@ async fn kill_the_importer(node: &Node, preload: bool) -> usize {
     starts(node)
 }
 
+/// `sys.exit()` or a KeyboardInterrupt raised by the app in a request is its error,
+/// as any other: 500 (or, after the head, a broken response) and the traceback in the
+/// error log, and the worker serves on, as under mod_wsgi. They used to end a worker
+/// of one slot (502, "worker setup failed") and, in a worker of several, end a slot's
+/// thread silently, leaving the worker one slot short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_raising_system_exit_keeps_its_worker() {
+    let node = Node::start().await;
+    let app = node.app("tester.py");
+    for (name, threads) in [("exit1", 1), ("exit2", 2)] {
+        let mut spec = node.spec(name, &[&format!("{name}.test")], &app);
+        spec.threads = Some(threads);
+        spec.processes_max = Some(1);
+        node.add(spec).await;
+        let host = format!("{name}.test");
+        let pid = pid_of(&get(node.addr, &host, "/pid").await.unwrap());
+        for what in ["SystemExit", "KeyboardInterrupt"] {
+            let r = get(node.addr, &host, &format!("/raise?what={what}"))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 500, "{name}: {what}: {}", r.text());
+            let late = get(node.addr, &host, &format!("/raise?what={what}&late=1")).await;
+            assert!(late.is_err(), "{name}: {what} after the head: {late:?}");
+        }
+        // Every slot still answers, in the same worker.
+        let mut answers = Vec::new();
+        for _ in 0..2 * threads {
+            answers.push(get(node.addr, &host, "/sleep?s=0.2&report=1"));
+        }
+        for answer in futures_util::future::join_all(answers).await {
+            let r = answer.unwrap();
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+            let same = format!("slept in {pid};");
+            assert!(r.text().starts_with(&same), "{name}: {}", r.text());
+        }
+        node.error_log_count(name, "error in the application", 4)
+            .await;
+        let errors = node.log(name, "error.log");
+        assert!(errors.contains("\nSystemExit"), "{errors}");
+        assert!(errors.contains("\nKeyboardInterrupt"), "{errors}");
+        assert!(!errors.contains("died"), "{errors}");
+    }
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
     let node = Node::start().await;
