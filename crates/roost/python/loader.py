@@ -658,6 +658,9 @@ def load_app(kind, target, directory):
 def run_worker(socks, inboxes, kind, target, directory, role="worker"):
     """Imports the app, then serves it on the slots (or, as a template, forks the
     workers that will) until the node closes them."""
+    # stdout is a pipe to the error log, which Python buffers by blocks of 8 KiB: an
+    # app's print() would show there only much later, or at the worker's exit.
+    sys.stdout.reconfigure(line_buffering=True)
     started = time.perf_counter()
     try:
         os.chdir(directory)

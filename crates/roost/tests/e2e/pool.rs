@@ -413,6 +413,12 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
     );
     node.error_log_with("errs", "tester wrote to wsgi.errors")
         .await;
+    // So does print(), at once: not when 8 KiB of it filled Python's buffer.
+    let r = get(node.addr, "errs.test", "/print?text=tester%20printed")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    node.error_log_with("errs", "tester printed").await;
     assert_eq!(
         pid_of(&get(node.addr, "errs.test", "/pid").await.unwrap()),
         pid
