@@ -358,7 +358,7 @@ class Exchange(object):
     """One request on one slot: the state start_response and write() share."""
 
     __slots__ = ("sock", "head", "head_sent", "remaining", "head_request", "head_only",
-                 "mid_frame")
+                 "mid_frame", "ended")
 
     def __init__(self, sock, head_request):
         self.sock = sock
@@ -369,11 +369,16 @@ class Exchange(object):
         self.mid_frame = False
         self.remaining = None  # bytes still allowed by Content-Length
         self.head_request = head_request
+        # The response is over: its start_response and write() must not touch the
+        # slot, which may carry another request's response by then.
+        self.ended = False
         # No body goes out: a HEAD's, a 204's or a 304's (their Content-Length, if
         # any, describes no body that is sent).
         self.head_only = head_request
 
     def start_response(self, status, headers, exc_info=None):
+        if self.ended:
+            raise AssertionError("start_response of a response that has ended")
         if exc_info is not None:
             try:
                 if self.head_sent:
@@ -467,6 +472,8 @@ class Exchange(object):
 
     def write(self, data):
         """The write() callable of start_response (legacy, unbuffered)."""
+        if self.ended:
+            raise AssertionError("write() of a response that has ended")
         if type(data) is not bytes:
             raise TypeError("write() takes bytes, not %s" % type(data).__name__)
         out = b"" if self.head_sent else self.head_frame()
@@ -551,6 +558,7 @@ class Worker(object):
         try:
             self.run_app(ex, environ)
         finally:
+            ex.ended = True
             body.drain()
 
     def run_app(self, ex, environ):

@@ -413,6 +413,17 @@ async fn app_errors_give_500_and_a_traceback_in_the_error_log() {
     );
     node.error_log_with("errs", "tester wrote to wsgi.errors")
         .await;
+    // A write() callable kept past its response is refused, not let onto the slot
+    // under the next response (the node killed the worker for that).
+    assert_eq!(
+        get(node.addr, "errs.test", "/keep-write")
+            .await
+            .unwrap()
+            .text(),
+        "kept"
+    );
+    let r = get(node.addr, "errs.test", "/stale-write").await.unwrap();
+    assert_eq!(r.text(), "refused: write() of a response that has ended");
     // So does print(), at once: not when 8 KiB of it filled Python's buffer.
     let r = get(node.addr, "errs.test", "/print?text=tester%20printed")
         .await
