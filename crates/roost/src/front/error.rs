@@ -1,6 +1,9 @@
 //! Everything that can go wrong on the request path, who is to blame, and the one
 //! function that maps it to a status and a page. Pages say what happened in general
-//! terms and never leak paths, tracebacks or internal names.
+//! terms and never leak paths, tracebacks or internal names; a refused request's page
+//! says what was wrong with it, which its sender knows already.
+
+use std::borrow::Cow;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
@@ -52,9 +55,9 @@ impl FrontError {
         }
     }
 
-    fn explanation(&self) -> &'static str {
-        match self {
-            FrontError::BadRequest(_) => "The request is not valid HTTP.",
+    fn explanation(&self) -> Cow<'static, str> {
+        let general = match self {
+            FrontError::BadRequest(why) => return format!("The request was refused: {why}.").into(),
             FrontError::NotImplemented(_) => "This server does not support the request's method.",
             FrontError::UnknownHost(_) | FrontError::Checkout(CheckoutError::Draining(_)) => {
                 "No site is served at this address."
@@ -69,7 +72,8 @@ impl FrontError {
                 "The application did not answer correctly."
             }
             FrontError::Timeout => "The application took too long to answer.",
-        }
+        };
+        general.into()
     }
 
     /// The page sent to the client.

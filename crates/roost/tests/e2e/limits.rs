@@ -45,6 +45,22 @@ async fn malformed_requests_get_400() {
         let response = raw(node.addr, bytes).await;
         assert_eq!(status_of(&response), "400", "{what}: {response:?}");
     }
+    // The page says what was wrong (HTTP/1.0 has no Host header to require, but a
+    // node of many sites cannot tell which one is asked for without one).
+    for (request, why) in [
+        (
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            "the request has no Host header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: lim.test\r\nHost: other.test\r\n\r\n",
+            "more than one Host header",
+        ),
+    ] {
+        let response = raw(node.addr, request).await;
+        let page = format!("The request was refused: {why}.");
+        assert!(response.contains(&page), "{response:?}");
+    }
     // The asterisk form is about the server: answered by the front, never by an app.
     let options = raw(
         node.addr,
