@@ -30,5 +30,7 @@ pub use site::{Entry, PoolSettings, Site};
 pub use sitefile::{parse_site_file, SiteFileError};
 pub use snapshot::{diff, Change, Registry};
 pub use spec::{FsChecks, SiteSpec, ValidationError};
-pub use sqlite::{readable_by_others, Applied, LastRead, Loaded, SqliteStore, StoreError};
+pub use sqlite::{
+    readable_by_others, Applied, LastRead, Loaded, SqliteStore, StoreError, TakenHost,
+};
 pub use units::{format_bytes, format_duration, parse_bytes, parse_duration};

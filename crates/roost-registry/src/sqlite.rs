@@ -123,6 +123,10 @@ pub enum StoreError {
     SiteNotFound(String),
     #[error("host {host} already belongs to site {owner:?}")]
     HostTaken { host: String, owner: String },
+    /// A site file's hosts that other sites hold: every one of them, so that one
+    /// round of edits can mend the file.
+    #[error("{}", taken_hosts(.0))]
+    HostsTaken(Vec<TakenHost>),
     #[error("no runtime named {0:?}; see `roost runtime list`")]
     NoSuchRuntime(String),
     #[error("a runtime named {0:?} already exists")]
@@ -465,6 +469,10 @@ impl SqliteStore {
             .filter(|site| before.get(&site.name) == Some(&SiteSpec::from_site(site)))
             .map(|site| site.name.as_str())
             .collect();
+        let taken = taken_by_others(&tx, sites, &wanted, prune)?;
+        if !taken.is_empty() {
+            return Err(StoreError::HostsTaken(taken));
+        }
         let mut applied = Applied::default();
         // Every row to replace or remove goes first, so hosts can change hands.
         for name in before.keys() {
@@ -508,6 +516,85 @@ impl SqliteStore {
         }
         Ok(applied)
     }
+}
+
+/// A host a site file gives a site while another holds it: a site of the registry
+/// the file does not replace, or another site of the same file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenHost {
+    pub host: String,
+    /// The site the file gives it to.
+    pub site: String,
+    /// The site that holds it.
+    pub owner: String,
+    /// The owner is a site of the same file, named before.
+    pub in_file: bool,
+}
+
+impl std::fmt::Display for TakenHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let TakenHost {
+            host, site, owner, ..
+        } = self;
+        if self.in_file {
+            write!(
+                f,
+                "host {host} is named by site {owner:?} and by site {site:?}"
+            )
+        } else {
+            write!(
+                f,
+                "host {host} of site {site:?} already belongs to site {owner:?}"
+            )
+        }
+    }
+}
+
+fn taken_hosts(taken: &[TakenHost]) -> String {
+    match taken {
+        [one] => one.to_string(),
+        many => {
+            let lines: Vec<String> = many.iter().map(|t| format!("\n  {t}")).collect();
+            format!("{} hosts are taken:{}", many.len(), lines.concat())
+        }
+    }
+}
+
+/// The hosts `sites` (a site file's) give that are held by another site: one of the
+/// registry that stays (not among `wanted`, not pruned), or one of the file before.
+fn taken_by_others(
+    tx: &Transaction<'_>,
+    sites: &[Site],
+    wanted: &BTreeSet<&str>,
+    prune: bool,
+) -> Result<Vec<TakenHost>, StoreError> {
+    let mut stmt = tx.prepare("SELECT host, site FROM hosts")?;
+    let owners = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<Result<HashMap<String, String>, _>>()?;
+    let mut named: HashMap<String, &str> = HashMap::new();
+    let mut taken = Vec::new();
+    for site in sites {
+        for host in site.hosts.iter().map(|h| h.to_string()) {
+            let owner = match named.get(&host) {
+                Some(first) => Some((first.to_string(), true)),
+                None => (owners.get(&host))
+                    .filter(|owner| !prune && !wanted.contains(owner.as_str()))
+                    .map(|owner| (owner.clone(), false)),
+            };
+            named.entry(host.clone()).or_insert(&site.name);
+            if let Some((owner, in_file)) = owner {
+                let site = site.name.clone();
+                taken.push(TakenHost {
+                    host,
+                    site,
+                    owner,
+                    in_file,
+                });
+            }
+        }
+    }
+    Ok(taken)
 }
 
 /// What [`SqliteStore::apply`] did (or would do): site names, each list sorted.
@@ -935,10 +1022,54 @@ mod tests {
             site(dir.path(), "b", &["taken.test"]),
         ];
         let err = store.apply(&file, false, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "host taken.test of site \"b\" already belongs to site \"other\""
+        );
+        assert_eq!(store.load().unwrap().registry, before);
+    }
+
+    /// Every host taken is reported at once, whoever holds it: a site of the registry
+    /// that stays, or a site named before in the file. A host of a site the file
+    /// replaces, or that --prune removes, is free to move.
+    #[test]
+    fn an_apply_reports_every_taken_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        for (name, host) in [("x", "x.test"), ("y", "y.test"), ("moving", "moves.test")] {
+            store.add(&site(dir.path(), name, &[host])).unwrap();
+        }
+        let before = store.load().unwrap().registry;
+        let file = [
+            site(dir.path(), "a", &["x.test", "both.test", "moves.test"]),
+            site(dir.path(), "b", &["both.test", "y.test"]),
+            site(dir.path(), "moving", &["moved.test"]),
+        ];
+        let taken = |err: StoreError| match err {
+            StoreError::HostsTaken(taken) => (taken.into_iter())
+                .map(|t| (t.host, t.site, t.owner, t.in_file))
+                .collect::<Vec<_>>(),
+            other => panic!("{other}"),
+        };
+        let owned = |host: &str, site: &str, owner: &str, in_file| {
+            (host.to_owned(), site.to_owned(), owner.to_owned(), in_file)
+        };
+        let err = store.apply(&file, false, true).unwrap_err();
         assert!(
-            matches!(err, StoreError::HostTaken { ref owner, .. } if owner == "other"),
+            err.to_string().starts_with("3 hosts are taken:\n  host "),
             "{err}"
         );
+        assert_eq!(
+            taken(err),
+            [
+                owned("x.test", "a", "x", false),
+                owned("both.test", "b", "a", true),
+                owned("y.test", "b", "y", false),
+            ]
+        );
+        // With --prune, x and y go: only the file's own double remains.
+        let err = store.apply(&file, true, false).unwrap_err();
+        assert_eq!(taken(err), [owned("both.test", "b", "a", true)]);
         assert_eq!(store.load().unwrap().registry, before);
     }
 

@@ -512,7 +512,7 @@ async fn apply_syncs_the_registry_with_a_site_file() {
         ),
         (
             only_b.clone() + &site("g", "").replace("g.test", "b.test"),
-            "host b.test already belongs to site \"b\"",
+            "host b.test is named by site \"b\" and by site \"g\"",
         ),
         ("[site.h\n".into(), "TOML parse error"),
         ("# no site\n".into(), "--prune would remove every site"),
