@@ -277,13 +277,13 @@ pub async fn forward(
                     return Err(FrontError::Protocol(why));
                 }
                 ex.finish();
-                let body = if chunks.len() <= 1 {
-                    chunks.pop_front().unwrap_or_default()
-                } else {
-                    chunks.iter().flatten().copied().collect::<Vec<u8>>().into()
-                };
                 // hyper would not send a bodiless response's body, nor expect one.
                 if length != BodyLength::Bodiless {
+                    let body = if chunks.len() <= 1 {
+                        chunks.pop_front().unwrap_or_default()
+                    } else {
+                        chunks.iter().flatten().copied().collect::<Vec<u8>>().into()
+                    };
                     *response.body_mut() = ResponseBody::full(body);
                 }
                 // The slot goes back now. When requests wait for one, this task steps
